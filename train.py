@@ -1,0 +1,6 @@
+"""Train the latent: ``python train.py fit --config configs/tiny.yaml`` (also validate, test)."""
+
+from vtrans.cli import train_main
+
+if __name__ == "__main__":
+    train_main()

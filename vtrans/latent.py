@@ -1,0 +1,86 @@
+"""The Gaussian latent layer: encoders for q(z|x) and p(z|prompt), and the injection into the stream.
+
+Pure torch; knows nothing of Pyro, Lightning or a particular architecture. It reads
+residual-stream states of width ``d_model`` and writes ``proj(z)`` back into the stream.
+``proj`` starts at zero, so an untrained latent leaves the model's logits exactly as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Prior = Literal["standard", "conditional"]
+
+
+class GaussianHead(nn.Module):
+    """A small MLP from stream states to the location and scale of a diagonal Gaussian."""
+
+    def __init__(self, d_in: int, d_z: int, hidden: int, min_scale: float = 1e-3) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_in)
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, 2 * d_z))
+        self.min_scale = min_scale
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias[:d_z], 0.0)  # loc 0
+        nn.init.constant_(self.net[-1].bias[d_z:], 0.5413)  # softplus(0.5413) = 1: start at N(0, I)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, raw = self.net(self.norm(x.float())).chunk(2, dim=-1)  # (B, d_z) each
+        return loc, F.softplus(raw) + self.min_scale
+
+
+class GaussianLatent(nn.Module):
+    """z in R^d_z with an amortised posterior and a standard or learned conditional prior.
+
+    ``prior="standard"``: q(z|prompt) from the layer-k state at the scored position, p(z) = N(0, I).
+    ``prior="conditional"``: q(z|prompt, target) from the scored state and the state of the last
+    target token (which has attended to the whole target); p(z|prompt) from the scored state.
+    """
+
+    def __init__(self, d_model: int, d_z: int = 16, prior: Prior = "conditional", hidden: int = 256) -> None:
+        super().__init__()
+        if prior not in ("standard", "conditional"):
+            raise ValueError(f"prior must be 'standard' or 'conditional', got {prior!r}")
+        self.d_z, self.prior = d_z, prior
+        n_in = 2 if prior == "conditional" else 1
+        self.posterior_head = GaussianHead(n_in * d_model, d_z, hidden)
+        self.prior_head = GaussianHead(d_model, d_z, hidden) if prior == "conditional" else None
+        self.proj = nn.Linear(d_z, d_model, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def posterior(self, h_scored: torch.Tensor, h_last: torch.Tensor | None = None):
+        """q(z|.) parameters. h_scored, h_last: (B, C) layer-k states. Returns (loc, scale), each (B, d_z)."""
+        if self.prior == "conditional":
+            if h_last is None:
+                raise ValueError("the conditional posterior needs the state of the last target token")
+            return self.posterior_head(torch.cat([h_scored, h_last], dim=-1))
+        return self.posterior_head(h_scored)
+
+    def prior_params(self, h_scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z|.) parameters, each (B, d_z): N(0, I) or the learned conditional prior."""
+        if self.prior_head is None:
+            zeros = h_scored.new_zeros(h_scored.shape[0], self.d_z, dtype=torch.float32)
+            return zeros, torch.ones_like(zeros)
+        return self.prior_head(h_scored)
+
+    def inject(self, h: torch.Tensor, z: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Add proj(z) to the stream at the positions ``where``.
+
+        Args:
+            h: (B, T, C) residual stream after block k.
+            z: (B, d_z) latent sample.
+            where: (B, T) bool, the positions that receive z.
+        """
+        delta = self.proj(z.to(self.proj.weight.dtype)).to(h.dtype)  # (B, C)
+        return h + where.unsqueeze(-1).to(h.dtype) * delta.unsqueeze(1)  # (B, T, C)
+
+
+def kl_normal(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
+    """KL(N(q) || N(p)) per dimension, (B, d_z)."""
+    var_ratio = (q_scale / p_scale).pow(2)
+    t1 = ((q_loc - p_loc) / p_scale).pow(2)
+    return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())

@@ -1,0 +1,313 @@
+"""The LightningModule: a frozen backbone with a trained Gaussian latent after block k.
+
+The backbone comes in through the constructor and never trains; only the latent's
+parameters reach the optimizer and the checkpoint. The checkpoint records which backbone it
+belongs to (its spec and a fingerprint of its config and weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric, Metric
+
+from vtrans import backbones
+from vtrans.backbones import Backbone
+from vtrans.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
+from vtrans.errors import ConfigError
+from vtrans.latent import GaussianLatent, Prior, kl_normal
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
+
+
+@dataclass
+class Encoded:
+    """A batch of prompts (and optional targets), left-padded so that every sequence ends at T-1.
+
+    Attributes:
+        input_ids, attention_mask, position_ids: (B, T).
+        scored: (B,) index of the last prompt token (it predicts the first target token).
+        targets: (B, N) target ids, right-aligned; ``target_mask`` (B, N) marks the real ones.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    scored: torch.Tensor
+    targets: torch.Tensor
+    target_mask: torch.Tensor
+
+    @property
+    def after_scored(self) -> torch.Tensor:
+        """(B, T) bool: the scored position and every later one (where z enters)."""
+        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return positions.unsqueeze(0) >= self.scored.unsqueeze(1)
+
+
+class LatentStats(Metric):
+    """Per-dimension KL and the spread of the posterior mean across items, over an epoch."""
+
+    full_state_update = False
+
+    def __init__(self, d_z: int) -> None:
+        super().__init__()
+        for name in ("kl_sum", "loc_sum", "loc_sq_sum"):
+            self.add_state(name, default=torch.zeros(d_z, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, q_loc: torch.Tensor, kl_per_dim: torch.Tensor) -> None:
+        self.kl_sum += kl_per_dim.detach().double().sum(0)
+        self.loc_sum += q_loc.detach().double().sum(0)
+        self.loc_sq_sum += q_loc.detach().double().pow(2).sum(0)
+        self.count += q_loc.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp(min=1)
+        kl_dim = self.kl_sum / n
+        loc_var = self.loc_sq_sum / n - (self.loc_sum / n).pow(2)
+        active = (loc_var > ACTIVE_UNIT_THRESHOLD).sum()
+        return {
+            "kl_dim": kl_dim.float(),
+            "kl_dim_max": kl_dim.max().float(),
+            "kl_dim_min": kl_dim.min().float(),
+            "active_units": active.float(),
+            "active_fraction": (active / kl_dim.numel()).float(),
+        }
+
+
+class LatentLM(L.LightningModule):
+    """A causal LM with a Gaussian latent z between block k and block k+1, trained by an ELBO."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        layer: int | None = None,
+        d_z: int = 16,
+        prior: Prior = "conditional",
+        hidden: int = 256,
+        beta: float = 1.0,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+        elbo: Estimator = "meanfield",
+        num_particles: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """Build the latent around a frozen backbone.
+
+        Args:
+            backbone: the frozen causal LM (``vtrans.backbones.Backbone``).
+            layer: number of blocks below the latent (z enters after block ``layer``);
+                1 ≤ layer ≤ n_layers − 1; default the middle, n_layers // 2.
+            d_z: latent dimension.
+            prior: ``standard`` (p(z) = N(0, I), q(z|prompt)) or ``conditional``
+                (q(z|prompt, target), learned prior p(z|prompt)).
+            hidden: width of the encoder MLPs.
+            beta: weight of the KL term in the ELBO (β-VAE); > 0.
+            kl_warmup_steps: β rises linearly from β/steps to β over this many training steps.
+            free_bits: nats per latent dimension below which the KL is not penalised (0 = off).
+            elbo: ``meanfield`` (TraceMeanField_ELBO, analytic KL) or ``trace`` (Trace_ELBO).
+            num_particles: samples of z per item in the ELBO estimate.
+            lr: AdamW learning rate for the latent's parameters.
+            weight_decay: AdamW weight decay.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        layer = backbone.n_layers // 2 if layer is None else layer
+        _check(1 <= layer < backbone.n_layers, f"layer must be in 1..{backbone.n_layers - 1}, got {layer}")
+        _check(d_z >= 1, f"d_z must be >= 1, got {d_z}")
+        _check(hidden >= 1, f"hidden must be >= 1, got {hidden}")
+        _check(prior in ("standard", "conditional"), f"prior must be standard or conditional, got {prior!r}")
+        _check(beta > 0, f"beta must be > 0, got {beta} (use a small value to weaken the KL term)")
+        _check(kl_warmup_steps >= 0, f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
+        _check(free_bits >= 0, f"free_bits must be >= 0 nats, got {free_bits}")
+        _check(elbo in ("meanfield", "trace"), f"elbo must be meanfield or trace, got {elbo!r}")
+        _check(num_particles >= 1, f"num_particles must be >= 1, got {num_particles}")
+        _check(lr > 0, f"lr must be > 0, got {lr}")
+        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        self.hparams.layer = layer
+        self.layer = layer
+        self.backbone = backbone
+        self.latent = GaussianLatent(backbone.d_model, d_z, prior, hidden)
+        self.loss_fn = make_loss(elbo, num_particles)
+        self.stats = torch.nn.ModuleDict({s: LatentStats(d_z) for s in ("train", "val", "test")})
+        self.means = torch.nn.ModuleDict(
+            {f"{s}_{m}": MeanMetric() for s in ("train", "val", "test") for m in ("nll", "kl", "elbo")}
+        )
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    def target_ids(self, targets: list[str]) -> list[list[int]]:
+        """Token ids of each target word as it follows the prompt (with its leading space)."""
+        return [self.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in targets]
+
+    def encode(self, prompts: list[str], targets: list[list[int]] | None = None) -> Encoded:
+        """Tokenise prompts (+ target ids), left-padded so every sequence ends at the same index."""
+        prompt_ids = self.tokenizer(list(prompts))["input_ids"]
+        targets = targets if targets is not None else [[] for _ in prompt_ids]
+        seqs = [p + t for p, t in zip(prompt_ids, targets, strict=True)]
+        width, n_max = max(map(len, seqs)), max(1, max(map(len, targets)))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        tgt = torch.full((len(seqs), n_max), pad, dtype=torch.long)
+        tgt_mask = torch.zeros((len(seqs), n_max), dtype=torch.bool)
+        for i, (seq, t) in enumerate(zip(seqs, targets, strict=True)):
+            ids[i, width - len(seq) :] = torch.tensor(seq)
+            mask[i, width - len(seq) :] = 1
+            if t:
+                tgt[i, n_max - len(t) :] = torch.tensor(t)
+                tgt_mask[i, n_max - len(t) :] = True
+        scored = torch.tensor([width - 1 - len(t) for t in targets])
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        enc = Encoded(ids, mask, position_ids, scored, tgt, tgt_mask)
+        return Encoded(*(x.to(self.device) for x in vars(enc).values()))
+
+    # ------------------------------------------------------------------ forward pieces
+
+    @torch.no_grad()
+    def lower(self, enc: Encoded) -> torch.Tensor:
+        """The raw residual stream after block k, (B, T, C); no autograd below the latent."""
+        with backbones.blocks_until(self.backbone.model, self.layer) as body:
+            out = body(
+                input_ids=enc.input_ids,
+                attention_mask=enc.attention_mask,
+                position_ids=enc.position_ids,
+                use_cache=False,
+            )
+        return out.last_hidden_state
+
+    def upper(self, h: torch.Tensor, enc: Encoded, logits_to_keep: int = 0) -> torch.Tensor:
+        """Blocks k+1..L, final norm and unembedding on a (modified) stream h: (B, T, C) -> logits."""
+        with backbones.blocks_from(self.backbone.model, self.layer) as model:
+            out = model(
+                inputs_embeds=h,
+                attention_mask=enc.attention_mask,
+                position_ids=enc.position_ids,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
+        return out.logits
+
+    def decode(self, h: torch.Tensor, z: torch.Tensor, enc: Encoded) -> torch.Tensor:
+        """Logits for the target slots given z, (B, N, V): z enters from the scored position on."""
+        n = enc.targets.shape[1]
+        logits = self.upper(self.latent.inject(h, z, enc.after_scored), enc, logits_to_keep=n + 1)
+        return logits[:, :-1]  # position T-1-N+j predicts target slot j
+
+    def states(self, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer-k states at the scored position and at the last token, (B, C) each."""
+        rows = torch.arange(h.shape[0], device=h.device)
+        return h[rows, enc.scored], h[:, -1]
+
+    def distributions(self, h: torch.Tensor, enc: Encoded):
+        """(q_loc, q_scale, p_loc, p_scale), each (B, d_z)."""
+        h_scored, h_last = self.states(h, enc)
+        return (*self.latent.posterior(h_scored, h_last), *self.latent.prior_params(h_scored))
+
+    # ------------------------------------------------------------------ training
+
+    def current_beta(self) -> float:
+        beta, warmup = self.hparams.beta, self.hparams.kl_warmup_steps
+        if not self.training or warmup == 0:
+            return beta
+        return beta * min(1.0, (self.global_step + 1) / warmup)
+
+    def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        enc = self.encode(batch["prompt"], self.target_ids(batch["target"]))
+        h = self.lower(enc)  # (B, T, C)
+        q_loc, q_scale, p_loc, p_scale = self.distributions(h, enc)
+        beta = self.current_beta()
+        inputs = ELBOInputs(
+            q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc), enc.targets, enc.target_mask, beta
+        )
+        n_items = enc.targets.shape[0]
+        neg_elbo_beta = self.loss_fn(inputs) / n_items  # NLL + β·KL, per item
+        kl_dim = kl_normal(q_loc, q_scale, p_loc, p_scale)  # (B, d_z)
+        loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, self.hparams.free_bits)
+        kl = kl_dim.sum(-1)  # (B,)
+        nll = (neg_elbo_beta - beta * kl.mean()).detach()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at {stage} step {self.global_step}: "
+                "lower lr, raise free_bits or check the data"
+            )
+        self.stats[stage].update(q_loc, kl_dim)
+        for name, value in (("nll", nll), ("kl", kl.mean()), ("elbo", -(nll + kl.mean()))):
+            metric = self.means[f"{stage}_{name}"]
+            metric.update(value.detach(), weight=n_items)
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n_items)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n_items)
+        if stage == "train":
+            self.log("train/beta", beta, on_step=True, on_epoch=False)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def _log_stats(self, stage: str) -> None:
+        stats = self.stats[stage]
+        if stats.count == 0:
+            return
+        values = stats.compute()
+        kl_dim = values.pop("kl_dim")
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False)
+        if stage != "train":
+            self.log(f"{stage}/kl_item", kl_dim.sum(), prog_bar=True)
+            self.log("val_kl_item" if stage == "val" else "test_kl_item", kl_dim.sum())
+        stats.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_stats("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stats("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stats("test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.latent.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ checkpoints: the latent only
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((k, v) for k, v in state.items() if not k.startswith("backbone."))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        extra = [k for k in state_dict if k.startswith("backbone.")]
+        if extra:
+            raise ValueError(f"checkpoint carries backbone weights ({extra[0]}, ...): it is not a vtrans checkpoint")
+        missing = [k for k in super().state_dict() if k not in state_dict and not k.startswith("backbone.")]
+        if strict and missing:
+            raise KeyError(f"checkpoint lacks {missing}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.backbone.fingerprint()
+        return self._fingerprint
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vtrans"] = {"backbone": self.backbone.spec, "fingerprint": self.fingerprint, "format": 1}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
