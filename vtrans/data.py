@@ -1,0 +1,475 @@
+"""Idiom items, loaders for each data format, deterministic splits and the DataModule.
+
+An item is an idiom split into ``prefix`` (all but the last word) and ``target``
+(the last word). Data is named by a spec (see :func:`parse_spec`): ``builtin`` or
+``builtin:SPLIT`` (the packaged ``vtrans/idioms.txt``), ``txt:PATH``, ``epie:PATH``,
+``slide:PATH`` or ``magpie:PATH``. Splits are by idiom and come from a seeded hash,
+so they never depend on file order or ``PYTHONHASHSEED``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import string
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+DEFAULT_TEMPLATE = "Complete the idiom: {prefix}"
+SPLITS = ("train", "val", "test")
+FILE_KINDS = ("txt", "epie", "slide", "magpie")
+KINDS = ("builtin", *FILE_KINDS)
+BATCH_KEYS = ("idiom", "prefix", "target", "prompt")
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+class DataError(ValueError):
+    """A user-caused data problem; message is one clear line: file, line number, what is wrong."""
+
+
+@dataclass(frozen=True)
+class IdiomItem:
+    """One idiom-completion item.
+
+    Attributes:
+        idiom: The idiom as written, whitespace-normalised.
+        prefix: All but the last word.
+        target: The last word, as written.
+    """
+
+    idiom: str
+    prefix: str
+    target: str
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalpha() or char == "'"
+
+
+def normalize_word(text: str) -> str:
+    """Lower-case and keep letters and apostrophes only (curly apostrophes become ``'``).
+
+    Args:
+        text: A word, e.g. a target or a completion word.
+
+    Returns:
+        The normalised word; ``""`` if ``text`` has no letters or apostrophes.
+    """
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES).lower()
+    return "".join(char for char in text if _is_word_char(char))
+
+
+def first_word(text: str) -> str:
+    """The completion word of generated text.
+
+    Args:
+        text: Generated text, e.g. ``" cake.\\nAnd then"``.
+
+    Returns:
+        The first run of letters/apostrophes that holds a letter, normalised with
+        :func:`normalize_word`; ``""`` if there is none.
+    """
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES)
+    for is_word, run in itertools.groupby(text, key=_is_word_char):
+        word = "".join(run)
+        if is_word and any(char.isalpha() for char in word):
+            return normalize_word(word)
+    return ""
+
+
+def _strip_trailing_punctuation(text: str) -> str:
+    end = len(text)
+    while end and not (text[end - 1].isalnum() or text[end - 1] in "'\u2019"):
+        end -= 1
+    return text[:end]
+
+
+def split_idiom(idiom: str) -> IdiomItem:
+    """Split an idiom into prefix and target.
+
+    Args:
+        idiom: The idiom as written; surrounding whitespace and trailing punctuation
+            are stripped, inner whitespace is collapsed.
+
+    Returns:
+        The item: ``prefix`` is all words but the last, ``target`` the last word.
+
+    Raises:
+        DataError: If the idiom has fewer than 2 words or its last word has no letters.
+    """
+    words = _strip_trailing_punctuation(" ".join(idiom.split())).split()
+    if len(words) < 2:
+        raise DataError(
+            f"idiom {idiom.strip()!r} has fewer than 2 words; an item needs a prefix and a last word"
+        )
+    if not any(char.isalpha() for char in words[-1]):
+        raise DataError(f"the last word of idiom {idiom.strip()!r} has no letters")
+    return IdiomItem(idiom=" ".join(words), prefix=" ".join(words[:-1]), target=words[-1])
+
+
+def validate_template(template: str) -> None:
+    """Check that a prompt template has the field ``{prefix}`` and no other.
+
+    Args:
+        template: A ``str.format`` template, e.g. ``"Complete the idiom: {prefix}"``.
+
+    Raises:
+        DataError: If the template is malformed, lacks ``{prefix}`` or has other fields.
+    """
+    how = "write it with the field {prefix} and no other fields (double literal braces: {{ }})"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise DataError(f"malformed prompt template {template!r} ({err}); {how}") from None
+    if fields != {"prefix"}:
+        found = ", ".join("{" + name + "}" for name in sorted(fields)) or "no fields"
+        raise DataError(f"prompt template {template!r} has {found}; {how}")
+
+
+def render_prompt(template: str, prefix: str) -> str:
+    """The prompt of an item.
+
+    Args:
+        template: A template accepted by :func:`validate_template`.
+        prefix: The idiom's prefix.
+
+    Returns:
+        ``template.format(prefix=prefix)``.
+    """
+    validate_template(template)
+    return template.format(prefix=prefix)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """Parse a data spec.
+
+    Args:
+        spec: ``builtin``, ``builtin:SPLIT`` or ``KIND:PATH`` with KIND one of
+            txt, epie, slide, magpie.
+
+    Returns:
+        ``(kind, split_or_path)``: the split (or None) for builtin, the path otherwise.
+
+    Raises:
+        DataError: On an unknown kind or split, or a missing path.
+    """
+    kind, sep, rest = spec.strip().partition(":")
+    kind = kind.lower()
+    if kind not in KINDS:
+        raise DataError(
+            f"unknown data spec {spec!r}; use builtin, builtin:SPLIT or KIND:PATH with KIND one of "
+            + ", ".join(FILE_KINDS)
+        )
+    if kind == "builtin":
+        if not sep:
+            return kind, None
+        if rest not in (*SPLITS, "all"):
+            raise DataError(f"unknown split {rest!r} in data spec {spec!r}; valid: {', '.join(SPLITS)}, all")
+        return kind, rest
+    if not rest.strip():
+        raise DataError(f"data spec {spec!r} names no file; write {kind}:PATH")
+    return kind, rest
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (BOM and CR stripped), or a one-line DataError."""
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"data path is a directory, not a file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte {data[err.start]:#04x}); save the file as UTF-8"
+        ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _plain_idioms(lines: list[str], comments: bool) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if line and not (comments and line.startswith("#")):
+            yield number, line
+
+
+def _slide_idioms(lines: list[str], path: str) -> Iterator[tuple[int, str]]:
+    header = [name.strip() for name in lines[0].split("\t")] if lines else []
+    if "Idiom" not in header:
+        found = ", ".join(repr(name) for name in header if name) or "nothing"
+        raise DataError(
+            f"{path}:1: the header row has no 'Idiom' column (found {found}); is this a SLIDE TSV?"
+        )
+    column = header.index("Idiom")
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) <= column:
+            raise DataError(
+                f"{path}:{number}: {len(cells)} tab-separated cells, the 'Idiom' column is number {column + 1}"
+            )
+        yield number, cells[column]
+
+
+def _magpie_idioms(lines: list[str], path: str) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno})") from None
+        idiom = record.get("idiom") if isinstance(record, dict) else None
+        if not isinstance(idiom, str):
+            raise DataError(f"{path}:{number}: expected a JSON object with a string field 'idiom'")
+        yield number, idiom
+
+
+def _idiom_key(idiom: str) -> str:
+    """The normalised idiom: what deduplication and splitting compare."""
+    return " ".join(word for word in map(normalize_word, idiom.split()) if word)
+
+
+def load_idioms(spec: str) -> list[IdiomItem]:
+    """All items of a data spec, deduplicated by normalised idiom, in file order.
+
+    Args:
+        spec: A data spec (see :func:`parse_spec`); a split in it is ignored here.
+
+    Returns:
+        The items; no split is applied.
+
+    Raises:
+        DataError: On a missing or unreadable file, a malformed line or an empty file.
+    """
+    kind, arg = parse_spec(spec)
+    if kind == "builtin":
+        name = "vtrans/idioms.txt (built-in)"
+        lines = resources.files("vtrans").joinpath("idioms.txt").read_text(encoding="utf-8").split("\n")
+    else:
+        name = arg
+        lines = _read_lines(Path(arg))
+    if kind == "slide":
+        numbered = _slide_idioms(lines, name)
+    elif kind == "magpie":
+        numbered = _magpie_idioms(lines, name)
+    else:
+        numbered = _plain_idioms(lines, comments=kind in ("builtin", "txt"))
+    items: dict[str, IdiomItem] = {}
+    for number, idiom in numbered:
+        try:
+            item = split_idiom(idiom)
+        except DataError as err:
+            raise DataError(f"{name}:{number}: {err}") from None
+        items.setdefault(_idiom_key(item.idiom), item)
+    if not items:
+        raise DataError(f"{name}: no idioms found")
+    return list(items.values())
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise DataError(f"{name}={value} is out of range; use a value in [0, 1)")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves nothing to train on; keep the sum below 1"
+        )
+
+
+def _split_of(key: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def split_items(
+    items: list[IdiomItem],
+    split: str,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> list[IdiomItem]:
+    """The items of one split, in input order.
+
+    Each idiom goes to a split by a stable hash of (seed, normalised idiom), so an
+    idiom's split depends on nothing else: not file order, not other idioms, not
+    ``PYTHONHASHSEED``.
+
+    Args:
+        items: Items to split.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        seed: Seed of the split; a different seed gives a different split.
+        val_fraction: Expected fraction of idioms in ``val``, in [0, 1).
+        test_fraction: Expected fraction of idioms in ``test``, in [0, 1).
+
+    Returns:
+        The items whose idiom falls in ``split`` (all of them for ``all``).
+
+    Raises:
+        DataError: On an unknown split name or invalid fractions.
+    """
+    if split not in (*SPLITS, "all"):
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}, all")
+    _check_fractions(val_fraction, test_fraction)
+    if split == "all":
+        return list(items)
+    return [
+        item
+        for item in items
+        if _split_of(_idiom_key(item.idiom), seed, val_fraction, test_fraction) == split
+    ]
+
+
+def load_split(
+    spec: str,
+    split: str | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> list[IdiomItem]:
+    """Load one split of a data spec.
+
+    Args:
+        spec: A data spec (see :func:`parse_spec`).
+        split: The split to use unless the spec names one (``builtin:test``);
+            None means ``all``.
+        seed: Seed of the split.
+        val_fraction: Expected fraction of idioms in ``val``.
+        test_fraction: Expected fraction of idioms in ``test``.
+
+    Returns:
+        The items of the split.
+    """
+    kind, arg = parse_spec(spec)
+    chosen = (arg if kind == "builtin" else None) or split or "all"
+    return split_items(load_idioms(spec), chosen, seed, val_fraction, test_fraction)
+
+
+def collate_rows(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+    """Batch rows into a dict of lists of str with keys :data:`BATCH_KEYS`."""
+    return {key: [row[key] for row in rows] for key in BATCH_KEYS}
+
+
+def _rows(items: list[IdiomItem], template: str) -> list[dict[str, str]]:
+    return [
+        {
+            "idiom": it.idiom,
+            "prefix": it.prefix,
+            "target": it.target,
+            "prompt": render_prompt(template, it.prefix),
+        }
+        for it in items
+    ]
+
+
+class IdiomDataModule(L.LightningDataModule):
+    """Idiom-completion batches: dicts of lists of str with keys idiom, prefix, target, prompt.
+
+    Tokenisation happens in the LightningModule. ``predict`` uses the test split.
+    """
+
+    def __init__(
+        self,
+        data: str = "builtin",
+        template: str = DEFAULT_TEMPLATE,
+        batch_size: int = 32,
+        seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        num_workers: int = 0,
+        max_items: int | None = None,
+    ) -> None:
+        """Check the settings; data is read in ``setup``.
+
+        Args:
+            data: Data spec: ``builtin`` (the packaged idiom set), ``builtin:SPLIT``
+                (every stage uses that split), ``txt:PATH`` or ``epie:PATH`` (one idiom
+                per line), ``slide:PATH`` (SLIDE TSV, column ``Idiom``) or
+                ``magpie:PATH`` (MAGPIE JSONL, field ``idiom``).
+            template: Prompt template with the single field ``{prefix}``.
+            batch_size: Items per batch, at least 1.
+            seed: Seed of the idiom split and of the training shuffle.
+            val_fraction: Expected fraction of idioms in the validation split, in [0, 1).
+            test_fraction: Expected fraction of idioms in the test split, in [0, 1);
+                val_fraction + test_fraction must be below 1.
+            num_workers: DataLoader worker processes (0: load in the main process).
+            max_items: Keep only the first N items of each split (quick runs); None keeps all.
+        """
+        super().__init__()
+        parse_spec(data)
+        validate_template(template)
+        _check_fractions(val_fraction, test_fraction)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; use a batch size of at least 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}; use 0 (main process) or more workers")
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items={max_items}; use at least 1, or None to keep every item")
+        self.save_hyperparameters()
+        self.items: dict[str, list[IdiomItem]] = {}
+
+    def _load(self, split: str) -> None:
+        hp = self.hparams
+        items = load_split(hp.data, split, hp.seed, hp.val_fraction, hp.test_fraction)
+        self.items[split] = items[: hp.max_items] if hp.max_items is not None else items
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits a stage needs: fit (train, val), validate, test, predict (test)."""
+        needed = {"fit": SPLITS[:2], "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in needed.get(stage, SPLITS) if stage else SPLITS:
+            self._load(split)
+        if stage == "fit" and parse_spec(self.hparams.data)[1] in (*SPLITS, "all"):
+            raise DataError(
+                f"data {self.hparams.data!r} names one split, but fit needs separate train and val splits; use 'builtin'"
+            )
+        if stage == "fit" and not self.items["train"]:
+            raise DataError(
+                f"the train split of {self.hparams.data!r} is empty; use more idioms or smaller val/test fractions"
+            )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.items:
+            self._load(split)
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(
+            _rows(self.items[split], self.hparams.template),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_rows,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (torch.Generator seeded by ``seed``)."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in file order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in file order."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Test-split batches in file order."""
+        return self._loader("test", shuffle=False)
