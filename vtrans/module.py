@@ -132,7 +132,7 @@ class LatentLM(L.LightningModule):
         self.backbone = backbone
         self.latent = GaussianLatent(backbone.d_model, d_z, prior, hidden)
         self.loss_fn = make_loss(elbo, num_particles)
-        self.stats = torch.nn.ModuleDict({s: LatentStats(d_z) for s in ("train", "val", "test")})
+        self.stats = torch.nn.ModuleDict({f"{s}_latent": LatentStats(d_z) for s in ("train", "val", "test")})
         self.means = torch.nn.ModuleDict(
             {f"{s}_{m}": MeanMetric() for s in ("train", "val", "test") for m in ("nll", "kl", "elbo")}
         )
@@ -239,7 +239,7 @@ class LatentLM(L.LightningModule):
                 f"non-finite loss ({loss.item()}) at {stage} step {self.global_step}: "
                 "lower lr, raise free_bits or check the data"
             )
-        self.stats[stage].update(q_loc, kl_dim)
+        self.stats[f"{stage}_latent"].update(q_loc, kl_dim)
         for name, value in (("nll", nll), ("kl", kl.mean()), ("elbo", -(nll + kl.mean()))):
             metric = self.means[f"{stage}_{name}"]
             metric.update(value.detach(), weight=n_items)
@@ -259,7 +259,7 @@ class LatentLM(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def _log_stats(self, stage: str) -> None:
-        stats = self.stats[stage]
+        stats = self.stats[f"{stage}_latent"]
         if stats.count == 0:
             return
         values = stats.compute()
