@@ -7,43 +7,18 @@ belongs to (its spec and a fingerprint of its config and weights).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning as L
 import torch
 from torchmetrics import MeanMetric, Metric
 
-from vtrans import backbones
+from vtrans import backbones, tokens
 from vtrans.backbones import Backbone
 from vtrans.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
 from vtrans.errors import ConfigError
 from vtrans.latent import GaussianLatent, Prior, kl_normal
+from vtrans.tokens import Encoded
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
-
-
-@dataclass
-class Encoded:
-    """A batch of prompts (and optional targets), left-padded so that every sequence ends at T-1.
-
-    Attributes:
-        input_ids, attention_mask, position_ids: (B, T).
-        scored: (B,) index of the last prompt token (it predicts the first target token).
-        targets: (B, N) target ids, right-aligned; ``target_mask`` (B, N) marks the real ones.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    scored: torch.Tensor
-    targets: torch.Tensor
-    target_mask: torch.Tensor
-
-    @property
-    def after_scored(self) -> torch.Tensor:
-        """(B, T) bool: the scored position and every later one (where z enters)."""
-        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
-        return positions.unsqueeze(0) >= self.scored.unsqueeze(1)
 
 
 class LatentStats(Metric):
@@ -145,30 +120,10 @@ class LatentLM(L.LightningModule):
         return self.backbone.tokenizer
 
     def target_ids(self, targets: list[str]) -> list[list[int]]:
-        """Token ids of each target word as it follows the prompt (with its leading space)."""
-        return [self.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in targets]
+        return tokens.target_ids(self.tokenizer, targets)
 
     def encode(self, prompts: list[str], targets: list[list[int]] | None = None) -> Encoded:
-        """Tokenise prompts (+ target ids), left-padded so every sequence ends at the same index."""
-        prompt_ids = self.tokenizer(list(prompts))["input_ids"]
-        targets = targets if targets is not None else [[] for _ in prompt_ids]
-        seqs = [p + t for p, t in zip(prompt_ids, targets, strict=True)]
-        width, n_max = max(map(len, seqs)), max(1, max(map(len, targets)))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        tgt = torch.full((len(seqs), n_max), pad, dtype=torch.long)
-        tgt_mask = torch.zeros((len(seqs), n_max), dtype=torch.bool)
-        for i, (seq, t) in enumerate(zip(seqs, targets, strict=True)):
-            ids[i, width - len(seq) :] = torch.tensor(seq)
-            mask[i, width - len(seq) :] = 1
-            if t:
-                tgt[i, n_max - len(t) :] = torch.tensor(t)
-                tgt_mask[i, n_max - len(t) :] = True
-        scored = torch.tensor([width - 1 - len(t) for t in targets])
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        enc = Encoded(ids, mask, position_ids, scored, tgt, tgt_mask)
-        return Encoded(*(x.to(self.device) for x in vars(enc).values()))
+        return tokens.encode(self.tokenizer, prompts, targets, self.device)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -200,7 +155,7 @@ class LatentLM(L.LightningModule):
         """Logits for the target slots given z, (B, N, V): z enters from the scored position on."""
         n = enc.targets.shape[1]
         logits = self.upper(self.latent.inject(h, z, enc.after_scored), enc, logits_to_keep=n + 1)
-        return logits[:, :-1]  # position T-1-N+j predicts target slot j
+        return tokens.slot_positions(logits, enc)  # (B, N, V)
 
     def states(self, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-k states at the scored position and at the last token, (B, C) each."""

@@ -1,0 +1,34 @@
+"""Small tensor helpers shared by the estimator families."""
+
+from __future__ import annotations
+
+import torch
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last axis."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_of_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of a probability vector over the last axis (0·log 0 = 0)."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+
+
+def predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spread of predictions over samples.
+
+    Args:
+        logits: (B, S, V) one next-token distribution per sample.
+        y: (B,) the generated token ŷ.
+
+    Returns:
+        var: variance over samples of p(ŷ); entropy: H(mean p); mi: H(mean p) − mean H(p) (BALD).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, S, V)
+    p_y = probs.gather(-1, y.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(-1)  # (B, S)
+    mean = probs.mean(1)  # (B, V)
+    h_mean = entropy_of_probs(mean)
+    mean_h = entropy_of_probs(probs).mean(1)
+    return {"var": p_y.var(1, unbiased=False), "entropy": h_mean, "mi": (h_mean - mean_h).clamp_min(0.0)}

@@ -1,0 +1,61 @@
+"""Estimators read off the trained latent.
+
+* ``posterior_var``: mean variance of the inference distribution of z at the scored position
+  (q(z|prompt) for the standard prior, the learned p(z|prompt) for the conditional one);
+* ``latent_mi``: mutual information between the next token and z over S samples,
+  H(E_z p(·|prompt, z)) − E_z H(p(·|prompt, z));
+* ``latent_kl`` (conditional prior only): KL(q(z|prompt, ŷ) ‖ p(z|prompt)), how much the
+  model's own answer surprises the prior.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtrans.estimators.common import predictive_stats
+from vtrans.latent import kl_normal
+from vtrans.tokens import Encoded
+
+
+def inference_distribution(module, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of z at inference: q(z|prompt) (standard) or p(z|prompt) (conditional)."""
+    h_scored, _ = module.states(h, enc)
+    if module.latent.prior == "standard":
+        return module.latent.posterior(h_scored)
+    return module.latent.prior_params(h_scored)
+
+
+def first_slot_logits(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
+    """(B, N, V) slot logits -> (B, V) at each item's first slot (the scored position)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, enc.first_slot]
+
+
+@torch.no_grad()
+def scores(module, enc: Encoded, samples: int = 32, seed: int = 0, chunk: int = 512) -> dict[str, torch.Tensor]:
+    """All latent estimators for a batch whose targets are the base model's completion tokens.
+
+    Attention is causal, so the states and logits at the scored position do not depend on the
+    completion tokens that follow it: one pass through the lower blocks serves the prompt-only
+    estimators and ``latent_kl`` (which reads the state of the last completion token).
+    """
+    h = module.lower(enc)  # (B, T, C), computed once for every sample
+    loc, scale = inference_distribution(module, h, enc)
+    result = {"posterior_var": scale.pow(2).mean(-1)}
+    generator = torch.Generator(device=loc.device).manual_seed(seed)
+    eps = torch.randn((loc.shape[0], samples, loc.shape[1]), generator=generator, device=loc.device)
+    z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
+    rep = enc.repeat(samples)
+    h_rep = h.repeat_interleave(samples, 0)  # (B*S, T, C)
+    logits = []
+    for start in range(0, z.shape[0], chunk):
+        part = rep.slice(start, start + chunk)
+        slot_logits = module.decode(h_rep[start : start + chunk], z[start : start + chunk], part)  # (b, N, V)
+        logits.append(first_slot_logits(slot_logits, part).float())
+    logits = torch.cat(logits).view(loc.shape[0], samples, -1)  # (B, S, V)
+    y = first_slot_logits(enc.targets.unsqueeze(-1), enc).squeeze(-1)  # (B,) ŷ
+    result["latent_mi"] = predictive_stats(logits, y)["mi"]
+    if module.latent.prior == "conditional":
+        q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
+        result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
+    return result

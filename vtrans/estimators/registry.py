@@ -1,0 +1,19 @@
+"""The estimator names (a contract: other tools read them) and the family that computes each."""
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "baselines": ("msp", "entropy"),
+    "attention": ("attention_entropy",),
+    "lens": ("lens_ce", "lens_area"),
+    "mc_dropout": ("mc_dropout_var", "mc_dropout_entropy", "mc_dropout_mi"),
+    "latent": ("posterior_var", "latent_mi", "latent_kl"),
+    "probe": ("probe",),
+}
+NAMES: tuple[str, ...] = tuple(name for names in FAMILIES.values() for name in names)
+NEEDS_LATENT = frozenset(FAMILIES["latent"])
+
+
+def family_of(name: str) -> str:
+    for family, names in FAMILIES.items():
+        if name in names:
+            return family
+    raise KeyError(name)

@@ -1,0 +1,546 @@
+"""Write the outputs of an evaluation: results.json, scores.jsonl, report.md and plots.
+
+The file formats are the contracts of ``docs/design.md``. JSON is always
+strict: NaN and infinities are written as ``null``; functions that read
+results back (the table and the report) treat ``null`` as "not available".
+
+Plots use :class:`matplotlib.figure.Figure` directly, not pyplot: no global
+backend or figure registry is touched, and a figure is freed as soon as it is
+saved and goes out of scope.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from vtrans import metrics
+
+__all__ = [
+    "build_results",
+    "format_table",
+    "plot_all",
+    "write_report_md",
+    "write_results_json",
+    "write_scores_jsonl",
+]
+
+_DPI = 130
+_CORRECT_COLOR = "tab:blue"
+_INCORRECT_COLOR = "tab:red"
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy/torch values to plain Python, with non-finite floats as None."""
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays/scalars, torch tensors
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def write_scores_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write one JSON object per item.
+
+    Args:
+        path: output file.
+        rows: items as in the contract: ``{"idiom", "prompt", "target",
+            "completion", "correct", "scores": {NAME: float},
+            "lens_ce_by_layer": [float, ...]}``; written key for key.
+    """
+    with Path(path).open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(_jsonable(row), allow_nan=False, ensure_ascii=False) + "\n")
+
+
+def write_results_json(path: str | Path, results: dict[str, Any]) -> None:
+    """Write the results dictionary (see :func:`build_results`) as indented JSON.
+
+    Args:
+        path: output file.
+        results: the results; NaN becomes ``null``.
+    """
+    text = json.dumps(_jsonable(results), indent=2, allow_nan=False, ensure_ascii=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _estimator_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Estimator names found in ``rows[*]["scores"]``, in order of first appearance."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row.get("scores", {})))
+    return list(names)
+
+
+def _errors(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """(n,) 0/1 array, 1 = incorrect completion."""
+    return np.array([not row["correct"] for row in rows], dtype=np.int64)
+
+
+def _score_column(rows: Sequence[dict[str, Any]], name: str) -> np.ndarray:
+    """(n,) scores of one estimator; NaN where the item has none (missing or null)."""
+    values = [row.get("scores", {}).get(name) for row in rows]
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _float(x: Any) -> float:
+    """``x`` as a float, NaN for None (JSON null)."""
+    return float("nan") if x is None else float(x)
+
+
+def _estimator_entry(
+    scores: np.ndarray, errors: np.ndarray, cost: dict[str, float], n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Metrics, cost and item count of one estimator, NaN-scored items dropped."""
+    keep = ~np.isnan(scores)
+    entry = metrics.summarize(scores[keep], errors[keep], n_boot=n_boot, seed=seed)
+    entry["cost_forward_equiv"] = _float(cost.get("cost_forward_equiv"))
+    entry["seconds"] = _float(cost.get("seconds"))
+    entry["n"] = int(keep.sum())
+    return entry
+
+
+def _paired_entry(
+    scores: np.ndarray, reference: np.ndarray, errors: np.ndarray, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Paired-bootstrap AUROC difference (estimator - reference) on items both scored."""
+    keep = ~np.isnan(scores) & ~np.isnan(reference)
+    paired = metrics.paired_bootstrap(
+        metrics.auroc, scores[keep], reference[keep], errors[keep], n_boot=n_boot, seed=seed
+    )
+    return {"delta_auroc": paired["delta"], "ci": paired["ci"], "p_value": paired["p_value"]}
+
+
+def build_results(
+    model: str,
+    rows: list[dict[str, Any]],
+    costs: dict[str, dict[str, float]],
+    n_boot: int = 1000,
+    seed: int = 0,
+    reference: str = "lens_ce",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compute every estimator's metrics and its AUROC difference to the reference.
+
+    Args:
+        model: model name for the report.
+        rows: items as in scores.jsonl (``correct`` and ``scores`` are used).
+        costs: ``{NAME: {"cost_forward_equiv": float, "seconds": float}}``;
+            estimators missing here get NaN costs.
+        n_boot: bootstrap resamples for the confidence intervals.
+        seed: bootstrap seed.
+        reference: estimator that the others are compared with (paired bootstrap).
+        extra: more top-level keys to add (e.g. the latent model's accuracy).
+
+    Returns:
+        ``{"model", "n", "accuracy", "reference", "estimators": {NAME: {"auroc",
+        "auroc_ci", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds",
+        "n"}}, "paired_vs_reference": {NAME: {"delta_auroc", "ci", "p_value"}},
+        **extra}``. Items with a NaN score are dropped for that estimator only
+        (its ``n`` says how many remain). ``paired_vs_reference`` leaves out the
+        reference itself and is empty when no item has a reference score.
+    """
+    errors = _errors(rows)
+    scores = {name: _score_column(rows, name) for name in _estimator_names(rows)}
+    estimators = {
+        name: _estimator_entry(column, errors, costs.get(name, {}), n_boot, seed)
+        for name, column in scores.items()
+    }
+    paired = {}
+    if reference in scores:
+        paired = {
+            name: _paired_entry(column, scores[reference], errors, n_boot, seed)
+            for name, column in scores.items()
+            if name != reference
+        }
+    results: dict[str, Any] = {
+        "model": model,
+        "n": len(rows),
+        "accuracy": float(1 - errors.mean()) if len(rows) else float("nan"),
+        "reference": reference,
+        "estimators": estimators,
+        "paired_vs_reference": paired,
+    }
+    results.update(extra or {})
+    return results
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt(x: Any, sign: bool = False) -> str:
+    """Three decimals, ``n/a`` for None/NaN."""
+    x = _float(x)
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:+.3f}" if sign else f"{x:.3f}"
+
+
+def _fmt_p(p: Any) -> str:
+    """A p-value as ``=0.123``, or ``<0.001`` below what three decimals can show."""
+    p = _float(p)
+    return "<0.001" if p < 0.001 else f"={_fmt(p)}"
+
+
+def _by_auroc(results: dict[str, Any]) -> list[str]:
+    """Estimator names sorted by AUROC, highest first, undefined AUROC last."""
+
+    def key(name: str) -> float:
+        value = _float(results["estimators"][name].get("auroc"))
+        return -math.inf if math.isnan(value) else value
+
+    return sorted(results["estimators"], key=key, reverse=True)
+
+
+def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table, as strings."""
+    reference = results.get("reference", "lens_ce")
+    header = [
+        "estimator",
+        "AUROC [95% CI]",
+        "AUPRC",
+        "PRR",
+        "AURC",
+        "cost (fwd-equiv)",
+        "seconds",
+        f"Δ AUROC vs {reference} [95% CI]",
+    ]
+    body = []
+    for name in _by_auroc(results):
+        m = results["estimators"][name]
+        lo, hi = m.get("auroc_ci") or (None, None)
+        paired = results.get("paired_vs_reference", {}).get(name)
+        delta = "—"
+        if paired is not None:
+            d_lo, d_hi = paired["ci"]
+            delta = (
+                f"{_fmt(paired['delta_auroc'], sign=True)} [{_fmt(d_lo, sign=True)}, {_fmt(d_hi, sign=True)}]"
+                f" p{_fmt_p(paired['p_value'])}"
+            )
+        body.append(
+            [
+                name,
+                f"{_fmt(m.get('auroc'))} [{_fmt(lo)}, {_fmt(hi)}]",
+                _fmt(m.get("auprc")),
+                _fmt(m.get("prr")),
+                _fmt(m.get("aurc")),
+                _fmt(m.get("cost_forward_equiv")),
+                _fmt(m.get("seconds")),
+                delta,
+            ]
+        )
+    return header, body
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The summary table as aligned plain text, for a terminal.
+
+    Args:
+        results: as returned by :func:`build_results` (or read back from JSON).
+
+    Returns:
+        The table, one line per estimator sorted by AUROC, no trailing newline.
+    """
+    header, body = _table(results)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def _markdown_table(results: dict[str, Any]) -> str:
+    """The summary table in GitHub markdown, numbers right-aligned."""
+    header, body = _table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+_HOW_TO_READ = """\
+## How to read this
+
+Each estimator scores every item; higher means "more likely wrong". An item is
+an error when the model's completion is not the idiom's last word.
+**AUROC** is the probability that a random incorrect item scores higher than a
+random correct one: 0.5 is chance, 1 is perfect; the interval is a percentile
+bootstrap over items. **AUPRC** (average precision) of a random score equals
+the base error rate ({error_rate}); higher is better. **PRR** (the
+prediction-rejection ratio) is the share of the oracle's gain over random
+rejection that the score achieves: 1 perfect, 0 random, negative worse than
+random. **AURC** is the mean error rate of the kept items as items are
+rejected, most uncertain first; lower is better (a random score gets the error
+rate). **Cost** is in forward-pass equivalents of the base model. **Δ AUROC**
+is the estimator's AUROC minus the reference's on the same items, with a
+paired-bootstrap interval and two-sided p-value; an interval that excludes 0
+is a difference beyond resampling noise (not corrected for the number of
+estimators compared).
+"""
+
+
+def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
+    """Write a human-readable markdown report.
+
+    Args:
+        path: output file (plots are linked relative to its folder).
+        results: as returned by :func:`build_results` (or read back from JSON).
+        plots: plot file names, as returned by :func:`plot_all`.
+    """
+    accuracy = _float(results.get("accuracy"))
+    n = results.get("n", 0)
+    parts = [
+        f"# Which signal says a completion is wrong? — {results.get('model', '?')}",
+        f"**{n} items**, accuracy **{_fmt(accuracy)}** (base error rate {_fmt(1 - accuracy)}).",
+        _markdown_table(results),
+    ]
+    partial = {name: m["n"] for name, m in results["estimators"].items() if m.get("n", n) != n}
+    if partial:
+        listed = ", ".join(f"`{name}` (n={k})" for name, k in partial.items())
+        parts.append(f"Scored on fewer items (undefined scores dropped): {listed}.")
+    parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
+    if plots:
+        parts.append("## Plots\n\n" + "\n\n".join(f"![{_PLOT_TITLES.get(p, p)}]({p})" for p in plots))
+    Path(path).write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One line style per estimator, the same in every plot.
+
+    The first ten get the ten distinct tab10 hues, solid; the next ten the light
+    variants of those hues, dashed, so that neighbours in the legend never look alike.
+    """
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return {
+        name: {"color": cmap(2 * (i % 10) + (i // 10) % 2), "ls": "-" if (i // 10) % 2 == 0 else "--"}
+        for i, name in enumerate(names)
+    }
+
+
+def _scored(rows: Sequence[dict[str, Any]], name: str, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An estimator's scores and the matching errors, NaN-scored items dropped."""
+    scores = _score_column(rows, name)
+    keep = ~np.isnan(scores)
+    return scores[keep], errors[keep]
+
+
+def _legend_outside(ax: Axes) -> None:
+    """Legend to the right of the axes, so that it hides no curve."""
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
+
+
+def _plot_roc(rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]) -> Figure | None:
+    """ROC curves of every estimator, the chance diagonal, AUROC in the legend."""
+    errors = _errors(rows)
+    styles = _styles(names)
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.add_subplot()
+    drawn = 0
+    for name in names:
+        fpr, tpr = metrics.roc_curve(*_scored(rows, name, errors))
+        if fpr.size:
+            auc = results["estimators"][name].get("auroc")
+            ax.plot(fpr, tpr, **styles[name], lw=1.6, label=f"{name} ({_fmt(auc)})")
+            drawn += 1
+    if not drawn:
+        return None
+    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="chance (0.500)")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        aspect="equal",
+        xlabel="false-positive rate (correct items flagged)",
+        ylabel="true-positive rate (errors flagged)",
+        title=f"ROC: detecting incorrect completions — {results.get('model', '')}",
+    )
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def _lens_curve(row: dict[str, Any]) -> np.ndarray:
+    """An item's lens cross-entropy by layer as a float array (empty if absent, null -> NaN)."""
+    values = row.get("lens_ce_by_layer")
+    return np.empty(0) if values is None else np.asarray(values, dtype=np.float64).ravel()
+
+
+def _lens_matrix(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(items, layers) lens cross-entropies and the items' errors; None without lens data.
+
+    Only rows whose ``lens_ce_by_layer`` has the most common length are used.
+    """
+    curves = [_lens_curve(row) for row in rows]
+    lengths = Counter(c.size for c in curves if c.size)
+    if not lengths:
+        return None
+    n_layers = lengths.most_common(1)[0][0]
+    keep = [i for i, c in enumerate(curves) if c.size == n_layers]
+    return np.stack([curves[i] for i in keep]), _errors(rows)[keep]
+
+
+def _mean_and_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard error, ignoring NaN (s.e. 0 for a single item)."""
+    count = np.sum(~np.isnan(values), axis=0)
+    mean = np.nanmean(values, axis=0)
+    std = np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
+    return mean, np.nan_to_num(std / np.sqrt(np.maximum(count, 1)))
+
+
+def _plot_lens_by_layer(
+    rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]
+) -> Figure | None:
+    """Mean lens cross-entropy per layer for correct vs incorrect items, ±1 s.e. band."""
+    data = _lens_matrix(rows)
+    if data is None:
+        return None
+    matrix, errors = data
+    layers = np.arange(matrix.shape[1])
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for label, is_error, color in (("correct", 0, _CORRECT_COLOR), ("incorrect", 1, _INCORRECT_COLOR)):
+        group = matrix[errors == is_error]
+        if group.shape[0] == 0:
+            continue
+        mean, se = _mean_and_se(group)
+        ax.plot(layers, mean, color=color, lw=1.8, marker="o", ms=3, label=f"{label} (n={group.shape[0]})")
+        ax.fill_between(layers, mean - se, mean + se, color=color, alpha=0.25, lw=0)
+    ax.set(
+        xlabel="layer",
+        ylabel="cross-entropy vs generated token (nats)",
+        title=f"Logit-lens cross-entropy by layer (mean ± 1 s.e.) — {results.get('model', '')}",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _plot_histograms(
+    rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]
+) -> Figure | None:
+    """A grid of per-estimator score histograms, correct and incorrect overlaid."""
+    if not names:
+        return None
+    errors = _errors(rows)
+    n_cols = min(4, len(names))
+    n_rows = math.ceil(len(names) / n_cols)
+    fig = Figure(figsize=(3.4 * n_cols, 2.6 * n_rows + 0.8), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        scores, err = _scored(rows, name, errors)
+        scores, err = scores[np.isfinite(scores)], err[np.isfinite(scores)]
+        bins = np.histogram_bin_edges(scores, bins=30) if scores.size else 10
+        for label, is_error, color in (("correct", 0, _CORRECT_COLOR), ("incorrect", 1, _INCORRECT_COLOR)):
+            group = scores[err == is_error]
+            if group.size:
+                ax.hist(group, bins=bins, density=True, color=color, alpha=0.5, label=label)
+        ax.set_title(f"{name} (AUROC {_fmt(results['estimators'][name].get('auroc'))})", fontsize="medium")
+        ax.tick_params(labelsize="small")
+    for ax in axes[len(names) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=2)
+    fig.suptitle("Score distributions, correct vs incorrect completions")
+    fig.supxlabel("score (higher = more uncertain)")
+    fig.supylabel("density")
+    return fig
+
+
+def _plot_risk_coverage(
+    rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]
+) -> Figure | None:
+    """Risk vs coverage per estimator, with the oracle and random references."""
+    if not rows:
+        return None
+    errors = _errors(rows)
+    styles = _styles(names)
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.add_subplot()
+    for name in names:
+        coverage, risk = metrics.risk_coverage_curve(*_scored(rows, name, errors))
+        if coverage.size:
+            aurc = results["estimators"][name].get("aurc")
+            ax.plot(coverage, risk, **styles[name], lw=1.4, label=f"{name} ({_fmt(aurc)})")
+    coverage, risk = metrics.risk_coverage_curve(errors.astype(np.float64), errors)  # errors ranked last
+    oracle = metrics.aurc(errors, errors)
+    ax.plot(coverage, risk, color="black", ls="-.", lw=1.4, label=f"oracle ({_fmt(oracle)})")
+    error_rate = float(errors.mean())
+    ax.axhline(error_rate, color="gray", ls=":", lw=1.4, label=f"random ({_fmt(error_rate)})")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, None),
+        xlabel="coverage (fraction of items kept, most confident first)",
+        ylabel="risk (error rate among kept items)",
+        title=f"Risk–coverage (AURC in legend, lower is better) — {results.get('model', '')}",
+    )
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+_PLOTS: dict[str, Callable[..., Figure | None]] = {
+    "roc.png": _plot_roc,
+    "lens_by_layer.png": _plot_lens_by_layer,
+    "histograms.png": _plot_histograms,
+    "risk_coverage.png": _plot_risk_coverage,
+}
+_PLOT_TITLES = {
+    "roc.png": "ROC curves",
+    "lens_by_layer.png": "Lens cross-entropy by layer, correct vs incorrect",
+    "histograms.png": "Score histograms",
+    "risk_coverage.png": "Risk-coverage curves",
+}
+
+
+def plot_all(out_dir: str | Path, rows: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    """Write the report's PNG plots.
+
+    ``roc.png`` (ROC curves, AUROC in the legend), ``lens_by_layer.png`` (mean
+    lens cross-entropy by layer, correct vs incorrect; skipped without
+    ``lens_ce_by_layer`` data), ``histograms.png`` (score histograms per
+    estimator) and ``risk_coverage.png`` (with oracle and random). A plot with
+    nothing to draw is skipped.
+
+    Args:
+        out_dir: folder to write into (created if needed).
+        rows: items as in scores.jsonl.
+        results: as returned by :func:`build_results`.
+
+    Returns:
+        The names of the files written, relative to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _by_auroc(results)
+    written = []
+    for file_name, plot in _PLOTS.items():
+        fig = plot(rows, results, names)
+        if fig is not None:
+            fig.savefig(out_dir / file_name, dpi=_DPI, bbox_inches="tight")
+            written.append(file_name)
+    return written
