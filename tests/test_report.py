@@ -1,0 +1,205 @@
+"""Tests of vtrans.report: the results.json / scores.jsonl / report.md contracts and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from vtrans import report
+
+NAMES = ["lens_ce", "msp", "entropy"]
+N_ITEMS = 40
+N_LAYERS = 5
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _strict_loads(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity tokens (which Python's json accepts by default)."""
+
+    def reject(token: str) -> None:
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+@pytest.fixture
+def rows() -> list[dict[str, Any]]:
+    """Two classes, three estimators of decreasing quality, lens curves of 5 layers."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(N_ITEMS):
+        correct = bool(i % 2)
+        error = 0 if correct else 1
+        scores = {name: float(rng.normal() + error * (2 - k)) for k, name in enumerate(NAMES)}
+        lens = np.linspace(8.0, 2.0 + 2.0 * error, N_LAYERS) + rng.normal(0, 0.3, N_LAYERS)
+        out.append(
+            {
+                "idiom": f"idiom number {i}",
+                "prompt": f"Complete the idiom: idiom number {i}",
+                "target": "word",
+                "completion": "word" if correct else "other",
+                "correct": correct,
+                "scores": scores,
+                "lens_ce_by_layer": lens,  # a numpy array: the writers must convert it
+            }
+        )
+    out[3]["scores"]["msp"] = float("nan")  # undefined for one item: dropped for msp only
+    return out
+
+
+@pytest.fixture
+def results(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    costs = {
+        "lens_ce": {"cost_forward_equiv": 1.0, "seconds": 0.25},
+        "msp": {"cost_forward_equiv": 1.0, "seconds": 0.1},
+    }
+    return report.build_results("tiny-gpt2", rows, costs, n_boot=200, extra={"latent_accuracy": 0.5})
+
+
+def test_build_results_schema(results: dict[str, Any]) -> None:
+    assert set(results) == {
+        "model",
+        "n",
+        "accuracy",
+        "reference",
+        "estimators",
+        "paired_vs_reference",
+        "latent_accuracy",
+    }
+    assert results["model"] == "tiny-gpt2"
+    assert results["n"] == N_ITEMS and type(results["n"]) is int
+    assert results["accuracy"] == pytest.approx(0.5) and type(results["accuracy"]) is float
+    assert results["reference"] == "lens_ce"
+    assert list(results["estimators"]) == NAMES
+    for entry in results["estimators"].values():
+        assert list(entry) == [
+            "auroc",
+            "auroc_ci",
+            "auprc",
+            "prr",
+            "aurc",
+            "cost_forward_equiv",
+            "seconds",
+            "n",
+        ]
+        for key in ("auroc", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds"):
+            assert type(entry[key]) is float
+        assert type(entry["n"]) is int
+        assert isinstance(entry["auroc_ci"], list) and len(entry["auroc_ci"]) == 2
+        assert all(type(x) is float for x in entry["auroc_ci"])
+    assert set(results["paired_vs_reference"]) == {"msp", "entropy"}
+    for entry in results["paired_vs_reference"].values():
+        assert list(entry) == ["delta_auroc", "ci", "p_value"]
+        assert type(entry["delta_auroc"]) is float and type(entry["p_value"]) is float
+        assert len(entry["ci"]) == 2
+
+
+def test_build_results_values(results: dict[str, Any]) -> None:
+    estimators = results["estimators"]
+    assert estimators["lens_ce"]["n"] == N_ITEMS
+    assert estimators["msp"]["n"] == N_ITEMS - 1
+    assert estimators["lens_ce"]["auroc"] > estimators["entropy"]["auroc"]
+    assert estimators["lens_ce"]["seconds"] == 0.25
+    assert math.isnan(estimators["entropy"]["cost_forward_equiv"])  # not in costs
+    assert results["paired_vs_reference"]["entropy"]["delta_auroc"] < 0
+
+
+def test_build_results_without_reference_scores(rows: list[dict[str, Any]]) -> None:
+    out = report.build_results("m", rows, {}, n_boot=20, reference="latent_kl")
+    assert out["paired_vs_reference"] == {}
+
+
+def test_results_json_round_trips_with_nan_as_null(tmp_path: Path, results: dict[str, Any]) -> None:
+    path = tmp_path / "results.json"
+    report.write_results_json(path, results)
+    text = path.read_text()
+    assert "NaN" not in text and text.startswith("{\n  ")
+    loaded = _strict_loads(text)
+    assert loaded["estimators"]["entropy"]["cost_forward_equiv"] is None
+    assert loaded["estimators"]["lens_ce"]["auroc"] == results["estimators"]["lens_ce"]["auroc"]
+    assert loaded["paired_vs_reference"] == results["paired_vs_reference"]
+    # a results file read back (null instead of NaN) still renders
+    assert "entropy" in report.format_table(loaded)
+
+
+def test_scores_jsonl_one_strict_object_per_line(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    rows[0]["scores"]["entropy"] = np.float32(1.5)
+    rows[1]["lens_ce_by_layer"][2] = np.inf
+    path = tmp_path / "scores.jsonl"
+    report.write_scores_jsonl(path, rows)
+    lines = path.read_text().splitlines()
+    assert len(lines) == N_ITEMS
+    items = [_strict_loads(line) for line in lines]
+    assert set(items[0]) == {
+        "idiom",
+        "prompt",
+        "target",
+        "completion",
+        "correct",
+        "scores",
+        "lens_ce_by_layer",
+    }
+    assert items[0]["correct"] is False and items[1]["correct"] is True
+    assert items[0]["scores"]["entropy"] == 1.5
+    assert items[3]["scores"]["msp"] is None
+    assert items[1]["lens_ce_by_layer"][2] is None
+    assert len(items[0]["lens_ce_by_layer"]) == N_LAYERS
+
+
+def test_report_md_has_the_table_and_every_estimator(tmp_path: Path, results: dict[str, Any]) -> None:
+    path = tmp_path / "report.md"
+    report.write_report_md(path, results, ["roc.png", "histograms.png"])
+    text = path.read_text()
+    assert "tiny-gpt2" in text
+    assert (
+        "| estimator | AUROC [95% CI] | AUPRC | PRR | AURC | cost (fwd-equiv) | seconds "
+        "| Δ AUROC vs lens_ce [95% CI] |" in text
+    )
+    for name in NAMES:
+        assert f"| {name} |" in text
+    assert "(roc.png)" in text and "(histograms.png)" in text
+    assert "`msp` (n=39)" in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "estimator" not in line]
+    aurocs = [float(line.split("|")[2].split()[0]) for line in table]
+    assert aurocs == sorted(aurocs, reverse=True)
+
+
+def test_format_table_is_aligned(results: dict[str, Any]) -> None:
+    lines = report.format_table(results).splitlines()
+    assert len(lines) == 2 + len(NAMES)
+    assert lines[0].startswith("estimator") and "AUROC [95% CI]" in lines[0]
+    assert "n/a" in report.format_table(results)  # the missing costs
+    ends = {line.index("]") for line in lines[2:]}  # the AUROC CI column ends in the same place
+    assert len(ends) == 1
+
+
+def _assert_png(path: Path) -> None:
+    assert path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_all_writes_four_pngs(
+    tmp_path: Path, rows: list[dict[str, Any]], results: dict[str, Any]
+) -> None:
+    written = report.plot_all(tmp_path / "plots", rows, results)
+    assert written == ["roc.png", "lens_by_layer.png", "histograms.png", "risk_coverage.png"]
+    for name in written:
+        _assert_png(tmp_path / "plots" / name)
+
+
+def test_plot_all_skips_the_lens_plot_without_lens_data(
+    tmp_path: Path, rows: list[dict[str, Any]], results: dict[str, Any]
+) -> None:
+    for i, row in enumerate(rows):
+        if i % 2:
+            del row["lens_ce_by_layer"]
+        else:
+            row["lens_ce_by_layer"] = None if i % 4 else []
+    written = report.plot_all(tmp_path, rows, results)
+    assert written == ["roc.png", "histograms.png", "risk_coverage.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
