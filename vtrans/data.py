@@ -23,6 +23,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from vtrans.errors import UserError
+
 DEFAULT_TEMPLATE = "Complete the idiom: {prefix}"
 SPLITS = ("train", "val", "test")
 FILE_KINDS = ("txt", "epie", "slide", "magpie")
@@ -32,7 +34,7 @@ BATCH_KEYS = ("idiom", "prefix", "target", "prompt")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-caused data problem; message is one clear line: file, line number, what is wrong."""
 
 
