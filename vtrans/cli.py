@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
-from vtrans.errors import UserError
+from vtrans.errors import ConfigError, UserError
 
 
 def fail(message: str) -> None:
@@ -44,10 +45,101 @@ def train_main(args: list[str] | None = None) -> None:
     )
 
 
+def _estimator_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vtrans.data import DEFAULT_TEMPLATE
+    from vtrans.estimators.registry import NAMES
+
+    parser = argparse.ArgumentParser(prog="vtrans", description="How sure is a transformer? Score and compare.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="compare every uncertainty estimator on idiom completion")
+    ev.add_argument("--ckpt", help="a trained latent (train.py fit); without it, only estimators that need no latent")
+    ev.add_argument("--model", default="smollm2", help="backbone when no --ckpt is given (default: smollm2)")
+    ev.add_argument("--data", default="builtin", help="data spec: builtin[:SPLIT], txt:PATH, epie:PATH, slide:PATH, magpie:PATH")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split when the spec names none")
+    ev.add_argument("--out", required=True, help="output folder: results.json, scores.jsonl, report.md, plots")
+    ev.add_argument("--template", default=None, help=f"prompt template (default: the checkpoint's, else {DEFAULT_TEMPLATE!r})")
+    ev.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
+    ev.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
+    ev.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
+    ev.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
+    ev.add_argument("--aggregate", default="first", choices=["first", "mean", "max"], help="token scores over the completion word")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=6)
+    ev.add_argument("--sample", action="store_true", help="sample completions instead of greedy decoding")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    ev.add_argument("--max-items", type=int, default=None)
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(run=run_evaluate)
+
+    sc = sub.add_parser("score", help="score prompts with a trained checkpoint: one JSON line per prompt")
+    sc.add_argument("--ckpt", required=True, help="a trained latent (train.py fit)")
+    sc.add_argument("prompts", nargs="*", help="prompts to score")
+    sc.add_argument("--input", help="a .txt file (one prompt a line) or .jsonl file (field 'prompt')")
+    sc.add_argument("--estimators", type=_estimator_list, default=None, help="comma-separated subset (default: all single-pass and latent ones)")
+    sc.add_argument("--batch-size", type=int, default=32)
+    sc.add_argument("--device", default="auto")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.set_defaults(run=run_score)
+    return parser
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available: use --device cpu")
+    return name
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from vtrans import checkpoint
+    from vtrans.data import DEFAULT_TEMPLATE
+    from vtrans.evaluate import EvalConfig, evaluate
+    from vtrans.report import format_table
+
+    template = args.template or (checkpoint.template_of(args.ckpt) if args.ckpt else None) or DEFAULT_TEMPLATE
+    config = EvalConfig(
+        data=args.data,
+        split=args.split,
+        template=template,
+        estimators=args.estimators,
+        passes=args.passes,
+        dropout=args.dropout,
+        samples=args.samples,
+        aggregate=args.aggregate,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        seed=args.seed,
+        n_boot=args.n_boot,
+        max_items=args.max_items,
+    )
+    results = evaluate(
+        config, args.out, ckpt=args.ckpt, model=args.model, device=resolve_device(args.device), progress=not args.quiet
+    )
+    print(format_table(results))
+    print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots")
+
+
+def run_score(args: argparse.Namespace) -> None:
+    from vtrans.scorer import run_score_command
+
+    run_score_command(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``vtrans evaluate|score``."""
-    from vtrans.commands import build_parser
-
     parser = build_parser()
     args = parser.parse_args(argv)
     guarded(lambda: args.run(args))

@@ -1,0 +1,326 @@
+"""The comparative run: one set of completions, one set of labels, every estimator, the same metrics.
+
+1. The base model (latent off) completes every prompt; an item is wrong (error = 1) when the
+   completion word differs from the idiom's last word.
+2. Each estimator family scores the same items, timed on its own; a plain forward on the same
+   batches is the unit of cost.
+3. Metrics with bootstrap intervals, a paired comparison against ``lens_ce``, the files of the
+   contract (results.json, scores.jsonl, report.md) and the plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vtrans import report
+from vtrans.data import DEFAULT_TEMPLATE, IdiomItem, load_split, parse_spec, render_prompt, validate_template
+from vtrans.errors import ConfigError
+from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
+from vtrans.estimators import latent as latent_estimators
+from vtrans.estimators.registry import FAMILIES, NAMES, NEEDS_LATENT, family_of
+from vtrans.generate import Completion, complete, is_correct
+from vtrans.tokens import encode, target_ids
+
+SINGLE_PASS_FAMILIES = ("baselines", "attention", "lens")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of a comparative run.
+
+    Attributes:
+        data: data spec (``builtin``, ``builtin:test``, ``txt:PATH``, ...).
+        split: split to evaluate when the spec names none (``train``, ``val``, ``test``, ``all``).
+        template: prompt template with one ``{prefix}`` field.
+        estimators: names to run (default: all that apply).
+        passes: MC dropout passes T.
+        dropout: MC dropout probability p.
+        samples: samples of z for ``latent_mi``.
+        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``.
+        batch_size: items per forward.
+        max_new_tokens: generation budget for the completion word.
+        sample: sample completions instead of greedy decoding.
+        temperature: sampling temperature.
+        seed: seed for sampling, dropout masks, z samples and the bootstrap.
+        n_boot: bootstrap resamples.
+        max_items: evaluate at most this many items (None = all).
+    """
+
+    data: str = "builtin"
+    split: str = "test"
+    template: str = DEFAULT_TEMPLATE
+    estimators: list[str] = field(default_factory=lambda: list(NAMES))
+    passes: int = 16
+    dropout: float = 0.1
+    samples: int = 32
+    aggregate: str = "first"
+    batch_size: int = 32
+    max_new_tokens: int = 6
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    n_boot: int = 1000
+    max_items: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.estimators if n not in NAMES]
+        if unknown:
+            raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+        validate_template(self.template)
+        checks = [
+            (self.passes >= 2, f"passes must be >= 2, got {self.passes}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.samples >= 2, f"samples must be >= 2, got {self.samples}"),
+            (self.aggregate in ("first", "mean", "max"), f"aggregate must be first, mean or max, got {self.aggregate!r}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.n_boot >= 100, f"n_boot must be >= 100, got {self.n_boot}"),
+            (self.max_items is None or self.max_items >= 1, f"max_items must be >= 1, got {self.max_items}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class Scored:
+    """Completions, labels and every estimator's scores for a list of items."""
+
+    items: list[IdiomItem]
+    prompts: list[str]
+    completions: list[Completion]
+    correct: list[bool]
+    scores: dict[str, torch.Tensor]
+    lens_by_layer: torch.Tensor | None
+    lens_gold_by_layer: torch.Tensor | None
+    seconds: dict[str, float]
+
+
+class Harness:
+    """Runs completions and estimator families on a backbone, with or without a trained latent."""
+
+    def __init__(self, backbone, module=None, config: EvalConfig | None = None, progress: bool = True) -> None:
+        self.backbone, self.module = backbone, module
+        self.config = config or EvalConfig()
+        self.model, self.tokenizer = backbone.model, backbone.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.progress = progress
+
+    def families(self, names: list[str]) -> list[str]:
+        wanted = {family_of(n) for n in names}
+        if "probe" in wanted:
+            wanted |= set(SINGLE_PASS_FAMILIES)
+        if self.module is None:
+            wanted.discard("latent")
+        return [f for f in FAMILIES if f in wanted and f != "probe"]
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="item", disable=not self.progress, leave=False)
+
+    def complete(self, prompts: list[str]) -> list[Completion]:
+        cfg = self.config
+        with self._bar(len(prompts), "completions") as bar:
+            return complete(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=cfg.sample,
+                temperature=cfg.temperature,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                progress=bar.update,
+            )
+
+    def _encoded_batches(self, prompts: list[str], completions: list[Completion]):
+        cfg = self.config
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = completions[start : start + cfg.batch_size]
+            tgt = [list(c.word_ids) if cfg.aggregate != "first" else [c.first_token] for c in chunk]
+            yield start, encode(self.tokenizer, prompts[start : start + cfg.batch_size], tgt, self.device)
+
+    def _family_fn(self, family: str, gold: list[int] | None) -> Callable:
+        cfg = self.config
+        if family == "baselines":
+            return lambda enc, sl: baselines.scores(self.model, enc, cfg.aggregate)
+        if family == "attention":
+            return lambda enc, sl: attention.scores(self.model, enc)
+        if family == "lens":
+            return lambda enc, sl: lens.scores(
+                self.model, enc, cfg.aggregate, None if gold is None else torch.tensor(gold[sl], device=self.device)
+            )
+        if family == "mc_dropout":
+            return lambda enc, sl: mc_dropout.scores(self.model, enc, cfg.passes, cfg.dropout)
+        if family == "latent":
+            return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed)
+        raise KeyError(family)
+
+    @torch.no_grad()
+    def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
+        """The unit of cost: a plain Hugging Face forward over the same batches."""
+        start = time.perf_counter()
+        for _, enc in self._encoded_batches(prompts, completions):
+            self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def score(self, items: list[IdiomItem], names: list[str], gold: bool = True) -> Scored:
+        cfg = self.config
+        prompts = [render_prompt(cfg.template, it.prefix) for it in items]
+        completions = self.complete(prompts)
+        correct = [is_correct(c, it.target) for c, it in zip(completions, items, strict=True)]
+        gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, [it.target for it in items])]
+        seconds = {"forward": self.plain_forward_seconds(prompts, completions)}
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        torch.manual_seed(cfg.seed)
+        for family in self.families(names):
+            fn = self._family_fn(family, gold_ids if gold else None)
+            start = time.perf_counter()
+            with self._bar(len(prompts), family) as bar:
+                for first, enc in self._encoded_batches(prompts, completions):
+                    for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
+                        collected[key].append(value.detach().float().cpu())
+                    bar.update(enc.input_ids.shape[0])
+            _sync(self.device)
+            seconds[family] = time.perf_counter() - start
+        tensors = {k: torch.cat(v) for k, v in collected.items()}
+        lens_by_layer = tensors.pop("lens_ce_by_layer", None)
+        lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
+        return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _costs(scored: Scored, names: list[str], probe_families: list[str]) -> dict[str, dict[str, float]]:
+    forward = max(scored.seconds["forward"], 1e-9)
+    costs = {}
+    for name in names:
+        families = probe_families if name == "probe" else [family_of(name)]
+        seconds = sum(scored.seconds.get(f, float("nan")) for f in families)
+        costs[name] = {"seconds": seconds, "cost_forward_equiv": seconds / forward}
+    return costs
+
+
+def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored) -> torch.Tensor:
+    """Probe scores for the evaluated items, from a probe fitted on ``train_items`` only."""
+    names = [n for n in NAMES if family_of(n) in SINGLE_PASS_FAMILIES or n in ("posterior_var", "latent_kl")]
+    train = harness.score(train_items, names, gold=False)
+    errors = torch.tensor([not c for c in train.correct], dtype=torch.float32)
+    x_train, feature_names = probe.features(train.scores, train.lens_by_layer)
+    fitted = probe.fit(x_train, errors, feature_names)
+    x_eval, eval_names = probe.features(evaluated.scores, evaluated.lens_by_layer)
+    if eval_names != feature_names:
+        raise RuntimeError(f"probe features differ between splits: {feature_names} vs {eval_names}")
+    return fitted.predict(x_eval)
+
+
+def probe_train_items(config: EvalConfig) -> list[IdiomItem] | None:
+    """The items the probe may learn from: the train split of the same data, never the evaluated one."""
+    _, spec_split = parse_spec(config.data)
+    split = spec_split or config.split
+    if split in ("train", "all"):
+        return None
+    kind, _ = parse_spec(config.data)
+    return load_split("builtin" if kind == "builtin" else config.data, "train")
+
+
+def evaluate(
+    config: EvalConfig,
+    out_dir: str | Path,
+    ckpt: str | None = None,
+    model: str = "smollm2",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Run the comparison and write the contract's files into ``out_dir``; returns results.json's content."""
+    from vtrans import checkpoint
+    from vtrans.backbones import Backbone
+
+    out = Path(out_dir)
+    items = load_split(config.data, config.split)
+    if config.max_items:
+        items = items[: config.max_items]
+    if len(items) < 2:
+        raise ConfigError(f"{config.data} ({config.split}) has {len(items)} item(s): need at least 2 to evaluate")
+    if ckpt is not None:
+        module = checkpoint.load(ckpt, device=device)
+        backbone = module.backbone
+        model_name = backbone.name
+    else:
+        module, backbone, model_name = None, Backbone(model).to(device), model
+    names = [n for n in config.estimators if module is not None or n not in NEEDS_LATENT]
+    if module is not None and module.latent.prior != "conditional":
+        names = [n for n in names if n != "latent_kl"]
+    harness = Harness(backbone, module, config, progress)
+    with _eager_attention(backbone.model, "attention_entropy" in names or "probe" in names):
+        scored = harness.score(items, names)
+        probe_families = list(SINGLE_PASS_FAMILIES) + (["latent"] if module is not None else [])
+        if "probe" in names:
+            train_items = probe_train_items(config)
+            if train_items is None:
+                names.remove("probe")
+            else:
+                start = time.perf_counter()
+                scored.scores["probe"] = fit_probe(harness, train_items, scored)
+                scored.seconds["probe_fit"] = time.perf_counter() - start
+    rows = _rows(scored, names)
+    costs = _costs(scored, names, probe_families)
+    extra = {
+        "config": asdict(config),
+        "ckpt": ckpt,
+        "latent": None if module is None else dict(module.hparams),
+        "seconds": scored.seconds,
+    }
+    results = report.build_results(model_name, rows, costs, n_boot=config.n_boot, seed=config.seed, extra=extra)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_scores_jsonl(out / "scores.jsonl", rows)
+    report.write_results_json(out / "results.json", results)
+    plots = report.plot_all(out, rows, results)
+    report.write_report_md(out / "report.md", results, plots)
+    return results
+
+
+def _rows(scored: Scored, names: list[str]) -> list[dict]:
+    rows = []
+    for i, (item, prompt, comp, ok) in enumerate(
+        zip(scored.items, scored.prompts, scored.completions, scored.correct, strict=True)
+    ):
+        row = {
+            "idiom": item.idiom,
+            "prompt": prompt,
+            "target": item.target,
+            "completion": comp.text.strip(),
+            "completion_word": comp.word,
+            "correct": ok,
+            "scores": {n: float(scored.scores[n][i]) for n in names if n in scored.scores},
+            "lens_ce_by_layer": [] if scored.lens_by_layer is None else scored.lens_by_layer[i].tolist(),
+        }
+        if scored.lens_gold_by_layer is not None:
+            row["lens_ce_gold_by_layer"] = scored.lens_gold_by_layer[i].tolist()
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def _eager_attention(model, needed: bool) -> Iterator[None]:
+    """Switch a model to eager attention (which returns weights) for a block, then back."""
+    saved = model.config._attn_implementation
+    try:
+        if needed and saved != "eager":
+            model.set_attn_implementation("eager")
+        yield
+    finally:
+        if model.config._attn_implementation != saved:
+            model.set_attn_implementation(saved)
