@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from vtrans.errors import UserError
 
@@ -179,6 +180,88 @@ def blocks_from(model: nn.Module, start: int) -> Iterator[nn.Module]:
         setattr(body, attr, full)
         if fam == "gpt2":
             body.wpe = saved_wpe
+
+
+# --------------------------------------------------------------------------- frozen prefixes
+
+
+def additive_mask(attention_mask: torch.Tensor, q_start: int, q_end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``: (B, 1, Q, K), 0 or -big."""
+    keys = torch.arange(q_end, device=attention_mask.device)
+    queries = torch.arange(q_start, q_end, device=attention_mask.device)
+    allowed = (keys.view(1, -1) <= queries.view(-1, 1)).unsqueeze(0)  # (1, Q, K)
+    allowed = allowed & attention_mask[:, :q_end].bool().unsqueeze(1)  # (B, Q, K)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class _Recorder(DynamicCache):
+    """A cache that records each layer's keys and values and returns them unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+class FrozenPrefix(DynamicCache):
+    """Keys and values of a prefix, shared read-only by any number of suffix passes.
+
+    ``update`` returns prefix + new states without storing them, so one prefix serves every
+    sample of z (the suffix differs, the prefix never does).
+    """
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        super().__init__()
+        self.kv, self.length = kv, length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.kv[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def rows(self, start: int, stop: int) -> FrozenPrefix:
+        """Items ``start..stop-1`` of the batch."""
+        return FrozenPrefix({i: (k[start:stop], v[start:stop]) for i, (k, v) in self.kv.items()}, self.length)
+
+    def repeat(self, times: int) -> FrozenPrefix:
+        """Each row repeated ``times`` times in a row, like ``Encoded.repeat``."""
+        kv = {i: (k.repeat_interleave(times, 0), v.repeat_interleave(times, 0)) for i, (k, v) in self.kv.items()}
+        return FrozenPrefix(kv, self.length)
+
+
+def upper_prefix(model, start: int, h: torch.Tensor, attention_mask, position_ids, split: int) -> FrozenPrefix:
+    """Run blocks ``start..L-1`` on positions ``0..split-1`` of the stream h (B, T, C) and keep their K/V."""
+    recorder = _Recorder()
+    if split > 0:
+        mask = additive_mask(attention_mask, 0, split, h.dtype)
+        with blocks_from(model, start) as m:
+            trunk(m)(inputs_embeds=h[:, :split], attention_mask=mask, position_ids=position_ids[:, :split],
+                     past_key_values=recorder, use_cache=False)
+    return FrozenPrefix(recorder.kv, split)
+
+
+def upper_suffix(
+    model, start: int, h: torch.Tensor, attention_mask, position_ids, prefix: FrozenPrefix, logits_to_keep: int = 0
+) -> torch.Tensor:
+    """Logits of blocks ``start..L-1`` on the suffix h (B, T-split, C), attending to a frozen prefix."""
+    split = prefix.length
+    mask = additive_mask(attention_mask, split, attention_mask.shape[1], h.dtype)
+    with blocks_from(model, start) as m:
+        out = m(
+            inputs_embeds=h,
+            attention_mask=mask,
+            position_ids=position_ids[:, split:],
+            past_key_values=prefix if split > 0 else None,
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+        )
+    return out.logits
 
 
 # --------------------------------------------------------------------------- tokenizers

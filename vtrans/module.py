@@ -139,22 +139,30 @@ class LatentLM(L.LightningModule):
             )
         return out.last_hidden_state
 
-    def upper(self, h: torch.Tensor, enc: Encoded, logits_to_keep: int = 0) -> torch.Tensor:
-        """Blocks k+1..L, final norm and unembedding on a (modified) stream h: (B, T, C) -> logits."""
-        with backbones.blocks_from(self.backbone.model, self.layer) as model:
-            out = model(
-                inputs_embeds=h,
-                attention_mask=enc.attention_mask,
-                position_ids=enc.position_ids,
-                use_cache=False,
-                logits_to_keep=logits_to_keep,
-            )
-        return out.logits
+    @torch.no_grad()
+    def prefix(self, h: torch.Tensor, enc: Encoded) -> backbones.FrozenPrefix:
+        """Keys/values of the upper blocks for the positions before every scored one.
 
-    def decode(self, h: torch.Tensor, z: torch.Tensor, enc: Encoded) -> torch.Tensor:
-        """Logits for the target slots given z, (B, N, V): z enters from the scored position on."""
-        n = enc.targets.shape[1]
-        logits = self.upper(self.latent.inject(h, z, enc.after_scored), enc, logits_to_keep=n + 1)
+        z enters at the scored position and after, so nothing before it depends on z: these
+        positions run once, without autograd, and every sample of z reuses them.
+        """
+        split = int(enc.scored.min())
+        return backbones.upper_prefix(self.backbone.model, self.layer, h, enc.attention_mask, enc.position_ids, split)
+
+    def decode(
+        self, h: torch.Tensor, z: torch.Tensor, enc: Encoded, prefix: backbones.FrozenPrefix | None = None
+    ) -> torch.Tensor:
+        """Logits for the target slots given z, (B, N, V): z enters from the scored position on.
+
+        Only the suffix (the scored position and the target tokens) runs through the upper blocks
+        with z; the prefix comes from ``prefix`` (computed here when not given).
+        """
+        prefix = self.prefix(h, enc) if prefix is None else prefix
+        split, n = prefix.length, enc.targets.shape[1]
+        suffix = self.latent.inject(h[:, split:], z, enc.after_scored[:, split:])  # (B, T-split, C)
+        logits = backbones.upper_suffix(
+            self.backbone.model, self.layer, suffix, enc.attention_mask, enc.position_ids, prefix, logits_to_keep=n + 1
+        )
         return tokens.slot_positions(logits, enc)  # (B, N, V)
 
     def states(self, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +188,9 @@ class LatentLM(L.LightningModule):
         h = self.lower(enc)  # (B, T, C)
         q_loc, q_scale, p_loc, p_scale = self.distributions(h, enc)
         beta = self.current_beta()
+        prefix = self.prefix(h, enc)  # shared by every particle
         inputs = ELBOInputs(
-            q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc), enc.targets, enc.target_mask, beta
+            q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
         )
         n_items = enc.targets.shape[0]
         neg_elbo_beta = self.loss_fn(inputs) / n_items  # NLL + β·KL, per item

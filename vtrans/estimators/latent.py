@@ -45,12 +45,15 @@ def scores(module, enc: Encoded, samples: int = 32, seed: int = 0, chunk: int = 
     generator = torch.Generator(device=loc.device).manual_seed(seed)
     eps = torch.randn((loc.shape[0], samples, loc.shape[1]), generator=generator, device=loc.device)
     z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
-    rep = enc.repeat(samples)
-    h_rep = h.repeat_interleave(samples, 0)  # (B*S, T, C)
+    prefix = module.prefix(h, enc)  # the upper blocks before the scored positions, once for all samples
     logits = []
-    for start in range(0, z.shape[0], chunk):
-        part = rep.slice(start, start + chunk)
-        slot_logits = module.decode(h_rep[start : start + chunk], z[start : start + chunk], part)  # (b, N, V)
+    items_per_chunk = max(1, chunk // samples)
+    for start in range(0, loc.shape[0], items_per_chunk):
+        stop = min(start + items_per_chunk, loc.shape[0])
+        part = enc.slice(start, stop).repeat(samples)
+        part_prefix = prefix.rows(start, stop).repeat(samples)
+        h_part = h[start:stop].repeat_interleave(samples, 0)  # (b*S, T, C)
+        slot_logits = module.decode(h_part, z[start * samples : stop * samples], part, part_prefix)  # (b*S, N, V)
         logits.append(first_slot_logits(slot_logits, part).float())
     logits = torch.cat(logits).view(loc.shape[0], samples, -1)  # (B, S, V)
     y = first_slot_logits(enc.targets.unsqueeze(-1), enc).squeeze(-1)  # (B,) ŷ
