@@ -37,6 +37,19 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FINGERPRINT_IGNORES = (
+    "_name_or_path",
+    "_commit_hash",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_cache",
+)
 
 
 class BackboneError(UserError, RuntimeError):
@@ -48,7 +61,10 @@ class BackboneError(UserError, RuntimeError):
 
 def family(model: nn.Module) -> str:
     """The architecture family of a Hugging Face causal LM: ``"gpt2"`` or ``"llama"``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _family_of(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def _family_of(model_type: str | None) -> str:
     if model_type in GPT2_FAMILY:
         return "gpt2"
     if model_type in LLAMA_FAMILY:
@@ -347,7 +363,16 @@ def _load_smollm2(dtype: torch.dtype, attn: str):
 def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise BackboneError(f"{folder}/config.json is not a readable model config: {err}") from None
+    _family_of(model_type)  # an unsupported architecture fails before its weights are read
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    except OSError as err:  # e.g. no weights file beside config.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"cannot load the model in {folder}: {first}") from None
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
     if has_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -476,10 +501,15 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def fingerprint(self) -> str:
-        """A short hash of the config and of a sample of every weight tensor."""
+        """A short hash of the config and of a sample of every weight tensor.
+
+        Config entries that say where the model came from or how it is run, not what it
+        computes, are left out: ``save_pretrained`` writes ``architectures`` into the config of
+        the model it saves, and the same weights loaded from that folder must match.
+        """
         digest = hashlib.sha256()
         config = self.model.config.to_dict()
-        for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation"):
+        for key in FINGERPRINT_IGNORES:
             config.pop(key, None)
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for key, tensor in sorted(self.model.state_dict().items()):

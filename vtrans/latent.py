@@ -7,6 +7,7 @@ residual-stream states of width ``d_model`` and writes ``proj(z)`` back into the
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -26,7 +27,8 @@ class GaussianHead(nn.Module):
         self.min_scale = min_scale
         nn.init.zeros_(self.net[-1].weight)
         nn.init.constant_(self.net[-1].bias[:d_z], 0.0)  # loc 0
-        nn.init.constant_(self.net[-1].bias[d_z:], 0.5413)  # softplus(0.5413) = 1: start at N(0, I)
+        # softplus(b) + min_scale = 1 exactly: an untrained head is N(0, I), its KL to N(0, I) is 0
+        nn.init.constant_(self.net[-1].bias[d_z:], math.log(math.expm1(1.0 - min_scale)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw = self.net(self.norm(x.float())).chunk(2, dim=-1)  # (B, d_z) each

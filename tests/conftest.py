@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random backbones of both families and one tiny trained checkpoint.
+
+Everything is offline and small. Session-scoped backbones are shared between tests: never
+leave them changed (hooks, dropout, swapped blocks); use the context managers that restore.
+
+Fixtures:
+    tiny_gpt2, tiny_llama: ``vtrans.backbones.Backbone`` (4 blocks, d=64, GPT-2 tokenizer).
+    tiny_backbone: parametrised over both families.
+    run_train: ``run_train(*args, cwd=DIR)`` runs ``python train.py ARGS`` in a subprocess.
+    tiny_fit: the result of ``train.py fit --config configs/tiny.yaml`` for one epoch in a
+        temporary folder (``.root``, ``.ckpt``, ``.metrics``, ``.proc``).
+    tiny_ckpt: the ``last.ckpt`` that fit wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vtrans.backbones import Backbone
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TRAIN_PY = REPO / "train.py"
+
+
+def offline_env() -> dict[str, str]:
+    """The environment for subprocesses: no network, no Hugging Face telemetry."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TRAIN_PY), *map(str, args)],
+        cwd=cwd,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def run_train():
+    """``run_train(*args, cwd=DIR)``: ``python train.py ARGS`` in DIR, output captured."""
+    return _run_train
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2() -> Backbone:
+    return Backbone("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Backbone:
+    return Backbone("tiny-llama")
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def tiny_backbone(request) -> Backbone:
+    return request.getfixturevalue(request.param.replace("-", "_"))
+
+
+@dataclass
+class FitRun:
+    """A finished ``train.py fit`` run in its own folder."""
+
+    root: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "checkpoints" / "tiny" / "last.ckpt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "runs" / "tiny" / "version_0" / "metrics.csv"
+
+    def describe(self) -> str:
+        return f"exit code {self.proc.returncode}\n--- stderr (tail) ---\n{self.proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_fit(tmp_path_factory) -> FitRun:
+    """``train.py fit --config configs/tiny.yaml`` for one epoch; relative output paths land in root."""
+    root = tmp_path_factory.mktemp("tiny_fit")
+    proc = _run_train(
+        "fit",
+        "--config",
+        CONFIGS / "tiny.yaml",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        cwd=root,
+    )
+    return FitRun(root, proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_fit) -> Path:
+    """A checkpoint of a tiny latent (tiny-gpt2, conditional prior, d_z=8) after one epoch."""
+    if not tiny_fit.ckpt.is_file():
+        pytest.fail(f"the tiny fit wrote no checkpoint: {tiny_fit.describe()}")
+    return tiny_fit.ckpt

@@ -1,0 +1,235 @@
+"""``python train.py``: a tiny fit end to end, what its checkpoint holds, reload, configs, user errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, offline_env
+
+from vtrans import checkpoint
+from vtrans.backbones import Backbone
+from vtrans.cli import train_main
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI(args=...) warns when sys.argv also holds arguments (pytest's own)."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+PROMPTS = ["Complete the idiom: a piece of", "Complete the idiom: once in a blue"]
+TARGETS = ["cake", "moon"]
+
+
+# --------------------------------------------------------------------------- the tiny fit
+
+
+def test_tiny_fit_runs_and_writes_checkpoint_and_metrics(tiny_fit):
+    assert tiny_fit.proc.returncode == 0, tiny_fit.describe()
+    assert "Traceback" not in tiny_fit.proc.stderr
+    assert tiny_fit.ckpt.is_file()
+    assert tiny_fit.ckpt.stat().st_size < 1_000_000  # the latent only, no copy of the backbone
+    with tiny_fit.metrics.open() as f:
+        rows = list(csv.DictReader(f))
+    for column in ("val/elbo", "val/kl_item", "val/active_units", "val/nll", "train/loss_step"):
+        assert column in rows[0], f"metrics.csv lacks {column}"
+    val = [r for r in rows if r["val/elbo"]]
+    assert len(val) == 1  # one epoch, one validation
+    elbo, kl_item, active = (float(val[0][k]) for k in ("val/elbo", "val/kl_item", "val/active_units"))
+    assert math.isfinite(elbo) and elbo < 0
+    assert kl_item >= 0 and 0 <= active <= 8 and active == int(active)
+
+
+def test_checkpoint_holds_the_latent_only(tiny_ckpt, tiny_gpt2):
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    assert not any(k.startswith("backbone") for k in state)
+    latent_keys = [k for k in state if k.startswith("latent.")]
+    assert latent_keys == list(state)  # nothing else with weights either
+    assert {k.split(".")[1] for k in latent_keys} == {"posterior_head", "prior_head", "proj"}
+    (group,) = ckpt["optimizer_states"][0]["param_groups"]
+    assert len(group["params"]) == len(latent_keys)  # the optimizer held exactly the latent's tensors
+    record = ckpt["vtrans"]
+    assert record["backbone"] == {"name": "tiny-gpt2", "dtype": "float32", "attn_implementation": "eager"}
+    assert record["fingerprint"] == tiny_gpt2.fingerprint()
+    hp = ckpt["hyper_parameters"]
+    assert (hp["layer"], hp["d_z"], hp["prior"], hp["hidden"]) == (2, 8, "conditional", 32)
+    assert "backbone" not in hp
+    assert state["latent.proj.weight"].abs().sum() > 0  # one epoch moved the injection off zero
+
+
+RELOAD = textwrap.dedent(
+    """
+    import sys, torch
+    from vtrans import checkpoint
+    module = checkpoint.load(sys.argv[1])
+    prompts, targets, out = sys.argv[3].split("|"), sys.argv[4].split("|"), sys.argv[2]
+    enc = module.encode(prompts, module.target_ids(targets))
+    z = torch.randn(len(prompts), module.hparams.d_z, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = module.decode(module.lower(enc), z, enc)
+    torch.save({"logits": logits, "z": z}, out)
+    """
+)
+
+
+def test_reload_in_a_fresh_process_reproduces_the_logits(tiny_ckpt, tmp_path):
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tiny_ckpt), str(out), "|".join(PROMPTS), "|".join(TARGETS)],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = torch.load(out, weights_only=True)
+
+    module = checkpoint.load(tiny_ckpt)
+    saved = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in module.state_dict().items():
+        if key in saved:
+            torch.testing.assert_close(value, saved[key], atol=0, rtol=0)
+    assert not module.training
+    enc = module.encode(PROMPTS, module.target_ids(TARGETS))
+    with torch.no_grad():
+        h = module.lower(enc)
+        logits = module.decode(h, fresh["z"], enc)
+        other = module.decode(h, fresh["z"] + 1.0, enc)
+    torch.testing.assert_close(fresh["logits"], logits, atol=0, rtol=0)
+    assert (other - logits).abs().max() > 0  # the trained latent is not a no-op: z matters
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _print_config(path, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["fit", "--config", str(path), "--print_config"])
+    out = capsys.readouterr()
+    assert exit_.value.code in (0, None), out.err[-2000:]
+    return yaml.safe_load(out.out)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(path, capsys):
+    """``--print_config`` parses and validates the YAML without building the model (offline-safe)."""
+    config = _print_config(path, capsys)
+    backbone = config["model"]["backbone"]
+    assert backbone["class_path"] == "vtrans.backbones.Backbone"
+    assert backbone["init_args"]["name"]
+    assert config["data"]["data"]
+
+
+def test_gpt2_xl_config_is_the_papers_setting(capsys):
+    config = _print_config(CONFIGS / "gpt2-xl.yaml", capsys)
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone == {"name": "gpt2-xl", "dtype": "bfloat16", "attn_implementation": "sdpa"}
+    assert config["model"]["layer"] == 24  # the middle of GPT-2 XL's 48 blocks
+    trainer = config["trainer"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", 1, "bf16-mixed")
+
+
+def test_a_misspelled_config_key_is_refused(tmp_path, capsys):
+    bad = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    bad["model"]["d_zz"] = bad["model"].pop("d_z")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["fit", "--config", str(path), "--print_config"])
+    assert exit_.value.code not in (0, None)
+    assert "d_zz" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def _bad_line_file(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("a piece of cake\noneword\n")
+    return f"txt:{path}"
+
+
+USER_ERRORS = {
+    "unknown-model": (["--model.backbone.init_args.name", "nope-model"], "unknown model or missing folder 'nope-model'"),
+    "missing-file": (["--data.data", "txt:/nonexistent/idioms.txt"], "/nonexistent/idioms.txt"),
+    "malformed-line": (["--data.data", _bad_line_file], ":2:"),
+    "d_z-zero": (["--model.d_z", "0"], "d_z must be >= 1, got 0"),
+    "layer-out-of-range": (["--model.layer", "99"], "layer must be in 1..3, got 99"),
+}
+
+
+def _stderr_contract(err: str, expected: str) -> None:
+    """One ``error:`` line, the last on stderr, naming the problem; no traceback."""
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, err[-2000:]
+    assert err.strip().splitlines()[-1] == error_lines[0]
+    assert expected in error_lines[0]
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch, capsys):
+    args, expected = USER_ERRORS[case]
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    monkeypatch.chdir(tmp_path)  # tiny.yaml writes runs/ and checkpoints/ relative to here
+    with pytest.raises(SystemExit) as exit_:
+        train_main(
+            ["fit", "--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_epochs", "1"]
+            + ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *args]
+        )
+    assert exit_.value.code == 2
+    _stderr_contract(capsys.readouterr().err, expected)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_user_error_in_a_real_process(run_train, tmp_path):
+    proc = run_train("fit", "--config", CONFIGS / "tiny.yaml", "--model.backbone.init_args.name", "nope", cwd=tmp_path)
+    assert proc.returncode == 2
+    _stderr_contract(proc.stderr, "unknown model or missing folder 'nope'")
+
+
+# --------------------------------------------------------------------------- bf16
+
+
+def _bf16_fit_step(accelerator: str, tmp_path) -> None:
+    import lightning as L
+
+    from vtrans.data import IdiomDataModule
+    from vtrans.module import LatentLM
+
+    L.seed_everything(0)
+    backbone = Backbone("tiny-gpt2", dtype="bfloat16", attn_implementation="sdpa")
+    module = LatentLM(backbone, d_z=4, hidden=16, lr=1e-2)
+    before = module.latent.proj.weight.detach().clone()
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, IdiomDataModule(batch_size=4, max_items=8))
+    loss = trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss), loss
+    assert module.backbone.model.lm_head.weight.dtype == torch.bfloat16
+    assert not torch.equal(module.latent.proj.weight.detach().cpu(), before)  # it trained
+    assert all(p.dtype == torch.float32 for p in module.latent.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_bf16_fit_step_on_gpu(tmp_path):
+    _bf16_fit_step("gpu", tmp_path)
