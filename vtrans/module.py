@@ -218,7 +218,15 @@ class LatentLM(L.LightningModule):
             metric = self.means[f"{stage}_{name}"]
             metric.update(value.detach(), weight=n_items)
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n_items)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n_items)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=n_items,
+            sync_dist=True,
+        )
         if stage == "train":
             self.log("train/beta", beta, on_step=True, on_epoch=False)
         return loss
@@ -238,10 +246,10 @@ class LatentLM(L.LightningModule):
             return
         values = stats.compute()
         kl_dim = values.pop("kl_dim")
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
         if stage != "train":
-            self.log(f"{stage}/kl_item", kl_dim.sum(), prog_bar=True)
-            self.log("val_kl_item" if stage == "val" else "test_kl_item", kl_dim.sum())
+            self.log(f"{stage}/kl_item", kl_dim.sum(), prog_bar=True, sync_dist=True)
+            self.log(f"{stage}_kl_item", kl_dim.sum(), sync_dist=True)  # a name usable in checkpoint file names
         stats.reset()
 
     def on_train_epoch_end(self) -> None:
