@@ -23,6 +23,7 @@ trainer:
   devices: 2
   strategy: ddp
   max_epochs: 2
+  default_root_dir: {tmp_path}
   logger: false
   enable_progress_bar: false
   callbacks:
