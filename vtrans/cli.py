@@ -128,6 +128,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     results = evaluate(
         config, args.out, ckpt=args.ckpt, model=args.model, device=resolve_device(args.device), progress=not args.quiet
     )
+    reasons: dict[str, list[str]] = {}
+    for name, why in results.get("dropped", {}).items():
+        reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        print(f"warning: not run: {', '.join(names)}: {why}", file=sys.stderr)
     print(format_table(results))
     print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots")
 

@@ -27,9 +27,14 @@ from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.registry import FAMILIES, NAMES, NEEDS_LATENT, family_of
 from vtrans.generate import Completion, complete, is_correct
-from vtrans.tokens import encode, target_ids
+from vtrans.tokens import encode, slot_positions, target_ids
 
 SINGLE_PASS_FAMILIES = ("baselines", "attention", "lens")
+PROBE_FAMILIES = (*SINGLE_PASS_FAMILIES, "latent")  # the families of the probe's features (latent: encoders only)
+
+
+class ProbeUnfittable(ValueError):
+    """The probe has nothing to learn from: no training items, or all of one class."""
 
 
 @dataclass
@@ -116,9 +121,10 @@ class Harness:
         self.progress = progress
 
     def families(self, names: list[str]) -> list[str]:
+        """The estimator families that ``names`` need, in registry order (the probe needs its features')."""
         wanted = {family_of(n) for n in names}
         if "probe" in wanted:
-            wanted |= set(SINGLE_PASS_FAMILIES)
+            wanted |= set(PROBE_FAMILIES)
         if self.module is None:
             wanted.discard("latent")
         return [f for f in FAMILIES if f in wanted and f != "probe"]
@@ -148,7 +154,9 @@ class Harness:
             tgt = [list(c.word_ids) if cfg.aggregate != "first" else [c.first_token] for c in chunk]
             yield start, encode(self.tokenizer, prompts[start : start + cfg.batch_size], tgt, self.device)
 
-    def _family_fn(self, family: str, gold: list[int] | None) -> Callable:
+    def _family_fn(self, family: str, gold: list[int] | None, names: list[str] | None = None) -> Callable:
+        """``fn(enc, items_slice) -> {name: tensor}`` for one family; ``names`` (default: all) may spare
+        work no asked-for estimator needs (the z samples of ``latent_mi``)."""
         cfg = self.config
         if family == "baselines":
             return lambda enc, sl: baselines.scores(self.model, enc, cfg.aggregate)
@@ -161,7 +169,8 @@ class Harness:
         if family == "mc_dropout":
             return lambda enc, sl: mc_dropout.scores(self.model, enc, cfg.passes, cfg.dropout)
         if family == "latent":
-            return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed)
+            mi = names is None or "latent_mi" in names
+            return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed, mi=mi)
         raise KeyError(family)
 
     @torch.no_grad()
@@ -173,17 +182,23 @@ class Harness:
         _sync(self.device)
         return time.perf_counter() - start
 
-    def score(self, items: list[IdiomItem], names: list[str], gold: bool = True) -> Scored:
-        cfg = self.config
-        prompts = [render_prompt(cfg.template, it.prefix) for it in items]
+    def label(self, items: list[IdiomItem]) -> tuple[list[str], list[Completion], list[bool]]:
+        """Prompts, the base model's completions and whether each is correct."""
+        prompts = [render_prompt(self.config.template, it.prefix) for it in items]
         completions = self.complete(prompts)
         correct = [is_correct(c, it.target) for c, it in zip(completions, items, strict=True)]
+        return prompts, completions, correct
+
+    def score(self, items: list[IdiomItem], names: list[str], gold: bool = True) -> Scored:
+        """Completions, labels and the scores of every family ``names`` need, each family timed on its own."""
+        cfg = self.config
+        prompts, completions, correct = self.label(items)
         gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, [it.target for it in items])]
         seconds = {"forward": self.plain_forward_seconds(prompts, completions)}
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         torch.manual_seed(cfg.seed)
         for family in self.families(names):
-            fn = self._family_fn(family, gold_ids if gold else None)
+            fn = self._family_fn(family, gold_ids if gold else None, names)
             start = time.perf_counter()
             with self._bar(len(prompts), family) as bar:
                 for first, enc in self._encoded_batches(prompts, completions):
@@ -196,6 +211,40 @@ class Harness:
         lens_by_layer = tensors.pop("lens_ce_by_layer", None)
         lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
         return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
+
+    @torch.no_grad()
+    def probe_features(self, prompts: list[str], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:
+        """The probe's (n, F) features and their names, at the least cost (nothing here is timed).
+
+        One forward per batch gives logits, hidden states and attention weights, so the three
+        single-pass families cost one forward instead of three; the latent runs its encoders only
+        (no z samples: ``latent_mi`` is not a feature). Needs eager attention.
+        """
+        cfg = self.config
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        with self._bar(len(prompts), "probe features") as bar:
+            for _, enc in self._encoded_batches(prompts, completions):
+                out = self.model(
+                    input_ids=enc.input_ids,
+                    attention_mask=enc.attention_mask,
+                    position_ids=enc.position_ids,
+                    output_hidden_states=True,
+                    output_attentions=True,
+                    use_cache=False,
+                    logits_to_keep=enc.targets.shape[1] + 1,
+                )
+                parts = {
+                    **baselines.from_logits(slot_positions(out.logits, enc), enc, cfg.aggregate),
+                    **attention.from_attentions(out.attentions, enc),
+                    **lens.from_hidden_states(self.model, out.hidden_states, enc, cfg.aggregate),
+                }
+                if self.module is not None:
+                    parts.update(latent_estimators.scores(self.module, enc, mi=False))
+                for key, value in parts.items():
+                    collected[key].append(value.float().cpu())
+                bar.update(enc.input_ids.shape[0])
+        tensors = {k: torch.cat(v) for k, v in collected.items()}
+        return probe.features(tensors, tensors.pop("lens_ce_by_layer"))
 
 
 def _sync(device: torch.device) -> None:
@@ -214,11 +263,23 @@ def _costs(scored: Scored, names: list[str], probe_families: list[str]) -> dict[
 
 
 def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored) -> torch.Tensor:
-    """Probe scores for the evaluated items, from a probe fitted on ``train_items`` only."""
-    names = [n for n in NAMES if family_of(n) in SINGLE_PASS_FAMILIES or n in ("posterior_var", "latent_kl")]
-    train = harness.score(train_items, names, gold=False)
-    errors = torch.tensor([not c for c in train.correct], dtype=torch.float32)
-    x_train, feature_names = probe.features(train.scores, train.lens_by_layer)
+    """Probe scores for the evaluated items, from a probe fitted on ``train_items`` only.
+
+    The training items are completed and labelled first; their features are computed only when
+    both classes are present.
+
+    Raises:
+        ProbeUnfittable: the base model's completions of the training items are all right or all wrong.
+    """
+    prompts, completions, correct = harness.label(train_items)
+    n_right = sum(correct)
+    if n_right in (0, len(correct)):
+        raise ProbeUnfittable(
+            f"the base model completes {n_right} of its {len(correct)} training items correctly: "
+            "a probe needs both right and wrong ones"
+        )
+    x_train, feature_names = harness.probe_features(prompts, completions)
+    errors = torch.tensor([not c for c in correct], dtype=torch.float32)
     fitted = probe.fit(x_train, errors, feature_names)
     x_eval, eval_names = probe.features(evaluated.scores, evaluated.lens_by_layer)
     if eval_names != feature_names:
@@ -227,12 +288,14 @@ def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored)
 
 
 def probe_train_items(config: EvalConfig) -> list[IdiomItem] | None:
-    """The items the probe may learn from: the train split of the same data, never the evaluated one."""
-    _, spec_split = parse_spec(config.data)
-    split = spec_split or config.split
+    """The items the probe may learn from: the train split of the same data, never the evaluated one.
+
+    None when the evaluated items are the train split (or all items): nothing is left to learn from.
+    """
+    kind, arg = parse_spec(config.data)
+    split = (arg if kind == "builtin" else None) or config.split  # a file spec's arg is its path
     if split in ("train", "all"):
         return None
-    kind, _ = parse_spec(config.data)
     return load_split("builtin" if kind == "builtin" else config.data, "train")
 
 
@@ -260,21 +323,29 @@ def evaluate(
         model_name = backbone.name
     else:
         module, backbone, model_name = None, Backbone(model).to(device), model
-    names = [n for n in config.estimators if module is not None or n not in NEEDS_LATENT]
-    if module is not None and module.latent.prior != "conditional":
-        names = [n for n in names if n != "latent_kl"]
+    dropped: dict[str, str] = {}  # estimators asked for but not run, and why
+    for name in config.estimators:
+        if module is None and name in NEEDS_LATENT:
+            dropped[name] = "needs a trained latent (--ckpt)"
+        elif module is not None and name == "latent_kl" and module.latent.prior != "conditional":
+            dropped[name] = "needs a latent trained with prior: conditional"
+    names = [n for n in config.estimators if n not in dropped]
     harness = Harness(backbone, module, config, progress)
     with _eager_attention(backbone.model, "attention_entropy" in names or "probe" in names):
-        scored = harness.score(items, names)
-        probe_families = list(SINGLE_PASS_FAMILIES) + (["latent"] if module is not None else [])
+        # the lens always runs: every row of scores.jsonl carries its trajectory (one forward)
+        scored = harness.score(items, names if "lens_ce" in names else [*names, "lens_ce"])
+        probe_families = [f for f in PROBE_FAMILIES if f != "latent" or module is not None]
         if "probe" in names:
-            train_items = probe_train_items(config)
-            if train_items is None:
-                names.remove("probe")
-            else:
-                start = time.perf_counter()
+            start = time.perf_counter()
+            try:
+                train_items = probe_train_items(config)
+                if train_items is None:
+                    raise ProbeUnfittable("the evaluated items include the train split: none are left to fit it on")
                 scored.scores["probe"] = fit_probe(harness, train_items, scored)
-                scored.seconds["probe_fit"] = time.perf_counter() - start
+            except ProbeUnfittable as err:
+                names.remove("probe")
+                dropped["probe"] = f"cannot be fitted: {err}"
+            scored.seconds["probe_fit"] = time.perf_counter() - start
     rows = _rows(scored, names)
     costs = _costs(scored, names, probe_families)
     extra = {
@@ -282,6 +353,7 @@ def evaluate(
         "ckpt": ckpt,
         "latent": None if module is None else dict(module.hparams),
         "seconds": scored.seconds,
+        "dropped": dropped,
     }
     results = report.build_results(model_name, rows, costs, n_boot=config.n_boot, seed=config.seed, extra=extra)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,13 @@ def scores(model, enc: Encoded) -> dict[str, torch.Tensor]:
         use_cache=False,
         logits_to_keep=1,
     )
-    if not out.attentions or out.attentions[0] is None:
+    return from_attentions(out.attentions, enc)
+
+
+def from_attentions(attentions: tuple[torch.Tensor, ...] | None, enc: Encoded) -> dict[str, torch.Tensor]:
+    """:func:`scores` from the attention weights (each (B, H, T, T)) of a forward already run."""
+    if not attentions or attentions[0] is None:
         raise RuntimeError("the model returned no attention weights: load it with attn_implementation='eager'")
     rows = torch.arange(enc.input_ids.shape[0], device=enc.input_ids.device)
-    per_layer = [entropy_of_probs(a[rows, :, enc.scored].float()).mean(-1) for a in out.attentions]  # (B,) each
+    per_layer = [entropy_of_probs(a[rows, :, enc.scored].float()).mean(-1) for a in attentions]  # (B,) each
     return {"attention_entropy": torch.stack(per_layer, 1).mean(1)}

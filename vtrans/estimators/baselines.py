@@ -23,6 +23,11 @@ def forward_logits(model, enc: Encoded) -> torch.Tensor:
 
 @torch.no_grad()
 def scores(model, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
-    logits = forward_logits(model, enc).float()  # (B, N, V)
+    return from_logits(forward_logits(model, enc), enc, how)
+
+
+def from_logits(logits: torch.Tensor, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
+    """:func:`scores` from slot logits (B, N, V) already computed."""
+    logits = logits.float()
     p_y = torch.softmax(logits, -1).gather(-1, enc.targets.unsqueeze(-1)).squeeze(-1)  # (B, N)
     return {"msp": aggregate(1 - p_y, enc, how), "entropy": aggregate(entropy(logits), enc, how)}

@@ -32,16 +32,32 @@ def first_slot_logits(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scores(module, enc: Encoded, samples: int = 32, seed: int = 0, chunk: int = 512) -> dict[str, torch.Tensor]:
+def scores(
+    module, enc: Encoded, samples: int = 32, seed: int = 0, chunk: int = 512, mi: bool = True
+) -> dict[str, torch.Tensor]:
     """All latent estimators for a batch whose targets are the base model's completion tokens.
 
     Attention is causal, so the states and logits at the scored position do not depend on the
     completion tokens that follow it: one pass through the lower blocks serves the prompt-only
     estimators and ``latent_kl`` (which reads the state of the last completion token).
+
+    Args:
+        mi: compute ``latent_mi`` (S passes of the upper blocks); ``False`` leaves out the
+            sampling and gives only the encoders' estimators (the probe's features).
     """
     h = module.lower(enc)  # (B, T, C), computed once for every sample
     loc, scale = inference_distribution(module, h, enc)
     result = {"posterior_var": scale.pow(2).mean(-1)}
+    if mi:
+        result["latent_mi"] = _mutual_information(module, h, enc, loc, scale, samples, seed, chunk)
+    if module.latent.prior == "conditional":
+        q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
+        result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
+    return result
+
+
+def _mutual_information(module, h, enc: Encoded, loc, scale, samples: int, seed: int, chunk: int) -> torch.Tensor:
+    """BALD over S samples of z ~ N(loc, scale²), (B,)."""
     generator = torch.Generator(device=loc.device).manual_seed(seed)
     eps = torch.randn((loc.shape[0], samples, loc.shape[1]), generator=generator, device=loc.device)
     z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
@@ -57,8 +73,4 @@ def scores(module, enc: Encoded, samples: int = 32, seed: int = 0, chunk: int = 
         logits.append(first_slot_logits(slot_logits, part).float())
     logits = torch.cat(logits).view(loc.shape[0], samples, -1)  # (B, S, V)
     y = first_slot_logits(enc.targets.unsqueeze(-1), enc).squeeze(-1)  # (B,) ŷ
-    result["latent_mi"] = predictive_stats(logits, y)["mi"]
-    if module.latent.prior == "conditional":
-        q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
-        result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
-    return result
+    return predictive_stats(logits, y)["mi"]

@@ -1,0 +1,397 @@
+"""``vtrans evaluate``: the contract's files, the probe's data, the failure paths.
+
+A random tiny model almost never completes an idiom, so one data file here is made of
+idioms whose last word *is* the tiny model's own greedy completion for half of the items:
+both classes exist, AUROC is defined and the probe can be fitted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+
+import vtrans.evaluate as evaluate_module
+from vtrans.backbones import Backbone
+from vtrans.cli import main
+from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
+from vtrans.evaluate import EvalConfig, Harness, probe_train_items
+from vtrans.generate import complete
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}
+METRIC_KEYS = {"auroc", "auroc_ci", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds"}
+SINGLE_AND_DROPOUT = [
+    "msp",
+    "entropy",
+    "lens_ce",
+    "lens_area",
+    "attention_entropy",
+    "mc_dropout_var",
+    "mc_dropout_entropy",
+    "mc_dropout_mi",
+]
+N_LAYERS = 4  # tiny-gpt2
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> Backbone:
+    backbone = Backbone("tiny-gpt2")
+    assert backbone.model.config.n_layer == N_LAYERS
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def idiom_files(gpt2, tmp_path_factory) -> dict:
+    """Two txt data files built from the tiny model's own greedy completions.
+
+    ``mixed``: idioms that end with the model's completion word (correct) and idioms that end
+    with their real last word (wrong), chosen so that the test split holds 6 of each and the
+    train split 10 of each. ``wrong``: 30 idioms the model completes wrongly.
+    """
+    folder = tmp_path_factory.mktemp("idioms")
+    items = load_split("builtin", "all")[:120]
+    prompts = [render_prompt(DEFAULT_TEMPLATE, it.prefix) for it in items]
+    words = [c.word for c in complete(gpt2.model, gpt2.tokenizer, prompts)]
+    need = {("test", True): 6, ("test", False): 6, ("train", True): 10, ("train", False): 10}
+    mixed, correct, wrong = [], set(), []
+    for item, word in zip(items, words, strict=True):
+        if word == normalize_word(item.target):
+            continue  # the model got a real idiom right: neither file wants it
+        wrong.append(item.idiom)
+        options = [(item.idiom, False)] + ([(f"{item.prefix} {word}", True)] if word else [])
+        for idiom, ok in options:
+            split = next(s for s in ("train", "val", "test") if split_items([split_idiom(idiom)], s))
+            if need.get((split, ok), 0) > 0:
+                need[(split, ok)] -= 1
+                mixed.append(idiom)
+                if ok:
+                    correct.add(idiom)
+                break
+    assert not any(need.values()), f"too few candidate idioms: still needed {need}"
+    (folder / "mixed.txt").write_text("\n".join(mixed) + "\n")
+    (folder / "wrong.txt").write_text("\n".join(wrong[:30]) + "\n")
+    return {"mixed": folder / "mixed.txt", "wrong": folder / "wrong.txt", "correct": correct}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """``train.py fit --config configs/tiny.yaml`` for one epoch, writing into a temporary folder."""
+    root = tmp_path_factory.mktemp("fit")
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(root / "ckpt")
+    for logger in config["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(root / "runs")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(root / "tiny.yaml"),
+         "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    ckpt = root / "ckpt" / "last.ckpt"
+    assert proc.returncode == 0 and ckpt.is_file(), proc.stderr[-3000:]
+    return ckpt
+
+
+def run_cli(args: list[str], capsys) -> tuple[str, str]:
+    main(["evaluate", *map(str, args), "--quiet"])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def read_outputs(out: Path) -> tuple[dict, list[dict], str]:
+    results = json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    return results, rows, (out / "report.md").read_text()
+
+
+def check_contract(out: Path, names: list[str], n: int, model: str = "tiny-gpt2") -> tuple[dict, list[dict]]:
+    """results.json, scores.jsonl, report.md and plots exactly as design.md says."""
+    results, rows, report = read_outputs(out)
+    assert results["model"] == model and results["n"] == n
+    assert len(rows) == n
+    errors = [not r["correct"] for r in rows]
+    assert results["accuracy"] == pytest.approx(1 - sum(errors) / n)
+    assert list(results["estimators"]) == names
+    for name, m in results["estimators"].items():
+        assert METRIC_KEYS <= set(m), name
+        for key in ("auroc", "auprc", "prr", "aurc"):
+            assert m[key] is None or isinstance(m[key], float), (name, key)  # NaN is written as null
+        assert isinstance(m["auroc_ci"], list) and len(m["auroc_ci"]) == 2
+        assert m["cost_forward_equiv"] > 0 and m["seconds"] > 0
+        assert f"| {name} |" in report
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert isinstance(row["correct"], bool)
+        assert list(row["scores"]) == names
+        assert all(isinstance(v, float) and math.isfinite(v) for v in row["scores"].values())
+        assert len(row["lens_ce_by_layer"]) == N_LAYERS + 1
+        assert row["idiom"].endswith(row["target"])
+        assert row["prompt"] == DEFAULT_TEMPLATE.format(prefix=row["idiom"][: -len(row["target"])].strip())
+        assert row["correct"] == (normalize_word(row["target"]) == _first_word(row["completion"]))
+        if "lens_ce" in row["scores"]:
+            assert row["scores"]["lens_ce"] == pytest.approx(row["lens_ce_by_layer"][-1])
+    plots = [line.split("(")[-1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert {"lens_by_layer.png", "histograms.png", "risk_coverage.png"} <= set(plots)
+    if 0 < sum(errors) < n:
+        assert "roc.png" in plots
+    for plot in plots:
+        assert (out / plot).read_bytes().startswith(b"\x89PNG")
+    return results, rows
+
+
+def _first_word(text: str) -> str:
+    from vtrans.data import first_word
+
+    return first_word(text)
+
+
+def auroc_by_hand(scores: list[float], errors: list[bool]) -> float:
+    pos = [s for s, e in zip(scores, errors, strict=True) if e]
+    neg = [s for s, e in zip(scores, errors, strict=True) if not e]
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_evaluate_builtin_writes_the_contract_and_never_reads_the_train_split(tmp_path, capsys, monkeypatch):
+    asked = []
+    real_load_split = evaluate_module.load_split
+
+    def recording_load_split(spec, split=None, *args, **kwargs):
+        asked.append((spec, split))
+        return real_load_split(spec, split, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "load_split", recording_load_split)
+    out = tmp_path / "run"
+    stdout, stderr = run_cli(
+        ["--model", "tiny-gpt2", "--data", "builtin", "--max-items", "12", "--n-boot", "100", "-T", "3", "-S", "3",
+         "--estimators", ",".join(SINGLE_AND_DROPOUT), "--out", out],
+        capsys,
+    )
+    results, rows = check_contract(out, SINGLE_AND_DROPOUT, 12)
+    assert asked == [("builtin", "test")]  # no probe: the train split is never loaded
+    assert results["dropped"] == {}
+    assert "warning" not in stderr
+    assert "lens_ce" in stdout and "results.json" in stdout
+    test_idioms = {it.idiom for it in load_split("builtin", "test")}
+    assert {r["idiom"] for r in rows} <= test_idioms
+    for row in rows:  # msp and lens_ce read the same p(ŷ)
+        assert math.exp(-row["scores"]["lens_ce"]) == pytest.approx(1 - row["scores"]["msp"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, monkeypatch):
+    calls = {"label": 0, "forward": 0, "features": 0}
+
+    def counting(name, method):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Harness, "label", counting("label", Harness.label))
+    monkeypatch.setattr(Harness, "plain_forward_seconds", counting("forward", Harness.plain_forward_seconds))
+    monkeypatch.setattr(Harness, "probe_features", counting("features", Harness.probe_features))
+    names = ["msp", "lens_ce", "mc_dropout_mi", "probe"]
+    out = tmp_path / "run"
+    _, stderr = run_cli(
+        ["--model", "tiny-gpt2", "--data", f"txt:{idiom_files['mixed']}", "--split", "test", "--n-boot", "100",
+         "-T", "2", "--estimators", ",".join([*names, "posterior_var"]), "--out", out],
+        capsys,
+    )
+    test_items = load_split(f"txt:{idiom_files['mixed']}", "test")
+    results, rows = check_contract(out, names, len(test_items))
+    # each split completed once; the plain forward (the unit of cost) only on the evaluated split
+    assert calls == {"label": 2, "forward": 1, "features": 1}
+    assert [r["correct"] for r in rows] == [it.idiom in idiom_files["correct"] for it in test_items]
+    errors = [not r["correct"] for r in rows]
+    for name in names:
+        assert results["estimators"][name]["auroc"] == pytest.approx(
+            auroc_by_hand([r["scores"][name] for r in rows], errors)
+        )
+    assert all(0 <= r["scores"]["probe"] <= 1 for r in rows)
+    assert (out / "roc.png").is_file()
+    # a latent estimator without a latent: not run, said on stderr and in results.json
+    assert results["dropped"] == {"posterior_var": "needs a trained latent (--ckpt)"}
+    assert stderr.count("\n") == 1 and "posterior_var" in stderr and stderr.startswith("warning:")
+
+
+@pytest.mark.slow
+def test_evaluate_latent_checkpoint_with_an_unfittable_probe(tiny_checkpoint, idiom_files, tmp_path, capsys):
+    names = ["posterior_var", "latent_mi", "latent_kl", "lens_ce"]
+    out = tmp_path / "run"
+    _, stderr = run_cli(
+        ["--ckpt", tiny_checkpoint, "--data", f"txt:{idiom_files['wrong']}", "--n-boot", "100", "-S", "3",
+         "--estimators", ",".join([*names, "probe"]), "--out", out],
+        capsys,
+    )
+    results, rows = check_contract(out, names, len(load_split(f"txt:{idiom_files['wrong']}", "test")))
+    n_train = len(load_split(f"txt:{idiom_files['wrong']}", "train"))
+    assert results["dropped"]["probe"].startswith(f"cannot be fitted: the base model completes 0 of its {n_train}")
+    assert "probe" in stderr and stderr.startswith("warning:") and stderr.count("\n") == 1
+    assert results["ckpt"] == str(tiny_checkpoint) and results["latent"]["prior"] == "conditional"
+    assert all(r["scores"]["posterior_var"] > 0 and r["scores"]["latent_kl"] >= 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_evaluate_latent_checkpoint_probe_alone(tiny_checkpoint, idiom_files, tmp_path, capsys):
+    """The probe's features include the latent's even when no latent estimator is asked for."""
+    out = tmp_path / "run"
+    _, stderr = run_cli(
+        ["--ckpt", tiny_checkpoint, "--data", f"txt:{idiom_files['mixed']}", "--n-boot", "100",
+         "--estimators", "probe", "--out", out],
+        capsys,
+    )
+    results, rows = check_contract(out, ["probe"], len(load_split(f"txt:{idiom_files['mixed']}", "test")))
+    assert results["dropped"] == {} and stderr == ""
+    assert "latent" in results["seconds"]  # the encoders ran for the features
+
+
+def test_probe_features_equal_the_families_run_one_by_one(gpt2, idiom_files):
+    """The fused forward of the probe's training split gives the same numbers as the timed families."""
+    from vtrans.estimators import probe
+
+    items = load_split(f"txt:{idiom_files['mixed']}", "all")[:10]
+    harness = Harness(gpt2, None, EvalConfig(batch_size=4, n_boot=100), progress=False)
+    scored = harness.score(items, ["probe"], gold=False)
+    x, names = probe.features(scored.scores, scored.lens_by_layer)
+    fused, fused_names = harness.probe_features(scored.prompts, scored.completions)
+    assert fused_names == names == [f"lens_ce_L{i}" for i in range(N_LAYERS + 1)] + ["entropy", "msp", "attention_entropy"]
+    assert_close(fused, x, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.slow
+def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, monkeypatch):
+    """A latent with the standard prior has no latent_kl: dropped and said so; the others run."""
+    from vtrans import checkpoint
+    from vtrans.evaluate import evaluate
+    from vtrans.module import LatentLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": module)
+    config = EvalConfig(
+        data=f"txt:{idiom_files['mixed']}", estimators=["posterior_var", "latent_mi", "latent_kl"], samples=3, n_boot=100
+    )
+    results = evaluate(config, tmp_path / "run", ckpt="standard.ckpt", progress=False)
+    assert results["dropped"] == {"latent_kl": "needs a latent trained with prior: conditional"}
+    check_contract(tmp_path / "run", ["posterior_var", "latent_mi"], len(load_split(config.data, "test")))
+
+
+@pytest.mark.slow
+def test_probe_on_the_train_split_is_dropped_with_a_reason(idiom_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    _, stderr = run_cli(
+        ["--model", "tiny-gpt2", "--data", f"txt:{idiom_files['mixed']}", "--split", "train", "--max-items", "6",
+         "--n-boot", "100", "--estimators", "msp,probe", "--out", out],
+        capsys,
+    )
+    results, _ = check_contract(out, ["msp"], 6)
+    assert "train split" in results["dropped"]["probe"]
+    assert stderr.startswith("warning: not run: probe: cannot be fitted") and stderr.count("\n") == 1
+
+
+def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
+    from vtrans.estimators import attention
+    from vtrans.evaluate import _eager_attention
+    from vtrans.tokens import encode
+
+    model = gpt2.model
+    enc = encode(gpt2.tokenizer, ["Complete the idiom: a piece of"], [[0]])
+    model.set_attn_implementation("sdpa")
+    try:
+        with _eager_attention(model, True):
+            assert model.config._attn_implementation == "eager"
+            assert torch.isfinite(attention.scores(model, enc)["attention_entropy"]).all()
+        assert model.config._attn_implementation == "sdpa"
+        with pytest.raises(KeyError), _eager_attention(model, True):
+            raise KeyError("inside")
+        assert model.config._attn_implementation == "sdpa"
+    finally:
+        model.set_attn_implementation("eager")
+
+
+# --------------------------------------------------------------------------- the probe's data
+
+
+def test_probe_trains_only_on_the_train_split():
+    idioms = lambda items: {it.idiom for it in items}  # noqa: E731
+    train = idioms(load_split("builtin", "train"))
+    for data, split in (("builtin", "test"), ("builtin:test", "train"), ("builtin", "val"), ("builtin:val", "all")):
+        got = probe_train_items(EvalConfig(data=data, split=split))
+        assert idioms(got) == train
+        assert not idioms(got) & idioms(load_split(data, split))
+    for data, split in (("builtin:train", "test"), ("builtin", "train"), ("builtin:all", "test"), ("builtin", "all")):
+        assert probe_train_items(EvalConfig(data=data, split=split)) is None
+
+
+def test_probe_train_items_of_a_data_file(idiom_files):
+    spec = f"txt:{idiom_files['mixed']}"
+    got = probe_train_items(EvalConfig(data=spec, split="test"))
+    assert {it.idiom for it in got} == {it.idiom for it in load_split(spec, "train")}
+    assert not {it.idiom for it in got} & {it.idiom for it in load_split(spec, "test")}
+    # a file spec's argument is a path, not a split: evaluating its train split leaves nothing to learn from
+    assert probe_train_items(EvalConfig(data=spec, split="train")) is None
+    assert probe_train_items(EvalConfig(data=spec, split="all")) is None
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--estimators", "msp,bogus"], "unknown estimator(s) bogus"),
+        (["--data", "txt:/no/such/idioms.txt"], "/no/such/idioms.txt"),
+        (["--template", "Finish this idiom:"], "{prefix}"),
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--model", "nobody/no-such-model"], "not available offline"),
+        (["--ckpt", "/no/such/model.ckpt"], "checkpoint not found"),
+        (["--max-items", "0"], "max_items must be >= 1"),
+        (["--max-items", "1"], "need at least 2"),
+        (["--n-boot", "10"], "n_boot must be >= 100"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--out", str(tmp_path / "run"), "--quiet", "--model", "tiny-gpt2", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
+    script = Path(sys.executable).with_name("vtrans")  # the installed console script
+    assert script.is_file(), "vtrans is not installed in this environment: pip install -e ."
+    proc = subprocess.run(
+        [str(script), "evaluate", "--out", str(tmp_path), "--estimators", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: unknown estimator(s) nope") and proc.stderr.count("\n") == 1, proc.stderr
