@@ -1,7 +1,10 @@
 """Loading a trained latent back, safely.
 
-A checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain containers only,
-so a file crafted to run code when unpickled is refused and nothing in it runs. The checkpoint
+A checkpoint must be the zip archive that ``torch.save`` writes (the legacy pickle-stream format,
+where ``weights_only`` has had holes, is refused unread), every member must pass its CRC check
+(``torch.load`` checks none: a damaged file would load with wrong weights), and it is read with
+``torch.load(weights_only=True)``: tensors and plain containers only, so a file crafted to run
+code when unpickled is refused and nothing in it runs. The checkpoint
 names its backbone (spec and fingerprint); the backbone is loaded from that spec, or checked
 against the one given, and a mismatch is refused with both named.
 """
@@ -9,6 +12,8 @@ against the one given, and a mismatch is refused with both named.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -22,44 +27,114 @@ class CheckpointError(UserError):
     """A file that is missing, truncated, unsafe, or not a vtrans checkpoint."""
 
 
+_UNSAFE = re.compile(r"Unsupported (?:global: GLOBAL \S+|operand \S+|class \S+)|Trying to load unsupported type \S+")
+BACKBONE_KEYS = ("name", "dtype", "attn_implementation")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def read(path: str | Path) -> dict:
-    """The checkpoint's contents as plain data; never executes code from the file."""
+    """The checkpoint's contents as plain data; never executes code from the file.
+
+    Only the zip format that ``torch.save`` writes is accepted (the legacy pickle-stream format is
+    refused before anything in it is read), its members must pass their CRC checks, and the zip's
+    pickle is read by ``torch.load(weights_only=True)``, which builds tensors and plain containers only.
+
+    Raises:
+        CheckpointError: a missing, empty, truncated or damaged file; a file that is not a
+            checkpoint; one that would build other objects (code) when unpickled.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if not is_zip:
+        raise CheckpointError(
+            f"{path} is not a checkpoint: not the zip archive that torch.save writes (empty, truncated or another format)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # CRC of every member: torch.load does not check them
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (damaged zip archive): {_first_line(err)}") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: {damaged} fails its CRC check (a partial copy or a bad disk?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} was refused: it holds objects other than tensors and plain data ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or another format): {err}") from None
+        unsafe = _UNSAFE.search(str(err))
+        if unsafe or "Weights only load failed" in str(err):
+            what = unsafe.group(0) if unsafe else "objects other than tensors and plain data"
+            raise CheckpointError(
+                f"{path} was refused: loading it would build {what}, which can run code; nothing from it was run"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (damaged): {_first_line(err)}") from None
+    except Exception as err:  # torch raises many kinds on a damaged archive (RuntimeError, KeyError, EOFError, ...)
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or damaged): {type(err).__name__}: {_first_line(err)}"
+        ) from None
     if not isinstance(ckpt, dict) or "vtrans" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a vtrans checkpoint (no 'vtrans' record): train one with train.py fit")
+    record, state = ckpt["vtrans"], ckpt["state_dict"]
+    spec = record.get("backbone") if isinstance(record, dict) else None
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("name"), str)
+        or any(not isinstance(spec.get(k, ""), str) for k in BACKBONE_KEYS)
+        or not isinstance(record.get("fingerprint"), str)
+        or not isinstance(state, dict)
+        or not isinstance(ckpt.get("hyper_parameters", {}), dict)
+    ):
+        raise CheckpointError(f"{path} has a damaged 'vtrans' record (backbone spec, fingerprint or weights)")
     return ckpt
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", backbone: Backbone | None = None):
-    """A ``LatentLM`` with the checkpoint's latent weights, on ``device``, in eval mode."""
+    """A ``LatentLM`` with the checkpoint's latent weights, on ``device``, in eval mode.
+
+    Args:
+        path: a checkpoint written by ``train.py fit``.
+        device: where to put the model.
+        backbone: the base model to use; default: load the one the checkpoint names. Either
+            way its fingerprint must equal the checkpoint's.
+
+    Raises:
+        CheckpointError: see :func:`read`; a checkpoint of another base model (both named);
+            settings or weights that do not build this version's latent.
+    """
     from vtrans.module import LatentLM
 
     ckpt = read(path)
     record = ckpt["vtrans"]
+    spec = {k: record["backbone"][k] for k in BACKBONE_KEYS if k in record["backbone"]}
     if backbone is None:
-        backbone = Backbone(**record["backbone"])
-    expected, actual = record.get("fingerprint"), backbone.fingerprint()
+        backbone = Backbone(**spec)
+    expected, actual = record["fingerprint"], backbone.fingerprint()
     if expected != actual:
         raise CheckpointError(
-            f"{path} was trained on backbone {record['backbone'].get('name')!r} (fingerprint {expected}), "
-            f"not on {backbone.name!r} (fingerprint {actual})"
+            f"{path} was trained on backbone {spec['name']!r} (fingerprint {expected}), "
+            f"not on {backbone.name!r} (fingerprint {actual}): score it with the base model it was trained on"
         )
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    module = LatentLM(backbone, **hparams)
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    try:
+        module = LatentLM(backbone, **hparams)
+    except (TypeError, ValueError, UserError) as err:
+        raise CheckpointError(f"{path} holds latent settings this version cannot build: {err}") from None
     module._fingerprint = actual
     try:
         module.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} does not fit this latent: {err}") from None
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path} does not fit this latent: {_first_line(err)}") from None
     return module.to(device).eval()
 
 

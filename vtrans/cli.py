@@ -28,21 +28,48 @@ def guarded(fn: Callable[[], object]) -> object:
         raise SystemExit(130) from None
 
 
-def train_main(args: list[str] | None = None) -> None:
-    """``python train.py fit|validate|test --config configs/NAME.yaml``."""
+def train_main(args: list[str] | None = None, run: bool = True):
+    """``python train.py fit|validate|test --config configs/NAME.yaml``.
+
+    Checkpoints are written atomically and refuse non-finite tensors (``AtomicCheckpointIO``,
+    the default ``trainer.plugins``), and they carry the random states so that ``--ckpt_path``
+    resumes an epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or
+    gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
+    step and exit code 1. With ``run=False`` the configured ``LightningCLI`` is returned without
+    running a subcommand (``args`` then holds no subcommand).
+    """
     from lightning.pytorch.cli import LightningCLI
 
+    from vtrans.checkpoint_io import NonFiniteGuard, ResumableRNG
+
+    guard = NonFiniteGuard()
     from vtrans.data import IdiomDataModule
     from vtrans.module import LatentLM
 
-    guarded(
-        lambda: LightningCLI(
+    def build():
+        return LightningCLI(
             LatentLM,
             IdiomDataModule,
             args=args,
+            run=run,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
+                "callbacks": [ResumableRNG(), guard],
+            },
         )
-    )
+
+    try:
+        return guarded(build)
+    except FloatingPointError as err:
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as err:  # a distribution's validation: NaN or inf among its parameters
+        if "invalid values" not in str(err):
+            raise
+        first = str(err).strip().splitlines()[0]
+        print(f"error: training stopped: non-finite values at {guard.where()}: {first}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _estimator_list(text: str) -> list[str]:
@@ -79,14 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(run=run_evaluate)
 
-    sc = sub.add_parser("score", help="score prompts with a trained checkpoint: one JSON line per prompt")
+    sc = sub.add_parser(
+        "score",
+        help="score prompts with a trained checkpoint: one JSON line per prompt",
+        description="One JSON line per prompt on stdout: {prompt, completion, scores}; a prompt that cannot be "
+        "scored gives {prompt, error} and the others are scored. Prompts longer than the model's context are "
+        "truncated from the left with a warning (--long-prompts refuse makes them errors).",
+    )
     sc.add_argument("--ckpt", required=True, help="a trained latent (train.py fit)")
     sc.add_argument("prompts", nargs="*", help="prompts to score")
-    sc.add_argument("--input", help="a .txt file (one prompt a line) or .jsonl file (field 'prompt')")
-    sc.add_argument("--estimators", type=_estimator_list, default=None, help="comma-separated subset (default: all single-pass and latent ones)")
+    sc.add_argument("--input", help="a .jsonl/.ndjson file (field 'prompt'), any other file one prompt a line, - for stdin")
+    sc.add_argument(
+        "--estimators",
+        type=_estimator_list,
+        default=None,
+        help="comma-separated subset of: " + ", ".join(n for n in NAMES if n != "probe")
+        + " (default: all single-pass and latent ones)",
+    )
+    sc.add_argument("--template", default=None, help="a {prefix} template applied to every prompt; 'ckpt' for the checkpoint's (default: none, prompts verbatim)")
+    sc.add_argument("--long-prompts", default="truncate", choices=["truncate", "refuse"], help="prompts longer than the context (default: truncate from the left)")
+    sc.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
+    sc.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
+    sc.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
+    sc.add_argument("--max-new-tokens", type=int, default=6)
+    sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--batch-size", type=int, default=32)
-    sc.add_argument("--device", default="auto")
-    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar and no warnings")
     sc.set_defaults(run=run_score)
     return parser
 
@@ -138,9 +184,41 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from vtrans.scorer import run_score_command
+    """Stream one JSON line per prompt to stdout; the input is checked before the model loads."""
+    import os
 
-    run_score_command(args)
+    from vtrans.scorer import Line, Scorer, open_input, write_jsonl
+
+    if args.input and args.prompts:
+        fail("give prompts or --input FILE, not both")
+    if args.input:
+        lines, total = open_input(args.input)
+    elif args.prompts:
+        lines, total = (Line(p) for p in args.prompts), len(args.prompts)
+    else:
+        fail("nothing to score: give prompts or --input FILE")
+    scorer = Scorer.from_checkpoint(
+        args.ckpt,
+        device=args.device,
+        estimators=args.estimators,
+        batch_size=args.batch_size,
+        template=args.template,
+        passes=args.passes,
+        dropout=args.dropout,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        long_prompts=args.long_prompts,
+        quiet=args.quiet,
+    )
+    sys.stdout.flush()
+    try:
+        written, errors = write_jsonl(scorer.score_lines(lines, total), sys.stdout.buffer)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
+    if errors:
+        print(f"warning: {errors} of {written} prompts could not be scored (see their 'error' fields)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from vtrans.errors import UserError
 
@@ -382,6 +382,28 @@ def _rows(items: list[IdiomItem], template: str) -> list[dict[str, str]]:
     ]
 
 
+class EpochShuffle(RandomSampler):
+    """A random order that is a function of (seed, epoch) alone.
+
+    Lightning calls ``set_epoch`` before every training epoch, so a run resumed at epoch e
+    sees the same order as an uninterrupted run does at epoch e (a generator seeded once per
+    ``train_dataloader`` call would restart its sequence on resume). Under a distributed
+    strategy Lightning replaces a ``RandomSampler`` by a ``DistributedSampler``, which also
+    shuffles by (seed, epoch).
+    """
+
+    def __init__(self, data_source, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
 class IdiomDataModule(L.LightningDataModule):
     """Idiom-completion batches: dicts of lists of str with keys idiom, prefix, target, prompt.
 
@@ -450,18 +472,17 @@ class IdiomDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.items:
             self._load(split)
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        rows = _rows(self.items[split], self.hparams.template)
         return DataLoader(
-            _rows(self.items[split], self.hparams.template),
+            rows,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffle(rows, self.hparams.seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_rows,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (torch.Generator seeded by ``seed``)."""
+        """Shuffled training batches: epoch e's order depends on (``seed``, e) only (see :class:`EpochShuffle`)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

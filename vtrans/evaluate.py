@@ -246,6 +246,28 @@ class Harness:
         tensors = {k: torch.cat(v) for k, v in collected.items()}
         return probe.features(tensors, tensors.pop("lens_ce_by_layer"))
 
+    def score_prompts(self, prompts: list[str], names: list[str]) -> tuple[list[Completion], dict[str, torch.Tensor]]:
+        """Completions and scores for bare prompts (no idiom target, so no labels): ``vtrans score``.
+
+        The same families as :meth:`score` run on the same encoded batches; the global random
+        state is left as it was (dropout masks and z samples come from ``config.seed``).
+
+        Returns:
+            The completions and ``{name: (n,) tensor}`` (plus ``lens_ce_by_layer``, (n, L+1),
+            when the lens runs), on the CPU.
+        """
+        completions = self.complete(prompts)
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            for family in self.families(names):
+                fn = self._family_fn(family, None, names)
+                for first, enc in self._encoded_batches(prompts, completions):
+                    for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
+                        collected[key].append(value.detach().float().cpu())
+        return completions, {k: torch.cat(v) for k, v in collected.items()}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

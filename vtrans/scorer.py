@@ -1,0 +1,459 @@
+"""Score prompts with a trained checkpoint: the Python API behind ``vtrans score``.
+
+    >>> scorer = Scorer.from_checkpoint("checkpoints/smollm2/last.ckpt")
+    >>> for record in scorer.score(["Complete the idiom: the early bird catches the"]):
+    ...     print(record["completion"], record["scores"]["lens_ce"])
+
+For every prompt the base model (latent off) completes it, and every requested estimator
+scores that completion, exactly as in ``vtrans evaluate`` (the families of
+:class:`vtrans.evaluate.Harness` run on the same batches); there is no target, so no label.
+
+**Records.** One per input, in input order:
+``{"prompt": str, "completion": str, "scores": {NAME: float | None}}`` (``None`` where a score
+is not finite), with ``"truncated": N`` added when N tokens were cut from the prompt's left.
+An input that cannot be scored gives ``{"prompt": ..., "error": "..."}`` (plus ``"line": N``
+when it came from a file) and the other inputs are scored as usual.
+
+**Prompt policy.**
+
+* An empty or blank prompt (only whitespace), a value that is not a string, or a string that
+  is not valid Unicode (a lone surrogate) is an error record.
+* A prompt longer than the model's context is **truncated from the left** (its end, which
+  predicts the completion, is kept): the model's context C (``max_position_embeddings``)
+  must hold the prompt and ``max_new_tokens`` generated tokens, so the prompt keeps its last
+  C − ``max_new_tokens`` tokens. A warning naming the input goes to stderr and the record
+  carries ``"truncated": N``. With ``long_prompts="refuse"`` such a prompt is an error record
+  instead. The template, when one is given, is applied before the length is measured.
+
+**Streaming.** :meth:`Scorer.score` consumes its iterable lazily, ``batch_size`` prompts at a
+time, and yields each batch's records before reading the next: memory stays bounded however
+long the input. A tqdm bar on stderr shows progress unless ``quiet`` (or the input is known
+to fit in one batch).
+
+**Input files** (:func:`open_input`): ``.jsonl``/``.ndjson`` hold one JSON object per line with
+a string field ``prompt``; any other file is text, one prompt per line; ``-`` is standard
+input (text). Every line gives one record: a line that is not valid UTF-8, is malformed JSON,
+lacks the field, or is longer than 1 MiB becomes an error record naming its line number. A
+missing, unreadable or binary file (NUL bytes, UTF-16) is refused as a whole
+(:class:`InputError`, exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from vtrans.data import validate_template
+from vtrans.errors import ConfigError, UserError
+from vtrans.estimators.registry import FAMILIES, NAMES
+
+MAX_LINE_BYTES = 1 << 20
+DEFAULT_FAMILIES = ("baselines", "attention", "lens", "latent")
+LongPrompts = Literal["truncate", "refuse"]
+
+
+class InputError(UserError):
+    """An input file that cannot be read at all (missing, a folder, binary)."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One input to score: a prompt, or why there is none.
+
+    Attributes:
+        prompt: the prompt as given (``None`` when none could be read from the line).
+        error: why the input cannot be scored (``None`` when it can, so far).
+        line: its line number in an input file (``None`` for prompts given directly).
+    """
+
+    prompt: Any
+    error: str | None = None
+    line: int | None = None
+
+
+# --------------------------------------------------------------------------- input files
+
+
+def parse_txt_line(raw: bytes, number: int) -> Line:
+    """One line of a text file (without its line ending) as a prompt; invalid UTF-8 is an error record."""
+    try:
+        return Line(raw.decode("utf-8"), None, number)
+    except UnicodeDecodeError as err:
+        return Line(
+            raw.decode("utf-8", "replace"),
+            f"line {number}: not valid UTF-8 (byte {raw[err.start]:#04x} at byte {err.start + 1}); save the file as UTF-8",
+            number,
+        )
+
+
+def parse_jsonl_line(raw: bytes, number: int) -> Line:
+    """One line of a JSONL file: an object with a string field ``prompt``; anything else is an error record."""
+    expected = "expected a JSON object with a string field 'prompt'"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Line(None, f"line {number}: not valid UTF-8 (byte {raw[err.start]:#04x} at byte {err.start + 1})", number)
+    if not text.strip():
+        return Line(None, f"line {number}: blank line; {expected}", number)
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Line(None, f"line {number}: invalid JSON: {err.msg} (column {err.colno})", number)
+    except (ValueError, RecursionError) as err:  # e.g. an integer of 5,000 digits, or nesting 10,000 deep
+        return Line(None, f"line {number}: invalid JSON: {type(err).__name__}", number)
+    if not isinstance(record, dict) or "prompt" not in record:
+        return Line(None, f"line {number}: {expected}", number)
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        return Line(None, f"line {number}: field 'prompt' is {type(prompt).__name__}, not a string", number)
+    return Line(prompt, None, number)
+
+
+def _raw_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the line ending) for each line; ``None`` for a line longer than ``limit``."""
+    for number in itertools.count(1):
+        chunk = stream.readline(limit + 1)
+        if not chunk:
+            return
+        if len(chunk) > limit and not chunk.endswith(b"\n"):
+            while chunk and not chunk.endswith(b"\n"):  # skip the rest of the line, in bounded pieces
+                chunk = stream.readline(limit)
+            yield number, None
+            continue
+        raw = chunk.removesuffix(b"\n").removesuffix(b"\r")
+        yield number, raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+
+
+def parse_lines(stream: IO[bytes], kind: Literal["txt", "jsonl"] = "txt") -> Iterator[Line]:
+    """Every line of a binary stream as a :class:`Line`, lazily."""
+    parse = parse_jsonl_line if kind == "jsonl" else parse_txt_line
+    for number, raw in _raw_lines(stream):
+        if raw is None:
+            yield Line(None, f"line {number}: longer than {MAX_LINE_BYTES} bytes", number)
+        else:
+            yield parse(raw, number)
+
+
+def input_kind(path: str) -> Literal["txt", "jsonl"]:
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "txt"
+
+
+def open_input(path: str) -> tuple[Iterator[Line], int | None]:
+    """The lines of an input file, read lazily, and how many there are (``None`` for stdin).
+
+    Raises:
+        InputError: the file is missing, a folder, unreadable, or binary; checked before
+            anything is scored.
+    """
+    if path == "-":
+        return parse_lines(sys.stdin.buffer, "txt"), None
+    file = Path(path)
+    if not file.exists():
+        raise InputError(f"input file not found: {file}")
+    if file.is_dir():
+        raise InputError(f"input path is a folder, not a file: {file}")
+    try:
+        with file.open("rb") as f:
+            head = f.read(8192)
+            total, last = head.count(b"\n"), head
+            for block in iter(lambda: f.read(1 << 20), b""):
+                total, last = total + block.count(b"\n"), block
+    except OSError as err:
+        raise InputError(f"cannot read input file {file}: {err.strerror or err}") from None
+    if b"\x00" in head or head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{file} is not a UTF-8 text file (it holds NUL bytes: binary, or UTF-16?); save it as UTF-8")
+    total += bool(last) and not last.endswith(b"\n")
+
+    def lines() -> Iterator[Line]:
+        with file.open("rb") as f:
+            yield from parse_lines(f, input_kind(path))
+
+    return lines(), total
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+def default_estimators(module) -> list[str]:
+    """Every single-pass and latent estimator that applies to the checkpoint (no MC dropout, no probe)."""
+    names = [n for family in DEFAULT_FAMILIES for n in FAMILIES[family]]
+    if module.latent.prior != "conditional":
+        names.remove("latent_kl")
+    return names
+
+
+def _check_estimators(names: list[str], module) -> list[str]:
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+    if "probe" in names:
+        raise ConfigError("probe is fitted on labelled training items: use vtrans evaluate, not score")
+    if "latent_kl" in names and module.latent.prior != "conditional":
+        raise ConfigError("latent_kl needs a latent trained with prior: conditional; this checkpoint's is standard")
+    if not names:
+        raise ConfigError("no estimators asked for: name at least one")
+    return list(dict.fromkeys(names))
+
+
+def _batched(iterable: Iterable, n: int) -> Iterator[list]:
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _number(value: torch.Tensor) -> float | None:
+    x = float(value)
+    return x if x == x and abs(x) != float("inf") else None
+
+
+class Scorer:
+    """Completions and uncertainty scores for prompts, from a trained latent (see the module docstring)."""
+
+    def __init__(
+        self,
+        module,
+        estimators: list[str] | None = None,
+        batch_size: int = 32,
+        template: str | None = None,
+        *,
+        passes: int = 16,
+        dropout: float = 0.1,
+        samples: int = 32,
+        max_new_tokens: int = 6,
+        seed: int = 0,
+        long_prompts: LongPrompts = "truncate",
+        quiet: bool = False,
+    ) -> None:
+        """Wrap a loaded ``LatentLM`` (use :meth:`from_checkpoint` to load one).
+
+        Args:
+            module: a ``vtrans.module.LatentLM`` with its backbone, in eval mode.
+            estimators: names from ``vtrans.estimators.NAMES`` (default: :func:`default_estimators`);
+                ``mc_dropout_*`` may be asked for (T = ``passes`` forwards each), ``probe`` may not.
+            batch_size: prompts per forward.
+            template: a template with one ``{prefix}`` field applied to every input; ``None``
+                scores the inputs verbatim.
+            passes: MC dropout passes T.
+            dropout: MC dropout probability p.
+            samples: samples of z for ``latent_mi``.
+            max_new_tokens: generation budget for the completion word.
+            seed: seed of the dropout masks and z samples (the global random state is untouched).
+            long_prompts: ``truncate`` (from the left, with a warning) or ``refuse`` (an error record).
+            quiet: no progress bar and no warnings on stderr.
+        """
+        from vtrans.evaluate import EvalConfig, Harness
+
+        names = _check_estimators(list(estimators) if estimators is not None else default_estimators(module), module)
+        if template is not None:
+            validate_template(template)
+        if long_prompts not in ("truncate", "refuse"):
+            raise ConfigError(f"long_prompts must be truncate or refuse, got {long_prompts!r}")
+        self.config = EvalConfig(
+            estimators=names,
+            passes=passes,
+            dropout=dropout,
+            samples=samples,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+        self.module, self.names, self.template = module, names, template
+        self.batch_size, self.long_prompts, self.quiet = batch_size, long_prompts, quiet
+        self.harness = Harness(module.backbone, module, self.config, progress=False)
+        self.tokenizer = module.backbone.tokenizer
+        context = getattr(module.backbone.model.config, "max_position_embeddings", None)
+        self.context = int(context) if context else None
+        self.max_prompt_tokens = None if self.context is None else self.context - max_new_tokens
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {self.context} tokens"
+            )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        estimators: list[str] | None = None,
+        batch_size: int = 32,
+        template: str | None = None,
+        backbone=None,
+        **options: Any,
+    ) -> Scorer:
+        """Load a checkpoint written by ``train.py fit`` (safely: see ``vtrans.checkpoint``).
+
+        Args:
+            path: the checkpoint file.
+            device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+            estimators, batch_size, template: see :class:`Scorer`; ``template="ckpt"`` uses the
+                template the latent was trained with.
+            backbone: a loaded ``Backbone`` to check the checkpoint against (default: load the
+                one it names).
+            options: the other keyword arguments of :class:`Scorer`.
+
+        Raises:
+            vtrans.checkpoint.CheckpointError: a missing, truncated, unsafe or foreign file, or
+                a checkpoint of another base model.
+        """
+        from vtrans import checkpoint
+        from vtrans.cli import resolve_device
+        from vtrans.data import DEFAULT_TEMPLATE
+
+        module = checkpoint.load(path, device=resolve_device(device), backbone=backbone)
+        if template == "ckpt":
+            template = checkpoint.template_of(path) or DEFAULT_TEMPLATE
+        return cls(module, estimators, batch_size, template, **options)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, prompts: Iterable[str], total: int | None = None) -> Iterator[dict]:
+        """One record per prompt, in order, lazily (see the module docstring for their form).
+
+        Args:
+            prompts: any iterable of strings; it is read ``batch_size`` items at a time.
+            total: how many there are, for the progress bar (default: ``len(prompts)`` if defined).
+        """
+        if isinstance(prompts, str | bytes):
+            raise TypeError("score() takes an iterable of prompts: wrap a single prompt in a list")
+        if total is None and hasattr(prompts, "__len__"):
+            total = len(prompts)
+        return self.score_lines((Line(p) for p in prompts), total)
+
+    def score_lines(self, lines: Iterable[Line], total: int | None = None) -> Iterator[dict]:
+        """Like :meth:`score`, for inputs that may already carry an error (lines of a file)."""
+        from vtrans.evaluate import _eager_attention
+
+        bar = tqdm(
+            total=total,
+            desc="scoring",
+            unit="prompt",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=self.quiet or (total is not None and total <= self.batch_size),
+        )
+        try:
+            for batch in _batched(lines, self.batch_size):
+                with _eager_attention(self.module.backbone.model, "attention_entropy" in self.names):
+                    records = self._score_batch(batch)
+                bar.update(len(batch))
+                yield from records
+        finally:
+            bar.close()
+
+    def _warn(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    def _problem(self, prompt: Any) -> str | None:
+        if not isinstance(prompt, str):
+            return f"prompt is {type(prompt).__name__}, not a string"
+        if not prompt.strip():
+            return "empty prompt" if not prompt else "blank prompt (only whitespace)"
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            return "prompt is not valid Unicode (it holds a lone surrogate)"
+        return None
+
+    def _n_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
+    def truncate_left(self, text: str, budget: int) -> str:
+        """The longest end of ``text`` (cut at a token boundary) that tokenises to at most ``budget`` tokens."""
+        content = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=self.tokenizer.is_fast)
+        ids = content["input_ids"]
+        special = self._n_tokens([text])[0] - len(ids)
+        keep = budget - special
+        while keep >= 1:
+            if self.tokenizer.is_fast:
+                cut = content["offset_mapping"][len(ids) - keep][0]
+                candidate = text[cut:]
+            else:
+                candidate = self.tokenizer.decode(ids[len(ids) - keep :])
+            if candidate.strip() and self._n_tokens([candidate])[0] <= budget:
+                return candidate
+            keep -= 1
+        return ""
+
+    def _score_batch(self, lines: list[Line]) -> list[dict]:
+        records: list[dict | None] = [None] * len(lines)
+
+        def error(i: int, message: str) -> None:
+            line = lines[i]
+            where = f"line {line.line}: " if line.line is not None and not message.startswith("line ") else ""
+            records[i] = {"prompt": line.prompt, "error": where + message}
+            if line.line is not None:
+                records[i]["line"] = line.line
+
+        todo: list[tuple[int, str]] = []
+        for i, line in enumerate(lines):
+            problem = line.error or self._problem(line.prompt)
+            if problem:
+                error(i, problem)
+            else:
+                text = line.prompt if self.template is None else self.template.format(prefix=line.prompt)
+                todo.append((i, text))
+        ready: list[tuple[int, str]] = []
+        truncated: dict[int, int] = {}
+        for (i, text), n in zip(todo, self._n_tokens([t for _, t in todo]) if todo else [], strict=True):
+            budget = self.max_prompt_tokens
+            if n == 0:
+                error(i, "the prompt has no tokens")
+            elif budget is not None and n > budget:
+                if self.long_prompts == "refuse":
+                    error(i, f"prompt of {n} tokens: the model's context of {self.context} holds {budget} "
+                             f"prompt tokens and {self.context - budget} generated ones")
+                    continue
+                short = self.truncate_left(text, budget)
+                if not short:
+                    error(i, f"prompt of {n} tokens cannot be cut to {budget} tokens")
+                    continue
+                truncated[i] = n - self._n_tokens([short])[0]
+                where = f"line {lines[i].line}" if lines[i].line is not None else f"prompt {text[:40]!r}..."
+                self._warn(f"{where}: {n} tokens, truncated from the left to the last {n - truncated[i]} "
+                           f"(context {self.context}, {self.context - budget} kept for generation)")
+                ready.append((i, short))
+            else:
+                ready.append((i, text))
+        if ready:
+            completions, scores = self.harness.score_prompts([t for _, t in ready], self.names)
+            for j, (i, _) in enumerate(ready):
+                record = {
+                    "prompt": lines[i].prompt,
+                    "completion": completions[j].text.strip(),
+                    "scores": {n: _number(scores[n][j]) for n in self.names if n in scores},
+                }
+                if i in truncated:
+                    record["truncated"] = truncated[i]
+                records[i] = record
+        return records  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def dumps(record: dict) -> bytes:
+    """One JSON line, UTF-8; ``\\u`` escapes where the text cannot be encoded (lone surrogates)."""
+    try:
+        return (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+
+
+def write_jsonl(records: Iterable[dict], stream: IO[bytes]) -> tuple[int, int]:
+    """Write records as JSON lines, flushing each; returns (records written, error records)."""
+    written = errors = 0
+    for record in records:
+        stream.write(dumps(record))
+        stream.flush()
+        written += 1
+        errors += "error" in record
+    return written, errors
