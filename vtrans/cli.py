@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
     ev.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
     ev.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
+    ev.add_argument(
+        "--mc-from-layer", type=int, default=0, help="MC dropout: blocks below this one stay deterministic and run once"
+    )
     ev.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
     ev.add_argument("--aggregate", default="first", choices=["first", "mean", "max"], help="token scores over the completion word")
     ev.add_argument("--batch-size", type=int, default=32)
@@ -161,6 +164,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         estimators=args.estimators,
         passes=args.passes,
         dropout=args.dropout,
+        mc_from_layer=args.mc_from_layer,
         samples=args.samples,
         aggregate=args.aggregate,
         batch_size=args.batch_size,

@@ -48,6 +48,7 @@ class EvalConfig:
         estimators: names to run (default: all that apply).
         passes: MC dropout passes T.
         dropout: MC dropout probability p.
+        mc_from_layer: MC dropout keeps blocks below this one deterministic and runs them once.
         samples: samples of z for ``latent_mi``.
         aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``.
         batch_size: items per forward.
@@ -65,6 +66,7 @@ class EvalConfig:
     estimators: list[str] = field(default_factory=lambda: list(NAMES))
     passes: int = 16
     dropout: float = 0.1
+    mc_from_layer: int = 0
     samples: int = 32
     aggregate: str = "first"
     batch_size: int = 32
@@ -83,6 +85,7 @@ class EvalConfig:
         checks = [
             (self.passes >= 2, f"passes must be >= 2, got {self.passes}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.mc_from_layer >= 0, f"mc_from_layer must be >= 0, got {self.mc_from_layer}"),
             (self.samples >= 2, f"samples must be >= 2, got {self.samples}"),
             (self.aggregate in ("first", "mean", "max"), f"aggregate must be first, mean or max, got {self.aggregate!r}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -167,7 +170,9 @@ class Harness:
                 self.model, enc, cfg.aggregate, None if gold is None else torch.tensor(gold[sl], device=self.device)
             )
         if family == "mc_dropout":
-            return lambda enc, sl: mc_dropout.scores(self.model, enc, cfg.passes, cfg.dropout)
+            return lambda enc, sl: mc_dropout.scores(
+                self.model, enc, cfg.passes, cfg.dropout, from_layer=cfg.mc_from_layer
+            )
         if family == "latent":
             mi = names is None or "latent_mi" in names
             return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed, mi=mi)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.utils.checkpoint
 from torchmetrics import MeanMetric, Metric
 
 from vtrans import backbones, tokens
@@ -71,6 +72,7 @@ class LatentLM(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         cache_frozen: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """Build the latent around a frozen backbone.
 
@@ -92,6 +94,8 @@ class LatentLM(L.LightningModule):
             cache_frozen: keep what the frozen backbone computes for each item (the stream after
                 block k, the upper blocks' keys/values before the scored position) across epochs,
                 so later epochs run only the scored position and the target through the upper blocks.
+            gradient_checkpointing: recompute the upper blocks' activations in the backward pass
+                instead of keeping them (less memory for long targets or large batches, more time).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -166,9 +170,16 @@ class LatentLM(L.LightningModule):
         prefix = self.prefix(h, enc) if prefix is None else prefix
         split, n = prefix.length, enc.targets.shape[1]
         suffix = self.latent.inject(h[:, split:], z, enc.after_scored[:, split:])  # (B, T-split, C)
-        logits = backbones.upper_suffix(
-            self.backbone.model, self.layer, suffix, enc.attention_mask, enc.position_ids, prefix, logits_to_keep=n + 1
-        )
+
+        def run(stream: torch.Tensor) -> torch.Tensor:
+            return backbones.upper_suffix(
+                self.backbone.model, self.layer, stream, enc.attention_mask, enc.position_ids, prefix, logits_to_keep=n + 1
+            )
+
+        if self.hparams.gradient_checkpointing and torch.is_grad_enabled():
+            logits = torch.utils.checkpoint.checkpoint(run, suffix, use_reentrant=False)
+        else:
+            logits = run(suffix)
         return tokens.slot_positions(logits, enc)  # (B, N, V)
 
     def states(self, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,23 +15,28 @@ import torch
 import torch.nn.functional as F
 
 from vtrans import backbones
+from vtrans.errors import ConfigError
 from vtrans.estimators.common import predictive_stats
 from vtrans.tokens import Encoded
 
 
 @contextlib.contextmanager
-def mc_dropout(model, p: float, attention_p: float | None = None) -> Iterator[None]:
+def mc_dropout(model, p: float, attention_p: float | None = None, embeddings: bool = True) -> Iterator[None]:
     """Dropout on at inference.
 
     Args:
         p: dropout probability (embeddings and residual branches).
         attention_p: attention-probability dropout (GPT-2 only); defaults to ``p``.
+        embeddings: also drop GPT-2's embedding output (off when the stream fed in is a
+            deterministic layer-k state rather than embeddings).
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
     attention_p = p if attention_p is None else attention_p
     if backbones.family(model) == "gpt2":
         sites = backbones.native_dropout(model)
+        if not embeddings:
+            sites = [m for m in sites if m is not backbones.trunk(model).drop]
         saved = [(m, m.training, getattr(m, "p", None)) for m in sites]
         try:
             for module in sites:
@@ -61,32 +66,60 @@ def mc_dropout(model, p: float, attention_p: float | None = None) -> Iterator[No
 
 
 @torch.no_grad()
-def sample_logits(model, enc: Encoded, passes: int, p: float, chunk: int = 256, attention_p: float | None = None):
-    """Next-token logits at the scored position for ``passes`` dropout masks, (B, T_passes, V).
+def sample_logits(
+    model,
+    enc: Encoded,
+    passes: int,
+    p: float,
+    chunk: int = 256,
+    attention_p: float | None = None,
+    from_layer: int = 0,
+) -> torch.Tensor:
+    """Next-token logits at the scored position for ``passes`` dropout masks, (B, passes, V).
 
     The batch is repeated ``passes`` times and run in chunks of at most ``chunk`` rows, so the
-    T passes cost T forwards of batched work and memory stays bounded.
+    T passes cost T forwards of batched work and memory stays bounded. With ``from_layer`` k > 0
+    the blocks below k stay deterministic: they run once, and only blocks k..L-1 run T times.
     """
+    n_layers = backbones.n_layers(model)
+    if not 0 <= from_layer < n_layers:
+        raise ConfigError(f"the MC dropout from_layer must be in 0..{n_layers - 1}, got {from_layer}")
+    lower = None
+    if from_layer > 0:
+        with backbones.blocks_until(model, from_layer) as body:
+            lower = body(
+                input_ids=enc.input_ids,
+                attention_mask=enc.attention_mask,
+                position_ids=enc.position_ids,
+                use_cache=False,
+            ).last_hidden_state  # (B, T, C)
     rep = enc.repeat(passes)
     out = []
-    with mc_dropout(model, p, attention_p):
+    with mc_dropout(model, p, attention_p, embeddings=from_layer == 0):
         for start in range(0, rep.input_ids.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logits = model(
-                input_ids=rep.input_ids[sl],
+            common = dict(
                 attention_mask=rep.attention_mask[sl],
                 position_ids=rep.position_ids[sl],
                 use_cache=False,
                 logits_to_keep=enc.targets.shape[1] + 1,
-            ).logits
+            )
+            if lower is None:
+                logits = model(input_ids=rep.input_ids[sl], **common).logits
+            else:
+                rows_lower = torch.arange(start, min(start + chunk, rep.input_ids.shape[0])) // passes
+                with backbones.blocks_from(model, from_layer) as upper:
+                    logits = upper(inputs_embeds=lower[rows_lower.to(lower.device)], **common).logits
             rows = torch.arange(logits.shape[0], device=logits.device)
             out.append(logits[rows, rep.first_slot[sl]].float())  # slot s is predicted at index s: (chunk, V)
     return torch.cat(out).view(enc.input_ids.shape[0], passes, -1)
 
 
 @torch.no_grad()
-def scores(model, enc: Encoded, passes: int = 16, p: float = 0.1, chunk: int = 256) -> dict[str, torch.Tensor]:
+def scores(
+    model, enc: Encoded, passes: int = 16, p: float = 0.1, chunk: int = 256, from_layer: int = 0
+) -> dict[str, torch.Tensor]:
     rows = torch.arange(enc.targets.shape[0], device=enc.targets.device)
     y = enc.targets[rows, enc.first_slot]  # (B,) ŷ
-    stats = predictive_stats(sample_logits(model, enc, passes, p, chunk), y)
+    stats = predictive_stats(sample_logits(model, enc, passes, p, chunk, from_layer=from_layer), y)
     return {"mc_dropout_var": stats["var"], "mc_dropout_entropy": stats["entropy"], "mc_dropout_mi": stats["mi"]}
