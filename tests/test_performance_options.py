@@ -57,3 +57,27 @@ def test_mc_dropout_from_layer(backbone: Backbone) -> None:
     torch.testing.assert_close(again, plain)
     with pytest.raises(ConfigError, match="from_layer"):
         mc_dropout.sample_logits(model, enc, passes=2, p=0.1, from_layer=99)
+
+
+def test_length_bucketed_batches_are_a_shuffled_partition_with_little_spread() -> None:
+    from vtrans.data import IdiomDataModule
+
+    plain = IdiomDataModule(batch_size=16, seed=3)
+    bucketed = IdiomDataModule(batch_size=16, seed=3, length_bucketed=True)
+    for dm in (plain, bucketed):
+        dm.setup("fit")
+
+    def epoch(dm, e):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(e)
+        return list(loader)
+
+    def spread(batches):
+        return sum(max(map(len, b["prompt"])) - min(map(len, b["prompt"])) for b in batches) / len(batches)
+
+    b0, b0_again, b1 = epoch(bucketed, 0), epoch(bucketed, 0), epoch(bucketed, 1)
+    items = sorted(p for b in b0 for p in b["prompt"])
+    assert items == sorted(p for b in epoch(plain, 0) for p in b["prompt"])  # every item once
+    assert [b["prompt"] for b in b0] == [b["prompt"] for b in b0_again]  # a function of (seed, epoch)
+    assert [b["prompt"] for b in b0] != [b["prompt"] for b in b1]
+    assert spread(b0) < 0.5 * spread(epoch(plain, 0))  # batches hold prompts of similar length

@@ -392,16 +392,31 @@ class EpochShuffle(RandomSampler):
     shuffles by (seed, epoch).
     """
 
-    def __init__(self, data_source, seed: int = 0) -> None:
+    def __init__(
+        self, data_source, seed: int = 0, lengths: list[int] | None = None, batch_size: int = 1, pool: int = 50
+    ) -> None:
         super().__init__(data_source)
         self.seed, self.epoch = seed, 0
+        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        if self.lengths is None:
+            yield from order
+            return
+        # length buckets: within pools of `pool` batches, sort by length and cut into batches,
+        # then shuffle the batches, so each batch holds items of similar length (little padding)
+        span = self.pool * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[b]
 
 
 class IdiomDataModule(L.LightningDataModule):
@@ -420,6 +435,7 @@ class IdiomDataModule(L.LightningDataModule):
         test_fraction: float = 0.15,
         num_workers: int = 0,
         max_items: int | None = None,
+        length_bucketed: bool = False,
     ) -> None:
         """Check the settings; data is read in ``setup``.
 
@@ -436,6 +452,8 @@ class IdiomDataModule(L.LightningDataModule):
                 val_fraction + test_fraction must be below 1.
             num_workers: DataLoader worker processes (0: load in the main process).
             max_items: Keep only the first N items of each split (quick runs); None keeps all.
+            length_bucketed: Group training items of similar prompt length into batches
+                (less padding); the batches are still shuffled by (seed, epoch).
         """
         super().__init__()
         parse_spec(data)
@@ -469,6 +487,12 @@ class IdiomDataModule(L.LightningDataModule):
                 f"the train split of {self.hparams.data!r} is empty; use more idioms or smaller val/test fractions"
             )
 
+    def _sampler(self, rows: list[dict[str, str]]) -> EpochShuffle:
+        if not self.hparams.get("length_bucketed", False):
+            return EpochShuffle(rows, self.hparams.seed)
+        lengths = [len(row["prompt"]) + len(row["target"]) for row in rows]  # characters: a cheap proxy
+        return EpochShuffle(rows, self.hparams.seed, lengths, self.hparams.batch_size)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.items:
             self._load(split)
@@ -476,7 +500,7 @@ class IdiomDataModule(L.LightningDataModule):
         return DataLoader(
             rows,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffle(rows, self.hparams.seed) if shuffle else None,
+            sampler=self._sampler(rows) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_rows,
         )
