@@ -454,7 +454,22 @@ def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
             "in the local cache, a folder written by save_pretrained, or a .gguf file"
         )
     family(model)  # fail loudly on an unsupported architecture
+    _contiguous_unembedding_input(model)
     return model.eval(), _prepare_tokenizer(tokenizer)
+
+
+def _contiguous_unembedding_input(model: nn.Module) -> None:
+    """Make the unembedding's input contiguous.
+
+    ``logits_to_keep`` hands the head a strided slice of the last hidden state; torch then
+    multiplies it with a batched matmul that expands the (V, C) weight per item, which on a CPU
+    was 10x slower than the matrix product on a contiguous copy (SmolLM2: 6.5 s instead of 0.6 s
+    for 256 rows). The copy is B x K x C floats, negligible next to the product.
+    """
+    head = unembedding(model)
+    if not getattr(head, "_vtrans_contiguous", False):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        head._vtrans_contiguous = True
 
 
 def _looks_like_hub_id(name: str) -> bool:

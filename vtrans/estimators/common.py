@@ -26,9 +26,10 @@ def predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.T
     Returns:
         var: variance over samples of p(ŷ); entropy: H(mean p); mi: H(mean p) − mean H(p) (BALD).
     """
-    probs = torch.softmax(logits.float(), dim=-1)  # (B, S, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, S, V)
+    probs = logp.exp()
     p_y = probs.gather(-1, y.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(-1)  # (B, S)
     mean = probs.mean(1)  # (B, V)
     h_mean = entropy_of_probs(mean)
-    mean_h = entropy_of_probs(probs).mean(1)
+    mean_h = -(probs * logp).sum(-1).mean(1)
     return {"var": p_y.var(1, unbiased=False), "entropy": h_mean, "mi": (h_mean - mean_h).clamp_min(0.0)}
