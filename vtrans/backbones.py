@@ -132,13 +132,6 @@ def native_dropout(model: nn.Module) -> list[nn.Module]:
     return sites
 
 
-def set_native_dropout(model: nn.Module, p: float) -> None:
-    """Set the probability of every native dropout (GPT-2's ``nn.Dropout`` modules)."""
-    for module in native_dropout(model):
-        if isinstance(module, nn.Dropout):
-            module.p = p
-
-
 def lens_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logit lens: unembed a residual-stream state after the final norm. hidden: (..., C)."""
     return unembedding(model)(final_norm(model)(hidden))  # (..., V)

@@ -230,9 +230,7 @@ class Harness:
         with self._bar(len(prompts), "probe features") as bar:
             for _, enc in self._encoded_batches(prompts, completions):
                 out = self.model(
-                    input_ids=enc.input_ids,
-                    attention_mask=enc.attention_mask,
-                    position_ids=enc.position_ids,
+                    **enc.inputs,
                     output_hidden_states=True,
                     output_attentions=True,
                     use_cache=False,

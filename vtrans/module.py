@@ -142,9 +142,7 @@ class LatentLM(L.LightningModule):
         """The raw residual stream after block k, (B, T, C); no autograd below the latent."""
         with backbones.blocks_until(self.backbone.model, self.layer) as body:
             out = body(
-                input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask,
-                position_ids=enc.position_ids,
+                **enc.inputs,
                 use_cache=False,
             )
         return out.last_hidden_state

@@ -35,6 +35,11 @@ class Encoded:
         return positions.unsqueeze(0) >= self.scored.unsqueeze(1)
 
     @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of a Hugging Face forward: ids, attention mask, position ids."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    @property
     def first_slot(self) -> torch.Tensor:
         """(B,) index of each item's first real target slot (its first target token)."""
         n = self.targets.shape[1]

@@ -16,9 +16,7 @@ from vtrans.tokens import Encoded
 def scores(model, enc: Encoded) -> dict[str, torch.Tensor]:
     """Needs a model loaded with ``attn_implementation="eager"`` (SDPA returns no weights)."""
     out = model(
-        input_ids=enc.input_ids,
-        attention_mask=enc.attention_mask,
-        position_ids=enc.position_ids,
+        **enc.inputs,
         output_attentions=True,
         use_cache=False,
         logits_to_keep=1,

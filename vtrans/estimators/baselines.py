@@ -12,9 +12,7 @@ def forward_logits(model, enc: Encoded) -> torch.Tensor:
     """Logits at the positions that predict the completion's tokens, (B, N, V)."""
     n = enc.targets.shape[1]
     out = model(
-        input_ids=enc.input_ids,
-        attention_mask=enc.attention_mask,
-        position_ids=enc.position_ids,
+        **enc.inputs,
         use_cache=False,
         logits_to_keep=n + 1,
     )

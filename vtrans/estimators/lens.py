@@ -42,9 +42,7 @@ def trajectory(
 
 def hidden_states(model, enc: Encoded) -> tuple[torch.Tensor, ...]:
     out = model(
-        input_ids=enc.input_ids,
-        attention_mask=enc.attention_mask,
-        position_ids=enc.position_ids,
+        **enc.inputs,
         output_hidden_states=True,
         use_cache=False,
         logits_to_keep=1,

@@ -88,9 +88,7 @@ def sample_logits(
     if from_layer > 0:
         with backbones.blocks_until(model, from_layer) as body:
             lower = body(
-                input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask,
-                position_ids=enc.position_ids,
+                **enc.inputs,
                 use_cache=False,
             ).last_hidden_state  # (B, T, C)
     rep = enc.repeat(passes)
