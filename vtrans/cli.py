@@ -109,6 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(run=run_evaluate)
 
+    cv = sub.add_parser(
+        "crossval",
+        help="cross-fitted comparison: K latents, each scoring the fold it did not train on, over several seeds",
+        description="Train the latent K times, each time on the idioms outside one fold, and score that fold with "
+        "every estimator, so that every idiom gets an out-of-fold score; repeat over seeds. Writes results.json, "
+        "scores.jsonl, report.md and plots into --out.",
+    )
+    cv.add_argument("--config", required=True, help="the training YAML (configs/NAME.yaml): backbone, latent settings, epochs")
+    cv.add_argument("--data", default=None, help="idioms to cross-fit and score (default: the config's data): builtin, txt:PATH, epie:PATH, slide:PATH, magpie:PATH")
+    cv.add_argument("--extra-train", default=None, help="a data spec added to every fold's training set and never scored (idioms also in --data are left out of it)")
+    cv.add_argument("--folds", type=int, default=5, help="K folds (default 5; 1 trains on --extra-train only and scores all of --data)")
+    cv.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[0, 1, 2], help="comma-separated training seeds (default 0,1,2)")
+    cv.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    cv.add_argument("--epochs", type=int, default=None, help="training epochs per fold (default: the config's)")
+    cv.add_argument("--out", required=True, help="output folder")
+    cv.add_argument("--markdown", default=None, help="also write the report here (e.g. docs/results.md), its images linked relative to it")
+    cv.add_argument("--save-checkpoints", action="store_true", help="keep every fold's latent under OUT/checkpoints")
+    cv.add_argument("--template", default=None, help="prompt template (default: the config's)")
+    cv.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
+    cv.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
+    cv.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
+    cv.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
+    cv.add_argument("--batch-size", type=int, default=32)
+    cv.add_argument("--max-new-tokens", type=int, default=6)
+    cv.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    cv.add_argument("--max-items", type=int, default=None, help="use only the first N idioms (quick runs)")
+    cv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    cv.add_argument("--quiet", action="store_true", help="no progress output")
+    cv.set_defaults(run=run_crossval)
+
     sc = sub.add_parser(
         "score",
         help="score prompts with a trained checkpoint: one JSON line per prompt",
@@ -187,6 +217,40 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots")
 
 
+def run_crossval(args: argparse.Namespace) -> None:
+    from vtrans.crossval import CrossvalConfig, crossval
+    from vtrans.evaluate import EvalConfig
+    from vtrans.report import format_table
+
+    evaluation = EvalConfig(
+        estimators=args.estimators,
+        passes=args.passes,
+        dropout=args.dropout,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        n_boot=args.n_boot,
+        max_items=args.max_items,
+    )
+    config = CrossvalConfig(
+        config=args.config,
+        data=args.data,
+        extra_train=args.extra_train,
+        folds=args.folds,
+        seeds=args.seeds,
+        fold_seed=args.fold_seed,
+        epochs=args.epochs,
+        save_checkpoints=args.save_checkpoints,
+        template=args.template,
+        eval=evaluation,
+    )
+    results = crossval(config, args.out, args.markdown, device=resolve_device(args.device), progress=not args.quiet)
+    for name, why in results.get("dropped", {}).items():
+        print(f"warning: not run: {name}: {why}", file=sys.stderr)
+    print(format_table(results))
+    print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots ({results['seconds_total'] / 60:.1f} min)")
+
+
 def run_score(args: argparse.Namespace) -> None:
     """Stream one JSON line per prompt to stdout; the input is checked before the model loads."""
     import os
@@ -226,7 +290,7 @@ def run_score(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``vtrans evaluate|score``."""
+    """``vtrans evaluate|crossval|score``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     guarded(lambda: args.run(args))

@@ -468,7 +468,28 @@ class IdiomDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.items: dict[str, list[IdiomItem]] = {}
 
+    @classmethod
+    def from_items(
+        cls,
+        train: list[IdiomItem],
+        val: list[IdiomItem] | None = None,
+        template: str = DEFAULT_TEMPLATE,
+        batch_size: int = 32,
+        seed: int = 0,
+        length_bucketed: bool = False,
+    ) -> IdiomDataModule:
+        """A DataModule over items chosen by the caller (cross-fitting: one fold's training idioms).
+
+        ``seed`` drives the training shuffle only: nothing is split here.
+        """
+        module = cls(template=template, batch_size=batch_size, seed=seed, length_bucketed=length_bucketed)
+        module.items = {"train": list(train), "val": list(val or []), "test": []}
+        module._given = True
+        return module
+
     def _load(self, split: str) -> None:
+        if getattr(self, "_given", False):
+            return
         hp = self.hparams
         items = load_split(hp.data, split, hp.seed, hp.val_fraction, hp.test_fraction)
         self.items[split] = items[: hp.max_items] if hp.max_items is not None else items

@@ -196,14 +196,42 @@ class Harness:
 
     def score(self, items: list[IdiomItem], names: list[str], gold: bool = True) -> Scored:
         """Completions, labels and the scores of every family ``names`` need, each family timed on its own."""
-        cfg = self.config
         prompts, completions, correct = self.label(items)
-        gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, [it.target for it in items])]
         seconds = {"forward": self.plain_forward_seconds(prompts, completions)}
+        tensors, family_seconds = self.run_families(
+            items, prompts, completions, self.families(names), names, gold=gold
+        )
+        seconds.update(family_seconds)
+        lens_by_layer = tensors.pop("lens_ce_by_layer", None)
+        lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
+        return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
+
+    def run_families(
+        self,
+        items: list[IdiomItem],
+        prompts: list[str],
+        completions: list[Completion],
+        families: list[str],
+        names: list[str] | None = None,
+        gold: bool = True,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The scores of ``families`` on completions already made, and each family's seconds.
+
+        The global random state is seeded with ``config.seed`` first, so a family's stochastic
+        scores (dropout masks, z samples) depend on the seed, not on what ran before.
+
+        Returns:
+            ``{name: (n,) tensor}`` (plus ``lens_ce_by_layer`` and, with ``gold``,
+            ``lens_ce_gold_by_layer``, (n, L+1)) on the CPU, and ``{family: seconds}``.
+        """
+        gold_ids = None
+        if gold:
+            gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, [it.target for it in items])]
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        torch.manual_seed(cfg.seed)
-        for family in self.families(names):
-            fn = self._family_fn(family, gold_ids if gold else None, names)
+        seconds: dict[str, float] = {}
+        torch.manual_seed(self.config.seed)
+        for family in families:
+            fn = self._family_fn(family, gold_ids, names)
             start = time.perf_counter()
             with self._bar(len(prompts), family) as bar:
                 for first, enc in self._encoded_batches(prompts, completions):
@@ -212,10 +240,7 @@ class Harness:
                     bar.update(enc.input_ids.shape[0])
             _sync(self.device)
             seconds[family] = time.perf_counter() - start
-        tensors = {k: torch.cat(v) for k, v in collected.items()}
-        lens_by_layer = tensors.pop("lens_ce_by_layer", None)
-        lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
-        return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
+        return {k: torch.cat(v) for k, v in collected.items()}, seconds
 
     @torch.no_grad()
     def probe_features(self, prompts: list[str], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:

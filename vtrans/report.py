@@ -28,6 +28,8 @@ __all__ = [
     "build_results",
     "format_table",
     "plot_all",
+    "plot_seed_forest",
+    "write_crossval_md",
     "write_report_md",
     "write_results_json",
     "write_scores_jsonl",
@@ -213,9 +215,12 @@ def _by_auroc(results: dict[str, Any]) -> list[str]:
 def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table, as strings."""
     reference = results.get("reference", "lens_ce")
+    with_seeds = any("seeds" in m for m in results["estimators"].values())
     header = [
         "estimator",
+        "n",
         "AUROC [95% CI]",
+        *(["AUROC over seeds, mean ± sd"] if with_seeds else []),
         "AUPRC",
         "PRR",
         "AURC",
@@ -235,10 +240,20 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{_fmt(paired['delta_auroc'], sign=True)} [{_fmt(d_lo, sign=True)}, {_fmt(d_hi, sign=True)}]"
                 f" p{_fmt_p(paired['p_value'])}"
             )
+            if "seeds" in paired and len(paired["seeds"]["delta"]) > 1:
+                delta += f"; seeds {_fmt(paired['seeds']['mean'], sign=True)} ± {_fmt(paired['seeds']['sd'])}"
+        seeds = m.get("seeds")
+        spread = []
+        if with_seeds:
+            spread = [
+                "—" if not seeds else f"{_fmt(seeds['mean'])} ± {_fmt(seeds['sd'])} ({len(seeds['auroc'])})"
+            ]
         body.append(
             [
                 name,
+                str(m.get("n", results.get("n", ""))),
                 f"{_fmt(m.get('auroc'))} [{_fmt(lo)}, {_fmt(hi)}]",
+                *spread,
                 _fmt(m.get("auprc")),
                 _fmt(m.get("prr")),
                 _fmt(m.get("aurc")),
@@ -544,3 +559,115 @@ def plot_all(out_dir: str | Path, rows: list[dict[str, Any]], results: dict[str,
             fig.savefig(out_dir / file_name, dpi=_DPI, bbox_inches="tight")
             written.append(file_name)
     return written
+
+
+# --------------------------------------------------------------------------- cross-fitted runs
+
+
+def plot_seed_forest(out_dir: str | Path, results: dict[str, Any]) -> list[str]:
+    """``auroc_forest.png``: each estimator's AUROC with its bootstrap interval and one dot per seed.
+
+    The dashed line is the reference (the best cheap baseline); nothing is written without
+    per-seed figures.
+    """
+    names = [n for n in _by_auroc(results) if "seeds" in results["estimators"][n]]
+    if not names:
+        return []
+    fig = Figure(figsize=(7.5, 0.42 * len(names) + 1.6))
+    ax = fig.add_subplot()
+    for y, name in enumerate(reversed(names)):
+        m = results["estimators"][name]
+        lo, hi = (_float(v) for v in (m.get("auroc_ci") or (None, None)))
+        ax.plot([lo, hi], [y, y], color="black", lw=1.6)
+        ax.plot([_float(m.get("auroc"))], [y], "o", color="black", ms=5)
+        seeds = np.asarray(m["seeds"]["auroc"], dtype=np.float64)
+        ax.plot(seeds, np.full(seeds.shape, y + 0.22), "|", color="tab:orange", ms=8, mew=1.6)
+    reference = results.get("reference")
+    if reference in results["estimators"]:
+        ax.axvline(_float(results["estimators"][reference].get("auroc")), color="tab:blue", ls="--", lw=1.2)
+    ax.axvline(0.5, color="gray", ls=":", lw=1.2)
+    ax.set_yticks(range(len(names)), list(reversed(names)))
+    ax.set(
+        xlabel=f"AUROC (dot and bar: first seed, 95% bootstrap CI; ticks: each seed; dashed: {reference})",
+        title=f"Cross-fitted AUROC, n={results.get('n')} — {results.get('model', '')}",
+    )
+    ax.grid(axis="x", alpha=0.3)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(out_dir) / "auroc_forest.png", dpi=_DPI, bbox_inches="tight")
+    return ["auroc_forest.png"]
+
+
+_PLOT_TITLES["auroc_forest.png"] = "AUROC by estimator: bootstrap interval and each seed"
+
+_WHAT_THE_NUMBERS_ARE = """\
+## What the numbers are
+
+- **`lens_ce` at the last layer is −log p(ŷ)** and ranks items exactly as `msp` (1 − p(ŷ))
+  does: under greedy decoding the paper's output cross-entropy is the max-probability
+  baseline. The lens adds information only through the intermediate layers (`lens_area`,
+  the by-layer curve).
+- **The reference** is the best cheap baseline: of `msp`, `entropy` and the sampled-word
+  agreement (`sample_disagreement`, `sample_word_entropy`), the one with the highest mean
+  AUROC over seeds (this choice looks at the scored items, which only raises the bar).
+- **Cost** charges each estimator what it needs alone, in plain forwards over the same items:
+  `posterior_var` and `latent_kl` run the encoders only; `latent_mi` runs the z samples; the
+  probe is one forward with its features (the latent's encoders included) plus its fit.
+  Training the latents is not in the cost.
+"""
+
+
+def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
+    """The report of a cross-fitted run: protocol, table with seed spreads, how to read it, plots."""
+    proto = results.get("protocol", {})
+    accuracy = _float(results.get("accuracy"))
+    n = results.get("n", 0)
+    seeds = proto.get("seeds", [])
+    latent = ", ".join(f"{k}={v}" for k, v in (proto.get("latent") or {}).items())
+    extra = ""
+    if proto.get("extra_train"):
+        extra = f" Every fold also trains on {proto.get('n_extra_train')} idioms of `{proto['extra_train']}` (none of them scored)."
+    folds = proto.get("folds")
+    how = (
+        f"{folds} folds (idioms dealt by a hash seeded with {proto.get('fold_seed')}): each fold's latent trained on "
+        "the other folds and scored its own, so every score is out-of-fold"
+        if folds and folds > 1
+        else "one latent per seed trained on the extra idioms only, scoring every item"
+    )
+    parts = [
+        f"# Cross-fitted comparison — {results.get('model', '?')}",
+        f"**{n} idioms** of `{proto.get('data')}`, accuracy **{_fmt(accuracy)}** (base error rate "
+        f"{_fmt(1 - accuracy)}). {how}.{extra} Seeds {', '.join(map(str, seeds))} (training, z draws, dropout "
+        f"masks, sampled completions); {proto.get('epochs')} epochs per latent; latent from "
+        f"`{proto.get('training_config')}` ({latent}). The settings were fixed before this run (the config's, "
+        "chosen on validation data, see `docs/sweep/sweep.md`); nothing here was chosen on these scores.",
+        f"Reference: **`{results.get('reference')}`** (the best cheap baseline). The table's interval is a "
+        "bootstrap over items for the first seed; the next column is the mean ± sd of AUROC over seeds "
+        "(number of seeds); Δ is paired against the reference on the same items, first seed, then the mean ± sd "
+        "of Δ over seeds.",
+        _markdown_table(results),
+    ]
+    dropped = results.get("dropped") or {}
+    if dropped:
+        parts.append("Not run: " + "; ".join(f"`{k}` ({v})" for k, v in dropped.items()) + ".")
+    training = results.get("fold_training") or []
+    if training:
+        kl = [t["kl"] for t in training if "kl" in t]
+        active = [t["active_units"] for t in training if "active_units" in t]
+        secs = sum(t["train_seconds"] for t in training)
+        if kl:
+            parts.append(
+                f"The {len(training)} latents: training KL {min(kl):.2f}–{max(kl):.2f} nats/item, "
+                f"{min(active):.0f}–{max(active):.0f} active units, {secs / 60:.1f} min of training in all."
+            )
+    total = results.get("seconds_total")
+    if total:
+        parts.append(f"The whole run took {total / 60:.1f} min.")
+    parts.append(_WHAT_THE_NUMBERS_ARE.rstrip())
+    parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
+    if plots:
+        parts.append(
+            "## Plots\n\n"
+            + "\n\n".join(f"![{_PLOT_TITLES.get(Path(p).name, p)}]({p})" for p in plots)
+        )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n\n".join(parts) + "\n", encoding="utf-8")

@@ -1,0 +1,487 @@
+"""Cross-fitted comparison: every idiom gets a score from a latent that never trained on it.
+
+The items are cut into K folds by a seeded hash of the normalised idiom (balanced, and
+independent of file order). For each training seed and each fold f, a latent is trained on the
+idioms outside f (plus any ``extra_train`` idioms, with the scored ones taken out) and scores
+the idioms of f. Every item thus has an out-of-fold latent score, and the metrics, bootstrap
+intervals and paired tests run over all n items instead of one small test split.
+
+What does not depend on the latent runs once: the base model's completions and labels (greedy,
+so seed-free) and the deterministic single-pass families. The stochastic families (MC dropout,
+sampled completions, the z draws) are repeated per seed, so the spread across seeds covers
+training and sampling noise; folds stay fixed across seeds.
+
+The probe is cross-fitted too: for fold f it is fitted on the items outside f, each with the
+latent features of its *own* fold's latent (out-of-sample for that latent), and it scores the
+items of f with the features of f's latent. Every feature row the probe sees, in fitting or in
+scoring, is thus out-of-sample for the latent that produced it, so fitting and scoring see the
+same feature distribution; no error label of fold f enters its probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+
+from vtrans import report
+from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, load_idioms, parse_spec
+from vtrans.errors import ConfigError, UserError
+from vtrans.estimators import probe
+from vtrans.estimators.registry import NAMES, NEEDS_LATENT, family_of
+from vtrans.evaluate import PROBE_FAMILIES, EvalConfig, Harness, _eager_attention, _sync
+from vtrans.frozen import FrozenCache
+
+DETERMINISTIC_FAMILIES = ("baselines", "attention", "lens")  # seed-free: run once
+CHEAP_BASELINES = ("msp", "entropy", "sample_disagreement", "sample_word_entropy")
+LATENT_FEATURES = ("posterior_var", "latent_kl")  # the probe's features from the latent (no z samples)
+
+
+@dataclass
+class CrossvalConfig:
+    """Settings of a cross-fitted run.
+
+    Attributes:
+        config: the training YAML (``configs/NAME.yaml``): backbone, latent settings, batch
+            size, template and epochs come from it.
+        data: the idioms to cross-fit and score (a data spec); default: the config's data.
+        extra_train: a data spec whose idioms are added to every fold's training set (never
+            scored; any idiom also in ``data`` is left out of it). With ``folds=1`` the latent
+            trains on these alone and scores all of ``data``.
+        folds: K, the number of folds (1 only with ``extra_train``).
+        seeds: training seeds; each also seeds the z draws, dropout masks and sampled completions.
+        fold_seed: seed of the fold assignment (the same for every training seed).
+        epochs: training epochs per fold (default: the config's ``trainer.max_epochs``).
+        save_checkpoints: keep each fold's latent as ``OUT/checkpoints/seed{s}-fold{f}.ckpt``.
+        template: prompt template (default: the training config's).
+        eval: estimator settings (estimators, passes, samples, batch size, ...); its ``seed``
+            is replaced by each training seed and its ``data``, ``split`` and ``template`` are not used.
+    """
+
+    config: str
+    data: str | None = None
+    extra_train: str | None = None
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fold_seed: int = 0
+    epochs: int | None = None
+    save_checkpoints: bool = False
+    template: str | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.folds < 1:
+            raise ConfigError(f"folds must be >= 1, got {self.folds}")
+        if self.folds == 1 and self.extra_train is None:
+            raise ConfigError("folds=1 trains on nothing but --extra-train: give --extra-train SPEC or use folds >= 2")
+        if not self.seeds:
+            raise ConfigError("give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class TrainingSpec:
+    """What a training YAML says about the backbone, the latent, the data and the trainer."""
+
+    backbone: dict
+    model: dict
+    data: dict
+    max_epochs: int
+    trainer: dict
+
+
+def read_training_config(path: str | Path) -> TrainingSpec:
+    """The parts of a ``train.py`` YAML that cross-fitting needs.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or one that names no ``vtrans.backbones.Backbone``.
+    """
+    from vtrans.module import LatentLM
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    model = dict(raw.get("model") or {})
+    backbone = model.pop("backbone", None)
+    if not isinstance(backbone, dict) or not str(backbone.get("class_path", "")).endswith("Backbone"):
+        raise ConfigError(f"{path}: model.backbone must be a vtrans.backbones.Backbone with init_args")
+    allowed = set(inspect.signature(LatentLM.__init__).parameters) - {"self", "backbone"}
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown latent setting(s) {', '.join(unknown)}: choose from {', '.join(sorted(allowed))}")
+    trainer = dict(raw.get("trainer") or {})
+    return TrainingSpec(
+        backbone=dict(backbone.get("init_args") or {}),
+        model=model,
+        data=dict(raw.get("data") or {}),
+        max_epochs=int(trainer.get("max_epochs") or 8),
+        trainer=trainer,
+    )
+
+
+def assign_folds(items: list[IdiomItem], folds: int, seed: int = 0) -> list[int]:
+    """Fold of each item: items sorted by a seeded hash of the normalised idiom, dealt round-robin.
+
+    The folds differ in size by at most one, and an idiom's fold depends on the seed and the set
+    of idioms only, not on file order.
+    """
+
+    def key(item: IdiomItem) -> bytes:
+        return hashlib.blake2b(f"fold\0{seed}\0{_idiom_key(item.idiom)}".encode(), digest_size=8).digest()
+
+    order = sorted(range(len(items)), key=lambda i: key(items[i]))
+    assigned = [0] * len(items)
+    for rank, i in enumerate(order):
+        assigned[i] = rank % folds
+    return assigned
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+class CrossFit:
+    """One cross-fitted run: the backbone, the items, their folds, and every score by seed."""
+
+    def __init__(self, cfg: CrossvalConfig, device: str = "cpu", progress: bool = True) -> None:
+        from vtrans.backbones import Backbone
+
+        self.cfg, self.device, self.progress = cfg, device, progress
+        self.spec = read_training_config(cfg.config)
+        data_spec = cfg.data or self.spec.data.get("data", "builtin")
+        kind, split = parse_spec(data_spec)
+        items = load_idioms(data_spec)
+        if kind == "builtin" and split not in (None, "all"):
+            raise ConfigError(f"cross-fitting uses every idiom of a set: write {kind}, not {data_spec}")
+        if cfg.eval.max_items:
+            items = items[: cfg.eval.max_items]
+        if len(items) < 2 * cfg.folds:
+            raise ConfigError(f"{data_spec} has {len(items)} idioms: too few for {cfg.folds} folds")
+        self.data_spec, self.items = data_spec, items
+        self.folds = assign_folds(items, cfg.folds, cfg.fold_seed) if cfg.folds > 1 else [0] * len(items)
+        scored_keys = {_idiom_key(it.idiom) for it in items}
+        self.extra: list[IdiomItem] = []
+        if cfg.extra_train:
+            self.extra = [it for it in load_idioms(cfg.extra_train) if _idiom_key(it.idiom) not in scored_keys]
+        template = cfg.template or self.spec.data.get("template") or cfg.eval.template
+        self.eval = EvalConfig(**{**asdict(cfg.eval), "template": template})
+        self.backbone = Backbone(**self.spec.backbone).to(device)
+        self.frozen = FrozenCache()  # the frozen backbone's per-item states, shared by every fold and seed
+
+    # ------------------------------------------------------------------ training
+
+    def train_fold(self, seed: int, fold: int):
+        """A latent trained on the idioms outside ``fold`` (plus the extra ones), in eval mode."""
+        from vtrans.module import LatentLM
+
+        outside = [it for it, f in zip(self.items, self.folds, strict=True) if f != fold]
+        train = outside + self.extra  # with one fold, nothing is outside it: the extra idioms alone
+        data = self.spec.data
+        datamodule = IdiomDataModule.from_items(
+            train,
+            template=self.eval.template,
+            batch_size=int(data.get("batch_size", 32)),
+            seed=seed,
+            length_bucketed=bool(data.get("length_bucketed", False)),
+        )
+        L.seed_everything(seed, workers=True, verbose=False)
+        module = LatentLM(self.backbone, **self.spec.model)
+        if module.hparams.cache_frozen:
+            module.frozen_cache = self.frozen
+        accelerator = "gpu" if str(self.device).startswith("cuda") else "cpu"
+        with _quiet_lightning():
+            trainer = L.Trainer(
+                max_epochs=self.cfg.epochs or self.spec.max_epochs,
+                accelerator=accelerator,
+                devices=1,
+                precision=self.spec.trainer.get("precision", "32-true"),
+                gradient_clip_val=self.spec.trainer.get("gradient_clip_val"),
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                num_sanity_val_steps=0,
+            )
+            trainer.fit(module, datamodule=datamodule)
+        stats = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        if self.cfg.save_checkpoints:
+            self._ckpt_dir.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(self._ckpt_dir / f"seed{seed}-fold{fold}.ckpt", weights_only=True)
+        return module.eval(), len(train), stats
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, out_dir: str | Path, markdown: str | Path | None = None) -> dict:
+        """Cross-fit, score, and write results.json, scores.jsonl, report.md and the plots."""
+        cfg, ev = self.cfg, self.eval
+        out = Path(out_dir)
+        self._ckpt_dir = out / "checkpoints"
+        start_all = time.perf_counter()
+        names = list(ev.estimators)
+        dropped: dict[str, str] = {}
+        if cfg.folds == 1 and "probe" in names:
+            names.remove("probe")
+            dropped["probe"] = "with one fold no scored item has out-of-fold latent features to fit it on"
+        base = Harness(self.backbone, None, ev, self.progress)
+        families = base.families(names)  # the latent is left out: no module here
+        wants_latent = any(n in NEEDS_LATENT for n in names) or "probe" in names
+        n = len(self.items)
+        _say(
+            f"cross-fitting {n} idioms of {self.data_spec} in {cfg.folds} fold(s) x {len(cfg.seeds)} seed(s)"
+            + (f", +{len(self.extra)} extra training idioms" if self.extra else ""),
+            not self.progress,
+        )
+        eager = "attention_entropy" in names or "probe" in names
+        with _eager_attention(self.backbone.model, eager):
+            prompts, completions, correct = base.label(self.items)
+            seconds = {"forward": base.plain_forward_seconds(prompts, completions)}
+            fixed_families = [f for f in families if f in DETERMINISTIC_FAMILIES]
+            if "lens" not in fixed_families:
+                fixed_families.append("lens")  # every row carries its lens trajectory
+            fixed, fixed_seconds = base.run_families(self.items, prompts, completions, fixed_families, names)
+            seconds.update(fixed_seconds)
+            lens_by_layer = fixed.pop("lens_ce_by_layer")
+            lens_gold = fixed.pop("lens_ce_gold_by_layer", None)
+            by_seed: dict[int, dict[str, torch.Tensor]] = {}
+            fold_log = []
+            for seed in cfg.seeds:
+                ev_seed = EvalConfig(**{**asdict(ev), "seed": seed})
+                harness = Harness(self.backbone, None, ev_seed, self.progress)
+                stochastic = [f for f in families if f not in fixed_families and f != "latent"]
+                scores, sto_seconds = harness.run_families(self.items, prompts, completions, stochastic, names)
+                scores = {**fixed, **scores}
+                if seed == cfg.seeds[0]:
+                    seconds.update(sto_seconds)
+                if wants_latent:
+                    latent_scores, latent_seconds, log = self._latent_scores(seed, names, prompts, completions)
+                    scores.update(latent_scores)
+                    fold_log += log
+                    if seed == cfg.seeds[0]:
+                        seconds["latent"] = latent_seconds
+                if "probe" in names:
+                    t0 = time.perf_counter()
+                    scores["probe"] = self._probe(scores, lens_by_layer, correct)
+                    if seed == cfg.seeds[0]:
+                        seconds["probe_fit"] = time.perf_counter() - t0
+                by_seed[seed] = scores
+        _sync(torch.device(self.device))
+        names = [nm for nm in names if nm in by_seed[cfg.seeds[0]]]
+        for nm in ev.estimators:
+            if nm not in names and nm not in dropped:
+                dropped[nm] = "not computed on this model" if nm not in NEEDS_LATENT else "the latent's prior gives none"
+        results, rows = self._results(names, by_seed, prompts, completions, correct, lens_by_layer, lens_gold, seconds)
+        results["dropped"] = dropped
+        results["fold_training"] = fold_log
+        results["seconds_total"] = time.perf_counter() - start_all
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_scores_jsonl(out / "scores.jsonl", rows)
+        report.write_results_json(out / "results.json", results)
+        plots = report.plot_all(out, rows, results)
+        plots += report.plot_seed_forest(out, results)
+        md = Path(markdown) if markdown else out / "report.md"
+        report.write_crossval_md(md, results, [str(Path(_relpath(out / p, md.parent))) for p in plots])
+        if md != out / "report.md":
+            report.write_crossval_md(out / "report.md", results, plots)
+        return results
+
+    def _latent_scores(self, seed: int, names: list[str], prompts, completions):
+        """Out-of-fold latent scores of every item for one seed, the seconds spent scoring, and a log per fold."""
+        n, collected, seconds, log = len(self.items), {}, 0.0, []
+        latent_names = [nm for nm in names if nm in NEEDS_LATENT] or ["posterior_var"]
+        if "probe" in names:
+            latent_names = sorted(set(latent_names) | set(LATENT_FEATURES))
+        for fold in range(self.cfg.folds):
+            t0 = time.perf_counter()
+            module, n_train, stats = self.train_fold(seed, fold)
+            trained = time.perf_counter() - t0
+            idx = [i for i, f in enumerate(self.folds) if f == fold]
+            harness = Harness(self.backbone, module, EvalConfig(**{**asdict(self.eval), "seed": seed}), progress=False)
+            t1 = time.perf_counter()
+            part, _ = harness.run_families(
+                [self.items[i] for i in idx],
+                [prompts[i] for i in idx],
+                [completions[i] for i in idx],
+                ["latent"],
+                latent_names,
+                gold=False,
+            )
+            seconds += time.perf_counter() - t1
+            for key, value in part.items():
+                collected.setdefault(key, torch.full((n,), float("nan")))[idx] = value
+            entry = {"seed": seed, "fold": fold, "n_train": n_train, "n_scored": len(idx), "train_seconds": trained}
+            entry.update({k: stats[k] for k in ("kl", "nll", "active_units") if k in stats})
+            log.append(entry)
+            _say(
+                f"  seed {seed} fold {fold + 1}/{self.cfg.folds}: trained on {n_train} idioms in {trained:.0f} s "
+                f"(KL {stats.get('kl', math.nan):.2f} nats/item, {stats.get('active_units', math.nan):.0f} active units), "
+                f"scored {len(idx)}",
+                not self.progress,
+            )
+            del module
+        return collected, seconds, log
+
+    def _probe(self, scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor, correct: list[bool]) -> torch.Tensor:
+        """Cross-fitted probe scores: fold f's probe is fitted on the other folds' items (their own out-of-fold features)."""
+        x, names = probe.features(scores, lens_by_layer)
+        errors = torch.tensor([not c for c in correct], dtype=torch.float32)
+        folds = torch.tensor(self.folds)
+        result = torch.full((len(correct),), float("nan"))
+        for fold in range(self.cfg.folds):
+            inside = folds == fold
+            try:
+                fitted = probe.fit(x[~inside], errors[~inside], names)
+            except ValueError:  # all of one class outside this fold: no probe for it
+                continue
+            result[inside] = fitted.predict(x[inside])
+        return result
+
+    # ------------------------------------------------------------------ results
+
+    def _results(self, names, by_seed, prompts, completions, correct, lens_by_layer, lens_gold, seconds):
+        cfg = self.cfg
+        errors = np.array([0.0 if c else 1.0 for c in correct])
+        first = cfg.seeds[0]
+        costs = _costs(seconds, names)
+        per_seed = {
+            seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
+        }
+        aurocs = {nm: [_auroc(per_seed[s][nm], errors) for s in cfg.seeds] for nm in names}
+        cheap = [nm for nm in CHEAP_BASELINES if nm in names]
+        reference = max(cheap, key=lambda nm: np.nan_to_num(_nanmean(aurocs[nm]), nan=-1.0)) if cheap else names[0]
+        rows = []
+        for i, item in enumerate(self.items):
+            row = {
+                "idiom": item.idiom,
+                "prompt": prompts[i],
+                "target": item.target,
+                "completion": completions[i].text.strip(),
+                "completion_word": completions[i].word,
+                "correct": bool(correct[i]),
+                "fold": self.folds[i],
+                "scores": {nm: float(per_seed[first][nm][i]) for nm in names},
+                "scores_by_seed": {str(s): {nm: float(per_seed[s][nm][i]) for nm in names} for s in cfg.seeds[1:]},
+                "lens_ce_by_layer": lens_by_layer[i].tolist(),
+            }
+            if lens_gold is not None:
+                row["lens_ce_gold_by_layer"] = lens_gold[i].tolist()
+            rows.append(row)
+        results = report.build_results(
+            self.backbone.name,
+            rows,
+            costs,
+            n_boot=self.eval.n_boot,
+            seed=0,
+            reference=reference,
+            extra={
+                "protocol": {
+                    "kind": "cross-fitted",
+                    "folds": cfg.folds,
+                    "seeds": cfg.seeds,
+                    "fold_seed": cfg.fold_seed,
+                    "training_config": cfg.config,
+                    "data": self.data_spec,
+                    "extra_train": cfg.extra_train,
+                    "n_extra_train": len(self.extra),
+                    "epochs": cfg.epochs or self.spec.max_epochs,
+                    "latent": self.spec.model,
+                    "backbone": self.spec.backbone,
+                },
+                "config": asdict(self.eval),
+                "seconds": seconds,
+            },
+        )
+        for nm in names:
+            values = np.array(aurocs[nm], dtype=float)
+            results["estimators"][nm]["seeds"] = {
+                "auroc": values.tolist(),
+                "mean": _nanmean(values),
+                "sd": _nansd(values),
+            }
+            if nm != reference and nm in results["paired_vs_reference"]:
+                deltas = values - np.array(aurocs[reference])
+                results["paired_vs_reference"][nm]["seeds"] = {
+                    "delta": deltas.tolist(),
+                    "mean": _nanmean(deltas),
+                    "sd": _nansd(deltas),
+                }
+        return results, rows
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's per-Trainer info lines (accelerators, tips, "max_epochs reached"), once per fold, hidden."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _nansd(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else float("nan")
+
+
+def _auroc(scores: np.ndarray, errors: np.ndarray) -> float:
+    from vtrans import metrics
+
+    keep = ~np.isnan(scores)
+    return metrics.auroc(scores[keep], errors[keep]) if keep.any() else float("nan")
+
+
+def _costs(seconds: dict[str, float], names: list[str]) -> dict[str, dict[str, float]]:
+    forward = max(seconds.get("forward", 0.0), 1e-9)
+    costs = {}
+    for nm in names:
+        if nm == "probe":
+            families = [f for f in PROBE_FAMILIES if f in seconds] + ["probe_fit"]
+        else:
+            families = [family_of(nm)]
+        total = sum(seconds.get(f, float("nan")) for f in families)
+        costs[nm] = {"seconds": total, "cost_forward_equiv": total / forward}
+    return costs
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target, start)
+
+
+def crossval(cfg: CrossvalConfig, out_dir: str | Path, markdown: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Run the cross-fitted comparison and write its files; returns results.json's content."""
+    try:
+        return CrossFit(cfg, device, progress).run(out_dir, markdown)
+    except KeyError as err:  # an estimator name the registry does not know
+        raise UserError(f"unknown estimator {err}: choose from {', '.join(NAMES)}") from None
+
