@@ -1,14 +1,16 @@
 """Search for a latent that tells wrong completions apart: priors, injection layers, sizes, β, free bits.
 
 Everything that does not depend on the latent is computed once: the base model's completions
-and labels on the evaluated split, the reference estimators (``lens_ce``, ``msp``), and, per
+and labels on the validation and test splits, the reference estimators (``lens_ce``, ``msp``), and, per
 injection layer, the frozen backbone's per-item states for training (``vtrans.frozen``). Each
 variant then trains only its latent and scores the evaluated items with the latent estimators.
 
     python experiments/sweep.py --out docs/sweep           # the built-in grid on SmolLM2
     python experiments/sweep.py --model tiny-gpt2 --epochs 1 --max-variants 2 --out /tmp/sweep
 
-Writes ``OUT/sweep.json`` and ``OUT/sweep.md`` (a table sorted by the best latent AUROC).
+The setting and the estimator are chosen by validation AUROC (the latents train on the train
+split); the test split is scored once, for the chosen one. Writes ``OUT/sweep.json`` and
+``OUT/sweep.md`` (the validation table, sorted by the best latent AUROC, and the chosen test figure).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import torch
 from vtrans import metrics
 from vtrans.backbones import Backbone
 from vtrans.data import IdiomDataModule, load_split
-from vtrans.estimators import latent as latent_estimators
 from vtrans.evaluate import EvalConfig, Harness
 from vtrans.frozen import FrozenCache
 from vtrans.module import LatentLM
 
 LATENT = ("posterior_var", "latent_mi", "latent_kl")
 REFERENCE = ("lens_ce", "msp", "entropy", "lens_area")
+CHEAP = ("msp", "entropy")
 
 
 def grid(n_layers: int) -> list[dict]:
@@ -72,11 +74,17 @@ def train_variant(backbone, caches: dict, hp: dict, epochs: int, seed: int, log_
     return module.eval(), logged
 
 
+def _latent_summaries(backbone, module, config, scored, errors, n_boot, seed) -> dict:
+    """Each latent estimator's metrics on the items of ``scored`` (completions already made)."""
+    harness = Harness(backbone, module, config, progress=False)
+    scores, _ = harness.run_families(scored.items, scored.prompts, scored.completions, ["latent"], list(LATENT), gold=False)
+    return {name: (s, metrics.summarize(s, errors, n_boot, seed)) for name, s in scores.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--split", default="test")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -87,48 +95,64 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     backbone = Backbone(args.model, attn_implementation="sdpa")
-    config = EvalConfig(data="builtin", split=args.split, samples=args.samples, n_boot=args.n_boot)
-    items = load_split("builtin", args.split)
+    config = EvalConfig(data="builtin", samples=args.samples, n_boot=args.n_boot, seed=args.seed)
     base = Harness(backbone, None, config, progress=False)
-    reference = base.score(items, list(REFERENCE))
-    errors = torch.tensor([not c for c in reference.correct], dtype=torch.long)
-    print(f"{len(items)} items, accuracy {1 - errors.float().mean():.3f}", flush=True)
-    rows = {name: metrics.summarize(reference.scores[name], errors, args.n_boot, args.seed) for name in REFERENCE}
+    splits = {}
+    for split in ("val", "test"):
+        scored = base.score(load_split("builtin", split), list(REFERENCE))
+        errors = torch.tensor([not c for c in scored.correct], dtype=torch.long)
+        splits[split] = (scored, errors)
+        print(f"{split}: {len(scored.items)} items, accuracy {1 - errors.float().mean():.3f}", flush=True)
+    val, val_errors = splits["val"]
+    reference = {name: metrics.summarize(val.scores[name], val_errors, args.n_boot, args.seed) for name in REFERENCE}
 
     caches: dict[int, FrozenCache] = {}
-    results = []
+    results, modules = [], []
     variants = grid(backbone.n_layers)[: args.max_variants]
     for i, hp in enumerate(variants):
         start = time.perf_counter()
         module, logged = train_variant(backbone, caches, hp, args.epochs, args.seed, out / "logs")
-        harness = Harness(backbone, module, config, progress=False)
-        scores: dict[str, list[torch.Tensor]] = {}
-        for _, enc in harness._encoded_batches(reference.prompts, reference.completions):
-            for key, value in latent_estimators.scores(module, enc, args.samples, args.seed).items():
-                scores.setdefault(key, []).append(value.float().cpu())
-        entry = {"variant": hp, "val": logged, "seconds": time.perf_counter() - start, "estimators": {}}
-        for name, parts in scores.items():
-            s = torch.cat(parts)
-            summary = metrics.summarize(s, errors, args.n_boot, args.seed)
-            summary["vs_lens_ce"] = metrics.paired_bootstrap(
-                metrics.auroc, s, reference.scores["lens_ce"], errors, args.n_boot, args.seed
-            )
-            entry["estimators"][name] = summary
+        summaries = _latent_summaries(backbone, module, config, val, val_errors, args.n_boot, args.seed)
+        entry = {
+            "variant": hp,
+            "val": logged,
+            "seconds": time.perf_counter() - start,
+            "estimators": {name: summary for name, (_, summary) in summaries.items()},
+        }
         results.append(entry)
+        modules.append(module)
         best = max(entry["estimators"].items(), key=lambda kv: _nan_low(kv[1]["auroc"]))
         print(
-            f"[{i + 1}/{len(variants)}] {hp} -> best {best[0]} AUROC {best[1]['auroc']:.3f} "
+            f"[{i + 1}/{len(variants)}] {hp} -> best on val {best[0]} AUROC {best[1]['auroc']:.3f} "
             f"(val KL {logged.get('val/kl_item', float('nan')):.2f}, active {logged.get('val/active_units', 0):.0f}) "
             f"in {entry['seconds']:.0f}s",
             flush=True,
         )
+    # the choice: the (variant, estimator) with the best validation AUROC; its test figure, once
+    chosen_i, chosen_name = max(
+        ((i, name) for i, e in enumerate(results) for name in e["estimators"]),
+        key=lambda pair: _nan_low(results[pair[0]]["estimators"][pair[1]]["auroc"]),
+    )
+    test, test_errors = splits["test"]
+    test_scores = _latent_summaries(backbone, modules[chosen_i], config, test, test_errors, args.n_boot, args.seed)
+    chosen_scores, chosen_summary = test_scores[chosen_name]
+    cheap = max(CHEAP, key=lambda n: _nan_low(metrics.auroc(test.scores[n], test_errors)))
+    chosen_summary["vs_best_cheap"] = {
+        "baseline": cheap,
+        "baseline_auroc": metrics.auroc(test.scores[cheap], test_errors),
+        **metrics.paired_bootstrap(metrics.auroc, chosen_scores, test.scores[cheap], test_errors, args.n_boot, args.seed),
+    }
     summary = {
         "model": args.model,
-        "n": len(items),
-        "accuracy": float(1 - errors.float().mean()),
+        "selected_on": "val",
+        "n_val": len(val.items),
+        "n_test": len(test.items),
+        "accuracy_val": float(1 - val_errors.float().mean()),
+        "accuracy_test": float(1 - test_errors.float().mean()),
         "epochs": args.epochs,
-        "reference": rows,
+        "reference_val": reference,
         "variants": results,
+        "chosen": {"variant": results[chosen_i]["variant"], "estimator": chosen_name, "test": chosen_summary},
     }
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "sweep.md").write_text(markdown(summary, " ".join(["python experiments/sweep.py", *(argv or [])])))
@@ -140,25 +164,40 @@ def _nan_low(x: float) -> float:
     return -1.0 if x != x else x
 
 
+def _ci(r: dict) -> str:
+    return f"{r['auroc']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}]"
+
+
 def markdown(summary: dict, command: str) -> str:
+    chosen = summary["chosen"]
+    v, t = chosen["variant"], chosen["test"]
+    d = t["vs_best_cheap"]
     lines = [
-        f"# Latent sweep on {summary['model']} ({summary['n']} test idioms, accuracy {summary['accuracy']:.3f})",
+        f"# Latent sweep on {summary['model']}: chosen on validation, tested once",
         "",
-        f"Command: `{command}` ({summary['epochs']} epochs per variant).",
+        f"Command: `{command}` ({summary['epochs']} epochs per variant). Every latent trains on the built-in "
+        f"train split. **Every figure in the table is on the validation split** ({summary['n_val']} idioms, "
+        f"accuracy {summary['accuracy_val']:.3f}), and the setting and estimator with the best validation AUROC "
+        f"are chosen there. The test split ({summary['n_test']} idioms) is read once, for the chosen one only.",
         "",
-        "Reference estimators (no latent):",
+        f"**Chosen:** {v['prior']} prior, layer {v['layer']}, d_z {v['d_z']}, β {v['beta']}, free bits "
+        f"{v['free_bits']}, estimator `{chosen['estimator']}`. **Test AUROC {_ci(t)}**; paired against the best "
+        f"cheap baseline on test (`{d['baseline']}`, {d['baseline_auroc']:.3f}): "
+        f"Δ {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}].",
         "",
-        "| estimator | AUROC [95% CI] |",
+        "Reference estimators on the validation split (no latent):",
+        "",
+        "| estimator | val AUROC [95% CI] |",
         "|---|---|",
     ]
-    for name, r in summary["reference"].items():
-        lines.append(f"| `{name}` | {r['auroc']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}] |")
+    for name, r in summary["reference_val"].items():
+        lines.append(f"| `{name}` | {_ci(r)} |")
     lines += [
         "",
         "| prior | layer | d_z | β | free bits | val KL/item | active units | "
-        + " | ".join(f"`{n}` AUROC [95% CI]" for n in LATENT)
-        + " | best Δ vs `lens_ce` [95% CI] |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(LATENT) + "---|",
+        + " | ".join(f"`{n}` val AUROC [95% CI]" for n in LATENT)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(LATENT),
     ]
     order = sorted(
         summary["variants"],
@@ -166,17 +205,12 @@ def markdown(summary: dict, command: str) -> str:
     )
     for e in order:
         v, val = e["variant"], e["val"]
-        cells = []
-        for name in LATENT:
-            r = e["estimators"].get(name)
-            cells.append("—" if r is None else f"{r['auroc']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}]")
-        best_name, best = max(e["estimators"].items(), key=lambda kv: _nan_low(kv[1]["auroc"]))
-        d = best["vs_lens_ce"]
+        cells = ["—" if e["estimators"].get(name) is None else _ci(e["estimators"][name]) for name in LATENT]
         lines.append(
             f"| {v['prior']} | {v['layer']} | {v['d_z']} | {v['beta']} | {v['free_bits']} | "
             f"{val.get('val/kl_item', float('nan')):.2f} | {val.get('val/active_units', float('nan')):.0f} | "
             + " | ".join(cells)
-            + f" | `{best_name}` {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |"
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
