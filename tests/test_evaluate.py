@@ -292,6 +292,8 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
         torch.manual_seed(0)
         module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
     monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": module)
+    monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
+    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: None)
     config = EvalConfig(
         data=f"txt:{idiom_files['mixed']}", estimators=["posterior_var", "latent_mi", "latent_kl"], samples=3, n_boot=100
     )

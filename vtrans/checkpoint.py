@@ -141,3 +141,28 @@ def load(path: str | Path, device: str | torch.device = "cpu", backbone: Backbon
 def template_of(path: str | Path) -> str | None:
     """The prompt template the latent was trained with, if the checkpoint records one."""
     return read(path).get("datamodule_hyper_parameters", {}).get("template")
+
+
+SPLIT_KEYS = ("seed", "val_fraction", "test_fraction")
+
+
+def trained_idiom_hashes(path: str | Path) -> set[str] | None:
+    """The idioms the checkpoint's latent was trained on, as ``vtrans.data.idiom_hash`` values.
+
+    Returns:
+        The set of hashes; None for a checkpoint written before they were recorded.
+    """
+    from vtrans.data import IdiomDataModule
+
+    state = read(path).get(IdiomDataModule.__qualname__)
+    hashes = state.get("train_idiom_hashes") if isinstance(state, dict) else None
+    if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+        return None
+    return set(hashes)
+
+
+def split_settings(path: str | Path) -> dict:
+    """The data settings the latent was trained with: ``data`` and the split's ``seed``,
+    ``val_fraction`` and ``test_fraction``, those the checkpoint records (none for an older one)."""
+    hparams = read(path).get("datamodule_hyper_parameters", {})
+    return {k: hparams[k] for k in ("data", *SPLIT_KEYS) if k in hparams}

@@ -103,8 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sample", action="store_true", help="sample completions instead of greedy decoding")
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--seed", type=int, default=0)
+    _agreement_arguments(ev)
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ev.add_argument("--max-items", type=int, default=None)
+    ev.add_argument(
+        "--keep-seen", action="store_true", help="keep items whose idiom the checkpoint's latent was trained on (default: left out)"
+    )
+    ev.add_argument("--split-seed", type=int, default=None, help="seed of the idiom split (default: the checkpoint's, else 0)")
+    ev.add_argument("--val-fraction", type=float, default=None, help="validation fraction (default: the checkpoint's, else 0.15)")
+    ev.add_argument("--test-fraction", type=float, default=None, help="test fraction (default: the checkpoint's, else 0.15)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(run=run_evaluate)
@@ -163,11 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
     sc.add_argument("--max-new-tokens", type=int, default=6)
     sc.add_argument("--seed", type=int, default=0)
+    _agreement_arguments(sc)
     sc.add_argument("--batch-size", type=int, default=32)
     sc.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     sc.add_argument("--quiet", action="store_true", help="no progress bar and no warnings")
     sc.set_defaults(run=run_score)
     return parser
+
+
+def _agreement_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agreement-samples", "-K", type=int, default=10, help="sampled completions per prompt for sample_* (default 10)"
+    )
+    parser.add_argument(
+        "--agreement-temperature", type=float, default=1.0, help="their sampling temperature (default 1.0)"
+    )
 
 
 def resolve_device(name: str) -> str:
@@ -204,6 +221,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         n_boot=args.n_boot,
         max_items=args.max_items,
+        keep_seen=args.keep_seen,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        agreement_samples=args.agreement_samples,
+        agreement_temperature=args.agreement_temperature,
     )
     results = evaluate(
         config, args.out, ckpt=args.ckpt, model=args.model, device=resolve_device(args.device), progress=not args.quiet
@@ -213,6 +236,16 @@ def run_evaluate(args: argparse.Namespace) -> None:
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
         print(f"warning: not run: {', '.join(names)}: {why}", file=sys.stderr)
+    if args.ckpt and results["seen"] is None:
+        print("warning: the checkpoint does not record its training idioms: cannot leave them out", file=sys.stderr)
+    elif results["seen_left_out"]:
+        print(
+            f"warning: left out {results['seen_left_out']} of {results['seen_of']} idioms the latent was trained on "
+            "(--keep-seen keeps them)",
+            file=sys.stderr,
+        )
+    elif results["seen"]:
+        print(f"warning: kept {results['seen']} idioms the latent was trained on (--keep-seen)", file=sys.stderr)
     print(format_table(results))
     print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots")
 
@@ -276,6 +309,8 @@ def run_score(args: argparse.Namespace) -> None:
         samples=args.samples,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        agreement_samples=args.agreement_samples,
+        agreement_temperature=args.agreement_temperature,
         long_prompts=args.long_prompts,
         quiet=args.quiet,
     )

@@ -247,6 +247,21 @@ def _idiom_key(idiom: str) -> str:
     return " ".join(word for word in map(normalize_word, idiom.split()) if word)
 
 
+def idiom_hash(idiom: str) -> str:
+    """A short stable hash of the normalised idiom: what a checkpoint records of its training idioms.
+
+    Matches an idiom however it is written (case, punctuation, curly apostrophes) without keeping
+    its text; ``person`` keeps it apart from the split hash (see :func:`split_items`).
+
+    Args:
+        idiom: The idiom as written.
+
+    Returns:
+        16 hex characters (blake2b, 8 bytes) of the idiom's normalised form.
+    """
+    return hashlib.blake2b(_idiom_key(idiom).encode(), digest_size=8, person=b"vtrans-idiom").hexdigest()
+
+
 def load_idioms(spec: str) -> list[IdiomItem]:
     """All items of a data spec, deduplicated by normalised idiom, in file order.
 
@@ -422,7 +437,10 @@ class EpochShuffle(RandomSampler):
 class IdiomDataModule(L.LightningDataModule):
     """Idiom-completion batches: dicts of lists of str with keys idiom, prefix, target, prompt.
 
-    Tokenisation happens in the LightningModule. ``predict`` uses the test split.
+    Tokenisation happens in the LightningModule. ``predict`` uses the test split. Its
+    ``state_dict`` (which Lightning saves into every checkpoint, under the class name) records the
+    idioms the latent was trained on, as sorted :func:`idiom_hash` values, so that evaluation can
+    leave them out whatever the training data was.
     """
 
     def __init__(
@@ -467,6 +485,7 @@ class IdiomDataModule(L.LightningDataModule):
             raise ValueError(f"max_items={max_items}; use at least 1, or None to keep every item")
         self.save_hyperparameters()
         self.items: dict[str, list[IdiomItem]] = {}
+        self.trained_before: set[str] = set()  # hashes from the checkpoint a run resumes from
 
     @classmethod
     def from_items(
@@ -507,6 +526,15 @@ class IdiomDataModule(L.LightningDataModule):
             raise DataError(
                 f"the train split of {self.hparams.data!r} is empty; use more idioms or smaller val/test fractions"
             )
+
+    def state_dict(self) -> dict[str, list[str]]:
+        """The training idioms, hashed: this run's train split (as loaded, after ``max_items``) and a resumed run's."""
+        trained = self.trained_before | {idiom_hash(item.idiom) for item in self.items.get("train", [])}
+        return {"train_idiom_hashes": sorted(trained)} if trained else {}
+
+    def load_state_dict(self, state_dict: dict[str, list[str]]) -> None:
+        """Keep the training idioms of the checkpoint a run resumes from: the latent has seen them too."""
+        self.trained_before = set(state_dict.get("train_idiom_hashes", []))
 
     def _sampler(self, rows: list[dict[str, str]]) -> EpochShuffle:
         if not self.hparams.get("length_bucketed", False):

@@ -21,9 +21,17 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans import report
-from vtrans.data import DEFAULT_TEMPLATE, IdiomItem, load_split, parse_spec, render_prompt, validate_template
+from vtrans.data import (
+    DEFAULT_TEMPLATE,
+    IdiomItem,
+    idiom_hash,
+    load_split,
+    parse_spec,
+    render_prompt,
+    validate_template,
+)
 from vtrans.errors import ConfigError
-from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
+from vtrans.estimators import attention, baselines, lens, mc_dropout, probe, sampling
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.registry import FAMILIES, NAMES, NEEDS_LATENT, family_of
 from vtrans.generate import Completion, complete, is_correct
@@ -58,6 +66,14 @@ class EvalConfig:
         seed: seed for sampling, dropout masks, z samples and the bootstrap.
         n_boot: bootstrap resamples.
         max_items: evaluate at most this many items (None = all).
+        keep_seen: keep items whose idiom the checkpoint's latent was trained on (default: leave them out).
+        split_seed: seed of the idiom split; None: the checkpoint's (else 0). One that differs from
+            the checkpoint's is refused: its train split would leak into the evaluated one.
+        val_fraction: fraction of idioms in the validation split; None: the checkpoint's (else 0.15).
+        test_fraction: fraction of idioms in the test split; None: the checkpoint's (else 0.15).
+        agreement_samples: completions K sampled per prompt for ``sample_disagreement`` and
+            ``sample_word_entropy``.
+        agreement_temperature: sampling temperature of those K completions.
     """
 
     data: str = "builtin"
@@ -76,6 +92,12 @@ class EvalConfig:
     seed: int = 0
     n_boot: int = 1000
     max_items: int | None = None
+    keep_seen: bool = False
+    split_seed: int | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    agreement_samples: int = 10
+    agreement_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.estimators if n not in NAMES]
@@ -93,6 +115,8 @@ class EvalConfig:
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.n_boot >= 100, f"n_boot must be >= 100, got {self.n_boot}"),
             (self.max_items is None or self.max_items >= 1, f"max_items must be >= 1, got {self.max_items}"),
+            (self.agreement_samples >= 2, f"agreement_samples must be >= 2, got {self.agreement_samples}"),
+            (self.agreement_temperature > 0, f"agreement_temperature must be > 0, got {self.agreement_temperature}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -178,6 +202,32 @@ class Harness:
             return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed, mi=mi)
         raise KeyError(family)
 
+    def _family_parts(
+        self, family: str, prompts: list[str], completions: list[Completion], gold, names, progress=None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """A family's scores, part by part: per encoded batch, or all at once for ``sampling``, which
+        reads the prompts and the greedy completions instead."""
+        cfg = self.config
+        if family == "sampling":
+            yield sampling.scores(
+                self.model,
+                self.tokenizer,
+                prompts,
+                completions,
+                k=cfg.agreement_samples,
+                temperature=cfg.agreement_temperature,
+                seed=sampling.sample_seed(cfg.seed),
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
+            return
+        fn = self._family_fn(family, gold, names)
+        for first, enc in self._encoded_batches(prompts, completions):
+            yield fn(enc, slice(first, first + enc.input_ids.shape[0]))
+            if progress is not None:
+                progress(enc.input_ids.shape[0])
+
     @torch.no_grad()
     def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
         """The unit of cost: a plain Hugging Face forward over the same batches."""
@@ -231,13 +281,11 @@ class Harness:
         seconds: dict[str, float] = {}
         torch.manual_seed(self.config.seed)
         for family in families:
-            fn = self._family_fn(family, gold_ids, names)
             start = time.perf_counter()
             with self._bar(len(prompts), family) as bar:
-                for first, enc in self._encoded_batches(prompts, completions):
-                    for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
+                for part in self._family_parts(family, prompts, completions, gold_ids, names, bar.update):
+                    for key, value in part.items():
                         collected[key].append(value.detach().float().cpu())
-                    bar.update(enc.input_ids.shape[0])
             _sync(self.device)
             seconds[family] = time.perf_counter() - start
         return {k: torch.cat(v) for k, v in collected.items()}, seconds
@@ -290,9 +338,8 @@ class Harness:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
             for family in self.families(names):
-                fn = self._family_fn(family, None, names)
-                for first, enc in self._encoded_batches(prompts, completions):
-                    for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
+                for part in self._family_parts(family, prompts, completions, None, names):
+                    for key, value in part.items():
                         collected[key].append(value.detach().float().cpu())
         return completions, {k: torch.cat(v) for k, v in collected.items()}
 
@@ -337,16 +384,71 @@ def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored)
     return fitted.predict(x_eval)
 
 
-def probe_train_items(config: EvalConfig) -> list[IdiomItem] | None:
+def probe_train_items(config: EvalConfig, settings: dict | None = None) -> list[IdiomItem] | None:
     """The items the probe may learn from: the train split of the same data, never the evaluated one.
 
-    None when the evaluated items are the train split (or all items): nothing is left to learn from.
+    ``settings`` holds the split settings the evaluated items were split with (see
+    :func:`split_settings`; default: the config's, else 0/0.15/0.15). None when the evaluated items
+    are the train split (or all items): nothing is left to learn from.
     """
     kind, arg = parse_spec(config.data)
     split = (arg if kind == "builtin" else None) or config.split  # a file spec's arg is its path
     if split in ("train", "all"):
         return None
-    return load_split("builtin" if kind == "builtin" else config.data, "train")
+    return load_split("builtin" if kind == "builtin" else config.data, "train", **(settings or split_settings(config)))
+
+
+def split_settings(config: EvalConfig, recorded: dict | None = None) -> dict:
+    """The split to evaluate with: ``load_split``'s ``seed``, ``val_fraction`` and ``test_fraction``.
+
+    Args:
+        config: its ``split_seed``, ``val_fraction`` and ``test_fraction``, where set.
+        recorded: the checkpoint's (``vtrans.checkpoint.split_settings``): they apply where the
+            config sets none, so that ``builtin:test`` is the test split the latent was kept from.
+
+    Raises:
+        ConfigError: a setting given in ``config`` that differs from the checkpoint's.
+    """
+    recorded = recorded or {}
+    given = {"seed": config.split_seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
+    defaults = {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
+    for key, value in given.items():
+        if value is not None and key in recorded and value != recorded[key]:
+            name = "split_seed" if key == "seed" else key
+            raise ConfigError(
+                f"{name}={value} differs from the checkpoint's {key}={recorded[key]}: its training idioms would "
+                f"fall into the evaluated split; leave {name} unset to split as the latent was trained"
+            )
+    return {key: value if value is not None else recorded.get(key, defaults[key]) for key, value in given.items()}
+
+
+def leave_out_seen(
+    items: list[IdiomItem], trained: set[str] | None, keep: bool, data: str
+) -> tuple[list[IdiomItem], int | None]:
+    """The items to evaluate and how many of them the latent was trained on.
+
+    Args:
+        items: the evaluated items.
+        trained: the checkpoint's training idioms (``vtrans.checkpoint.trained_idiom_hashes``);
+            None when it does not record them (nothing is left out).
+        keep: keep the seen items (``keep_seen``).
+        data: the data spec, for the error message.
+
+    Raises:
+        ConfigError: every item is one the latent was trained on, and ``keep`` is off.
+    """
+    if trained is None:
+        return items, None
+    unseen = [it for it in items if idiom_hash(it.idiom) not in trained]
+    seen = len(items) - len(unseen)
+    if keep:
+        return items, seen
+    if not unseen:
+        raise ConfigError(
+            f"all {seen} idioms of {data} were in the latent's training data: evaluate it on idioms it has "
+            "not seen (or --keep-seen to score them anyway)"
+        )
+    return unseen, seen
 
 
 def evaluate(
@@ -362,7 +464,11 @@ def evaluate(
     from vtrans.backbones import Backbone
 
     out = Path(out_dir)
-    items = load_split(config.data, config.split)
+    split = split_settings(config, checkpoint.split_settings(ckpt) if ckpt is not None else None)
+    items = load_split(config.data, config.split, **split)
+    trained = checkpoint.trained_idiom_hashes(ckpt) if ckpt is not None else None
+    checked = len(items)
+    items, seen = leave_out_seen(items, trained, config.keep_seen, config.data)
     if config.max_items:
         items = items[: config.max_items]
     if len(items) < 2:
@@ -388,7 +494,7 @@ def evaluate(
         if "probe" in names:
             start = time.perf_counter()
             try:
-                train_items = probe_train_items(config)
+                train_items = probe_train_items(config, split)
                 if train_items is None:
                     raise ProbeUnfittable("the evaluated items include the train split: none are left to fit it on")
                 scored.scores["probe"] = fit_probe(harness, train_items, scored)
@@ -404,6 +510,11 @@ def evaluate(
         "latent": None if module is None else dict(module.hparams),
         "seconds": scored.seconds,
         "dropped": dropped,
+        "split": split,
+        "seen": seen,  # items of the data whose idiom the latent was trained on (None: not checked)
+        "seen_of": checked,
+        "seen_left_out": None if seen is None else (0 if config.keep_seen else seen),
+        "keep_seen": config.keep_seen,
     }
     results = report.build_results(model_name, rows, costs, n_boot=config.n_boot, seed=config.seed, extra=extra)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,9 +55,8 @@ def complete(
     """
     device = next(model.parameters()).device
     out: list[Completion] = []
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the global state is left as it was
+        torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
@@ -79,8 +78,6 @@ def complete(
                 out.append(Completion(text, word, first, tuple(ids[: max(n, 1)]) if ids else (first,)))
             if progress is not None:
                 progress(len(chunk))
-    finally:
-        torch.random.set_rng_state(generator_state)
     return out
 
 

@@ -315,6 +315,23 @@ estimators compared).
 """
 
 
+def _seen_sentence(results: dict[str, Any]) -> str | None:
+    """What the report says about idioms the checkpoint's latent was trained on (None: no checkpoint)."""
+    if not results.get("ckpt"):
+        return None
+    seen = results.get("seen")
+    if seen is None:
+        return "The checkpoint does not record its training idioms: items it was trained on could not be left out."
+    if results.get("keep_seen"):
+        return (
+            f"{seen} of these items have idioms the latent was trained on and are included (`--keep-seen`): "
+            "their latent scores are in-sample."
+        )
+    if not seen:
+        return "None of the evaluated idioms was in the latent's training data."
+    return f"{seen} items whose idiom the latent was trained on were left out (`--keep-seen` keeps them)."
+
+
 def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
     """Write a human-readable markdown report.
 
@@ -330,6 +347,9 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
         f"**{n} items**, accuracy **{_fmt(accuracy)}** (base error rate {_fmt(1 - accuracy)}).",
         _markdown_table(results),
     ]
+    seen = _seen_sentence(results)
+    if seen:
+        parts.insert(2, seen)
     partial = {name: m["n"] for name, m in results["estimators"].items() if m.get("n", n) != n}
     if partial:
         listed = ", ".join(f"`{name}` (n={k})" for name, k in partial.items())

@@ -229,6 +229,8 @@ class Scorer:
         samples: int = 32,
         max_new_tokens: int = 6,
         seed: int = 0,
+        agreement_samples: int = 10,
+        agreement_temperature: float = 1.0,
         long_prompts: LongPrompts = "truncate",
         quiet: bool = False,
     ) -> None:
@@ -246,6 +248,8 @@ class Scorer:
             samples: samples of z for ``latent_mi``.
             max_new_tokens: generation budget for the completion word.
             seed: seed of the dropout masks and z samples (the global random state is untouched).
+            agreement_samples: completions K sampled per prompt for ``sample_*``.
+            agreement_temperature: their sampling temperature.
             long_prompts: ``truncate`` (from the left, with a warning) or ``refuse`` (an error record).
             quiet: no progress bar and no warnings on stderr.
         """
@@ -264,6 +268,8 @@ class Scorer:
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            agreement_samples=agreement_samples,
+            agreement_temperature=agreement_temperature,
         )
         self.module, self.names, self.template = module, names, template
         self.batch_size, self.long_prompts, self.quiet = batch_size, long_prompts, quiet

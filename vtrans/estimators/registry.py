@@ -6,6 +6,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "lens": ("lens_ce", "lens_area"),
     "mc_dropout": ("mc_dropout_var", "mc_dropout_entropy", "mc_dropout_mi"),
     "latent": ("posterior_var", "latent_mi", "latent_kl"),
+    "sampling": ("sample_disagreement", "sample_word_entropy"),  # K sampled words vs the greedy one
     "probe": ("probe",),
 }
 NAMES: tuple[str, ...] = tuple(name for names in FAMILIES.values() for name in names)

@@ -1,0 +1,94 @@
+"""Sampled-word agreement: LM-Polygraph's black-box baseline, which needs no latent and no internals.
+
+K completions are sampled per prompt (temperature ``temperature``, a seed of their own) and
+compared with the greedy completion *as words* (:func:`vtrans.data.first_word`, as
+``Completion.word``), so "Cake." and "cake" agree:
+
+- ``sample_disagreement`` = 1 − (share of the K sampled words equal to the greedy word);
+- ``sample_word_entropy`` = entropy in nats of the distribution of the K sampled words.
+
+Both are higher when the model is less sure. A completion with no word counts as the word ``""``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vtrans.data import first_word
+from vtrans.generate import Completion, complete
+
+
+def sample_seed(seed: int) -> int:
+    """The seed of the K samples: apart from ``seed``, which a sampled (non-greedy) completion uses."""
+    return (seed * 1_000_003 + 7_919) % 2**31
+
+
+def word_scores(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+    """Agreement of sampled words with the greedy word, per prompt.
+
+    Args:
+        greedy: the greedy completion of each prompt (a word or text; its first word is compared).
+        samples: for each prompt, its K sampled completions (words or texts).
+
+    Returns:
+        ``sample_disagreement`` and ``sample_word_entropy``, each (n,).
+    """
+    disagreement, entropy = [], []
+    for g, texts in zip(greedy, samples, strict=True):
+        words = [first_word(t) for t in texts]
+        counts = Counter(words)
+        k = len(words)
+        disagreement.append(1 - counts[first_word(g)] / k)
+        entropy.append(sum(c / k * math.log(k / c) for c in counts.values()))
+    return {
+        "sample_disagreement": torch.tensor(disagreement, dtype=torch.float32),
+        "sample_word_entropy": torch.tensor(entropy, dtype=torch.float32),
+    }
+
+
+def scores(
+    model,
+    tokenizer,
+    prompts: list[str],
+    greedy: list[Completion],
+    k: int = 10,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 6,
+    batch_size: int = 32,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sample K completions per prompt and score them against the greedy ones (:func:`word_scores`).
+
+    Each prompt is repeated K times; a batch holds whole prompts (``batch_size // k`` of them, at
+    least one). The global random state is left as it was (see ``vtrans.generate.complete``).
+
+    Args:
+        model, tokenizer: the base model (latent off) and its tokenizer.
+        prompts: the prompts, as completed greedily.
+        greedy: their completions, one per prompt.
+        k: samples per prompt.
+        temperature: sampling temperature.
+        seed: seed of the samples (see :func:`sample_seed`).
+        max_new_tokens: generation budget of a completion word.
+        batch_size: sequences per ``generate`` call, rounded down to a multiple of ``k``.
+        progress: called with the number of prompts done after each batch.
+    """
+    per_batch = max(1, batch_size // k)
+    sampled = complete(
+        model,
+        tokenizer,
+        [p for p in prompts for _ in range(k)],
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        seed=seed,
+        batch_size=per_batch * k,
+        progress=None if progress is None else (lambda n: progress(n // k)),
+    )
+    words = [[c.word for c in sampled[i * k : (i + 1) * k]] for i in range(len(prompts))]
+    return word_scores([c.word for c in greedy], words)
