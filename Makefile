@@ -1,12 +1,13 @@
 # make main   install, train the latent on the embedded SmolLM2, compare every estimator on the built-in test split
 # make test   install and run the test suite (what CI runs)
 # make bench  cost of each estimator as a ratio to one forward pass
+# make crossval  the cross-fitted comparison on all 724 built-in idioms, 5 folds x 3 seeds (docs/results.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install main test bench clean
+.PHONY: install main test bench crossval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ main: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+crossval: $(STAMP)
+	$(BIN)/vtrans crossval --config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

@@ -157,7 +157,7 @@ def test_report_md_has_the_table_and_every_estimator(tmp_path: Path, results: di
     text = path.read_text()
     assert "tiny-gpt2" in text
     assert (
-        "| estimator | AUROC [95% CI] | AUPRC | PRR | AURC | cost (fwd-equiv) | seconds "
+        "| estimator | n | AUROC [95% CI] | AUPRC | PRR | AURC | cost (fwd-equiv) | seconds "
         "| Δ AUROC vs lens_ce [95% CI] |" in text
     )
     for name in NAMES:
@@ -165,7 +165,8 @@ def test_report_md_has_the_table_and_every_estimator(tmp_path: Path, results: di
     assert "(roc.png)" in text and "(histograms.png)" in text
     assert "`msp` (n=39)" in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "estimator" not in line]
-    aurocs = [float(line.split("|")[2].split()[0]) for line in table]
+    aurocs = [float(line.split("|")[3].split()[0]) for line in table]
+    assert all(line.split("|")[2].strip().isdigit() for line in table)  # each estimator's n
     assert aurocs == sorted(aurocs, reverse=True)
 
 
