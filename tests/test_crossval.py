@@ -218,3 +218,30 @@ def test_the_probe_is_cross_fitted(monkeypatch):
     out = crossval_module.CrossFit._probe(Fake(), scores, lens, correct)
     assert out.shape == (8,) and torch.isfinite(out).all()
     assert [sorted(s.tolist()) for s in seen] == [[1.0, 3.0, 5.0, 7.0], [0.0, 2.0, 4.0, 6.0]]
+
+
+@pytest.mark.slow
+def test_self_targets_add_the_models_own_wrong_answers_of_training_prompts_only(mixed_file, tmp_path, capsys, monkeypatch):
+    trained_on: list[list] = []
+    real_from_items = IdiomDataModule.from_items.__func__
+
+    def recording(cls, train, *args, **kwargs):
+        trained_on.append(list(train))
+        return real_from_items(cls, train, *args, **kwargs)
+
+    monkeypatch.setattr(IdiomDataModule, "from_items", classmethod(recording))
+    out = tmp_path / "cv-self"
+    run_cli(
+        ["--config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "1",
+         "-S", "4", "--n-boot", "100", "--estimators", "msp,posterior_var", "--self-targets", "--out", out],
+        capsys,
+    )
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert json.loads((out / "results.json").read_text())["protocol"]["self_targets"] is True
+    for fold, train in enumerate(trained_on):
+        outside = [r for r in rows if r["fold"] != fold]
+        expected = {(r["prompt"], r["target"]) for r in outside}
+        expected |= {(r["prompt"], r["completion_word"]) for r in outside if not r["correct"] and r["completion_word"]}
+        got = {(render_prompt(DEFAULT_TEMPLATE, it.prefix), it.target) for it in train}
+        assert got == expected
+        assert len(train) > len(outside)  # the wrong answers were added

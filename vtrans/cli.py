@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--epochs", type=int, default=None, help="training epochs per fold (default: the config's)")
     cv.add_argument("--out", required=True, help="output folder")
     cv.add_argument("--markdown", default=None, help="also write the report here (e.g. docs/results.md), its images linked relative to it")
+    cv.add_argument(
+        "--self-targets",
+        action="store_true",
+        help="also train each latent on the base model's own completion word where it differs from the idiom's",
+    )
     cv.add_argument("--save-checkpoints", action="store_true", help="keep every fold's latent under OUT/checkpoints")
     cv.add_argument("--template", default=None, help="prompt template (default: the config's)")
     cv.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
@@ -275,6 +280,7 @@ def run_crossval(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         save_checkpoints=args.save_checkpoints,
         template=args.template,
+        self_targets=args.self_targets,
         eval=evaluation,
     )
     results = crossval(config, args.out, args.markdown, device=resolve_device(args.device), progress=not args.quiet)

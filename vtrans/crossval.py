@@ -66,6 +66,10 @@ class CrossvalConfig:
         epochs: training epochs per fold (default: the config's ``trainer.max_epochs``).
         save_checkpoints: keep each fold's latent as ``OUT/checkpoints/seed{s}-fold{f}.ckpt``.
         template: prompt template (default: the training config's).
+        self_targets: also train on the base model's own completion word as a second target of
+            every training prompt whose completion differs from the idiom's last word, so that
+            the latent must cover both answers where the model goes wrong (training idioms only:
+            no scored item's completion or label enters its latent).
         eval: estimator settings (estimators, passes, samples, batch size, ...); its ``seed``
             is replaced by each training seed and its ``data``, ``split`` and ``template`` are not used.
     """
@@ -79,6 +83,7 @@ class CrossvalConfig:
     epochs: int | None = None
     save_checkpoints: bool = False
     template: str | None = None
+    self_targets: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -194,8 +199,10 @@ class CrossFit:
         """A latent trained on the idioms outside ``fold`` (plus the extra ones), in eval mode."""
         from vtrans.module import LatentLM
 
-        outside = [it for it, f in zip(self.items, self.folds, strict=True) if f != fold]
-        train = outside + self.extra  # with one fold, nothing is outside it: the extra idioms alone
+        outside = [i for i, f in enumerate(self.folds) if f != fold]
+        train = [self.items[i] for i in outside] + self.extra  # one fold: nothing outside it, the extra idioms alone
+        if self.cfg.self_targets:
+            train += [self._own[i] for i in outside if self._own[i] is not None]
         data = self.spec.data
         datamodule = IdiomDataModule.from_items(
             train,
@@ -255,6 +262,10 @@ class CrossFit:
         eager = "attention_entropy" in names or "probe" in names
         with _eager_attention(self.backbone.model, eager):
             prompts, completions, correct = base.label(self.items)
+            self._own = [
+                None if ok or not c.word else IdiomItem(f"{it.prefix} {c.word}", it.prefix, c.word)
+                for it, c, ok in zip(self.items, completions, correct, strict=True)
+            ]
             seconds = {"forward": base.plain_forward_seconds(prompts, completions)}
             fixed_families = [f for f in families if f in DETERMINISTIC_FAMILIES]
             if "lens" not in fixed_families:
@@ -403,6 +414,7 @@ class CrossFit:
                     "data": self.data_spec,
                     "extra_train": cfg.extra_train,
                     "n_extra_train": len(self.extra),
+                    "self_targets": cfg.self_targets,
                     "epochs": cfg.epochs or self.spec.max_epochs,
                     "latent": self.spec.model,
                     "backbone": self.spec.backbone,

@@ -646,6 +646,11 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     extra = ""
     if proto.get("extra_train"):
         extra = f" Every fold also trains on {proto.get('n_extra_train')} idioms of `{proto['extra_train']}` (none of them scored)."
+    if proto.get("self_targets"):
+        extra += (
+            " Each latent also trained on the base model's own completion word as a second target of every "
+            "training prompt it completes wrongly (`--self-targets`)."
+        )
     folds = proto.get("folds")
     how = (
         f"{folds} folds (idioms dealt by a hash seeded with {proto.get('fold_seed')}): each fold's latent trained on "
