@@ -1,0 +1,86 @@
+"""The fixes found in review (issue 8), each against a case constructed to fail without it.
+
+1. ``latent_mi`` draws fresh z noise batch after batch (one generator per run), reproducibly.
+2. ``latent_kl`` reads q(z|prompt, target) at the last token of the whole completion word, as in training.
+3. ``aggregate=mean|max`` refuses the estimators that read the first token only, visibly.
+4. ``msp`` keeps ranking where p(ŷ) rounds to 1 in float32.
+5. The probe is fitted on items disjoint from the evaluated ones and out-of-sample for the latent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from vtrans.data import IdiomItem
+from vtrans.estimators import baselines
+from vtrans.evaluate import EvalConfig, Harness
+from vtrans.tokens import Encoded
+
+PROMPT = "Complete the idiom: the early bird catches the"
+ITEM = IdiomItem(idiom="the early bird catches the worm", prefix="the early bird catches the", target="worm")
+FIRST_TOKEN_ONLY = ["attention_entropy", "mc_dropout_var", "mc_dropout_entropy", "mc_dropout_mi", "latent_mi"]
+
+
+@pytest.fixture(scope="module")
+def latent(tiny_gpt2):
+    """A tiny conditional latent with random heads and projection: z moves the logits, q differs from p."""
+    from vtrans.module import LatentLM
+
+    assert tiny_gpt2.model.config.n_layer == 4
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = LatentLM(tiny_gpt2, d_z=4, prior="conditional", hidden=16).eval()
+        with torch.no_grad():
+            for linear, std in (
+                (module.latent.posterior_head.net[-1], 0.2),
+                (module.latent.prior_head.net[-1], 0.2),
+                (module.latent.proj, 2.0),
+            ):
+                linear.weight.normal_(0.0, std)
+    return module
+
+
+def _harness(module, **config) -> Harness:
+    return Harness(module.backbone, module, EvalConfig(n_boot=100, **config), progress=False)
+
+
+# --------------------------------------------------------------------------- 4. msp in float32
+
+
+def _encoded_first_tokens(targets: torch.Tensor) -> Encoded:
+    """A batch of one-token targets (the ids and masks are never read by ``from_logits``)."""
+    n = targets.shape[0]
+    ones = torch.ones((n, 1), dtype=torch.long)
+    return Encoded(ones, ones, ones * 0, torch.zeros(n, dtype=torch.long), targets.view(n, 1), ones.bool())
+
+
+def test_msp_tells_apart_probabilities_that_round_to_one():
+    vocab = 50
+    logits = torch.zeros(2, 1, vocab)
+    for i, rest in enumerate((1e-9, 1e-8)):  # p(ŷ) = 1 − rest, ŷ = token 0
+        logits[i, 0, 1:] = math.log(rest / (vocab - 1))
+    logits += 7.0  # a logit scale where float32 cannot hold 1 − p near 1 either
+    msp = baselines.from_logits(logits, _encoded_first_tokens(torch.zeros(2, dtype=torch.long)))["msp"]
+    assert msp[0] < msp[1]
+    assert_close(msp, torch.tensor([1e-9, 1e-8]), rtol=1e-4, atol=0)
+
+
+def test_msp_ranks_exactly_as_minus_log_p():
+    gen = torch.Generator().manual_seed(0)
+    n, vocab = 64, 300
+    logits = torch.randn((n, 1, vocab), generator=gen) * 3
+    y = logits.argmax(-1).view(n)  # greedy ŷ, then raised above the rest by 0..30 nats: 1 − p from ~1 to ~1e-13
+    logits[torch.arange(n), 0, y] += 30 * torch.rand(n, generator=gen)
+    msp = baselines.from_logits(logits, _encoded_first_tokens(y))["msp"]
+    # the reference in float64, from the odds of the other tokens r = (1 − p) / p: −log p = log1p(r)
+    x = logits.double().view(n, vocab)
+    others = torch.ones_like(x, dtype=torch.bool).scatter(1, y.unsqueeze(1), False)
+    ratio = ((x - x[torch.arange(n), y].unsqueeze(1)).exp() * others).sum(1)
+    nll = torch.log1p(ratio)
+    assert (torch.softmax(logits, -1)[torch.arange(n), 0, y] == 1).sum() >= 10  # p rounds to 1 in float32
+    assert torch.equal(msp.argsort(), nll.argsort())
+    assert_close(msp.double(), ratio / (1 + ratio), rtol=1e-4, atol=0)  # still 1 − p in value
