@@ -15,9 +15,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from vtrans.cli import main
 from vtrans.data import IdiomItem
 from vtrans.estimators import baselines
-from vtrans.evaluate import EvalConfig, Harness
+from vtrans.evaluate import EvalConfig, Harness, evaluate
+from vtrans.scorer import Scorer
 from vtrans.tokens import Encoded
 
 PROMPT = "Complete the idiom: the early bird catches the"
@@ -46,6 +48,39 @@ def latent(tiny_gpt2):
 
 def _harness(module, **config) -> Harness:
     return Harness(module.backbone, module, EvalConfig(n_boot=100, **config), progress=False)
+
+
+# --------------------------------------------------------------------------- 3. aggregate=mean|max
+
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_aggregate_refuses_the_first_token_only_estimators(latent, how, tmp_path, monkeypatch):
+    from vtrans import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": latent)
+    names = ["msp", *FIRST_TOKEN_ONLY, "posterior_var", "latent_kl"]
+    config = EvalConfig(data="builtin", max_items=4, estimators=names, aggregate=how, passes=2, samples=2, n_boot=100)
+    results = evaluate(config, tmp_path / "run", ckpt="random.ckpt", progress=False)
+    assert list(results["estimators"]) == ["msp", "posterior_var", "latent_kl"]
+    assert set(results["dropped"]) == set(FIRST_TOKEN_ONLY)
+    assert all("first completion token only" in why and "--aggregate first" in why for why in results["dropped"].values())
+
+
+def test_aggregate_refusal_is_a_warning_on_the_command_line(tmp_path, capsys):
+    main(["evaluate", "--model", "tiny-gpt2", "--data", "builtin", "--max-items", "4", "--n-boot", "100", "-T", "2",
+          "--aggregate", "mean", "--estimators", "msp,attention_entropy,mc_dropout_var", "--out", str(tmp_path / "run"),
+          "--quiet"])
+    err = capsys.readouterr().err
+    assert err.startswith("warning: not run: attention_entropy, mc_dropout_var: reads the first completion token only")
+    assert err.count("\n") == 1
+
+
+def test_scorer_keeps_the_first_token_and_runs_them(latent):
+    """``vtrans score`` has no aggregate option: it reads the first token, so nothing is refused."""
+    scorer = Scorer(latent, estimators=["msp", "attention_entropy", "latent_mi"], samples=2, quiet=True)
+    assert scorer.config.aggregate == "first"
+    [record] = scorer.score([PROMPT])
+    assert all(math.isfinite(v) for v in record["scores"].values()) and len(record["scores"]) == 3
 
 
 # --------------------------------------------------------------------------- 4. msp in float32

@@ -25,7 +25,7 @@ from vtrans.data import DEFAULT_TEMPLATE, IdiomItem, load_split, parse_spec, ren
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators.registry import FAMILIES, NAMES, NEEDS_LATENT, family_of
+from vtrans.estimators.registry import FAMILIES, FIRST_TOKEN_ONLY, NAMES, NEEDS_LATENT, family_of
 from vtrans.generate import Completion, complete, is_correct
 from vtrans.tokens import encode, slot_positions, target_ids
 
@@ -50,7 +50,9 @@ class EvalConfig:
         dropout: MC dropout probability p.
         mc_from_layer: MC dropout keeps blocks below this one deterministic and runs them once.
         samples: samples of z for ``latent_mi``.
-        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``.
+        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``; MC dropout,
+            ``latent_mi`` and ``attention_entropy`` read the first token only and are not run
+            (``dropped``) with ``mean`` or ``max``.
         batch_size: items per forward.
         max_new_tokens: generation budget for the completion word.
         sample: sample completions instead of greedy decoding.
@@ -379,6 +381,8 @@ def evaluate(
             dropped[name] = "needs a trained latent (--ckpt)"
         elif module is not None and name == "latent_kl" and module.latent.prior != "conditional":
             dropped[name] = "needs a latent trained with prior: conditional"
+        elif config.aggregate != "first" and name in FIRST_TOKEN_ONLY:
+            dropped[name] = "reads the first completion token only: run it with --aggregate first"
     names = [n for n in config.estimators if n not in dropped]
     harness = Harness(backbone, module, config, progress)
     with _eager_attention(backbone.model, "attention_entropy" in names or "probe" in names):
