@@ -20,7 +20,7 @@ from vtrans.data import IdiomItem
 from vtrans.estimators import baselines
 from vtrans.evaluate import EvalConfig, Harness, evaluate
 from vtrans.scorer import Scorer
-from vtrans.tokens import Encoded
+from vtrans.tokens import Encoded, encode
 
 PROMPT = "Complete the idiom: the early bird catches the"
 ITEM = IdiomItem(idiom="the early bird catches the worm", prefix="the early bird catches the", target="worm")
@@ -48,6 +48,49 @@ def latent(tiny_gpt2):
 
 def _harness(module, **config) -> Harness:
     return Harness(module.backbone, module, EvalConfig(n_boot=100, **config), progress=False)
+
+
+# --------------------------------------------------------------------------- 1. latent_mi noise
+
+
+def test_latent_mi_draws_fresh_noise_for_each_batch(latent):
+    """batch_size=1 and two identical items: the same noise for both would give equal latent_mi."""
+    harness = _harness(latent, batch_size=1, samples=4)
+    _, scores = harness.score_prompts([PROMPT, PROMPT], ["latent_mi"])
+    mi = scores["latent_mi"]
+    assert (mi > 1e-6).all()  # z moves the prediction: the values say something about the noise
+    assert not torch.isclose(mi[0], mi[1], rtol=1e-4, atol=0)
+    _, again = harness.score_prompts([PROMPT, PROMPT], ["latent_mi"])
+    assert torch.equal(again["latent_mi"], mi)  # the run is reproducible for a fixed seed
+    _, other_seed = _harness(latent, batch_size=1, samples=4, seed=1).score_prompts([PROMPT, PROMPT], ["latent_mi"])
+    assert not torch.equal(other_seed["latent_mi"], mi)
+
+
+def test_evaluate_harness_draws_fresh_noise_for_each_batch(latent):
+    harness = _harness(latent, batch_size=1, samples=4)
+    first = harness.score([ITEM, ITEM], ["latent_mi"], gold=False).scores["latent_mi"]
+    assert not torch.isclose(first[0], first[1], rtol=1e-4, atol=0)
+    assert torch.equal(harness.score([ITEM, ITEM], ["latent_mi"], gold=False).scores["latent_mi"], first)
+
+
+def test_scorer_draws_fresh_noise_across_its_batches(latent):
+    """``vtrans score`` runs one harness call per batch: the run's generator goes on between them."""
+    scorer = Scorer(latent, estimators=["latent_mi"], batch_size=1, samples=4, quiet=True)
+    a, b = (r["scores"]["latent_mi"] for r in scorer.score([PROMPT, PROMPT]))
+    assert a != pytest.approx(b, rel=1e-4)
+    assert [r["scores"]["latent_mi"] for r in scorer.score([PROMPT, PROMPT])] == [a, b]
+
+
+def test_standalone_latent_scores_seed_their_own_generator(latent):
+    from vtrans.estimators import latent as latent_estimators
+
+    enc = encode(latent.backbone.tokenizer, [PROMPT], [[262]])
+    one = latent_estimators.scores(latent, enc, samples=4, seed=3)["latent_mi"]
+    assert torch.equal(latent_estimators.scores(latent, enc, samples=4, seed=3)["latent_mi"], one)
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(latent_estimators.scores(latent, enc, samples=4, generator=generator)["latent_mi"], one)
+    second = latent_estimators.scores(latent, enc, samples=4, generator=generator)["latent_mi"]
+    assert not torch.equal(second, one)  # the same generator goes on: fresh noise
 
 
 # --------------------------------------------------------------------------- 3. aggregate=mean|max

@@ -159,9 +159,16 @@ class Harness:
             tgt = [list(c.word_ids) if cfg.aggregate != "first" else [c.first_token] for c in chunk]
             yield start, encode(self.tokenizer, prompts[start : start + cfg.batch_size], tgt, self.device)
 
-    def _family_fn(self, family: str, gold: list[int] | None, names: list[str] | None = None) -> Callable:
+    def _family_fn(
+        self,
+        family: str,
+        gold: list[int] | None,
+        names: list[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Callable:
         """``fn(enc, items_slice) -> {name: tensor}`` for one family; ``names`` (default: all) may spare
-        work no asked-for estimator needs (the z samples of ``latent_mi``)."""
+        work no asked-for estimator needs (the z samples of ``latent_mi``); ``generator`` is the run's
+        source of z noise (one per run, so that successive batches draw fresh noise)."""
         cfg = self.config
         if family == "baselines":
             return lambda enc, sl: baselines.scores(self.model, enc, cfg.aggregate)
@@ -177,7 +184,9 @@ class Harness:
             )
         if family == "latent":
             mi = names is None or "latent_mi" in names
-            return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed, mi=mi)
+            return lambda enc, sl: latent_estimators.scores(
+                self.module, enc, cfg.samples, cfg.seed, mi=mi, generator=generator
+            )
         raise KeyError(family)
 
     @torch.no_grad()
@@ -232,8 +241,9 @@ class Harness:
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         seconds: dict[str, float] = {}
         torch.manual_seed(self.config.seed)
+        generator = self.generator()
         for family in families:
-            fn = self._family_fn(family, gold_ids, names)
+            fn = self._family_fn(family, gold_ids, names, generator)
             start = time.perf_counter()
             with self._bar(len(prompts), family) as bar:
                 for first, enc in self._encoded_batches(prompts, completions):
@@ -276,11 +286,19 @@ class Harness:
         tensors = {k: torch.cat(v) for k, v in collected.items()}
         return probe.features(tensors, tensors.pop("lens_ce_by_layer"))
 
-    def score_prompts(self, prompts: list[str], names: list[str]) -> tuple[list[Completion], dict[str, torch.Tensor]]:
+    def generator(self) -> torch.Generator:
+        """A new source of z noise seeded from ``config.seed``: one per run."""
+        return torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    def score_prompts(
+        self, prompts: list[str], names: list[str], generator: torch.Generator | None = None
+    ) -> tuple[list[Completion], dict[str, torch.Tensor]]:
         """Completions and scores for bare prompts (no idiom target, so no labels): ``vtrans score``.
 
         The same families as :meth:`score` run on the same encoded batches; the global random
-        state is left as it was (dropout masks and z samples come from ``config.seed``).
+        state is left as it was (dropout masks and z samples come from ``config.seed``). A caller
+        that scores one run in several calls passes the run's ``generator`` (:meth:`generator`) so
+        that the z noise goes on from call to call; ``None`` starts a new one.
 
         Returns:
             The completions and ``{name: (n,) tensor}`` (plus ``lens_ce_by_layer``, (n, L+1),
@@ -291,8 +309,9 @@ class Harness:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
+            generator = generator or self.generator()
             for family in self.families(names):
-                fn = self._family_fn(family, None, names)
+                fn = self._family_fn(family, None, names, generator)
                 for first, enc in self._encoded_batches(prompts, completions):
                     for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
                         collected[key].append(value.detach().float().cpu())
