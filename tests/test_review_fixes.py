@@ -19,6 +19,8 @@ from vtrans.cli import main
 from vtrans.data import IdiomItem
 from vtrans.estimators import baselines
 from vtrans.evaluate import EvalConfig, Harness, evaluate
+from vtrans.generate import Completion
+from vtrans.latent import kl_normal
 from vtrans.scorer import Scorer
 from vtrans.tokens import Encoded, encode
 
@@ -91,6 +93,50 @@ def test_standalone_latent_scores_seed_their_own_generator(latent):
     assert torch.equal(latent_estimators.scores(latent, enc, samples=4, generator=generator)["latent_mi"], one)
     second = latent_estimators.scores(latent, enc, samples=4, generator=generator)["latent_mi"]
     assert not torch.equal(second, one)  # the same generator goes on: fresh noise
+
+
+# --------------------------------------------------------------------------- 2. latent_kl reads the whole word
+
+
+def _multi_token_completion(tokenizer) -> Completion:
+    ids = tokenizer(" flabbergastingly", add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 2, "the test needs a completion word of several tokens"
+    return Completion(" flabbergastingly", "flabbergastingly", ids[0], tuple(ids))
+
+
+def _kl_by_hand(module, targets: list[int]) -> torch.Tensor:
+    enc = encode(module.backbone.tokenizer, [PROMPT], [targets])
+    with torch.no_grad():
+        q_loc, q_scale, p_loc, p_scale = module.distributions(module.lower(enc), enc)
+    return kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
+
+
+@pytest.mark.parametrize("path", ["score", "score_prompts"])
+def test_latent_kl_reads_the_last_token_of_the_whole_word(latent, path, monkeypatch):
+    completion = _multi_token_completion(latent.backbone.tokenizer)
+    harness = _harness(latent, batch_size=2, samples=2)
+    monkeypatch.setattr(harness, "complete", lambda prompts: [completion] * len(prompts))
+    if path == "score":
+        got = harness.score([ITEM], ["latent_kl"], gold=False).scores["latent_kl"]
+    else:
+        got = harness.score_prompts([PROMPT], ["latent_kl"])[1]["latent_kl"]
+    whole, first = _kl_by_hand(latent, list(completion.word_ids)), _kl_by_hand(latent, [completion.first_token])
+    assert not torch.isclose(whole, first, rtol=1e-3).any()  # the two readings differ here
+    assert_close(got, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_only_latent_scores_do_not_change_with_the_whole_word(latent, monkeypatch):
+    """posterior_var and latent_mi read the scored position: causal attention keeps them as they were."""
+    from vtrans.estimators import latent as latent_estimators
+
+    completion = _multi_token_completion(latent.backbone.tokenizer)
+    harness = _harness(latent, batch_size=2, samples=3)
+    monkeypatch.setattr(harness, "complete", lambda prompts: [completion] * len(prompts))
+    got = harness.score_prompts([PROMPT], ["posterior_var", "latent_mi"])[1]
+    first = encode(latent.backbone.tokenizer, [PROMPT], [[completion.first_token]])
+    expected = latent_estimators.scores(latent, first, samples=3, seed=0)
+    for name in ("posterior_var", "latent_mi"):
+        assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- 3. aggregate=mean|max

@@ -152,11 +152,15 @@ class Harness:
                 progress=bar.update,
             )
 
-    def _encoded_batches(self, prompts: list[str], completions: list[Completion]):
+    def _encoded_batches(self, prompts: list[str], completions: list[Completion], whole_word: bool = False):
+        """Batches of prompts followed by their completions: the whole word when ``whole_word`` or
+        ``aggregate`` needs it, else ŷ alone. The latent family always takes the whole word: its
+        ``latent_kl`` reads q(z|prompt, target) at the last target token, as in training."""
         cfg = self.config
+        whole_word = whole_word or cfg.aggregate != "first"
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = completions[start : start + cfg.batch_size]
-            tgt = [list(c.word_ids) if cfg.aggregate != "first" else [c.first_token] for c in chunk]
+            tgt = [list(c.word_ids) if whole_word else [c.first_token] for c in chunk]
             yield start, encode(self.tokenizer, prompts[start : start + cfg.batch_size], tgt, self.device)
 
     def _family_fn(
@@ -246,7 +250,7 @@ class Harness:
             fn = self._family_fn(family, gold_ids, names, generator)
             start = time.perf_counter()
             with self._bar(len(prompts), family) as bar:
-                for first, enc in self._encoded_batches(prompts, completions):
+                for first, enc in self._encoded_batches(prompts, completions, family == "latent"):
                     for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
                         collected[key].append(value.detach().float().cpu())
                     bar.update(enc.input_ids.shape[0])
@@ -260,12 +264,14 @@ class Harness:
 
         One forward per batch gives logits, hidden states and attention weights, so the three
         single-pass families cost one forward instead of three; the latent runs its encoders only
-        (no z samples: ``latent_mi`` is not a feature). Needs eager attention.
+        (no z samples: ``latent_mi`` is not a feature). With a latent every prompt is followed by its
+        whole completion word (``latent_kl`` reads the last one); the other features read the scored
+        position, which causal attention keeps as it was. Needs eager attention.
         """
         cfg = self.config
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         with self._bar(len(prompts), "probe features") as bar:
-            for _, enc in self._encoded_batches(prompts, completions):
+            for _, enc in self._encoded_batches(prompts, completions, self.module is not None):
                 out = self.model(
                     **enc.inputs,
                     output_hidden_states=True,
@@ -312,7 +318,7 @@ class Harness:
             generator = generator or self.generator()
             for family in self.families(names):
                 fn = self._family_fn(family, None, names, generator)
-                for first, enc in self._encoded_batches(prompts, completions):
+                for first, enc in self._encoded_batches(prompts, completions, family == "latent"):
                     for key, value in fn(enc, slice(first, first + enc.input_ids.shape[0])).items():
                         collected[key].append(value.detach().float().cpu())
         return completions, {k: torch.cat(v) for k, v in collected.items()}
