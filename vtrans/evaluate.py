@@ -21,7 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans import report
-from vtrans.data import DEFAULT_TEMPLATE, IdiomItem, load_split, parse_spec, render_prompt, validate_template
+from vtrans.data import (
+    DEFAULT_TEMPLATE,
+    DataError,
+    IdiomItem,
+    _idiom_key,
+    load_split,
+    render_prompt,
+    validate_template,
+)
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
@@ -364,16 +372,48 @@ def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored)
     return fitted.predict(x_eval)
 
 
-def probe_train_items(config: EvalConfig) -> list[IdiomItem] | None:
-    """The items the probe may learn from: the train split of the same data, never the evaluated one.
+def probe_train_items(
+    evaluated: list[IdiomItem], trained_with: dict | None = None
+) -> tuple[list[IdiomItem], str]:
+    """The items the probe is fitted on, and where they come from.
 
-    None when the evaluated items are the train split (or all items): nothing is left to learn from.
+    The rule: items (a) disjoint from the evaluated ones (normalised idioms) and (b) out-of-sample
+    for every learned part that produces the probe's features, so that its features behave at
+    fitting as they do on the evaluated items.
+
+    * With a checkpoint (``trained_with``: its ``datamodule_hyper_parameters``): the validation
+      split of the data the latent was trained on, split with the seed and fractions it was
+      trained with (idioms held out from its training), less any idiom of that training split
+      (a ``builtin:SPLIT`` spec serves one split to every stage) and less any evaluated idiom.
+      Not the train split: there posterior_var and latent_kl are in-sample for the latent.
+    * Without one (no learned features): the built-in train and val splits less any evaluated idiom.
+
+    So the probe runs on any data, a user's file included.
+
+    Returns:
+        The items (possibly none) and a short description of their source.
+
+    Raises:
+        ProbeUnfittable: the checkpoint does not record its training data, or it cannot be read.
     """
-    kind, arg = parse_spec(config.data)
-    split = (arg if kind == "builtin" else None) or config.split  # a file spec's arg is its path
-    if split in ("train", "all"):
-        return None
-    return load_split("builtin" if kind == "builtin" else config.data, "train")
+    evaluated_keys = {_idiom_key(it.idiom) for it in evaluated}
+    if trained_with is None:
+        source = "builtin:train+val"
+        candidates = load_split("builtin", "train") + load_split("builtin", "val")
+        excluded: set[str] = set()
+    else:
+        if not isinstance(trained_with.get("data"), str):
+            raise ProbeUnfittable("the checkpoint does not record the data its latent was trained on")
+        spec = trained_with["data"]
+        split = {k: trained_with[k] for k in ("seed", "val_fraction", "test_fraction") if k in trained_with}
+        source = f"the val split of {spec} (seed {split.get('seed', 0)}), held out from the checkpoint's training"
+        try:
+            candidates = load_split(spec, "val", **split)
+            excluded = {_idiom_key(it.idiom) for it in load_split(spec, "train", **split)}
+        except DataError as err:
+            raise ProbeUnfittable(f"the checkpoint's training data cannot be read: {err}") from None
+    items = [it for it in candidates if _idiom_key(it.idiom) not in evaluated_keys | excluded]
+    return items, source
 
 
 def evaluate(
@@ -414,12 +454,15 @@ def evaluate(
         # the lens always runs: every row of scores.jsonl carries its trajectory (one forward)
         scored = harness.score(items, names if "lens_ce" in names else [*names, "lens_ce"])
         probe_families = [f for f in PROBE_FAMILIES if f != "latent" or module is not None]
+        probe_fit = None  # which items the probe was fitted on
         if "probe" in names:
             start = time.perf_counter()
             try:
-                train_items = probe_train_items(config)
-                if train_items is None:
-                    raise ProbeUnfittable("the evaluated items include the train split: none are left to fit it on")
+                trained_with = None if ckpt is None else checkpoint.read(ckpt).get("datamodule_hyper_parameters", {})
+                train_items, source = probe_train_items(items, trained_with)
+                probe_fit = {"source": source, "n": len(train_items)}
+                if not train_items:
+                    raise ProbeUnfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
                 scored.scores["probe"] = fit_probe(harness, train_items, scored)
             except ProbeUnfittable as err:
                 names.remove("probe")
@@ -434,6 +477,8 @@ def evaluate(
         "seconds": scored.seconds,
         "dropped": dropped,
     }
+    if probe_fit is not None:
+        extra["probe_fit"] = probe_fit
     results = report.build_results(model_name, rows, costs, n_boot=config.n_boot, seed=config.seed, extra=extra)
     out.mkdir(parents=True, exist_ok=True)
     report.write_scores_jsonl(out / "scores.jsonl", rows)
