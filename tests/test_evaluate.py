@@ -230,6 +230,9 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
             auroc_by_hand([r["scores"][name] for r in rows], errors)
         )
     assert all(0 <= r["scores"]["probe"] <= 1 for r in rows)
+    # no checkpoint: fitted on the built-in train and val splits (none of the evaluated idioms is there)
+    n_fit = len(load_split("builtin", "train")) + len(load_split("builtin", "val"))
+    assert results["probe_fit"] == {"source": "builtin:train+val", "n": n_fit}
     assert (out / "roc.png").is_file()
     # a latent estimator without a latent: not run, said on stderr and in results.json
     assert results["dropped"] == {"posterior_var": "needs a trained latent (--ckpt)"}
@@ -238,6 +241,8 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
 
 @pytest.mark.slow
 def test_evaluate_latent_checkpoint_with_an_unfittable_probe(tiny_checkpoint, idiom_files, tmp_path, capsys):
+    from vtrans import checkpoint
+
     names = ["posterior_var", "latent_mi", "latent_kl", "lens_ce"]
     out = tmp_path / "run"
     _, stderr = run_cli(
@@ -245,26 +250,15 @@ def test_evaluate_latent_checkpoint_with_an_unfittable_probe(tiny_checkpoint, id
          "--estimators", ",".join([*names, "probe"]), "--out", out],
         capsys,
     )
-    results, rows = check_contract(out, names, len(load_split(f"txt:{idiom_files['wrong']}", "test")))
-    n_train = len(load_split(f"txt:{idiom_files['wrong']}", "train"))
-    assert results["dropped"]["probe"].startswith(f"cannot be fitted: the base model completes 0 of its {n_train}")
+    evaluated = load_split(f"txt:{idiom_files['wrong']}", "test")
+    results, rows = check_contract(out, names, len(evaluated))
+    # fitted on the checkpoint's held-out idioms (the built-in val split), all completed wrongly
+    fit_items, _ = probe_train_items(evaluated, checkpoint.read(tiny_checkpoint)["datamodule_hyper_parameters"])
+    assert results["probe_fit"]["n"] == len(fit_items) > 0
+    assert results["dropped"]["probe"].startswith(f"cannot be fitted: the base model completes 0 of its {len(fit_items)}")
     assert "probe" in stderr and stderr.startswith("warning:") and stderr.count("\n") == 1
     assert results["ckpt"] == str(tiny_checkpoint) and results["latent"]["prior"] == "conditional"
     assert all(r["scores"]["posterior_var"] > 0 and r["scores"]["latent_kl"] >= 0 for r in rows)
-
-
-@pytest.mark.slow
-def test_evaluate_latent_checkpoint_probe_alone(tiny_checkpoint, idiom_files, tmp_path, capsys):
-    """The probe's features include the latent's even when no latent estimator is asked for."""
-    out = tmp_path / "run"
-    _, stderr = run_cli(
-        ["--ckpt", tiny_checkpoint, "--data", f"txt:{idiom_files['mixed']}", "--n-boot", "100",
-         "--estimators", "probe", "--out", out],
-        capsys,
-    )
-    results, rows = check_contract(out, ["probe"], len(load_split(f"txt:{idiom_files['mixed']}", "test")))
-    assert results["dropped"] == {} and stderr == ""
-    assert "latent" in results["seconds"]  # the encoders ran for the features
 
 
 def test_probe_features_equal_the_families_run_one_by_one(gpt2, idiom_files):
@@ -302,19 +296,6 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
     check_contract(tmp_path / "run", ["posterior_var", "latent_mi"], len(load_split(config.data, "test")))
 
 
-@pytest.mark.slow
-def test_probe_on_the_train_split_is_dropped_with_a_reason(idiom_files, tmp_path, capsys):
-    out = tmp_path / "run"
-    _, stderr = run_cli(
-        ["--model", "tiny-gpt2", "--data", f"txt:{idiom_files['mixed']}", "--split", "train", "--max-items", "6",
-         "--n-boot", "100", "--estimators", "msp,probe", "--out", out],
-        capsys,
-    )
-    results, _ = check_contract(out, ["msp"], 6)
-    assert "train split" in results["dropped"]["probe"]
-    assert stderr.startswith("warning: not run: probe: cannot be fitted") and stderr.count("\n") == 1
-
-
 def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
     from vtrans.estimators import attention
     from vtrans.evaluate import _eager_attention
@@ -336,27 +317,6 @@ def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
 
 
 # --------------------------------------------------------------------------- the probe's data
-
-
-def test_probe_trains_only_on_the_train_split():
-    idioms = lambda items: {it.idiom for it in items}  # noqa: E731
-    train = idioms(load_split("builtin", "train"))
-    for data, split in (("builtin", "test"), ("builtin:test", "train"), ("builtin", "val"), ("builtin:val", "all")):
-        got = probe_train_items(EvalConfig(data=data, split=split))
-        assert idioms(got) == train
-        assert not idioms(got) & idioms(load_split(data, split))
-    for data, split in (("builtin:train", "test"), ("builtin", "train"), ("builtin:all", "test"), ("builtin", "all")):
-        assert probe_train_items(EvalConfig(data=data, split=split)) is None
-
-
-def test_probe_train_items_of_a_data_file(idiom_files):
-    spec = f"txt:{idiom_files['mixed']}"
-    got = probe_train_items(EvalConfig(data=spec, split="test"))
-    assert {it.idiom for it in got} == {it.idiom for it in load_split(spec, "train")}
-    assert not {it.idiom for it in got} & {it.idiom for it in load_split(spec, "test")}
-    # a file spec's argument is a path, not a split: evaluating its train split leaves nothing to learn from
-    assert probe_train_items(EvalConfig(data=spec, split="train")) is None
-    assert probe_train_items(EvalConfig(data=spec, split="all")) is None
 
 
 # --------------------------------------------------------------------------- user errors

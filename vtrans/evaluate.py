@@ -23,17 +23,18 @@ from tqdm.auto import tqdm
 from vtrans import report
 from vtrans.data import (
     DEFAULT_TEMPLATE,
+    DataError,
     IdiomItem,
+    _idiom_key,
     idiom_hash,
     load_split,
-    parse_spec,
     render_prompt,
     validate_template,
 )
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe, sampling
 from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators.registry import FAMILIES, NAMES, NEEDS_LATENT, family_of
+from vtrans.estimators.registry import FAMILIES, FIRST_TOKEN_ONLY, NAMES, NEEDS_LATENT, family_of
 from vtrans.generate import Completion, complete, is_correct
 from vtrans.tokens import encode, slot_positions, target_ids
 
@@ -58,7 +59,9 @@ class EvalConfig:
         dropout: MC dropout probability p.
         mc_from_layer: MC dropout keeps blocks below this one deterministic and runs them once.
         samples: samples of z for ``latent_mi``.
-        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``.
+        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``; MC dropout,
+            ``latent_mi`` and ``attention_entropy`` read the first token only and are not run
+            (``dropped``) with ``mean`` or ``max``.
         batch_size: items per forward.
         max_new_tokens: generation budget for the completion word.
         sample: sample completions instead of greedy decoding.
@@ -174,16 +177,27 @@ class Harness:
                 progress=bar.update,
             )
 
-    def _encoded_batches(self, prompts: list[str], completions: list[Completion]):
+    def _encoded_batches(self, prompts: list[str], completions: list[Completion], whole_word: bool = False):
+        """Batches of prompts followed by their completions: the whole word when ``whole_word`` or
+        ``aggregate`` needs it, else ŷ alone. The latent family always takes the whole word: its
+        ``latent_kl`` reads q(z|prompt, target) at the last target token, as in training."""
         cfg = self.config
+        whole_word = whole_word or cfg.aggregate != "first"
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = completions[start : start + cfg.batch_size]
-            tgt = [list(c.word_ids) if cfg.aggregate != "first" else [c.first_token] for c in chunk]
+            tgt = [list(c.word_ids) if whole_word else [c.first_token] for c in chunk]
             yield start, encode(self.tokenizer, prompts[start : start + cfg.batch_size], tgt, self.device)
 
-    def _family_fn(self, family: str, gold: list[int] | None, names: list[str] | None = None) -> Callable:
+    def _family_fn(
+        self,
+        family: str,
+        gold: list[int] | None,
+        names: list[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Callable:
         """``fn(enc, items_slice) -> {name: tensor}`` for one family; ``names`` (default: all) may spare
-        work no asked-for estimator needs (the z samples of ``latent_mi``)."""
+        work no asked-for estimator needs (the z samples of ``latent_mi``); ``generator`` is the run's
+        source of z noise (one per run, so that successive batches draw fresh noise)."""
         cfg = self.config
         if family == "baselines":
             return lambda enc, sl: baselines.scores(self.model, enc, cfg.aggregate)
@@ -199,11 +213,20 @@ class Harness:
             )
         if family == "latent":
             mi = names is None or "latent_mi" in names
-            return lambda enc, sl: latent_estimators.scores(self.module, enc, cfg.samples, cfg.seed, mi=mi)
+            return lambda enc, sl: latent_estimators.scores(
+                self.module, enc, cfg.samples, cfg.seed, mi=mi, generator=generator
+            )
         raise KeyError(family)
 
     def _family_parts(
-        self, family: str, prompts: list[str], completions: list[Completion], gold, names, progress=None
+        self,
+        family: str,
+        prompts: list[str],
+        completions: list[Completion],
+        gold,
+        names,
+        progress=None,
+        generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """A family's scores, part by part: per encoded batch, or all at once for ``sampling``, which
         reads the prompts and the greedy completions instead."""
@@ -222,8 +245,8 @@ class Harness:
                 progress=progress,
             )
             return
-        fn = self._family_fn(family, gold, names)
-        for first, enc in self._encoded_batches(prompts, completions):
+        fn = self._family_fn(family, gold, names, generator)
+        for first, enc in self._encoded_batches(prompts, completions, family == "latent"):
             yield fn(enc, slice(first, first + enc.input_ids.shape[0]))
             if progress is not None:
                 progress(enc.input_ids.shape[0])
@@ -280,10 +303,11 @@ class Harness:
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         seconds: dict[str, float] = {}
         torch.manual_seed(self.config.seed)
+        generator = self.generator()
         for family in families:
             start = time.perf_counter()
             with self._bar(len(prompts), family) as bar:
-                for part in self._family_parts(family, prompts, completions, gold_ids, names, bar.update):
+                for part in self._family_parts(family, prompts, completions, gold_ids, names, bar.update, generator):
                     for key, value in part.items():
                         collected[key].append(value.detach().float().cpu())
             _sync(self.device)
@@ -296,12 +320,14 @@ class Harness:
 
         One forward per batch gives logits, hidden states and attention weights, so the three
         single-pass families cost one forward instead of three; the latent runs its encoders only
-        (no z samples: ``latent_mi`` is not a feature). Needs eager attention.
+        (no z samples: ``latent_mi`` is not a feature). With a latent every prompt is followed by its
+        whole completion word (``latent_kl`` reads the last one); the other features read the scored
+        position, which causal attention keeps as it was. Needs eager attention.
         """
         cfg = self.config
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         with self._bar(len(prompts), "probe features") as bar:
-            for _, enc in self._encoded_batches(prompts, completions):
+            for _, enc in self._encoded_batches(prompts, completions, self.module is not None):
                 out = self.model(
                     **enc.inputs,
                     output_hidden_states=True,
@@ -322,11 +348,19 @@ class Harness:
         tensors = {k: torch.cat(v) for k, v in collected.items()}
         return probe.features(tensors, tensors.pop("lens_ce_by_layer"))
 
-    def score_prompts(self, prompts: list[str], names: list[str]) -> tuple[list[Completion], dict[str, torch.Tensor]]:
+    def generator(self) -> torch.Generator:
+        """A new source of z noise seeded from ``config.seed``: one per run."""
+        return torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    def score_prompts(
+        self, prompts: list[str], names: list[str], generator: torch.Generator | None = None
+    ) -> tuple[list[Completion], dict[str, torch.Tensor]]:
         """Completions and scores for bare prompts (no idiom target, so no labels): ``vtrans score``.
 
         The same families as :meth:`score` run on the same encoded batches; the global random
-        state is left as it was (dropout masks and z samples come from ``config.seed``).
+        state is left as it was (dropout masks and z samples come from ``config.seed``). A caller
+        that scores one run in several calls passes the run's ``generator`` (:meth:`generator`) so
+        that the z noise goes on from call to call; ``None`` starts a new one.
 
         Returns:
             The completions and ``{name: (n,) tensor}`` (plus ``lens_ce_by_layer``, (n, L+1),
@@ -337,8 +371,9 @@ class Harness:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
+            generator = generator or self.generator()
             for family in self.families(names):
-                for part in self._family_parts(family, prompts, completions, None, names):
+                for part in self._family_parts(family, prompts, completions, None, names, None, generator):
                     for key, value in part.items():
                         collected[key].append(value.detach().float().cpu())
         return completions, {k: torch.cat(v) for k, v in collected.items()}
@@ -384,18 +419,55 @@ def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored)
     return fitted.predict(x_eval)
 
 
-def probe_train_items(config: EvalConfig, settings: dict | None = None) -> list[IdiomItem] | None:
-    """The items the probe may learn from: the train split of the same data, never the evaluated one.
+def probe_train_items(
+    evaluated: list[IdiomItem], trained_with: dict | None = None, trained: set[str] | None = None
+) -> tuple[list[IdiomItem], str]:
+    """The items the probe is fitted on, and where they come from.
 
-    ``settings`` holds the split settings the evaluated items were split with (see
-    :func:`split_settings`; default: the config's, else 0/0.15/0.15). None when the evaluated items
-    are the train split (or all items): nothing is left to learn from.
+    The rule: items (a) disjoint from the evaluated ones (normalised idioms) and (b) out-of-sample
+    for every learned part that produces the probe's features, so that its features behave at
+    fitting as they do on the evaluated items.
+
+    * With a checkpoint (``trained_with``: its ``datamodule_hyper_parameters``): the validation
+      split of the data the latent was trained on, split with the seed and fractions it was
+      trained with (idioms held out from its training), less any idiom of that training split
+      (a ``builtin:SPLIT`` spec serves one split to every stage) and less any evaluated idiom.
+      Not the train split: there posterior_var and latent_kl are in-sample for the latent.
+    * Without one (no learned features): the built-in train and val splits less any evaluated idiom.
+
+    So the probe runs on any data, a user's file included. ``trained`` (the checkpoint's recorded
+    training idioms, as hashes) is left out too, whatever its data spec says: a latent trained on
+    chosen items (``vtrans crossval``) records a spec that does not describe them.
+
+    Returns:
+        The items (possibly none) and a short description of their source.
+
+    Raises:
+        ProbeUnfittable: the checkpoint does not record its training data, or it cannot be read.
     """
-    kind, arg = parse_spec(config.data)
-    split = (arg if kind == "builtin" else None) or config.split  # a file spec's arg is its path
-    if split in ("train", "all"):
-        return None
-    return load_split("builtin" if kind == "builtin" else config.data, "train", **(settings or split_settings(config)))
+    evaluated_keys = {_idiom_key(it.idiom) for it in evaluated}
+    if trained_with is None:
+        source = "builtin:train+val"
+        candidates = load_split("builtin", "train") + load_split("builtin", "val")
+        excluded: set[str] = set()
+    else:
+        if not isinstance(trained_with.get("data"), str):
+            raise ProbeUnfittable("the checkpoint does not record the data its latent was trained on")
+        spec = trained_with["data"]
+        split = {k: trained_with[k] for k in ("seed", "val_fraction", "test_fraction") if k in trained_with}
+        source = f"the val split of {spec} (seed {split.get('seed', 0)}), held out from the checkpoint's training"
+        try:
+            candidates = load_split(spec, "val", **split)
+            excluded = {_idiom_key(it.idiom) for it in load_split(spec, "train", **split)}
+        except DataError as err:
+            raise ProbeUnfittable(f"the checkpoint's training data cannot be read: {err}") from None
+    trained = trained or set()
+    items = [
+        it
+        for it in candidates
+        if _idiom_key(it.idiom) not in evaluated_keys | excluded and idiom_hash(it.idiom) not in trained
+    ]
+    return items, source
 
 
 def split_settings(config: EvalConfig, recorded: dict | None = None) -> dict:
@@ -485,18 +557,23 @@ def evaluate(
             dropped[name] = "needs a trained latent (--ckpt)"
         elif module is not None and name == "latent_kl" and module.latent.prior != "conditional":
             dropped[name] = "needs a latent trained with prior: conditional"
+        elif config.aggregate != "first" and name in FIRST_TOKEN_ONLY:
+            dropped[name] = "reads the first completion token only: run it with --aggregate first"
     names = [n for n in config.estimators if n not in dropped]
     harness = Harness(backbone, module, config, progress)
     with _eager_attention(backbone.model, "attention_entropy" in names or "probe" in names):
         # the lens always runs: every row of scores.jsonl carries its trajectory (one forward)
         scored = harness.score(items, names if "lens_ce" in names else [*names, "lens_ce"])
         probe_families = [f for f in PROBE_FAMILIES if f != "latent" or module is not None]
+        probe_fit = None  # which items the probe was fitted on
         if "probe" in names:
             start = time.perf_counter()
             try:
-                train_items = probe_train_items(config, split)
-                if train_items is None:
-                    raise ProbeUnfittable("the evaluated items include the train split: none are left to fit it on")
+                trained_with = None if ckpt is None else checkpoint.read(ckpt).get("datamodule_hyper_parameters", {})
+                train_items, source = probe_train_items(items, trained_with, trained)
+                probe_fit = {"source": source, "n": len(train_items)}
+                if not train_items:
+                    raise ProbeUnfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
                 scored.scores["probe"] = fit_probe(harness, train_items, scored)
             except ProbeUnfittable as err:
                 names.remove("probe")
@@ -516,6 +593,8 @@ def evaluate(
         "seen_left_out": None if seen is None else (0 if config.keep_seen else seen),
         "keep_seen": config.keep_seen,
     }
+    if probe_fit is not None:
+        extra["probe_fit"] = probe_fit
     results = report.build_results(model_name, rows, costs, n_boot=config.n_boot, seed=config.seed, extra=extra)
     out.mkdir(parents=True, exist_ok=True)
     report.write_scores_jsonl(out / "scores.jsonl", rows)

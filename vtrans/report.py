@@ -354,6 +354,12 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
     if partial:
         listed = ", ".join(f"`{name}` (n={k})" for name, k in partial.items())
         parts.append(f"Scored on fewer items (undefined scores dropped): {listed}.")
+    if results.get("probe_fit") and "probe" in results["estimators"]:
+        fit = results["probe_fit"]
+        parts.append(
+            f"The probe was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
+            "and the learned features are out-of-sample on them as on the evaluated items."
+        )
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{_PLOT_TITLES.get(p, p)}]({p})" for p in plots))

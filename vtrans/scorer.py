@@ -345,10 +345,11 @@ class Scorer:
             dynamic_ncols=True,
             disable=self.quiet or (total is not None and total <= self.batch_size),
         )
+        generator = self.harness.generator()  # one source of z noise for the whole run
         try:
             for batch in _batched(lines, self.batch_size):
                 with _eager_attention(self.module.backbone.model, "attention_entropy" in self.names):
-                    records = self._score_batch(batch)
+                    records = self._score_batch(batch, generator)
                 bar.update(len(batch))
                 yield from records
         finally:
@@ -389,7 +390,7 @@ class Scorer:
             keep -= 1
         return ""
 
-    def _score_batch(self, lines: list[Line]) -> list[dict]:
+    def _score_batch(self, lines: list[Line], generator: torch.Generator | None = None) -> list[dict]:
         records: list[dict | None] = [None] * len(lines)
 
         def error(i: int, message: str) -> None:
@@ -430,7 +431,7 @@ class Scorer:
             else:
                 ready.append((i, text))
         if ready:
-            completions, scores = self.harness.score_prompts([t for _, t in ready], self.names)
+            completions, scores = self.harness.score_prompts([t for _, t in ready], self.names, generator)
             for j, (i, _) in enumerate(ready):
                 record = {
                     "prompt": lines[i].prompt,

@@ -27,5 +27,16 @@ def scores(model, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
 def from_logits(logits: torch.Tensor, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
     """:func:`scores` from slot logits (B, N, V) already computed."""
     logits = logits.float()
-    p_y = torch.softmax(logits, -1).gather(-1, enc.targets.unsqueeze(-1)).squeeze(-1)  # (B, N)
-    return {"msp": aggregate(1 - p_y, enc, how), "entropy": aggregate(entropy(logits), enc, how)}
+    return {"msp": aggregate(one_minus_p(logits, enc.targets), enc, how), "entropy": aggregate(entropy(logits), enc, how)}
+
+
+def one_minus_p(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """1 − p(ids) as the mass of every other token, (...,) from logits (..., V) and ids (...).
+
+    ``1 - softmax(logits)[ids]`` (or ``-expm1`` of ``log_softmax``) rounds to 0 in float32 once
+    p is within ~1e-7 of 1, so confident items would tie; the other tokens' mass keeps its
+    relative precision down to the smallest float and so ranks items exactly as −log p does.
+    """
+    logp = torch.log_softmax(logits.float(), -1)  # (..., V)
+    others = logp.scatter(-1, ids.unsqueeze(-1), float("-inf"))  # ŷ's own mass left out
+    return torch.logsumexp(others, -1).exp()

@@ -33,7 +33,13 @@ def first_slot_logits(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
 
 @torch.no_grad()
 def scores(
-    module, enc: Encoded, samples: int = 32, seed: int = 0, chunk: int = 512, mi: bool = True
+    module,
+    enc: Encoded,
+    samples: int = 32,
+    seed: int = 0,
+    chunk: int = 512,
+    mi: bool = True,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """All latent estimators for a batch whose targets are the base model's completion tokens.
 
@@ -44,21 +50,29 @@ def scores(
     Args:
         mi: compute ``latent_mi`` (S passes of the upper blocks); ``False`` leaves out the
             sampling and gives only the encoders' estimators (the probe's features).
+        generator: the source of the z noise, owned by the caller for a whole run so that
+            successive batches draw fresh noise; ``None`` seeds a new one from ``seed`` (a
+            standalone call: every call then draws the same noise).
     """
     h = module.lower(enc)  # (B, T, C), computed once for every sample
     loc, scale = inference_distribution(module, h, enc)
     result = {"posterior_var": scale.pow(2).mean(-1)}
     if mi:
-        result["latent_mi"] = _mutual_information(module, h, enc, loc, scale, samples, seed, chunk)
+        result["latent_mi"] = _mutual_information(module, h, enc, loc, scale, samples, chunk, generator or _generator(seed, loc.device))
     if module.latent.prior == "conditional":
         q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
         result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
     return result
 
 
-def _mutual_information(module, h, enc: Encoded, loc, scale, samples: int, seed: int, chunk: int) -> torch.Tensor:
-    """BALD over S samples of z ~ N(loc, scale²), (B,)."""
-    generator = torch.Generator(device=loc.device).manual_seed(seed)
+def _generator(seed: int, device: torch.device | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _mutual_information(
+    module, h, enc: Encoded, loc, scale, samples: int, chunk: int, generator: torch.Generator
+) -> torch.Tensor:
+    """BALD over S samples of z ~ N(loc, scale²), (B,); the noise is drawn from ``generator``."""
     eps = torch.randn((loc.shape[0], samples, loc.shape[1]), generator=generator, device=loc.device)
     z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
     prefix = module.prefix(h, enc)  # the upper blocks before the scored positions, once for all samples

@@ -1,4 +1,7 @@
-"""``probe``: logistic regression on single-pass features, fitted on the train split only.
+"""``probe``: logistic regression on single-pass features, fitted on items disjoint from the evaluated ones.
+
+Which items, so that the latent's features are out-of-sample there as on the evaluated items,
+is decided by ``vtrans.evaluate.probe_train_items``.
 
 Features per item: the lens trajectory (−log p_ℓ(ŷ) for every layer), ``entropy``, ``msp``,
 ``attention_entropy`` and, with a latent, ``posterior_var`` and ``latent_kl``: everything that

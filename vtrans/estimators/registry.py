@@ -11,6 +11,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 }
 NAMES: tuple[str, ...] = tuple(name for names in FAMILIES.values() for name in names)
 NEEDS_LATENT = frozenset(FAMILIES["latent"])
+# read the scored position (ŷ, the completion's first token) only: no mean/max over the word
+FIRST_TOKEN_ONLY = frozenset({"attention_entropy", "latent_mi", *FAMILIES["mc_dropout"]})
 
 
 def family_of(name: str) -> str:
