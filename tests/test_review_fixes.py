@@ -160,6 +160,8 @@ def test_aggregate_refuses_the_first_token_only_estimators(latent, how, tmp_path
     from vtrans import checkpoint
 
     monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": latent)
+    monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
+    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: None)
     names = ["msp", *FIRST_TOKEN_ONLY, "posterior_var", "latent_kl"]
     config = EvalConfig(data="builtin", max_items=4, estimators=names, aggregate=how, passes=2, samples=2, n_boot=100)
     results = evaluate(config, tmp_path / "run", ckpt="random.ckpt", progress=False)
@@ -340,4 +342,5 @@ def test_probe_is_dropped_when_every_held_out_idiom_is_evaluated(file_checkpoint
     assert list(results["estimators"]) == ["msp"]
     assert results["probe_fit"]["n"] == 0
     assert "no item of the val split" in results["dropped"]["probe"] and "evaluated" in results["dropped"]["probe"]
-    assert err.startswith("warning: not run: probe: cannot be fitted") and err.count("\n") == 1
+    assert err.startswith("warning: not run: probe: cannot be fitted") and err.count("warning: not run") == 1
+    assert "left out 16 of 27 idioms the latent was trained on" in err  # the training idioms, not scored
