@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mc-from-layer", type=int, default=0, help="MC dropout: blocks below this one stay deterministic and run once"
     )
     ev.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
+    ev.add_argument(
+        "--z-draws", default="random", choices=["random", "antithetic", "sobol"], help="how latent_mi draws z (default random)"
+    )
     ev.add_argument("--aggregate", default="first", choices=["first", "mean", "max"], help="token scores over the completion word")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--max-new-tokens", type=int, default=6)
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
     cv.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
     cv.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
+    cv.add_argument(
+        "--z-draws", default="random", choices=["random", "antithetic", "sobol"], help="how latent_mi draws z (default random)"
+    )
     cv.add_argument("--batch-size", type=int, default=32)
     cv.add_argument("--max-new-tokens", type=int, default=6)
     cv.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -218,6 +224,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         dropout=args.dropout,
         mc_from_layer=args.mc_from_layer,
         samples=args.samples,
+        z_draws=args.z_draws,
         aggregate=args.aggregate,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -265,6 +272,7 @@ def run_crossval(args: argparse.Namespace) -> None:
         passes=args.passes,
         dropout=args.dropout,
         samples=args.samples,
+        z_draws=args.z_draws,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         n_boot=args.n_boot,

@@ -59,6 +59,8 @@ class EvalConfig:
         dropout: MC dropout probability p.
         mc_from_layer: MC dropout keeps blocks below this one deterministic and runs them once.
         samples: samples of z for ``latent_mi``.
+        z_draws: how ``latent_mi`` draws z's noise: ``random``, ``antithetic`` or ``sobol``
+            (randomised quasi-Monte Carlo).
         aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``; MC dropout,
             ``latent_mi`` and ``attention_entropy`` read the first token only and are not run
             (``dropped``) with ``mean`` or ``max``.
@@ -87,6 +89,7 @@ class EvalConfig:
     dropout: float = 0.1
     mc_from_layer: int = 0
     samples: int = 32
+    z_draws: str = "random"
     aggregate: str = "first"
     batch_size: int = 32
     max_new_tokens: int = 6
@@ -112,6 +115,10 @@ class EvalConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.mc_from_layer >= 0, f"mc_from_layer must be >= 0, got {self.mc_from_layer}"),
             (self.samples >= 2, f"samples must be >= 2, got {self.samples}"),
+            (
+                self.z_draws in ("random", "antithetic", "sobol"),
+                f"z_draws must be random, antithetic or sobol, got {self.z_draws!r}",
+            ),
             (self.aggregate in ("first", "mean", "max"), f"aggregate must be first, mean or max, got {self.aggregate!r}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
@@ -214,7 +221,7 @@ class Harness:
         if family == "latent":
             mi = names is None or "latent_mi" in names
             return lambda enc, sl: latent_estimators.scores(
-                self.module, enc, cfg.samples, cfg.seed, mi=mi, generator=generator
+                self.module, enc, cfg.samples, cfg.seed, mi=mi, generator=generator, draws=cfg.z_draws
             )
         raise KeyError(family)
 

@@ -10,11 +10,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from vtrans.estimators.common import predictive_stats
 from vtrans.latent import kl_normal
 from vtrans.tokens import Encoded
+
+ZDraws = Literal["random", "antithetic", "sobol"]
 
 
 def inference_distribution(module, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +44,7 @@ def scores(
     chunk: int = 512,
     mi: bool = True,
     generator: torch.Generator | None = None,
+    draws: ZDraws = "random",
 ) -> dict[str, torch.Tensor]:
     """All latent estimators for a batch whose targets are the base model's completion tokens.
 
@@ -53,12 +58,14 @@ def scores(
         generator: the source of the z noise, owned by the caller for a whole run so that
             successive batches draw fresh noise; ``None`` seeds a new one from ``seed`` (a
             standalone call: every call then draws the same noise).
+        draws: how the S standard-normal draws of z's noise are made (see :func:`z_noise`).
     """
     h = module.lower(enc)  # (B, T, C), computed once for every sample
     loc, scale = inference_distribution(module, h, enc)
     result = {"posterior_var": scale.pow(2).mean(-1)}
     if mi:
-        result["latent_mi"] = _mutual_information(module, h, enc, loc, scale, samples, chunk, generator or _generator(seed, loc.device))
+        generator = generator or _generator(seed, loc.device)
+        result["latent_mi"] = _mutual_information(module, h, enc, loc, scale, samples, chunk, generator, draws)
     if module.latent.prior == "conditional":
         q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
         result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
@@ -69,11 +76,37 @@ def _generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def z_noise(
+    items: int, samples: int, d_z: int, generator: torch.Generator, draws: ZDraws = "random"
+) -> torch.Tensor:
+    """(items, samples, d_z) standard-normal noise for z = loc + scale·ε.
+
+    ``random``: independent draws. ``antithetic``: pairs ε, −ε (the odd moments of each pair
+    cancel). ``sobol``: a scrambled Sobol point set mapped through the normal quantile, shifted
+    by a random offset modulo 1 per item (a randomised quasi-Monte Carlo rule: unbiased, and the
+    S points cover the space more evenly than independent ones).
+    """
+    device = generator.device
+    if draws == "random":
+        return torch.randn((items, samples, d_z), generator=generator, device=device)
+    if draws == "antithetic":
+        half = torch.randn((items, (samples + 1) // 2, d_z), generator=generator, device=device)
+        return torch.cat([half, -half], 1)[:, :samples]
+    if draws == "sobol":
+        scramble_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+        points = torch.quasirandom.SobolEngine(d_z, scramble=True, seed=scramble_seed).draw(samples)  # (S, d_z)
+        shift = torch.rand((items, 1, d_z), generator=generator, device=device)
+        u = (points.to(device).unsqueeze(0) + shift) % 1.0  # (items, S, d_z)
+        u = u.clamp(1e-6, 1 - 1e-6)
+        return torch.special.ndtri(u)
+    raise ValueError(f"draws must be random, antithetic or sobol, got {draws!r}")
+
+
 def _mutual_information(
-    module, h, enc: Encoded, loc, scale, samples: int, chunk: int, generator: torch.Generator
+    module, h, enc: Encoded, loc, scale, samples: int, chunk: int, generator: torch.Generator, draws: ZDraws = "random"
 ) -> torch.Tensor:
     """BALD over S samples of z ~ N(loc, scale²), (B,); the noise is drawn from ``generator``."""
-    eps = torch.randn((loc.shape[0], samples, loc.shape[1]), generator=generator, device=loc.device)
+    eps = z_noise(loc.shape[0], samples, loc.shape[1], generator, draws).to(loc.dtype)
     z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
     prefix = module.prefix(h, enc)  # the upper blocks before the scored positions, once for all samples
     logits = []
