@@ -449,6 +449,8 @@ def _quiet_lightning():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             yield
     finally:
         logger.setLevel(level)
