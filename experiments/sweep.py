@@ -77,7 +77,7 @@ def train_variant(backbone, caches: dict, hp: dict, epochs: int, seed: int, log_
 def _latent_summaries(backbone, module, config, scored, errors, n_boot, seed) -> dict:
     """Each latent estimator's metrics on the items of ``scored`` (completions already made)."""
     harness = Harness(backbone, module, config, progress=False)
-    scores, _ = harness.run_families(scored.items, scored.prompts, scored.completions, ["latent"], list(LATENT), gold=False)
+    scores, _ = harness.run_families(scored.items, scored.prompts, scored.completions, ["latent", "latent_mi"], list(LATENT), gold=False)
     return {name: (s, metrics.summarize(s, errors, n_boot, seed)) for name, s in scores.items()}
 
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in range(args.repeats):
                 harness = Harness(module.backbone, module, EvalConfig(samples=samples, z_draws=draws, seed=seed), False)
                 start = time.perf_counter()
-                scores, _ = harness.run_families(items, prompts, completions, ["latent"], ["latent_mi"], gold=False)
+                scores, _ = harness.run_families(items, prompts, completions, ["latent_mi"], ["latent_mi"], gold=False)
                 seconds.append(time.perf_counter() - start)
                 runs.append(scores["latent_mi"].double().numpy())
             values = np.stack(runs)  # (R, n)

@@ -40,7 +40,7 @@ from vtrans import report
 from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, load_idioms, parse_spec
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
-from vtrans.estimators.registry import NAMES, NEEDS_LATENT, family_of
+from vtrans.estimators.registry import LATENT_FAMILIES, NAMES, NEEDS_LATENT, family_of
 from vtrans.evaluate import PROBE_FAMILIES, EvalConfig, Harness, _eager_attention, _sync
 from vtrans.frozen import FrozenCache
 
@@ -279,7 +279,7 @@ class CrossFit:
             for seed in cfg.seeds:
                 ev_seed = EvalConfig(**{**asdict(ev), "seed": seed})
                 harness = Harness(self.backbone, None, ev_seed, self.progress)
-                stochastic = [f for f in families if f not in fixed_families and f != "latent"]
+                stochastic = [f for f in families if f not in fixed_families and f not in LATENT_FAMILIES]
                 scores, sto_seconds = harness.run_families(self.items, prompts, completions, stochastic, names)
                 scores = {**fixed, **scores}
                 if seed == cfg.seeds[0]:
@@ -289,7 +289,7 @@ class CrossFit:
                     scores.update(latent_scores)
                     fold_log += log
                     if seed == cfg.seeds[0]:
-                        seconds["latent"] = latent_seconds
+                        seconds.update(latent_seconds)
                 if "probe" in names:
                     t0 = time.perf_counter()
                     scores["probe"] = self._probe(scores, lens_by_layer, correct)
@@ -318,26 +318,27 @@ class CrossFit:
 
     def _latent_scores(self, seed: int, names: list[str], prompts, completions):
         """Out-of-fold latent scores of every item for one seed, the seconds spent scoring, and a log per fold."""
-        n, collected, seconds, log = len(self.items), {}, 0.0, []
-        latent_names = [nm for nm in names if nm in NEEDS_LATENT] or ["posterior_var"]
+        n, collected, seconds, log = len(self.items), {}, {}, []
+        latent_names = [nm for nm in names if nm in NEEDS_LATENT]
         if "probe" in names:
             latent_names = sorted(set(latent_names) | set(LATENT_FEATURES))
+        latent_families = [f for f in LATENT_FAMILIES if any(family_of(nm) == f for nm in latent_names)]
         for fold in range(self.cfg.folds):
             t0 = time.perf_counter()
             module, n_train, stats = self.train_fold(seed, fold)
             trained = time.perf_counter() - t0
             idx = [i for i, f in enumerate(self.folds) if f == fold]
             harness = Harness(self.backbone, module, EvalConfig(**{**asdict(self.eval), "seed": seed}), progress=False)
-            t1 = time.perf_counter()
-            part, _ = harness.run_families(
+            part, part_seconds = harness.run_families(
                 [self.items[i] for i in idx],
                 [prompts[i] for i in idx],
                 [completions[i] for i in idx],
-                ["latent"],
+                latent_families,
                 latent_names,
                 gold=False,
             )
-            seconds += time.perf_counter() - t1
+            for family, value in part_seconds.items():
+                seconds[family] = seconds.get(family, 0.0) + value
             for key, value in part.items():
                 collected.setdefault(key, torch.full((n,), float("nan")))[idx] = value
             entry = {"seed": seed, "fold": fold, "n_train": n_train, "n_scored": len(idx), "train_seconds": trained}

@@ -34,7 +34,14 @@ from vtrans.data import (
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe, sampling
 from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators.registry import FAMILIES, FIRST_TOKEN_ONLY, NAMES, NEEDS_LATENT, family_of
+from vtrans.estimators.registry import (
+    FAMILIES,
+    FIRST_TOKEN_ONLY,
+    LATENT_FAMILIES,
+    NAMES,
+    NEEDS_LATENT,
+    family_of,
+)
 from vtrans.generate import Completion, complete, is_correct
 from vtrans.tokens import encode, slot_positions, target_ids
 
@@ -163,7 +170,7 @@ class Harness:
         if "probe" in wanted:
             wanted |= set(PROBE_FAMILIES)
         if self.module is None:
-            wanted.discard("latent")
+            wanted -= set(LATENT_FAMILIES)
         return [f for f in FAMILIES if f in wanted and f != "probe"]
 
     def _bar(self, total: int, desc: str):
@@ -218,11 +225,14 @@ class Harness:
             return lambda enc, sl: mc_dropout.scores(
                 self.model, enc, cfg.passes, cfg.dropout, from_layer=cfg.mc_from_layer
             )
-        if family == "latent":
-            mi = names is None or "latent_mi" in names
-            return lambda enc, sl: latent_estimators.scores(
-                self.module, enc, cfg.samples, cfg.seed, mi=mi, generator=generator, draws=cfg.z_draws
-            )
+        if family == "latent":  # the encoders only
+            return lambda enc, sl: latent_estimators.scores(self.module, enc, mi=False)
+        if family == "latent_mi":
+            return lambda enc, sl: {
+                "latent_mi": latent_estimators.scores(
+                    self.module, enc, cfg.samples, cfg.seed, mi=True, generator=generator, draws=cfg.z_draws
+                )["latent_mi"]
+            }
         raise KeyError(family)
 
     def _family_parts(
@@ -253,7 +263,7 @@ class Harness:
             )
             return
         fn = self._family_fn(family, gold, names, generator)
-        for first, enc in self._encoded_batches(prompts, completions, family == "latent"):
+        for first, enc in self._encoded_batches(prompts, completions, family in LATENT_FAMILIES):
             yield fn(enc, slice(first, first + enc.input_ids.shape[0]))
             if progress is not None:
                 progress(enc.input_ids.shape[0])

@@ -56,7 +56,7 @@ from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES, NAMES
 
 MAX_LINE_BYTES = 1 << 20
-DEFAULT_FAMILIES = ("baselines", "attention", "lens", "latent")
+DEFAULT_FAMILIES = ("baselines", "attention", "lens", "latent", "latent_mi")
 LongPrompts = Literal["truncate", "refuse"]
 
 
