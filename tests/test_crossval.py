@@ -245,3 +245,14 @@ def test_self_targets_add_the_models_own_wrong_answers_of_training_prompts_only(
         got = {(render_prompt(DEFAULT_TEMPLATE, it.prefix), it.target) for it in train}
         assert got == expected
         assert len(train) > len(outside)  # the wrong answers were added
+
+
+def test_each_estimator_is_charged_what_it_needs_alone():
+    from vtrans.evaluate import costs
+
+    seconds = {"forward": 2.0, "baselines": 1.0, "lens": 3.0, "latent": 0.5, "latent_mi": 8.0, "probe_fit": 4.0}
+    got = costs(seconds, ["msp", "posterior_var", "latent_kl", "latent_mi", "probe"], ["baselines", "lens", "latent"])
+    assert got["posterior_var"]["cost_forward_equiv"] == got["latent_kl"]["cost_forward_equiv"] == 0.25
+    assert got["latent_mi"]["cost_forward_equiv"] == 4.0
+    assert got["probe"]["seconds"] == 1.0 + 3.0 + 0.5 + 4.0  # its features' families and its fit
+    assert got["msp"]["cost_forward_equiv"] == 0.5

@@ -109,6 +109,13 @@ def test_build_results_values(results: dict[str, Any]) -> None:
     assert results["paired_vs_reference"]["entropy"]["delta_auroc"] < 0
 
 
+def test_the_reference_is_the_best_of_several_baselines(rows: list[dict[str, Any]]) -> None:
+    out = report.build_results("m", rows, {}, n_boot=20, reference=("entropy", "msp", "not_scored"))
+    best = max(("entropy", "msp"), key=lambda n: out["estimators"][n]["auroc"])
+    assert out["reference"] == best and best not in out["paired_vs_reference"]
+    assert {"entropy", "msp"} - {best} <= set(out["paired_vs_reference"])
+
+
 def test_build_results_without_reference_scores(rows: list[dict[str, Any]]) -> None:
     out = report.build_results("m", rows, {}, n_boot=20, reference="latent_kl")
     assert out["paired_vs_reference"] == {}

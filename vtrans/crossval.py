@@ -41,11 +41,18 @@ from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, load_idioms, par
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
 from vtrans.estimators.registry import LATENT_FAMILIES, NAMES, NEEDS_LATENT, family_of
-from vtrans.evaluate import PROBE_FAMILIES, EvalConfig, Harness, _eager_attention, _sync
+from vtrans.evaluate import (
+    CHEAP_BASELINES,
+    PROBE_FAMILIES,
+    EvalConfig,
+    Harness,
+    _eager_attention,
+    _sync,
+    costs,
+)
 from vtrans.frozen import FrozenCache
 
 DETERMINISTIC_FAMILIES = ("baselines", "attention", "lens")  # seed-free: run once
-CHEAP_BASELINES = ("msp", "entropy", "sample_disagreement", "sample_word_entropy")
 LATENT_FEATURES = ("posterior_var", "latent_kl")  # the probe's features from the latent (no z samples)
 
 
@@ -374,7 +381,7 @@ class CrossFit:
         cfg = self.cfg
         errors = np.array([0.0 if c else 1.0 for c in correct])
         first = cfg.seeds[0]
-        costs = _costs(seconds, names)
+        cost = costs(seconds, names, [f for f in PROBE_FAMILIES if f in seconds])
         per_seed = {
             seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
         }
@@ -401,7 +408,7 @@ class CrossFit:
         results = report.build_results(
             self.backbone.name,
             rows,
-            costs,
+            cost,
             n_boot=self.eval.n_boot,
             seed=0,
             reference=reference,
@@ -472,19 +479,6 @@ def _auroc(scores: np.ndarray, errors: np.ndarray) -> float:
 
     keep = ~np.isnan(scores)
     return metrics.auroc(scores[keep], errors[keep]) if keep.any() else float("nan")
-
-
-def _costs(seconds: dict[str, float], names: list[str]) -> dict[str, dict[str, float]]:
-    forward = max(seconds.get("forward", 0.0), 1e-9)
-    costs = {}
-    for nm in names:
-        if nm == "probe":
-            families = [f for f in PROBE_FAMILIES if f in seconds] + ["probe_fit"]
-        else:
-            families = [family_of(nm)]
-        total = sum(seconds.get(f, float("nan")) for f in families)
-        costs[nm] = {"seconds": total, "cost_forward_equiv": total / forward}
-    return costs
 
 
 def _relpath(target: Path, start: Path) -> str:
