@@ -64,8 +64,10 @@ def scores(
 ) -> dict[str, torch.Tensor]:
     """Sample K completions per prompt and score them against the greedy ones (:func:`word_scores`).
 
-    Each prompt is repeated K times; a batch holds whole prompts (``batch_size // k`` of them, at
-    least one). The global random state is left as it was (see ``vtrans.generate.complete``).
+    Each prompt is repeated K times and a ``generate`` call takes ``batch_size`` whole prompts
+    (``batch_size · k`` sequences): decoding on a CPU is bound by the per-step overhead at small
+    batches, so few wide calls cost far less than many narrow ones. The global random state is
+    left as it was (see ``vtrans.generate.complete``).
 
     Args:
         model, tokenizer: the base model (latent off) and its tokenizer.
@@ -75,10 +77,9 @@ def scores(
         temperature: sampling temperature.
         seed: seed of the samples (see :func:`sample_seed`).
         max_new_tokens: generation budget of a completion word.
-        batch_size: sequences per ``generate`` call, rounded down to a multiple of ``k``.
+        batch_size: prompts per ``generate`` call.
         progress: called with the number of prompts done after each batch.
     """
-    per_batch = max(1, batch_size // k)
     sampled = complete(
         model,
         tokenizer,
@@ -87,7 +88,7 @@ def scores(
         do_sample=True,
         temperature=temperature,
         seed=seed,
-        batch_size=per_batch * k,
+        batch_size=batch_size * k,
         progress=None if progress is None else (lambda n: progress(n // k)),
     )
     words = [[c.word for c in sampled[i * k : (i + 1) * k]] for i in range(len(prompts))]
