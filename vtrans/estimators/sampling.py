@@ -65,8 +65,8 @@ def scores(
     """Sample K completions per prompt and score them against the greedy ones (:func:`word_scores`).
 
     Each prompt is repeated K times and a ``generate`` call takes ``batch_size`` whole prompts
-    (``batch_size · k`` sequences): decoding on a CPU is bound by the per-step overhead at small
-    batches, so few wide calls cost far less than many narrow ones. The global random state is
+    (``batch_size · k`` sequences), so the K samples cost K-times-wider decoding steps rather than
+    K times as many ``generate`` calls. The global random state is
     left as it was (see ``vtrans.generate.complete``).
 
     Args:
