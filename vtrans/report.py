@@ -675,8 +675,8 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
         f"**{n} idioms** of `{proto.get('data')}`, accuracy **{_fmt(accuracy)}** (base error rate "
         f"{_fmt(1 - accuracy)}). {how}.{extra} Seeds {', '.join(map(str, seeds))} (training, z draws, dropout "
         f"masks, sampled completions); {proto.get('epochs')} epochs per latent; latent from "
-        f"`{proto.get('training_config')}` ({latent}). The settings were fixed before this run (the config's, "
-        "chosen on validation data, see `docs/sweep/sweep.md`); nothing here was chosen on these scores.",
+        f"`{proto.get('training_config')}` ({latent}). The settings are the config's, fixed before this run; "
+        "nothing here was chosen on these scores.",
         f"Reference: **`{results.get('reference')}`** (the best cheap baseline). The table's interval is a "
         "bootstrap over items for the first seed; the next column is the mean ± sd of AUROC over seeds "
         "(number of seeds); Δ is paired against the reference on the same items, first seed, then the mean ± sd "
