@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"# `latent_mi` across z draws ({len(items)} items of `{args.data}` the latent never trained on)",
         "",
-        f"Command: `python experiments/z_draws.py {' '.join(argv or [])}`; {args.repeats} noise seeds per row.",
+        f"Command: `python experiments/z_draws.py {' '.join(sys.argv[1:] if argv is None else argv)}`; {args.repeats} noise seeds per row.",
         "",
         "| S | draws | per-item sd / mean across seeds | AUROC over seeds, mean ± sd | seconds per pass |",
         "|---:|---|---:|---:|---:|",

@@ -2,7 +2,7 @@
 
 The items are cut into K folds by a seeded hash of the normalised idiom (balanced, and
 independent of file order). For each training seed and each fold f, a latent is trained on the
-idioms outside f (plus any ``extra_train`` idioms, with the scored ones taken out) and scores
+idioms outside f (plus any ``extra_train`` idioms, with the scored idioms and their variants taken out) and scores
 the idioms of f. Every item thus has an out-of-fold latent score, and the metrics, bootstrap
 intervals and paired tests run over all n items instead of one small test split.
 
@@ -167,6 +167,24 @@ def assign_folds(items: list[IdiomItem], folds: int, seed: int = 0) -> list[int]
     return assigned
 
 
+def _variant_key(item: IdiomItem) -> tuple[str, str]:
+    """An idiom's first and last word, normalised: what two spellings of one idiom share."""
+    return _idiom_key(item.prefix).split(" ")[0], _idiom_key(item.target)
+
+
+def extra_training_items(extra: list[IdiomItem], scored: list[IdiomItem]) -> list[IdiomItem]:
+    """The extra training idioms that are no scored idiom, nor a variant of one.
+
+    An extra idiom is dropped when its normalised form equals a scored one's, or when it shares
+    a scored idiom's first and last word ("beat around the bush" and "beat about the bush",
+    "blow one's stack" and "blow your stack"), so that no scored idiom is trained on in
+    another spelling.
+    """
+    keys = {_idiom_key(it.idiom) for it in scored}
+    variants = {_variant_key(it) for it in scored}
+    return [it for it in extra if _idiom_key(it.idiom) not in keys and _variant_key(it) not in variants]
+
+
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)
@@ -191,10 +209,12 @@ class CrossFit:
             raise ConfigError(f"{data_spec} has {len(items)} idioms: too few for {cfg.folds} folds")
         self.data_spec, self.items = data_spec, items
         self.folds = assign_folds(items, cfg.folds, cfg.fold_seed) if cfg.folds > 1 else [0] * len(items)
-        scored_keys = {_idiom_key(it.idiom) for it in items}
         self.extra: list[IdiomItem] = []
+        self.n_extra_dropped = 0
         if cfg.extra_train:
-            self.extra = [it for it in load_idioms(cfg.extra_train) if _idiom_key(it.idiom) not in scored_keys]
+            offered = load_idioms(cfg.extra_train)
+            self.extra = extra_training_items(offered, items)
+            self.n_extra_dropped = len(offered) - len(self.extra)
         template = cfg.template or self.spec.data.get("template") or cfg.eval.template
         self.eval = EvalConfig(**{**asdict(cfg.eval), "template": template})
         self.backbone = Backbone(**self.spec.backbone).to(device)
@@ -422,6 +442,7 @@ class CrossFit:
                     "data": self.data_spec,
                     "extra_train": cfg.extra_train,
                     "n_extra_train": len(self.extra),
+                    "n_extra_dropped": self.n_extra_dropped,
                     "self_targets": cfg.self_targets,
                     "epochs": cfg.epochs or self.spec.max_epochs,
                     "latent": self.spec.model,

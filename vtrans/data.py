@@ -3,7 +3,8 @@
 An item is an idiom split into ``prefix`` (all but the last word) and ``target``
 (the last word). Data is named by a spec (see :func:`parse_spec`): ``builtin`` or
 ``builtin:SPLIT`` (the packaged ``vtrans/idioms.txt``), ``txt:PATH``, ``epie:PATH``,
-``slide:PATH`` or ``magpie:PATH``. Splits are by idiom and come from a seeded hash,
+``slide:PATH``, ``magpie:PATH`` or ``wordnet:PATH`` (the multi-word expressions of a WordNet
+database). Splits are by idiom and come from a seeded hash,
 so they never depend on file order or ``PYTHONHASHSEED``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import string
 import unicodedata
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from vtrans.errors import UserError
 
 DEFAULT_TEMPLATE = "Complete the idiom: {prefix}"
 SPLITS = ("train", "val", "test")
-FILE_KINDS = ("txt", "epie", "slide", "magpie")
+FILE_KINDS = ("txt", "epie", "slide", "magpie", "wordnet")
 KINDS = ("builtin", *FILE_KINDS)
 BATCH_KEYS = ("idiom", "prefix", "target", "prompt")
 
@@ -156,7 +158,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
     Args:
         spec: ``builtin``, ``builtin:SPLIT`` or ``KIND:PATH`` with KIND one of
-            txt, epie, slide, magpie.
+            txt, epie, slide, magpie, wordnet.
 
     Returns:
         ``(kind, split_or_path)``: the split (or None) for builtin, the path otherwise.
@@ -242,6 +244,69 @@ def _magpie_idioms(lines: list[str], path: str) -> Iterator[tuple[int, str]]:
         yield number, idiom
 
 
+WORDNET_POS = ("verb", "adj", "adv", "noun")
+# Noun lexicographer files of names and taxonomy (animals, body parts, foods, groups, objects,
+# people, plants, substances): their multi-word lemmas are terms, not fixed expressions.
+_WORDNET_TERM_FILES = frozenset(
+    {"noun.animal", "noun.body", "noun.food", "noun.group", "noun.object", "noun.person", "noun.plant", "noun.substance"}
+)
+_WORDNET_LEMMA = re.compile(r"^[a-z'-]+(?:_[a-z'-]+){2,}$")
+
+
+def _wordnet_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(f"WordNet path not found: {path}")
+    if path.is_file():
+        if not path.name.startswith("data.") or path.suffix.lstrip(".") not in WORDNET_POS:
+            raise DataError(f"{path}: a WordNet data file is named data.verb, data.adj, data.adv or data.noun")
+        return [path]
+    files = [path / f"data.{pos}" for pos in WORDNET_POS if (path / f"data.{pos}").is_file()]
+    if not files:
+        raise DataError(f"{path}: no WordNet data files (data.verb, data.adj, data.adv, data.noun) in this directory")
+    return files
+
+
+def _wordnet_lexnames(files: list[Path]) -> dict[int, str]:
+    """The lexicographer file names by number, from the database's ``lexnames`` file when present."""
+    lexnames = files[0].parent / "lexnames"
+    if not lexnames.is_file():
+        return {}
+    names = {}
+    for line in lexnames.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit():
+            names[int(fields[0])] = fields[1]
+    return names
+
+
+def _wordnet_idioms(path: Path) -> Iterator[tuple[str, int, str]]:
+    """The fixed multi-word expressions of a WordNet database (WNdb format).
+
+    Kept: lemmas of three words or more, all lower case (WordNet writes names capitalised), and,
+    among nouns, none from the lexicographer files of names and taxonomy. ``one's`` and ``someone``
+    stay as written: they are how WordNet spells an idiom's open slot.
+    """
+    files = _wordnet_files(path)
+    lexnames = _wordnet_lexnames(files)
+    for file in files:
+        with file.open(encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.startswith("  ") or not line.strip():
+                    continue  # the licence header, or a blank line
+                fields = line.split()
+                try:
+                    lexfile, count = int(fields[1]), int(fields[3], 16)
+                    words = [fields[4 + 2 * i] for i in range(count)]
+                except (IndexError, ValueError):
+                    raise DataError(f"{file}:{number}: not a WordNet data line (offset lex_filenum ss_type w_cnt word ...)") from None
+                if lexnames.get(lexfile) in _WORDNET_TERM_FILES:
+                    continue
+                for word in words:
+                    lemma = re.sub(r"\([a-z]+\)$", "", word)  # adjective markers: (a), (p), (ip)
+                    if _WORDNET_LEMMA.match(lemma):
+                        yield str(file), number, lemma.replace("_", " ")
+
+
 def _idiom_key(idiom: str) -> str:
     """The normalised idiom: what deduplication and splitting compare."""
     return " ".join(word for word in map(normalize_word, idiom.split()) if word)
@@ -275,6 +340,8 @@ def load_idioms(spec: str) -> list[IdiomItem]:
         DataError: On a missing or unreadable file, a malformed line or an empty file.
     """
     kind, arg = parse_spec(spec)
+    if kind == "wordnet":
+        return _dedupe(((f"{file}:{number}", lemma) for file, number, lemma in _wordnet_idioms(Path(arg))), arg)
     if kind == "builtin":
         name = "vtrans/idioms.txt (built-in)"
         lines = resources.files("vtrans").joinpath("idioms.txt").read_text(encoding="utf-8").split("\n")
@@ -287,12 +354,17 @@ def load_idioms(spec: str) -> list[IdiomItem]:
         numbered = _magpie_idioms(lines, name)
     else:
         numbered = _plain_idioms(lines, comments=kind in ("builtin", "txt"))
+    return _dedupe(((f"{name}:{number}", idiom) for number, idiom in numbered), name)
+
+
+def _dedupe(located: Iterator[tuple[str, str]], name: str) -> list[IdiomItem]:
+    """Items from (location, idiom) pairs, the first of each normalised idiom kept, in order."""
     items: dict[str, IdiomItem] = {}
-    for number, idiom in numbered:
+    for where, idiom in located:
         try:
             item = split_idiom(idiom)
         except DataError as err:
-            raise DataError(f"{name}:{number}: {err}") from None
+            raise DataError(f"{where}: {err}") from None
         items.setdefault(_idiom_key(item.idiom), item)
     if not items:
         raise DataError(f"{name}: no idioms found")
@@ -461,7 +533,7 @@ class IdiomDataModule(L.LightningDataModule):
             data: Data spec: ``builtin`` (the packaged idiom set), ``builtin:SPLIT``
                 (every stage uses that split), ``txt:PATH`` or ``epie:PATH`` (one idiom
                 per line), ``slide:PATH`` (SLIDE TSV, column ``Idiom``) or
-                ``magpie:PATH`` (MAGPIE JSONL, field ``idiom``).
+                ``magpie:PATH`` (MAGPIE JSONL, field ``idiom``) or ``wordnet:PATH`` (a WordNet database directory or one of its data.POS files: its multi-word expressions).
             template: Prompt template with the single field ``{prefix}``.
             batch_size: Items per batch, at least 1.
             seed: Seed of the idiom split and of the training shuffle.

@@ -657,7 +657,10 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     latent = ", ".join(f"{k}={v}" for k, v in (proto.get("latent") or {}).items())
     extra = ""
     if proto.get("extra_train"):
-        extra = f" Every fold also trains on {proto.get('n_extra_train')} idioms of `{proto['extra_train']}` (none of them scored)."
+        extra = f" Every fold also trains on {proto.get('n_extra_train')} idioms of `{proto['extra_train']}` (none of them scored"
+        if proto.get("n_extra_dropped"):
+            extra += f"; {proto['n_extra_dropped']} more were left out as scored idioms or variants of one"
+        extra += ")."
     if proto.get("self_targets"):
         extra += (
             " Each latent also trained on the base model's own completion word as a second target of every "
