@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="compare every uncertainty estimator on idiom completion")
     ev.add_argument("--ckpt", help="a trained latent (train.py fit); without it, only estimators that need no latent")
     ev.add_argument("--model", default="smollm2", help="backbone when no --ckpt is given (default: smollm2)")
-    ev.add_argument("--data", default="builtin", help="data spec: builtin[:SPLIT], txt:PATH, epie:PATH, slide:PATH, magpie:PATH")
+    ev.add_argument("--data", default="builtin", help="data spec: builtin[:SPLIT], txt:PATH, epie:PATH, slide:PATH, magpie:PATH, wordnet:PATH")
     ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split when the spec names none")
     ev.add_argument("--out", required=True, help="output folder: results.json, scores.jsonl, report.md, plots")
     ev.add_argument("--template", default=None, help=f"prompt template (default: the checkpoint's, else {DEFAULT_TEMPLATE!r})")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scores.jsonl, report.md and plots into --out.",
     )
     cv.add_argument("--config", required=True, help="the training YAML (configs/NAME.yaml): backbone, latent settings, epochs")
-    cv.add_argument("--data", default=None, help="idioms to cross-fit and score (default: the config's data): builtin, txt:PATH, epie:PATH, slide:PATH, magpie:PATH")
+    cv.add_argument("--data", default=None, help="idioms to cross-fit and score (default: the config's data): builtin, txt:PATH, epie:PATH, slide:PATH, magpie:PATH, wordnet:PATH")
     cv.add_argument("--extra-train", default=None, help="a data spec added to every fold's training set and never scored (idioms also in --data are left out of it)")
     cv.add_argument("--folds", type=int, default=5, help="K folds (default 5; 1 trains on --extra-train only and scores all of --data)")
     cv.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[0, 1, 2], help="comma-separated training seeds (default 0,1,2)")
