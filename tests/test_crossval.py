@@ -256,3 +256,37 @@ def test_each_estimator_is_charged_what_it_needs_alone():
     assert got["latent_mi"]["cost_forward_equiv"] == 4.0
     assert got["probe"]["seconds"] == 1.0 + 3.0 + 0.5 + 4.0  # its features' families and its fit
     assert got["msp"]["cost_forward_equiv"] == 0.5
+
+
+def test_latents_loaded_from_checkpoints_score_as_the_run_that_trained_them(mixed_file, tmp_path, capsys):
+    first, again = tmp_path / "cv", tmp_path / "again"
+    common = ["--config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "1",
+              "-S", "4", "--n-boot", "100"]
+    run_cli([*common, "--estimators", "msp,posterior_var,latent_kl", "--save-checkpoints", "--out", first], capsys)
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["seed0-fold0.ckpt", "seed0-fold1.ckpt"]
+    # new estimators on the same latents, no training: the old ones come out unchanged
+    run_cli([*common, "--estimators", "msp,posterior_var,latent_kl,latent_mi,latent_nll",
+             "--from-checkpoints", first / "checkpoints", "--out", again], capsys)
+    old = [json.loads(line) for line in (first / "scores.jsonl").read_text().splitlines()]
+    new = [json.loads(line) for line in (again / "scores.jsonl").read_text().splitlines()]
+    for a, b in zip(old, new, strict=True):
+        assert a["idiom"] == b["idiom"] and a["fold"] == b["fold"]
+        for name in ("posterior_var", "latent_kl"):
+            assert b["scores"][name] == pytest.approx(a["scores"][name], rel=1e-5, abs=1e-7)
+        assert math.isfinite(b["scores"]["latent_nll"]) and b["scores"]["latent_mi"] >= 0
+    results = json.loads((again / "results.json").read_text())
+    assert results["protocol"]["from_checkpoints"] == str(first / "checkpoints")
+    assert "loaded from" in (again / "report.md").read_text()
+
+
+def test_a_checkpoint_of_other_folds_is_refused(mixed_file, tmp_path, capsys):
+    first = tmp_path / "cv"
+    common = ["--config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "1",
+              "-S", "4", "--n-boot", "100", "--estimators", "msp,posterior_var"]
+    run_cli([*common, "--save-checkpoints", "--out", first], capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli([*common, "--fold-seed", "1", "--from-checkpoints", first / "checkpoints", "--out", tmp_path / "x"], capsys)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "was not trained on this fold's" in err and "--fold-seed" in err
+    assert not (tmp_path / "x" / "results.json").exists()

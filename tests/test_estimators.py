@@ -528,3 +528,15 @@ def test_probe_features_are_the_lens_trajectory_then_the_known_scalars():
     x, names = probe.features(scores, lens_by_layer)
     assert names == ["lens_ce_L0", "lens_ce_L1", "lens_ce_L2", "entropy", "msp"]
     assert_close(x, torch.tensor([[0.0, 1.0, 2.0, 1.0, 0.1], [3.0, 4.0, 5.0, 2.0, 0.2]]))
+
+
+def test_predictive_nll_is_minus_log_of_the_mean_probability_even_when_it_underflows():
+    from vtrans.estimators.common import predictive_stats
+
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]], [[-200.0, 0.0, 0.0], [-120.0, 0.0, 0.0]]])
+    y = torch.tensor([0, 0])
+    nll = predictive_stats(logits, y)["nll"]
+    p = torch.softmax(logits.double(), -1)[:, :, 0].mean(1)
+    assert nll[0].item() == pytest.approx(-math.log(p[0].item()), rel=1e-6)
+    # p(ŷ) of exp(-120) and exp(-200) underflow float32: the log-space mean does not
+    assert nll[1].item() == pytest.approx(120 + math.log(2) + math.log(2), rel=1e-4)

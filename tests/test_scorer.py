@@ -38,7 +38,7 @@ from vtrans.scorer import (
 )
 
 PROMPT = "Complete the idiom: the early bird catches the"
-DEFAULT = ["msp", "entropy", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi"]
+DEFAULT = ["msp", "entropy", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi", "latent_nll"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_batching_does_not_change_deterministic_scores(module) -> None:
     for a, b in zip(alone.score(prompts), together.score(prompts), strict=True):
         assert a["completion"] == b["completion"]
         for name in DEFAULT:
-            if name != "latent_mi":  # z samples are drawn per batch position
+            if name not in ("latent_mi", "latent_nll"):  # z samples are drawn per batch position
                 assert b["scores"][name] == pytest.approx(a["scores"][name], rel=1e-4, abs=1e-4), name
 
 

@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train each latent on the base model's own completion word where it differs from the idiom's",
     )
     cv.add_argument("--save-checkpoints", action="store_true", help="keep every fold's latent under OUT/checkpoints")
+    cv.add_argument(
+        "--from-checkpoints",
+        default=None,
+        metavar="DIR",
+        help="load each fold's latent from DIR (an earlier run's OUT/checkpoints) instead of training it; each must have trained on this fold's idioms",
+    )
     cv.add_argument("--template", default=None, help="prompt template (default: the config's)")
     cv.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
     cv.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
@@ -287,6 +293,7 @@ def run_crossval(args: argparse.Namespace) -> None:
         fold_seed=args.fold_seed,
         epochs=args.epochs,
         save_checkpoints=args.save_checkpoints,
+        from_checkpoints=args.from_checkpoints,
         template=args.template,
         self_targets=args.self_targets,
         eval=evaluation,

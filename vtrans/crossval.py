@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import yaml
 
-from vtrans import report
-from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, load_idioms, parse_spec
+from vtrans import checkpoint, report
+from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
 from vtrans.estimators.registry import LATENT_FAMILIES, NAMES, NEEDS_LATENT, family_of
@@ -72,6 +72,9 @@ class CrossvalConfig:
         fold_seed: seed of the fold assignment (the same for every training seed).
         epochs: training epochs per fold (default: the config's ``trainer.max_epochs``).
         save_checkpoints: keep each fold's latent as ``OUT/checkpoints/seed{s}-fold{f}.ckpt``.
+        from_checkpoints: a folder of such checkpoints (an earlier run's ``OUT/checkpoints``):
+            each fold's latent is loaded instead of trained, to score new estimators without
+            retraining. Each must have been trained on exactly this fold's training idioms.
         template: prompt template (default: the training config's).
         self_targets: also train on the base model's own completion word as a second target of
             every training prompt whose completion differs from the idiom's last word, so that
@@ -89,6 +92,7 @@ class CrossvalConfig:
     fold_seed: int = 0
     epochs: int | None = None
     save_checkpoints: bool = False
+    from_checkpoints: str | None = None
     template: str | None = None
     self_targets: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -230,6 +234,8 @@ class CrossFit:
         train = [self.items[i] for i in outside] + self.extra  # one fold: nothing outside it, the extra idioms alone
         if self.cfg.self_targets:
             train += [self._own[i] for i in outside if self._own[i] is not None]
+        if self.cfg.from_checkpoints:
+            return self._load_fold(seed, fold, train), len(train), {}
         data = self.spec.data
         datamodule = IdiomDataModule.from_items(
             train,
@@ -263,6 +269,24 @@ class CrossFit:
             self._ckpt_dir.mkdir(parents=True, exist_ok=True)
             trainer.save_checkpoint(self._ckpt_dir / f"seed{seed}-fold{fold}.ckpt", weights_only=True)
         return module.eval(), len(train), stats
+
+    def _load_fold(self, seed: int, fold: int, train: list[IdiomItem]):
+        """The latent of (seed, fold) from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""
+        path = Path(self.cfg.from_checkpoints) / f"seed{seed}-fold{fold}.ckpt"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: --from-checkpoints needs seed{seed}-fold{fold}.ckpt (written by --save-checkpoints)")
+        module = checkpoint.load(path, self.device, backbone=self.backbone)
+        recorded = checkpoint.trained_idiom_hashes(path)
+        wanted = {idiom_hash(it.idiom) for it in train}
+        if recorded != wanted:
+            have = "no record of its idioms" if recorded is None else f"{len(recorded)} recorded idioms, {len(recorded ^ wanted)} differ"
+            raise ConfigError(
+                f"{path} was not trained on this fold's {len(wanted)} training idioms ({have}): "
+                "use the same --data, --folds, --fold-seed, --extra-train and --self-targets as the run that wrote it"
+            )
+        if module.hparams.cache_frozen:
+            module.frozen_cache = self.frozen
+        return module.eval()
 
     # ------------------------------------------------------------------ the run
 
@@ -443,6 +467,7 @@ class CrossFit:
                     "extra_train": cfg.extra_train,
                     "n_extra_train": len(self.extra),
                     "n_extra_dropped": self.n_extra_dropped,
+                    "from_checkpoints": cfg.from_checkpoints,
                     "self_targets": cfg.self_targets,
                     "epochs": cfg.epochs or self.spec.max_epochs,
                     "latent": self.spec.model,

@@ -231,9 +231,11 @@ class Harness:
             return lambda enc, sl: latent_estimators.scores(self.module, enc, mi=False)
         if family == "latent_mi":
             return lambda enc, sl: {
-                "latent_mi": latent_estimators.scores(
+                name: value
+                for name, value in latent_estimators.scores(
                     self.module, enc, cfg.samples, cfg.seed, mi=True, generator=generator, draws=cfg.z_draws
-                )["latent_mi"]
+                ).items()
+                if name in FAMILIES["latent_mi"]
             }
         raise KeyError(family)
 

@@ -642,7 +642,7 @@ _WHAT_THE_NUMBERS_ARE = """\
   (mean over seeds in a cross-fitted run). This choice looks at the scored items, which only
   raises the bar for the others.
 - **Cost** charges each estimator what it needs alone, in plain forwards over the same items:
-  `posterior_var` and `latent_kl` run the encoders only; `latent_mi` runs the z samples; the
+  `posterior_var` and `latent_kl` run the encoders only; `latent_mi` and `latent_nll` run the z samples; the
   probe is one forward with its features (the latent's encoders included) plus its fit.
   Training the latents is not in the cost.
 """
@@ -665,6 +665,11 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
         extra += (
             " Each latent also trained on the base model's own completion word as a second target of every "
             "training prompt it completes wrongly (`--self-targets`)."
+        )
+    if proto.get("from_checkpoints"):
+        extra += (
+            f" The latents were loaded from `{proto['from_checkpoints']}` (each checked to have trained on its "
+            "fold's training idioms exactly), not retrained."
         )
     folds = proto.get("folds")
     how = (

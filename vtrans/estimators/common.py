@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -24,7 +26,8 @@ def predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.T
         y: (B,) the generated token ŷ.
 
     Returns:
-        var: variance over samples of p(ŷ); entropy: H(mean p); mi: H(mean p) − mean H(p) (BALD).
+        var: variance over samples of p(ŷ); entropy: H(mean p); mi: H(mean p) − mean H(p) (BALD);
+        nll: −log mean p(ŷ), the surprise of the averaged predictive at ŷ (taken in log space).
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, S, V)
     probs = logp.exp()
@@ -32,4 +35,6 @@ def predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.T
     mean = probs.mean(1)  # (B, V)
     h_mean = entropy_of_probs(mean)
     mean_h = -(probs * logp).sum(-1).mean(1)
-    return {"var": p_y.var(1, unbiased=False), "entropy": h_mean, "mi": (h_mean - mean_h).clamp_min(0.0)}
+    logp_y = logp.gather(-1, y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)).squeeze(-1)  # (B, S)
+    nll = math.log(logp.shape[1]) - torch.logsumexp(logp_y, dim=1)
+    return {"var": p_y.var(1, unbiased=False), "entropy": h_mean, "mi": (h_mean - mean_h).clamp_min(0.0), "nll": nll}

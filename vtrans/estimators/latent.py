@@ -4,6 +4,9 @@
   (q(z|prompt) for the standard prior, the learned p(z|prompt) for the conditional one);
 * ``latent_mi``: mutual information between the next token and z over S samples,
   H(E_z p(·|prompt, z)) − E_z H(p(·|prompt, z));
+* ``latent_nll``: −log E_z p(ŷ|prompt, z) over the same S samples: the latent predictive's
+  surprise at the model's own answer, its total uncertainty (the output's and z's together)
+  where ``latent_mi`` is z's share alone;
 * ``latent_kl`` (conditional prior only): KL(q(z|prompt, ŷ) ‖ p(z|prompt)), how much the
   model's own answer surprises the prior.
 """
@@ -53,7 +56,7 @@ def scores(
     estimators and ``latent_kl`` (which reads the state of the last completion token).
 
     Args:
-        mi: compute ``latent_mi`` (S passes of the upper blocks); ``False`` leaves out the
+        mi: compute ``latent_mi`` and ``latent_nll`` (S passes of the upper blocks); ``False`` leaves out the
             sampling and gives only the encoders' estimators (the probe's features).
         generator: the source of the z noise, owned by the caller for a whole run so that
             successive batches draw fresh noise; ``None`` seeds a new one from ``seed`` (a
@@ -65,7 +68,8 @@ def scores(
     result = {"posterior_var": scale.pow(2).mean(-1)}
     if mi:
         generator = generator or _generator(seed, loc.device)
-        result["latent_mi"] = _mutual_information(module, h, enc, loc, scale, samples, chunk, generator, draws)
+        stats = _predictive(module, h, enc, loc, scale, samples, chunk, generator, draws)
+        result["latent_mi"], result["latent_nll"] = stats["mi"], stats["nll"]
     if module.latent.prior == "conditional":
         q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
         result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
@@ -102,10 +106,10 @@ def z_noise(
     raise ValueError(f"draws must be random, antithetic or sobol, got {draws!r}")
 
 
-def _mutual_information(
+def _predictive(
     module, h, enc: Encoded, loc, scale, samples: int, chunk: int, generator: torch.Generator, draws: ZDraws = "random"
-) -> torch.Tensor:
-    """BALD over S samples of z ~ N(loc, scale²), (B,); the noise is drawn from ``generator``."""
+) -> dict[str, torch.Tensor]:
+    """:func:`predictive_stats` over S samples of z ~ N(loc, scale²), each (B,); the noise is drawn from ``generator``."""
     eps = z_noise(loc.shape[0], samples, loc.shape[1], generator, draws).to(loc.dtype)
     z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
     prefix = module.prefix(h, enc)  # the upper blocks before the scored positions, once for all samples
@@ -120,4 +124,4 @@ def _mutual_information(
         logits.append(first_slot_logits(slot_logits, part).float())
     logits = torch.cat(logits).view(loc.shape[0], samples, -1)  # (B, S, V)
     y = first_slot_logits(enc.targets.unsqueeze(-1), enc).squeeze(-1)  # (B,) ŷ
-    return predictive_stats(logits, y)["mi"]
+    return predictive_stats(logits, y)
