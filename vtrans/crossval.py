@@ -395,12 +395,14 @@ class CrossFit:
             entry = {"seed": seed, "fold": fold, "n_train": n_train, "n_scored": len(idx), "train_seconds": trained}
             entry.update({k: stats[k] for k in ("kl", "nll", "active_units") if k in stats})
             log.append(entry)
-            _say(
-                f"  seed {seed} fold {fold + 1}/{self.cfg.folds}: trained on {n_train} idioms in {trained:.0f} s "
-                f"(KL {stats.get('kl', math.nan):.2f} nats/item, {stats.get('active_units', math.nan):.0f} active units), "
-                f"scored {len(idx)}",
-                not self.progress,
-            )
+            if self.cfg.from_checkpoints:
+                how = f"loaded the latent trained on its {n_train} idioms"
+            else:
+                how = (
+                    f"trained on {n_train} idioms in {trained:.0f} s (KL {stats.get('kl', math.nan):.2f} nats/item, "
+                    f"{stats.get('active_units', math.nan):.0f} active units)"
+                )
+            _say(f"  seed {seed} fold {fold + 1}/{self.cfg.folds}: {how}, scored {len(idx)}", not self.progress)
             del module
         return collected, seconds, log
 
