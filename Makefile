@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 crossval: $(STAMP)
-	$(BIN)/vtrans crossval --config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md
+	$(BIN)/vtrans crossval --config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md --save-checkpoints
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

@@ -657,7 +657,8 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     latent = ", ".join(f"{k}={v}" for k, v in (proto.get("latent") or {}).items())
     extra = ""
     if proto.get("extra_train"):
-        extra = f" Every fold also trains on {proto.get('n_extra_train')} idioms of `{proto['extra_train']}` (none of them scored"
+        who = "Every fold also trains" if (proto.get("folds") or 0) > 1 else "The latent trains"
+        extra = f" {who} on {proto.get('n_extra_train')} idioms of `{proto['extra_train']}` (none of them scored"
         if proto.get("n_extra_dropped"):
             extra += f"; {proto['n_extra_dropped']} more were left out as scored idioms or variants of one"
         extra += ")."
@@ -676,7 +677,7 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
         f"{folds} folds (idioms dealt by a hash seeded with {proto.get('fold_seed')}): each fold's latent trained on "
         "the other folds and scored its own, so every score is out-of-fold"
         if folds and folds > 1
-        else "one latent per seed trained on the extra idioms only, scoring every item"
+        else "One latent per seed, trained on the extra idioms only, scores every item"
     )
     parts = [
         f"# Cross-fitted comparison — {results.get('model', '?')}",
