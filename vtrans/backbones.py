@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from vtrans.errors import UserError
+from vtrans.errors import ConfigError, UserError
 
 GPT2_FAMILY = ("gpt2",)
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -57,6 +57,15 @@ class BackboneError(UserError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- architecture
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; a CUDA device asked for without one is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available: use --device cpu")
+    return name
 
 
 def family(model: nn.Module) -> str:

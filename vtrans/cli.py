@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from vtrans.errors import ConfigError, UserError
+from vtrans.errors import UserError
 
 
 def fail(message: str) -> None:
@@ -204,18 +204,9 @@ def _agreement_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available: use --device cpu")
-    return name
-
-
 def run_evaluate(args: argparse.Namespace) -> None:
     from vtrans import checkpoint
+    from vtrans.backbones import resolve_device
     from vtrans.data import DEFAULT_TEMPLATE
     from vtrans.evaluate import EvalConfig, evaluate
     from vtrans.report import format_table
@@ -269,6 +260,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_crossval(args: argparse.Namespace) -> None:
+    from vtrans.backbones import resolve_device
     from vtrans.crossval import CrossvalConfig, crossval
     from vtrans.evaluate import EvalConfig
     from vtrans.report import format_table

@@ -310,7 +310,7 @@ class Scorer:
                 a checkpoint of another base model.
         """
         from vtrans import checkpoint
-        from vtrans.cli import resolve_device
+        from vtrans.backbones import resolve_device
         from vtrans.data import DEFAULT_TEMPLATE
 
         module = checkpoint.load(path, device=resolve_device(device), backbone=backbone)
