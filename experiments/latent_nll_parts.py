@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads((run / "results.json").read_text())
     proto = results["protocol"]
     rows = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+    if "lens_ce" not in rows[0]["scores"]:
+        raise SystemExit(f"error: {run} has no lens_ce scores (the base model's −log p(ŷ)): run it with lens_ce")
     items = {it.idiom: it for it in load_idioms(proto["data"])}
     spec = read_training_config(proto["training_config"])
     backbone = Backbone(**spec.backbone)
@@ -61,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: the labels differ from the run's: not the same model, data or template")
     errors = np.array([0.0 if c else 1.0 for c in correct])
     folds = np.array([r["fold"] for r in rows])
-    fixed, _ = base.run_families(ordered, prompts, completions, ["lens"], ["lens_ce"], gold=False)
     scores = {
-        "base −log p(ŷ)": fixed["lens_ce"].double().numpy(),
+        "base −log p(ŷ)": np.array([r["scores"]["lens_ce"] for r in rows]),  # seed-free: the run's own
         "latent_nll_at_mean": np.full(len(rows), np.nan),
         "latent_nll": np.full(len(rows), np.nan),
     }

@@ -275,7 +275,6 @@ class CrossFit:
         path = Path(self.cfg.from_checkpoints) / f"seed{seed}-fold{fold}.ckpt"
         if not path.is_file():
             raise ConfigError(f"{path} not found: --from-checkpoints needs seed{seed}-fold{fold}.ckpt (written by --save-checkpoints)")
-        module = checkpoint.load(path, self.device, backbone=self.backbone)
         recorded = checkpoint.trained_idiom_hashes(path)
         wanted = {idiom_hash(it.idiom) for it in train}
         if recorded != wanted:
@@ -284,6 +283,7 @@ class CrossFit:
                 f"{path} was not trained on this fold's {len(wanted)} training idioms ({have}): "
                 "use the same --data, --folds, --fold-seed, --extra-train and --self-targets as the run that wrote it"
             )
+        module = checkpoint.load(path, self.device, backbone=self.backbone)
         if module.hparams.cache_frozen:
             module.frozen_cache = self.frozen
         return module.eval()

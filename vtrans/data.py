@@ -279,7 +279,7 @@ def _wordnet_lexnames(files: list[Path]) -> dict[int, str]:
     return names
 
 
-def _wordnet_idioms(path: Path) -> Iterator[tuple[str, int, str]]:
+def _wordnet_idioms(path: Path) -> Iterator[tuple[str, str]]:
     """The fixed multi-word expressions of a WordNet database (WNdb format).
 
     Kept: lemmas of three words or more, all lower case (WordNet writes names capitalised), and,
@@ -304,7 +304,7 @@ def _wordnet_idioms(path: Path) -> Iterator[tuple[str, int, str]]:
                 for word in words:
                     lemma = re.sub(r"\([a-z]+\)$", "", word)  # adjective markers: (a), (p), (ip)
                     if _WORDNET_LEMMA.match(lemma):
-                        yield str(file), number, lemma.replace("_", " ")
+                        yield f"{file}:{number}", lemma.replace("_", " ")
 
 
 def _idiom_key(idiom: str) -> str:
@@ -341,7 +341,7 @@ def load_idioms(spec: str) -> list[IdiomItem]:
     """
     kind, arg = parse_spec(spec)
     if kind == "wordnet":
-        return _dedupe(((f"{file}:{number}", lemma) for file, number, lemma in _wordnet_idioms(Path(arg))), arg)
+        return _dedupe(_wordnet_idioms(Path(arg)), arg)
     if kind == "builtin":
         name = "vtrans/idioms.txt (built-in)"
         lines = resources.files("vtrans").joinpath("idioms.txt").read_text(encoding="utf-8").split("\n")

@@ -31,10 +31,12 @@ def predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.T
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, S, V)
     probs = logp.exp()
-    p_y = probs.gather(-1, y.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(-1)  # (B, S)
-    mean = probs.mean(1)  # (B, V)
-    h_mean = entropy_of_probs(mean)
-    mean_h = -(probs * logp).sum(-1).mean(1)
     logp_y = logp.gather(-1, y.view(-1, 1, 1).expand(-1, logp.shape[1], 1)).squeeze(-1)  # (B, S)
-    nll = math.log(logp.shape[1]) - torch.logsumexp(logp_y, dim=1)
-    return {"var": p_y.var(1, unbiased=False), "entropy": h_mean, "mi": (h_mean - mean_h).clamp_min(0.0), "nll": nll}
+    h_mean = entropy_of_probs(probs.mean(1))
+    mean_h = -(probs * logp).sum(-1).mean(1)
+    return {
+        "var": logp_y.exp().var(1, unbiased=False),
+        "entropy": h_mean,
+        "mi": (h_mean - mean_h).clamp_min(0.0),
+        "nll": math.log(logp.shape[1]) - torch.logsumexp(logp_y, dim=1),
+    }
