@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from vtrans.data import (
     render_prompt,
     validate_template,
 )
+from vtrans.config import EstimatorConfig, check_all
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe, sampling
 from vtrans.estimators import latent as latent_estimators
@@ -56,28 +58,15 @@ class ProbeUnfittable(ValueError):
 
 
 @dataclass
-class EvalConfig:
-    """Settings of a comparative run.
+class EvalConfig(EstimatorConfig):
+    """Settings of a comparative run: the estimators' (:class:`vtrans.config.EstimatorConfig`),
+    plus the data and the report's.
 
     Attributes:
         data: data spec (``builtin``, ``builtin:test``, ``txt:PATH``, ...).
         split: split to evaluate when the spec names none (``train``, ``val``, ``test``, ``all``).
         template: prompt template with one ``{prefix}`` field.
         estimators: names to run (default: all that apply).
-        passes: MC dropout passes T.
-        dropout: MC dropout probability p.
-        mc_from_layer: MC dropout keeps blocks below this one deterministic and runs them once.
-        samples: samples of z for ``latent_mi``.
-        z_draws: how ``latent_mi`` draws z's noise: ``random``, ``antithetic`` or ``sobol``
-            (randomised quasi-Monte Carlo).
-        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``; MC dropout,
-            ``latent_mi`` and ``attention_entropy`` read the first token only and are not run
-            (``dropped``) with ``mean`` or ``max``.
-        batch_size: items per forward.
-        max_new_tokens: generation budget for the completion word.
-        sample: sample completions instead of greedy decoding.
-        temperature: sampling temperature.
-        seed: seed for sampling, dropout masks, z samples and the bootstrap.
         n_boot: bootstrap resamples.
         max_items: evaluate at most this many items (None = all).
         keep_seen: keep items whose idiom the checkpoint's latent was trained on (default: leave them out).
@@ -85,61 +74,31 @@ class EvalConfig:
             the checkpoint's is refused: its train split would leak into the evaluated one.
         val_fraction: fraction of idioms in the validation split; None: the checkpoint's (else 0.15).
         test_fraction: fraction of idioms in the test split; None: the checkpoint's (else 0.15).
-        agreement_samples: completions K sampled per prompt for ``sample_disagreement`` and
-            ``sample_word_entropy``.
-        agreement_temperature: sampling temperature of those K completions.
     """
 
     data: str = "builtin"
-    split: str = "test"
+    split: Literal["train", "val", "test", "all"] = "test"
     template: str = DEFAULT_TEMPLATE
     estimators: list[str] = field(default_factory=lambda: list(NAMES))
-    passes: int = 16
-    dropout: float = 0.1
-    mc_from_layer: int = 0
-    samples: int = 32
-    z_draws: str = "random"
-    aggregate: str = "first"
-    batch_size: int = 32
-    max_new_tokens: int = 6
-    sample: bool = False
-    temperature: float = 1.0
-    seed: int = 0
     n_boot: int = 1000
     max_items: int | None = None
     keep_seen: bool = False
     split_seed: int | None = None
     val_fraction: float | None = None
     test_fraction: float | None = None
-    agreement_samples: int = 10
-    agreement_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [n for n in self.estimators if n not in NAMES]
         if unknown:
             raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
         validate_template(self.template)
-        checks = [
-            (self.passes >= 2, f"passes must be >= 2, got {self.passes}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.mc_from_layer >= 0, f"mc_from_layer must be >= 0, got {self.mc_from_layer}"),
-            (self.samples >= 2, f"samples must be >= 2, got {self.samples}"),
-            (
-                self.z_draws in ("random", "antithetic", "sobol"),
-                f"z_draws must be random, antithetic or sobol, got {self.z_draws!r}",
-            ),
-            (self.aggregate in ("first", "mean", "max"), f"aggregate must be first, mean or max, got {self.aggregate!r}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.n_boot >= 100, f"n_boot must be >= 100, got {self.n_boot}"),
-            (self.max_items is None or self.max_items >= 1, f"max_items must be >= 1, got {self.max_items}"),
-            (self.agreement_samples >= 2, f"agreement_samples must be >= 2, got {self.agreement_samples}"),
-            (self.agreement_temperature > 0, f"agreement_temperature must be > 0, got {self.agreement_temperature}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_all(
+            [
+                (self.n_boot >= 100, f"n_boot must be >= 100, got {self.n_boot}"),
+                (self.max_items is None or self.max_items >= 1, f"max_items must be >= 1, got {self.max_items}"),
+            ]
+        )
 
 
 @dataclass
