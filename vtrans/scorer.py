@@ -44,13 +44,14 @@ import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from vtrans.config import EstimatorConfig
 from vtrans.data import validate_template
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES, NAMES
@@ -221,18 +222,12 @@ class Scorer:
         self,
         module,
         estimators: list[str] | None = None,
-        batch_size: int = 32,
         template: str | None = None,
         *,
-        passes: int = 16,
-        dropout: float = 0.1,
-        samples: int = 32,
-        max_new_tokens: int = 6,
-        seed: int = 0,
-        agreement_samples: int = 10,
-        agreement_temperature: float = 1.0,
+        config: EstimatorConfig | None = None,
         long_prompts: LongPrompts = "truncate",
         quiet: bool = False,
+        **settings: Any,
     ) -> None:
         """Wrap a loaded ``LatentLM`` (use :meth:`from_checkpoint` to load one).
 
@@ -240,43 +235,32 @@ class Scorer:
             module: a ``vtrans.module.LatentLM`` with its backbone, in eval mode.
             estimators: names from ``vtrans.estimators.NAMES`` (default: :func:`default_estimators`);
                 ``mc_dropout_*`` may be asked for (T = ``passes`` forwards each), ``probe`` may not.
-            batch_size: prompts per forward.
             template: a template with one ``{prefix}`` field applied to every input; ``None``
                 scores the inputs verbatim.
-            passes: MC dropout passes T.
-            dropout: MC dropout probability p.
-            samples: samples of z for ``latent_mi``.
-            max_new_tokens: generation budget for the completion word.
-            seed: seed of the dropout masks and z samples (the global random state is untouched).
-            agreement_samples: completions K sampled per prompt for ``sample_*``.
-            agreement_temperature: their sampling temperature.
+            config: the estimator settings (batch size, samples of z, MC dropout passes, seed, ...).
             long_prompts: ``truncate`` (from the left, with a warning) or ``refuse`` (an error record).
             quiet: no progress bar and no warnings on stderr.
+            settings: fields of :class:`vtrans.config.EstimatorConfig` that override ``config``'s
+                (``Scorer(module, batch_size=8, samples=16)``).
         """
-        from vtrans.evaluate import EvalConfig, Harness
+        from vtrans.runner import Runner
 
         names = _check_estimators(list(estimators) if estimators is not None else default_estimators(module), module)
         if template is not None:
             validate_template(template)
         if long_prompts not in ("truncate", "refuse"):
             raise ConfigError(f"long_prompts must be truncate or refuse, got {long_prompts!r}")
-        self.config = EvalConfig(
-            estimators=names,
-            passes=passes,
-            dropout=dropout,
-            samples=samples,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            agreement_samples=agreement_samples,
-            agreement_temperature=agreement_temperature,
-        )
+        unknown = sorted(set(settings) - {f.name for f in fields(EstimatorConfig)})
+        if unknown:
+            raise TypeError(f"Scorer got unknown setting(s) {', '.join(unknown)}")
+        self.config = replace(config or EstimatorConfig(), **settings)
         self.module, self.names, self.template = module, names, template
-        self.batch_size, self.long_prompts, self.quiet = batch_size, long_prompts, quiet
-        self.harness = Harness(module.backbone, module, self.config, progress=False)
+        self.batch_size, self.long_prompts, self.quiet = self.config.batch_size, long_prompts, quiet
+        self.runner = Runner(module.backbone, module, self.config, progress=False)
         self.tokenizer = module.backbone.tokenizer
         context = getattr(module.backbone.model.config, "max_position_embeddings", None)
         self.context = int(context) if context else None
+        max_new_tokens = self.config.max_new_tokens
         self.max_prompt_tokens = None if self.context is None else self.context - max_new_tokens
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(
@@ -289,7 +273,6 @@ class Scorer:
         path: str | Path,
         device: str = "auto",
         estimators: list[str] | None = None,
-        batch_size: int = 32,
         template: str | None = None,
         backbone=None,
         **options: Any,
@@ -299,7 +282,7 @@ class Scorer:
         Args:
             path: the checkpoint file.
             device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-            estimators, batch_size, template: see :class:`Scorer`; ``template="ckpt"`` uses the
+            estimators, template: see :class:`Scorer`; ``template="ckpt"`` uses the
                 template the latent was trained with.
             backbone: a loaded ``Backbone`` to check the checkpoint against (default: load the
                 one it names).
@@ -316,7 +299,7 @@ class Scorer:
         module = checkpoint.load(path, device=resolve_device(device), backbone=backbone)
         if template == "ckpt":
             template = checkpoint.template_of(path) or DEFAULT_TEMPLATE
-        return cls(module, estimators, batch_size, template, **options)
+        return cls(module, estimators, template, **options)
 
     # ------------------------------------------------------------------ scoring
 
