@@ -5,8 +5,8 @@
     ...     print(record["completion"], record["scores"]["lens_ce"])
 
 For every prompt the base model (latent off) completes it, and every requested estimator
-scores that completion, exactly as in ``vtrans evaluate`` (the families of
-:class:`vtrans.evaluate.Harness` run on the same batches); there is no target, so no label.
+scores that completion, exactly as in ``vtrans evaluate`` (through the same
+:class:`vtrans.runner.Runner`); there is no target, so no label.
 
 **Records.** One per input, in input order:
 ``{"prompt": str, "completion": str, "scores": {NAME: float | None}}`` (``None`` where a score
@@ -54,10 +54,9 @@ from tqdm.auto import tqdm
 from vtrans.config import EstimatorConfig
 from vtrans.data import validate_template
 from vtrans.errors import ConfigError, UserError
-from vtrans.estimators.registry import FAMILIES, NAMES
+from vtrans.estimators.registry import NAMES, SCORE_DEFAULTS, why_not
 
 MAX_LINE_BYTES = 1 << 20
-DEFAULT_FAMILIES = ("baselines", "attention", "lens", "latent", "latent_mi")
 LongPrompts = Literal["truncate", "refuse"]
 
 
@@ -184,11 +183,8 @@ def open_input(path: str) -> tuple[Iterator[Line], int | None]:
 
 
 def default_estimators(module) -> list[str]:
-    """Every single-pass and latent estimator that applies to the checkpoint (no MC dropout, no probe)."""
-    names = [n for family in DEFAULT_FAMILIES for n in FAMILIES[family]]
-    if module.latent.prior != "conditional":
-        names.remove("latent_kl")
-    return names
+    """Every single-pass and latent estimator that applies to the checkpoint (no MC dropout, no sampling, no probe)."""
+    return [n for n in SCORE_DEFAULTS if why_not(n, module) is None]
 
 
 def _check_estimators(names: list[str], module) -> list[str]:
@@ -197,8 +193,10 @@ def _check_estimators(names: list[str], module) -> list[str]:
         raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
     if "probe" in names:
         raise ConfigError("probe is fitted on labelled training items: use vtrans evaluate, not score")
-    if "latent_kl" in names and module.latent.prior != "conditional":
-        raise ConfigError("latent_kl needs a latent trained with prior: conditional; this checkpoint's is standard")
+    for name in names:
+        why = why_not(name, module)
+        if why is not None:
+            raise ConfigError(f"{name} {why}")
     if not names:
         raise ConfigError("no estimators asked for: name at least one")
     return list(dict.fromkeys(names))
@@ -318,8 +316,6 @@ class Scorer:
 
     def score_lines(self, lines: Iterable[Line], total: int | None = None) -> Iterator[dict]:
         """Like :meth:`score`, for inputs that may already carry an error (lines of a file)."""
-        from vtrans.evaluate import _eager_attention
-
         bar = tqdm(
             total=total,
             desc="scoring",
@@ -328,11 +324,11 @@ class Scorer:
             dynamic_ncols=True,
             disable=self.quiet or (total is not None and total <= self.batch_size),
         )
-        generator = self.harness.generator()  # one source of z noise for the whole run
+        scored = 0  # prompts scored so far: the index of the next one in the run (the seed of its draws)
         try:
             for batch in _batched(lines, self.batch_size):
-                with _eager_attention(self.module.backbone.model, "attention_entropy" in self.names):
-                    records = self._score_batch(batch, generator)
+                records, n = self._score_batch(batch, scored)
+                scored += n
                 bar.update(len(batch))
                 yield from records
         finally:
@@ -373,7 +369,8 @@ class Scorer:
             keep -= 1
         return ""
 
-    def _score_batch(self, lines: list[Line], generator: torch.Generator | None = None) -> list[dict]:
+    def _score_batch(self, lines: list[Line], start: int = 0) -> tuple[list[dict], int]:
+        """The records of a batch of lines, and how many prompts were scored (``start``: how many before)."""
         records: list[dict | None] = [None] * len(lines)
 
         def error(i: int, message: str) -> None:
@@ -414,7 +411,7 @@ class Scorer:
             else:
                 ready.append((i, text))
         if ready:
-            completions, scores = self.harness.score_prompts([t for _, t in ready], self.names, generator)
+            completions, scores = self.runner.score_prompts([t for _, t in ready], self.names, start)
             for j, (i, _) in enumerate(ready):
                 record = {
                     "prompt": lines[i].prompt,
@@ -424,7 +421,7 @@ class Scorer:
                 if i in truncated:
                     record["truncated"] = truncated[i]
                 records[i] = record
-        return records  # type: ignore[return-value]
+        return records, len(ready)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- output
