@@ -301,18 +301,18 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
 
 def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
     from vtrans.estimators import attention
-    from vtrans.evaluate import _eager_attention
+    from vtrans.runner import attention_implementation
     from vtrans.tokens import encode
 
     model = gpt2.model
     enc = encode(gpt2.tokenizer, ["Complete the idiom: a piece of"], [[0]])
     model.set_attn_implementation("sdpa")
     try:
-        with _eager_attention(model, True):
+        with attention_implementation(model, "eager"):
             assert model.config._attn_implementation == "eager"
             assert torch.isfinite(attention.scores(model, enc)["attention_entropy"]).all()
         assert model.config._attn_implementation == "sdpa"
-        with pytest.raises(KeyError), _eager_attention(model, True):
+        with pytest.raises(KeyError), attention_implementation(model, "eager"):
             raise KeyError("inside")
         assert model.config._attn_implementation == "sdpa"
     finally:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from vtrans import report
+from vtrans import distributed, report
 from vtrans.config import EstimatorConfig, check_all
 from vtrans.data import (
     DEFAULT_TEMPLATE,
@@ -287,6 +287,8 @@ def evaluate(
     from vtrans import checkpoint
     from vtrans.backbones import Backbone
 
+    device = distributed.rank_device(device, distributed.current())
+
     out = Path(out_dir)
     split = split_settings(config, checkpoint.split_settings(ckpt) if ckpt is not None else None)
     items = load_split(config.data, config.split, **split)
@@ -345,11 +347,12 @@ def evaluate(
     results = report.build_results(
         model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, reference=CHEAP_BASELINES, extra=extra
     )
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_scores_jsonl(out / "scores.jsonl", rows)
-    report.write_results_json(out / "results.json", results)
-    plots = report.plot_all(out, rows, results)
-    report.write_report_md(out / "report.md", results, plots)
+    if runner.shard.rank == 0:  # under a process group every rank holds the results; one writes them
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_scores_jsonl(out / "scores.jsonl", rows)
+        report.write_results_json(out / "results.json", results)
+        plots = report.plot_all(out, rows, results)
+        report.write_report_md(out / "report.md", results, plots)
     return results
 
 

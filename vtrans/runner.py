@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from vtrans import distributed
 from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
+from vtrans.distributed import Shard
 from vtrans.estimators import registry
 from vtrans.estimators.base import Context, Family, item_seed, run_forward
 from vtrans.generate import Completion, complete, is_correct
@@ -39,12 +40,28 @@ LENS_EXTRAS = ("lens_ce_by_layer", "lens_ce_gold_by_layer")  # per-layer traject
 class Runner:
     """Runs the base model's completions and any set of estimators on a backbone, with or without a latent."""
 
-    def __init__(self, backbone, module=None, config: EstimatorConfig | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        backbone,
+        module=None,
+        config: EstimatorConfig | None = None,
+        progress: bool = True,
+        shard: Shard | None = None,
+    ) -> None:
+        """Args:
+            backbone: the base model (``vtrans.backbones.Backbone``).
+            module: a trained ``LatentLM`` on that backbone, or None (no latent estimators).
+            config: the estimator settings.
+            progress: show progress bars (rank 0 only).
+            shard: this process's share of the batches (default: the running process group's,
+                see ``vtrans.distributed``); every rank ends with the whole run's results.
+        """
         self.backbone, self.module = backbone, module
         self.config = config or EstimatorConfig()
         self.model, self.tokenizer = backbone.model, backbone.tokenizer
         self.device = next(self.model.parameters()).device
-        self.progress = progress
+        self.shard = shard or distributed.current()
+        self.progress = progress and self.shard.rank == 0
 
     # ------------------------------------------------------------------ what runs
 
@@ -69,10 +86,12 @@ class Runner:
     def complete(self, prompts: list[str], start: int = 0) -> list[Completion]:
         """The base model's completions, batch by batch; a sampled batch is seeded by its first item's index."""
         cfg = self.config
-        out: list[Completion] = []
+        done: dict[int, list[Completion]] = {}
         with self._bar(len(prompts), "completions") as bar:
-            for first in range(0, len(prompts), cfg.batch_size):
-                out += complete(
+            for b, first in enumerate(range(0, len(prompts), cfg.batch_size)):
+                if not self.shard.mine(b):
+                    continue
+                done[b] = complete(
                     self.model,
                     self.tokenizer,
                     prompts[first : first + cfg.batch_size],
@@ -82,8 +101,8 @@ class Runner:
                     seed=item_seed(cfg.seed, start + first),
                     batch_size=cfg.batch_size,
                 )
-                bar.update(min(cfg.batch_size, len(prompts) - first))
-        return out
+                bar.update(min(cfg.batch_size, len(prompts) - first) * self.shard.world)
+        return [c for part in self.shard.merge(done) for c in part]
 
     def label(self, items: list[IdiomItem], template: str) -> tuple[list[str], list[Completion], list[bool]]:
         """Prompts, the base model's completions and whether each is correct."""
@@ -130,14 +149,17 @@ class Runner:
             gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, list(gold))]
         seconds = {} if seconds is None else seconds
         indices = list(range(start, start + len(prompts))) if indices is None else list(indices)
-        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        done: dict[int, dict[str, torch.Tensor]] = {}
         bs = self.config.batch_size
         with self._bar(len(prompts), "scores") as bar, attention_implementation(
             self.model, "eager" if "attentions" in needs else None
         ):
-            for first in range(0, len(prompts), bs):
+            for b, first in enumerate(range(0, len(prompts), bs)):
+                if not self.shard.mine(b):
+                    continue
                 part = slice(first, first + bs)
                 chunk = completions[part]
+                done[b] = {}
                 context = Context(
                     self.model,
                     self.module,
@@ -165,7 +187,7 @@ class Runner:
                     t0 = time.perf_counter()
                     for key, value in family.read(forward, context).items():
                         if key in keep:
-                            collected[key].append(value.detach().float().cpu())
+                            done[b][key] = value.detach().float().cpu()
                     _sync(self.device)
                     spent = time.perf_counter() - t0
                     if family.extra_passes:
@@ -174,8 +196,9 @@ class Runner:
                         shared += spent
                 seconds["shared"] = seconds.get("shared", 0.0) + shared
                 del forward
-                bar.update(len(chunk))
-        return {k: torch.cat(v) for k, v in collected.items()}
+                bar.update(len(chunk) * self.shard.world)
+        parts = self.shard.merge(done)
+        return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
 
     def score_prompts(
         self, prompts: list[str], names: Sequence[str], start: int = 0
@@ -190,10 +213,12 @@ class Runner:
 
     @torch.no_grad()
     def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
-        """The unit of cost: a plain Hugging Face forward over the same batches (ŷ after each prompt)."""
+        """The unit of cost: a plain Hugging Face forward over the same batches (ŷ after each prompt; this rank's)."""
         bs = self.config.batch_size
         start = time.perf_counter()
-        for first in range(0, len(prompts), bs):
+        for b, first in enumerate(range(0, len(prompts), bs)):
+            if not self.shard.mine(b):
+                continue
             chunk = completions[first : first + bs]
             enc = encode(self.tokenizer, prompts[first : first + bs], [[c.first_token] for c in chunk], self.device)
             self.model(**enc.inputs)
