@@ -637,14 +637,16 @@ _WHAT_THE_NUMBERS_ARE = """\
   to float32 rounding of −log p near 0: under greedy decoding the paper's output
   cross-entropy is the max-probability baseline. The lens adds information only through the
   intermediate layers (`lens_area`, the by-layer curve).
-- **The reference** is the best cheap baseline: of `msp`, `entropy` and the sampled-word
+- **The reference** is the best cheap baseline: of `msp`, `entropy`, `margin` and the sampled-word
   agreement (`sample_disagreement`, `sample_word_entropy`), the one with the highest AUROC
   (mean over seeds in a cross-fitted run). This choice looks at the scored items, which only
   raises the bar for the others.
-- **Cost** charges each estimator what it needs alone, in plain forwards over the same items:
-  `posterior_var` and `latent_kl` run the encoders only; `latent_mi` and `latent_nll` run the z samples; the
-  probe is one forward with its features (the latent's encoders included) plus its fit.
-  Training the latents is not in the cost.
+- **Cost** is in plain forwards over the same items. The single-pass estimators (`msp`,
+  `entropy`, `margin`, `attention_entropy`, the lens, `posterior_var`, `latent_kl`) share one
+  forward, and each is charged that whole forward with every read off it; MC dropout, `latent_mi`
+  and `latent_nll` (the z samples of the scored position) and the sampled completions are
+  charged it plus their own passes; the probe is the shared forward plus its fit. Training the
+  latents is not in the cost.
 """
 
 
