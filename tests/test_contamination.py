@@ -127,7 +127,7 @@ def test_evaluate_on_trained_idioms_only_is_a_user_error(tiny_ckpt, trained, tmp
         run_cli(["--ckpt", tiny_ckpt, "--data", f"txt:{data}", "--split", "all", "--out", tmp_path / "run"], capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: all 6 idioms of txt:") and "--keep_seen" in err.replace("-", "_")  # the flag, however the message spells it
+    assert err.startswith("error: all 6 idioms of txt:") and "keep_seen" in err.replace("-", "_")  # the flag, however the message spells it
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 

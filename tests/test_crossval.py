@@ -288,5 +288,5 @@ def test_a_checkpoint_of_other_folds_is_refused(mixed_file, tmp_path, capsys):
         run_cli([*common, "--fold_seed", "1", "--from_checkpoints", first / "checkpoints", "--out", tmp_path / "x"], capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "was not trained on this fold's" in err and "--fold_seed" in err.replace("-", "_")
+    assert "was not trained on this fold's" in err and "fold_seed" in err.replace("-", "_")
     assert not (tmp_path / "x" / "results.json").exists()
