@@ -2,7 +2,7 @@
 
 The tiny fit (``configs/tiny.yaml``: builtin data, split seed 0, the first 64 train items)
 records the hashes of exactly the idioms it trained on; ``vtrans evaluate`` on a file mixing
-those with unseen idioms leaves the trained ones out and says how many; ``--keep-seen`` keeps
+those with unseen idioms leaves the trained ones out and says how many; ``--keep_seen`` keeps
 them; a checkpoint trained with another split seed is evaluated on *its* test split.
 """
 
@@ -116,7 +116,7 @@ def test_evaluate_leaves_out_trained_idioms_and_says_how_many(tiny_ckpt, trained
     assert len(rows) == results["n"] == 12
     assert (results["seen"], results["seen_left_out"], results["keep_seen"]) == (5, 0, True)
     assert "kept 5 idioms the latent was trained on" in stderr
-    assert "are included (`--keep-seen`)" in report
+    assert "are included (`--keep_seen`)" in report
 
 
 @pytest.mark.slow

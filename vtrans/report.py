@@ -328,12 +328,12 @@ def _seen_sentence(results: dict[str, Any]) -> str | None:
         return "The checkpoint does not record its training idioms: items it was trained on could not be left out."
     if results.get("keep_seen"):
         return (
-            f"{seen} of these items have idioms the latent was trained on and are included (`--keep-seen`): "
+            f"{seen} of these items have idioms the latent was trained on and are included (`--keep_seen`): "
             "their latent scores are in-sample."
         )
     if not seen:
         return "None of the evaluated idioms was in the latent's training data."
-    return f"{seen} items whose idiom the latent was trained on were left out (`--keep-seen` keeps them)."
+    return f"{seen} items whose idiom the latent was trained on were left out (`--keep_seen` keeps them)."
 
 
 def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
@@ -667,7 +667,7 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     if proto.get("self_targets"):
         extra += (
             " Each latent also trained on the base model's own completion word as a second target of every "
-            "training prompt it completes wrongly (`--self-targets`)."
+            "training prompt it completes wrongly (`--self_targets`)."
         )
     if proto.get("from_checkpoints"):
         extra += (
