@@ -25,6 +25,7 @@ def trajectory(
     ids: torch.Tensor,
     *more_ids: torch.Tensor,
     first_only: bool = False,
+    max_logits: int = 1 << 26,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """−log p_ℓ(ids) at every layer and slot, (B, L+1, N); (B, L+1, 1) at the first slot only with ``first_only``.
 
@@ -35,23 +36,33 @@ def trajectory(
             unembedded once however many sets are asked for); then a tuple, one per set.
         first_only: decode only each item's first slot (the scored position): what
             ``aggregate="first"`` reads, at 1/N of the cost.
+        max_logits: the most logits held at once (64 Mi floats: 256 MiB).
     """
     unembed, norm = backbones.unembedding(model), backbones.final_norm(model)
-    last = len(hidden_states) - 1
     sets = (ids, *more_ids)
     rows = torch.arange(ids.shape[0], device=ids.device)
     if first_only:
         sets = tuple(chosen[rows, enc.first_slot].unsqueeze(1) for chosen in sets)  # (B, 1) each
-    out: list[list[torch.Tensor]] = [[] for _ in sets]
-    for layer, h in enumerate(hidden_states):
+    states = []
+    for h in hidden_states:
         h = slot_positions(h, enc)  # (B, N, C)
-        if first_only:
-            h = h[rows, enc.first_slot].unsqueeze(1)  # (B, 1, C)
-        logp = torch.log_softmax(unembed(h if layer == last else norm(h)).float(), -1)  # (B, N, V)
-        for acc, chosen in zip(out, sets, strict=True):
-            acc.append(-logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))  # (B, N)
-    stacked = tuple(torch.stack(acc, 1) for acc in out)
-    return stacked if more_ids else stacked[0]
+        states.append(h[rows, enc.first_slot].unsqueeze(1) if first_only else h)
+    last = len(states) - 1
+    # every layer but the last goes through the final norm (the last is normed already); layers are
+    # unembedded together, as many at a time as keep the logits under ``max_logits`` numbers
+    batch, slots, _ = states[0].shape
+    vocab = unembed.weight.shape[0]
+    step = max(1, max_logits // (batch * slots * vocab))
+    parts: list[list[torch.Tensor]] = [[] for _ in sets]
+    for start in range(0, len(states), step):
+        group = [h if i == last else norm(h) for i, h in enumerate(states[start : start + step], start)]
+        logits = unembed(torch.stack(group, 1)).float()  # (B, layers, N, V)
+        log_z = torch.logsumexp(logits, -1)  # (B, layers, N)
+        for acc, chosen in zip(parts, sets, strict=True):
+            picked = logits.gather(-1, chosen[:, None, :, None].expand(-1, logits.shape[1], -1, 1)).squeeze(-1)
+            acc.append(log_z - picked)  # −log p_ℓ(chosen) = log Z_ℓ − logit_ℓ(chosen)
+    out = tuple(torch.cat(acc, 1) for acc in parts)  # (B, L+1, N) each
+    return out if more_ids else out[0]
 
 
 def from_hidden_states(
