@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from vtrans.backbones import Backbone
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators import lens, mc_dropout
+from vtrans.loading import Backbone
 from vtrans.module import LatentLM
 from vtrans.tokens import encode, target_ids
 
@@ -50,7 +50,7 @@ def load_seconds(model: str) -> dict[str, float]:
     tokenizer from the cache; ``total``: both (what a user waits for before the first score).
     """
     code = (
-        "import time; t0 = time.perf_counter(); from vtrans.backbones import Backbone; t1 = time.perf_counter(); "
+        "import time; t0 = time.perf_counter(); from vtrans.loading import Backbone; t1 = time.perf_counter(); "
         f"Backbone({model!r}); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache

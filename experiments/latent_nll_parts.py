@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from vtrans import checkpoint, metrics
-from vtrans.backbones import Backbone
 from vtrans.crossval import read_training_config
 from vtrans.data import load_idioms
 from vtrans.estimators import latent as latent_estimators
 from vtrans.evaluate import EvalConfig, Harness
+from vtrans.loading import Backbone
 
 
 def _no_noise(items: int, samples: int, d_z: int, generator, draws: str = "random") -> torch.Tensor:

@@ -19,11 +19,11 @@ import yaml
 from torch.testing import assert_close
 
 import vtrans.evaluate as evaluate_module
-from vtrans.backbones import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
 from vtrans.evaluate import EvalConfig, Harness, probe_train_items
 from vtrans.generate import complete
+from vtrans.loading import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}

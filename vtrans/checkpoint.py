@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from vtrans.backbones import Backbone
 from vtrans.errors import UserError
+from vtrans.loading import Backbone
 
 
 class CheckpointError(UserError):

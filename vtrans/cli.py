@@ -206,9 +206,9 @@ def _agreement_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from vtrans import checkpoint
-    from vtrans.backbones import resolve_device
     from vtrans.data import DEFAULT_TEMPLATE
     from vtrans.evaluate import EvalConfig, evaluate
+    from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
     template = args.template or (checkpoint.template_of(args.ckpt) if args.ckpt else None) or DEFAULT_TEMPLATE
@@ -260,9 +260,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_crossval(args: argparse.Namespace) -> None:
-    from vtrans.backbones import resolve_device
     from vtrans.crossval import CrossvalConfig, crossval
     from vtrans.evaluate import EvalConfig
+    from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
     evaluation = EvalConfig(

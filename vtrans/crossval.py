@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from vtrans import checkpoint, report
+from vtrans.backbones import attention_implementation
 from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
@@ -46,7 +47,6 @@ from vtrans.evaluate import (
     PROBE_FAMILIES,
     EvalConfig,
     Harness,
-    _eager_attention,
     _sync,
     costs,
 )
@@ -125,7 +125,7 @@ def read_training_config(path: str | Path) -> TrainingSpec:
     """The parts of a ``train.py`` YAML that cross-fitting needs.
 
     Raises:
-        ConfigError: a missing or unreadable file, or one that names no ``vtrans.backbones.Backbone``.
+        ConfigError: a missing or unreadable file, or one that names no ``vtrans.loading.Backbone``.
     """
     from vtrans.module import LatentLM
 
@@ -139,7 +139,7 @@ def read_training_config(path: str | Path) -> TrainingSpec:
     model = dict(raw.get("model") or {})
     backbone = model.pop("backbone", None)
     if not isinstance(backbone, dict) or not str(backbone.get("class_path", "")).endswith("Backbone"):
-        raise ConfigError(f"{path}: model.backbone must be a vtrans.backbones.Backbone with init_args")
+        raise ConfigError(f"{path}: model.backbone must be a vtrans.loading.Backbone with init_args")
     allowed = set(inspect.signature(LatentLM.__init__).parameters) - {"self", "backbone"}
     unknown = sorted(set(model) - allowed)
     if unknown:
@@ -198,7 +198,7 @@ class CrossFit:
     """One cross-fitted run: the backbone, the items, their folds, and every score by seed."""
 
     def __init__(self, cfg: CrossvalConfig, device: str = "cpu", progress: bool = True) -> None:
-        from vtrans.backbones import Backbone
+        from vtrans.loading import Backbone
 
         self.cfg, self.device, self.progress = cfg, device, progress
         self.spec = read_training_config(cfg.config)
@@ -311,7 +311,7 @@ class CrossFit:
             not self.progress,
         )
         eager = "attention_entropy" in names or "probe" in names
-        with _eager_attention(self.backbone.model, eager):
+        with attention_implementation(self.backbone.model, "eager" if eager else None):
             prompts, completions, correct = base.label(self.items)
             self._own = [
                 None if ok or not c.word else IdiomItem(f"{it.prefix} {c.word}", it.prefix, c.word)

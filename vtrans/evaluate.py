@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans import report
+from vtrans.config import EstimatorConfig, check_all
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     DataError,
@@ -32,7 +33,6 @@ from vtrans.data import (
     render_prompt,
     validate_template,
 )
-from vtrans.config import EstimatorConfig, check_all
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe, sampling
 from vtrans.estimators import latent as latent_estimators
@@ -518,7 +518,7 @@ def evaluate(
 ) -> dict:
     """Run the comparison and write the contract's files into ``out_dir``; returns results.json's content."""
     from vtrans import checkpoint
-    from vtrans.backbones import Backbone
+    from vtrans.loading import Backbone
 
     out = Path(out_dir)
     split = split_settings(config, checkpoint.split_settings(ckpt) if ckpt is not None else None)

@@ -293,8 +293,8 @@ class Scorer:
                 a checkpoint of another base model.
         """
         from vtrans import checkpoint
-        from vtrans.backbones import resolve_device
         from vtrans.data import DEFAULT_TEMPLATE
+        from vtrans.loading import resolve_device
 
         module = checkpoint.load(path, device=resolve_device(device), backbone=backbone)
         if template == "ckpt":
