@@ -40,7 +40,7 @@ def train_main(args: list[str] | None = None, run: bool = True):
     """
     from lightning.pytorch.cli import LightningCLI
 
-    from vtrans.checkpoint_io import NonFiniteGuard, ResumableRNG
+    from vtrans.callbacks import NonFiniteGuard, ResumableRNG
 
     guard = NonFiniteGuard()
     from vtrans.data import IdiomDataModule
@@ -54,7 +54,7 @@ def train_main(args: list[str] | None = None, run: bool = True):
             run=run,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
+                "plugins": [{"class_path": "vtrans.checkpoint.AtomicCheckpointIO"}],
                 "callbacks": [ResumableRNG(), guard],
             },
         )
