@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import yaml
 
-from vtrans import checkpoint, report
+from vtrans import checkpoint, metrics, report
 from vtrans.backbones import attention_implementation
 from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, UserError
@@ -431,9 +431,9 @@ class CrossFit:
         per_seed = {
             seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
         }
-        aurocs = {nm: [_auroc(per_seed[s][nm], errors) for s in cfg.seeds] for nm in names}
+        aurocs = {nm: [metrics.auroc(*metrics.scored(per_seed[s][nm], errors)) for s in cfg.seeds] for nm in names}
         cheap = [nm for nm in CHEAP_BASELINES if nm in names]
-        reference = max(cheap, key=lambda nm: np.nan_to_num(_nanmean(aurocs[nm]), nan=-1.0)) if cheap else names[0]
+        reference = max(cheap, key=lambda nm: np.nan_to_num(metrics.spread(aurocs[nm])["mean"], nan=-1.0)) if cheap else names[0]
         rows = []
         for i, item in enumerate(self.items):
             row = {
@@ -481,18 +481,10 @@ class CrossFit:
         )
         for nm in names:
             values = np.array(aurocs[nm], dtype=float)
-            results["estimators"][nm]["seeds"] = {
-                "auroc": values.tolist(),
-                "mean": _nanmean(values),
-                "sd": _nansd(values),
-            }
+            results["estimators"][nm]["seeds"] = {"auroc": values.tolist(), **metrics.spread(values)}
             if nm != reference and nm in results["paired_vs_reference"]:
                 deltas = values - np.array(aurocs[reference])
-                results["paired_vs_reference"][nm]["seeds"] = {
-                    "delta": deltas.tolist(),
-                    "mean": _nanmean(deltas),
-                    "sd": _nansd(deltas),
-                }
+                results["paired_vs_reference"][nm]["seeds"] = {"delta": deltas.tolist(), **metrics.spread(deltas)}
         return results, rows
 
 
@@ -510,23 +502,6 @@ def _quiet_lightning():
             yield
     finally:
         logger.setLevel(level)
-
-
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
-def _nansd(values) -> float:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else float("nan")
-
-
-def _auroc(scores: np.ndarray, errors: np.ndarray) -> float:
-    from vtrans import metrics
-
-    keep = ~np.isnan(scores)
-    return metrics.auroc(scores[keep], errors[keep]) if keep.any() else float("nan")
 
 
 def _relpath(target: Path, start: Path) -> str:
