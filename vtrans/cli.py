@@ -35,29 +35,36 @@ def train_main(args: list[str] | None = None, run: bool = True):
     the default ``trainer.plugins``), and they carry the random states so that ``--ckpt_path``
     resumes an epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or
     gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
-    step and exit code 1. With ``run=False`` the configured ``LightningCLI`` is returned without
+    step and exit code 1. A setting out of range (the data's, the latent's, the backbone's or the
+    trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured ``LightningCLI`` is returned without
     running a subcommand (``args`` then holds no subcommand).
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
     from vtrans.callbacks import NonFiniteGuard, ResumableRNG
+    from vtrans.errors import ConfigError
 
     guard = NonFiniteGuard()
     from vtrans.data import IdiomDataModule
     from vtrans.module import LatentLM
 
     def build():
-        return LightningCLI(
-            LatentLM,
-            IdiomDataModule,
-            args=args,
-            run=run,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "plugins": [{"class_path": "vtrans.checkpoint.AtomicCheckpointIO"}],
-                "callbacks": [ResumableRNG(), guard],
-            },
-        )
+        try:
+            return LightningCLI(
+                LatentLM,
+                IdiomDataModule,
+                args=args,
+                run=run,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={
+                    "plugins": [{"class_path": "vtrans.checkpoint.AtomicCheckpointIO"}],
+                    "callbacks": [ResumableRNG(), guard],
+                },
+            )
+        except MisconfigurationException as err:  # a trainer setting Lightning cannot use (devices, max_epochs, ...)
+            lines = str(err).strip().splitlines()
+            raise ConfigError(f"trainer: {lines[0] if lines else type(err).__name__}") from None
 
     try:
         return guarded(build)

@@ -31,6 +31,7 @@ from vtrans.errors import BackboneError, ConfigError
 
 ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")  # eager is the one that returns attention weights
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_IGNORES = (
     "_name_or_path",
@@ -206,9 +207,27 @@ def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
 
 def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
     """Load ``(model, tokenizer)`` for a model source (see the module docstring)."""
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"name must name a model (smollm2, tiny-gpt2, a folder, ...), got {name!r}")
     if dtype not in DTYPES:
         raise BackboneError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise BackboneError(
+            f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r} "
+            "(eager returns attention weights, sdpa is faster)"
+        )
+    try:
+        model, tokenizer = _load(name, DTYPES[dtype], attn_implementation)
+    except ImportError as err:  # a package that the format or the attention implementation needs is missing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"cannot load {name!r} (attn_implementation={attn_implementation!r}): {first}") from None
+    family(model)  # fail loudly on an unsupported architecture
+    _contiguous_unembedding_input(model)
+    return model.eval(), _prepare_tokenizer(tokenizer)
+
+
+def _load(name: str, torch_dtype: torch.dtype, attn_implementation: str):
+    """``(model, tokenizer)`` from the source ``name`` names."""
     path = Path(name).expanduser()
     if name in TINY:
         model, tokenizer = _tiny(name, torch_dtype, attn_implementation)
@@ -229,9 +248,7 @@ def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
             f"unknown model or missing folder {name!r}: use smollm2, tiny-gpt2, tiny-llama, gpt2-xl, a hub id "
             "in the local cache, a folder written by save_pretrained, or a .gguf file"
         )
-    family(model)  # fail loudly on an unsupported architecture
-    _contiguous_unembedding_input(model)
-    return model.eval(), _prepare_tokenizer(tokenizer)
+    return model, tokenizer
 
 
 def _contiguous_unembedding_input(model: nn.Module) -> None:
@@ -270,7 +287,8 @@ class Backbone(nn.Module):
             name: model source: ``smollm2`` (embedded), ``tiny-gpt2``/``tiny-llama`` (tests),
                 ``gpt2-xl`` or a hub id (local cache only), a local folder, or a ``.gguf`` file.
             dtype: ``float32``, ``bfloat16`` or ``float16``.
-            attn_implementation: ``eager`` (returns attention weights) or ``sdpa`` (faster).
+            attn_implementation: ``eager`` (returns attention weights), ``sdpa`` (faster) or
+                ``flash_attention_2`` (needs the flash-attn package and a GPU).
         """
         super().__init__()
         self.name = name
