@@ -1,36 +1,54 @@
-"""Cost of each estimator and of a training step, as ratios to a plain forward, measured side by side.
+"""Cost of each estimator path and of a training step, as ratios to a plain forward, measured side by side.
 
 Every path runs on the same batch, interleaved round by round (so a slow moment of a noisy
 machine hits all paths alike), and the ratio of medians is reported as JSON:
 
     python benchmarks/costs.py                      # the embedded SmolLM2, batch of 32 built-in idioms
     python benchmarks/costs.py --model tiny-gpt2 --rounds 3
+    python benchmarks/costs.py --ckpt CKPT --score-against REV   # + vtrans score, this tree vs git revision REV
+
+Paths (all through ``vtrans.runner.Runner``, the completions made beforehand):
+
+* ``single_pass``: every single-pass estimator together (msp, entropy, margin, attention_entropy,
+  lens_ce, lens_area and the lens by layer, posterior_var, latent_kl), x one forward;
+* ``latent_mi_S32``: ``latent_mi`` and ``latent_nll`` at S = 32, their shared forward included, x one forward;
+* ``mc_dropout_T16``: the 16 dropout passes added to the shared forward, x 16 forwards;
+* ``elbo_step``: a training step of the latent, x one full fine-tuning step of the model;
+* ``score`` (with ``--score-against``): prompts per second of ``vtrans score`` with its default
+  estimators, this tree and the other revision run alternately in fresh processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
-from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators import lens, mc_dropout
+from vtrans.config import EstimatorConfig
+from vtrans.data import DEFAULT_TEMPLATE, load_idioms, load_split, render_prompt
+from vtrans.estimators import mc_dropout
+from vtrans.estimators.base import context_for, run_forward
 from vtrans.loading import Backbone
 from vtrans.module import LatentLM
-from vtrans.tokens import encode, target_ids
+from vtrans.runner import Runner
+from vtrans.tokens import encode
 
+SINGLE_PASS = ("msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl")
 TARGETS = {
-    "lens": 1.10,  # lens_ce + the whole trajectory, x one forward
-    "latent_mi_S32": 1.5,  # x one forward
-    "mc_dropout_T16": 1.1,  # x 16 forwards
+    "single_pass": 1.6,  # x one forward
+    "latent_mi_S32": 3.0,  # x one forward
+    "mc_dropout_T16": 1.0,  # x 16 forwards
     "elbo_step": 0.6,  # x one full fine-tuning step
 }
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, device) -> float:
@@ -59,6 +77,45 @@ def load_seconds(model: str) -> dict[str, float]:
     return {"imports": imports, "load": load, "total": imports + load}
 
 
+def score_speed(ckpt: str, against: str, lines: int, rounds: int, device: str) -> dict:
+    """Prompts per second of ``vtrans score --input FILE`` (default estimators), this tree vs revision ``against``.
+
+    The other revision is checked out into a temporary folder; both run in fresh processes with
+    the same interpreter, alternately, ``rounds`` times; the ratio of median rates is reported.
+    """
+    prompts = [render_prompt(DEFAULT_TEMPLATE, it.prefix) for it in load_idioms("builtin")][:lines]
+    with tempfile.TemporaryDirectory() as tmp:
+        other = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(other), against], check=True)
+        try:
+            file = Path(tmp) / "prompts.txt"
+            file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            code = "import sys; from vtrans.cli import main; main(sys.argv[1:])"
+            trees = {"this": ROOT, "against": other}
+            seconds: dict[str, list[float]] = {name: [] for name in trees}
+            for _ in range(rounds):
+                for name, tree in trees.items():
+                    env = {**os.environ, "PYTHONPATH": str(tree)}
+                    start = time.perf_counter()
+                    out = subprocess.run(
+                        [sys.executable, "-c", code, "score", "--ckpt", ckpt, "--input", str(file), "--quiet", "--device", device],
+                        check=True, capture_output=True, env=env, cwd=tmp,
+                    )
+                    seconds[name].append(time.perf_counter() - start)
+                    assert out.stdout.count(b"\n") == len(prompts), out.stderr.decode()[-2000:]
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=False)
+    rate = {name: len(prompts) / statistics.median(v) for name, v in seconds.items()}
+    return {
+        "against": against,
+        "prompts": len(prompts),
+        "rounds": rounds,
+        "prompts_per_second": rate,
+        "ratio": rate["this"] / rate["against"],
+        "note": "whole process: imports, loading and scoring",
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -67,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-load", action="store_true", help="skip the fresh-process load timing")
+    parser.add_argument("--ckpt", default=None, help="a checkpoint of --model, for the vtrans score row")
+    parser.add_argument("--score-against", default=None, metavar="REV", help="git revision to compare vtrans score with")
+    parser.add_argument("--score-lines", type=int, default=128, help="prompts scored per vtrans score run")
+    parser.add_argument("--score-rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -78,9 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     items = load_split("builtin", "test")[: args.batch_size]
     prompts = [render_prompt(DEFAULT_TEMPLATE, it.prefix) for it in items]
-    gold = target_ids(tok, [it.target for it in items])
-    enc = encode(tok, prompts, [g[:1] for g in gold], device)  # scored position + one token
     batch = {"prompt": prompts, "target": [it.target for it in items]}
+    config = EstimatorConfig(batch_size=args.batch_size, samples=32, passes=16)
+    runner = Runner(backbone, module, config, progress=False)
+    completions = runner.complete(prompts)
+    enc = encode(tok, prompts, [[c.first_token] for c in completions], device)  # scored position + ŷ
+    forward_mc = run_forward(model, enc)
+    context = context_for(model, config, module, len(prompts))
 
     finetune_model = Backbone(args.model, dtype=args.dtype, attn_implementation="sdpa").model.to(device)
     finetune_model.requires_grad_(True).train()
@@ -94,16 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     def forward():
         with torch.no_grad():
-            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids)
+            model(**enc.inputs)
 
-    def lens_path():
-        lens.scores(model, enc)
+    def single_pass():
+        runner.scores(prompts, completions, SINGLE_PASS)
 
     def latent_mi():
-        latent_estimators.scores(module, enc, samples=32)
+        runner.scores(prompts, completions, ["latent_mi", "latent_nll"])
 
     def mc16():
-        mc_dropout.scores(model, enc, passes=16, p=0.1)
+        mc_dropout.FAMILY.read(forward_mc, context)
 
     def elbo_step():
         module.train()
@@ -124,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     paths = {
         "forward": forward,
-        "lens": lens_path,
+        "single_pass": single_pass,
         "latent_mi_S32": latent_mi,
         "mc_dropout_T16": mc16,
         "elbo_step": elbo_step,
@@ -138,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             seconds[name].append(timed(fn, device))
     med = {name: statistics.median(v) for name, v in seconds.items()}
     ratios = {
-        "lens": med["lens"] / med["forward"],
+        "single_pass": med["single_pass"] / med["forward"],
         "latent_mi_S32": med["latent_mi_S32"] / med["forward"],
         "mc_dropout_T16": med["mc_dropout_T16"] / (16 * med["forward"]),
         "elbo_step": med["elbo_step"] / med["finetune_step"],
@@ -152,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "median_seconds": med,
         "ratios": ratios,
         "units": {
-            "lens": "x one forward",
+            "single_pass": "x one forward",
             "latent_mi_S32": "x one forward",
             "mc_dropout_T16": "x 16 forwards",
             "elbo_step": "x one full fine-tuning step",
@@ -163,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_load:
         result["load_seconds_after_first"] = load_seconds(args.model)
         result["met"]["load"] = result["load_seconds_after_first"]["load"] <= 5.0
+    if args.score_against:
+        if not args.ckpt:
+            parser.error("--score-against needs --ckpt")
+        result["score"] = score_speed(args.ckpt, args.score_against, args.score_lines, args.score_rounds, args.device)
     print(json.dumps(result, indent=2))
     return result
 

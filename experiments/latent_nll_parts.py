@@ -29,13 +29,14 @@ from vtrans import checkpoint, metrics
 from vtrans.crossval import read_training_config
 from vtrans.data import load_idioms
 from vtrans.estimators import latent as latent_estimators
-from vtrans.evaluate import EvalConfig, Harness
+from vtrans.evaluate import EvalConfig
 from vtrans.loading import Backbone
+from vtrans.runner import Runner
 
 
-def _no_noise(items: int, samples: int, d_z: int, generator, draws: str = "random") -> torch.Tensor:
-    """z = the distribution's mean: zero noise in place of :func:`vtrans.estimators.latent.z_noise`."""
-    return torch.zeros((items, samples, d_z), device=generator.device)
+def _no_noise(indices: list[int], samples: int, d_z: int, seed: int, draws: str = "random") -> torch.Tensor:
+    """z = the distribution's mean: zero noise in place of :func:`vtrans.estimators.latent.item_noise`."""
+    return torch.zeros((len(indices), samples, d_z))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = read_training_config(proto["training_config"])
     backbone = Backbone(**spec.backbone)
     config = EvalConfig(samples=args.samples, seed=args.seed, template=results["config"]["template"])
-    base = Harness(backbone, None, config, progress=True)
+    base = Runner(backbone, None, config, progress=True)
     ordered = [items[r["idiom"]] for r in rows]
-    prompts, completions, correct = base.label(ordered)
+    prompts, completions, correct = base.label(ordered, config.template)
     if [bool(c) for c in correct] != [r["correct"] for r in rows]:
         raise SystemExit("error: the labels differ from the run's: not the same model, data or template")
     errors = np.array([0.0 if c else 1.0 for c in correct])
@@ -71,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     for fold in sorted(set(folds.tolist())):
         module = checkpoint.load(run / "checkpoints" / f"seed{args.seed}-fold{fold}.ckpt", backbone=backbone)
         idx = np.flatnonzero(folds == fold)
-        part = ([ordered[i] for i in idx], [prompts[i] for i in idx], [completions[i] for i in idx])
-        harness = Harness(backbone, module, config, progress=False)
-        sampled, _ = harness.run_families(*part, ["latent_mi"], ["latent_nll"], gold=False)
+        part = ([prompts[i] for i in idx], [completions[i] for i in idx], ["latent_nll"])
+        runner = Runner(backbone, module, config, progress=False)
+        sampled = runner.scores(*part, indices=idx.tolist())
         scores["latent_nll"][idx] = sampled["latent_nll"].double().numpy()
-        at_mean = Harness(backbone, module, replace(config, samples=2), progress=False)  # two identical draws
-        with mock.patch.object(latent_estimators, "z_noise", _no_noise):
-            mean, _ = at_mean.run_families(*part, ["latent_mi"], ["latent_nll"], gold=False)
+        at_mean = Runner(backbone, module, replace(config, samples=2), progress=False)  # two identical draws
+        with mock.patch.object(latent_estimators, "item_noise", _no_noise):
+            mean = at_mean.scores(*part, indices=idx.tolist())
         scores["latent_nll_at_mean"][idx] = mean["latent_nll"].double().numpy()
     reference = scores["base −log p(ŷ)"]
     lines = [

@@ -25,10 +25,11 @@ import torch
 
 from vtrans import metrics
 from vtrans.data import IdiomDataModule, load_split
-from vtrans.evaluate import EvalConfig, Harness
+from vtrans.evaluate import EvalConfig, score_items
 from vtrans.frozen import FrozenCache
 from vtrans.loading import Backbone
 from vtrans.module import LatentLM
+from vtrans.runner import Runner
 
 LATENT = ("posterior_var", "latent_mi", "latent_kl")
 REFERENCE = ("lens_ce", "msp", "entropy", "lens_area")
@@ -76,8 +77,8 @@ def train_variant(backbone, caches: dict, hp: dict, epochs: int, seed: int, log_
 
 def _latent_summaries(backbone, module, config, scored, errors, n_boot, seed) -> dict:
     """Each latent estimator's metrics on the items of ``scored`` (completions already made)."""
-    harness = Harness(backbone, module, config, progress=False)
-    scores, _ = harness.run_families(scored.items, scored.prompts, scored.completions, ["latent", "latent_mi"], list(LATENT), gold=False)
+    runner = Runner(backbone, module, config, progress=False)
+    scores = runner.scores(scored.prompts, scored.completions, list(LATENT))
     return {name: (s, metrics.summarize(s, errors, n_boot, seed)) for name, s in scores.items()}
 
 
@@ -96,10 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     backbone = Backbone(args.model, attn_implementation="sdpa")
     config = EvalConfig(data="builtin", samples=args.samples, n_boot=args.n_boot, seed=args.seed)
-    base = Harness(backbone, None, config, progress=False)
+    base = Runner(backbone, None, config, progress=False)
     splits = {}
     for split in ("val", "test"):
-        scored = base.score(load_split("builtin", split), list(REFERENCE))
+        scored = score_items(base, load_split("builtin", split), list(REFERENCE), config.template)
         errors = torch.tensor([not c for c in scored.correct], dtype=torch.long)
         splits[split] = (scored, errors)
         print(f"{split}: {len(scored.items)} items, accuracy {1 - errors.float().mean():.3f}", flush=True)

@@ -20,7 +20,8 @@ import numpy as np
 
 from vtrans import checkpoint, metrics
 from vtrans.data import idiom_hash, load_split
-from vtrans.evaluate import EvalConfig, Harness
+from vtrans.evaluate import EvalConfig
+from vtrans.runner import Runner
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,17 +38,17 @@ def main(argv: list[str] | None = None) -> dict:
     items = load_split(args.data, None, **settings)
     trained = checkpoint.trained_idiom_hashes(args.ckpt) or set()
     items = [it for it in items if idiom_hash(it.idiom) not in trained]
-    base = Harness(module.backbone, module, EvalConfig(), progress=False)
-    prompts, completions, correct = base.label(items)
+    base = Runner(module.backbone, module, EvalConfig(), progress=False)
+    prompts, completions, correct = base.label(items, checkpoint.template_of(args.ckpt) or EvalConfig().template)
     errors = np.array([0.0 if c else 1.0 for c in correct])
     rows = []
     for samples in [int(s) for s in args.samples.split(",")]:
         for draws in ("random", "antithetic", "sobol"):
             runs, seconds = [], []
             for seed in range(args.repeats):
-                harness = Harness(module.backbone, module, EvalConfig(samples=samples, z_draws=draws, seed=seed), False)
+                runner = Runner(module.backbone, module, EvalConfig(samples=samples, z_draws=draws, seed=seed), False)
                 start = time.perf_counter()
-                scores, _ = harness.run_families(items, prompts, completions, ["latent_mi"], ["latent_mi"], gold=False)
+                scores = runner.scores(prompts, completions, ["latent_mi"])
                 seconds.append(time.perf_counter() - start)
                 runs.append(scores["latent_mi"].double().numpy())
             values = np.stack(runs)  # (R, n)

@@ -18,3 +18,21 @@ class DumpLatent(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.latent.state_dict().items()}
         torch.save({"state": state, "world_size": trainer.world_size}, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def score_on_rank(ckpt: str, prompts: list[str], out_dir: str) -> None:
+    """Score ``prompts`` with the checkpoint; each rank writes every record it yields to ``rank{N}.json``."""
+    import json
+
+    from vtrans.distributed import current
+    from vtrans.scorer import Scorer
+
+    records = list(Scorer.from_checkpoint(ckpt, device="cpu", batch_size=2, samples=4, quiet=True).score(prompts))
+    (Path(out_dir) / f"rank{current().rank}.json").write_text(json.dumps(records))
+
+
+def evaluate_on_rank(ckpt: str, config, out_dir: str) -> None:
+    """``vtrans evaluate`` in each rank of a process group; rank 0 writes the run into ``out_dir``."""
+    from vtrans.evaluate import evaluate
+
+    evaluate(config, out_dir, ckpt=ckpt, device="cpu", progress=False)

@@ -250,12 +250,15 @@ def test_self_targets_add_the_models_own_wrong_answers_of_training_prompts_only(
 def test_each_estimator_is_charged_what_it_needs_alone():
     from vtrans.evaluate import costs
 
-    seconds = {"forward": 2.0, "baselines": 1.0, "lens": 3.0, "latent": 0.5, "latent_mi": 8.0, "probe_fit": 4.0}
-    got = costs(seconds, ["msp", "posterior_var", "latent_kl", "latent_mi", "probe"], ["baselines", "lens", "latent"])
-    assert got["posterior_var"]["cost_forward_equiv"] == got["latent_kl"]["cost_forward_equiv"] == 0.25
-    assert got["latent_mi"]["cost_forward_equiv"] == 4.0
-    assert got["probe"]["seconds"] == 1.0 + 3.0 + 0.5 + 4.0  # its features' families and its fit
-    assert got["msp"]["cost_forward_equiv"] == 0.5
+    seconds = {"forward": 2.0, "shared": 1.0, "latent_mi": 8.0, "sampling": 6.0, "probe_fit": 4.0}
+    names = ["msp", "posterior_var", "latent_kl", "latent_mi", "sample_disagreement", "probe"]
+    got = costs(seconds, names)
+    # a family that reads the shared forward is charged all of it, as if it ran alone
+    assert got["msp"]["cost_forward_equiv"] == got["posterior_var"]["cost_forward_equiv"] == 0.5
+    assert got["latent_kl"]["cost_forward_equiv"] == 0.5
+    assert got["latent_mi"]["seconds"] == 1.0 + 8.0  # the forward it starts from and its own passes
+    assert got["sample_disagreement"]["seconds"] == 6.0  # reads no forward: its sampled completions only
+    assert got["probe"]["seconds"] == 1.0 + 4.0  # its features (the shared forward) and its fit
 
 
 def test_latents_loaded_from_checkpoints_score_as_the_run_that_trained_them(mixed_file, tmp_path, capsys):

@@ -19,6 +19,7 @@ from vtrans import backbones
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.common import entropy_of_probs, predictive_stats
+from vtrans.estimators.registry import PROBE_FEATURES
 from vtrans.latent import kl_normal
 from vtrans.loading import Backbone
 from vtrans.metrics import auroc
@@ -379,8 +380,7 @@ def test_latent_estimators_with_trained_heads(models):
     assert_close(out["latent_kl"], by_hand.sum(-1), rtol=1e-4, atol=1e-5)
 
     # latent_mi: the same z samples, injected into a plain forward with a hook after block k
-    generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn((len(PROMPTS), samples, 4), generator=generator)
+    eps = latent_estimators.item_noise(list(range(len(PROMPTS))), samples, 4, seed)  # each item's own draws
     z = p_loc.unsqueeze(1) + p_scale.unsqueeze(1) * eps  # (B, S, d_z): inference uses p(z|prompt)
     logits = torch.stack([_logits_with_z(module, enc, z[:, s]) for s in range(samples)], 1)  # (B, S, V)
     y = torch.tensor([t[0] for t in targets])
@@ -525,7 +525,7 @@ def test_probe_refuses_one_class():
 def test_probe_features_are_the_lens_trajectory_then_the_known_scalars():
     lens_by_layer = torch.arange(6.0).view(2, 3)
     scores = {"msp": torch.tensor([0.1, 0.2]), "lens_ce": torch.tensor([5.0, 6.0]), "entropy": torch.tensor([1.0, 2.0])}
-    x, names = probe.features(scores, lens_by_layer)
+    x, names = probe.features(scores, lens_by_layer, PROBE_FEATURES)
     assert names == ["lens_ce_L0", "lens_ce_L1", "lens_ce_L2", "entropy", "msp"]
     assert_close(x, torch.tensor([[0.0, 1.0, 2.0, 1.0, 0.1], [3.0, 4.0, 5.0, 2.0, 0.2]]))
 

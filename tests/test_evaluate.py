@@ -21,9 +21,11 @@ from torch.testing import assert_close
 import vtrans.evaluate as evaluate_module
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
-from vtrans.evaluate import EvalConfig, Harness, probe_train_items
+from vtrans.estimators.registry import PROBE_FEATURES
+from vtrans.evaluate import EvalConfig, probe_train_items, score_items
 from vtrans.generate import complete
 from vtrans.loading import Backbone
+from vtrans.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}
@@ -209,9 +211,10 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
 
         return wrapper
 
-    monkeypatch.setattr(Harness, "label", counting("label", Harness.label))
-    monkeypatch.setattr(Harness, "plain_forward_seconds", counting("forward", Harness.plain_forward_seconds))
-    monkeypatch.setattr(Harness, "probe_features", counting("features", Harness.probe_features))
+    monkeypatch.setattr(Runner, "label", counting("label", Runner.label))
+    monkeypatch.setattr(Runner, "plain_forward_seconds", counting("forward", Runner.plain_forward_seconds))
+    features = evaluate_module.probe_features
+    monkeypatch.setattr(evaluate_module, "probe_features", lambda *a, **k: (calls.__setitem__("features", calls["features"] + 1), features(*a, **k))[1])
     names = ["msp", "lens_ce", "mc_dropout_mi", "probe"]
     out = tmp_path / "run"
     _, stderr = run_cli(
@@ -266,10 +269,10 @@ def test_probe_features_equal_the_families_run_one_by_one(gpt2, idiom_files):
     from vtrans.estimators import probe
 
     items = load_split(f"txt:{idiom_files['mixed']}", "all")[:10]
-    harness = Harness(gpt2, None, EvalConfig(batch_size=4, n_boot=100), progress=False)
-    scored = harness.score(items, ["probe"], gold=False)
-    x, names = probe.features(scored.scores, scored.lens_by_layer)
-    fused, fused_names = harness.probe_features(scored.prompts, scored.completions)
+    runner = Runner(gpt2, None, EvalConfig(batch_size=4, n_boot=100), progress=False)
+    scored = score_items(runner, items, ["probe"], DEFAULT_TEMPLATE, gold=False)
+    x, names = probe.features(scored.scores, scored.lens_by_layer, PROBE_FEATURES)
+    fused, fused_names = evaluate_module.probe_features(runner, scored.prompts, scored.completions)
     assert fused_names == names == [f"lens_ce_L{i}" for i in range(N_LAYERS + 1)] + ["entropy", "msp", "attention_entropy"]
     assert_close(fused, x, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(x).all()
@@ -298,18 +301,18 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
 
 def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
     from vtrans.estimators import attention
-    from vtrans.evaluate import _eager_attention
+    from vtrans.runner import attention_implementation
     from vtrans.tokens import encode
 
     model = gpt2.model
     enc = encode(gpt2.tokenizer, ["Complete the idiom: a piece of"], [[0]])
     model.set_attn_implementation("sdpa")
     try:
-        with _eager_attention(model, True):
+        with attention_implementation(model, "eager"):
             assert model.config._attn_implementation == "eager"
             assert torch.isfinite(attention.scores(model, enc)["attention_entropy"]).all()
         assert model.config._attn_implementation == "sdpa"
-        with pytest.raises(KeyError), _eager_attention(model, True):
+        with pytest.raises(KeyError), attention_implementation(model, "eager"):
             raise KeyError("inside")
         assert model.config._attn_implementation == "sdpa"
     finally:

@@ -1,6 +1,7 @@
 """The fixes found in review (issue 8), each against a case constructed to fail without it.
 
-1. ``latent_mi`` draws fresh z noise batch after batch (one generator per run), reproducibly.
+1. ``latent_mi`` draws each item's z noise from its own seed: fresh from item to item, reproducibly,
+   whatever the batch size.
 2. ``latent_kl`` reads q(z|prompt, target) at the last token of the whole completion word, as in training.
 3. ``aggregate=mean|max`` refuses the estimators that read the first token only, visibly.
 4. ``msp`` keeps ranking where p(ŷ) rounds to 1 in float32.
@@ -19,6 +20,7 @@ import yaml
 from torch.testing import assert_close
 
 from vtrans.cli import main
+from vtrans.config import EstimatorConfig
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     IdiomItem,
@@ -30,9 +32,10 @@ from vtrans.data import (
     split_items,
 )
 from vtrans.estimators import baselines
-from vtrans.evaluate import EvalConfig, Harness, ProbeUnfittable, evaluate, probe_train_items
+from vtrans.evaluate import EvalConfig, ProbeUnfittable, evaluate, probe_train_items, score_items
 from vtrans.generate import Completion, complete
 from vtrans.latent import kl_normal
+from vtrans.runner import Runner
 from vtrans.scorer import Scorer
 from vtrans.tokens import Encoded, encode
 
@@ -61,51 +64,56 @@ def latent(tiny_gpt2):
     return module
 
 
-def _harness(module, **config) -> Harness:
-    return Harness(module.backbone, module, EvalConfig(n_boot=100, **config), progress=False)
+def _runner(module, **config) -> Runner:
+    return Runner(module.backbone, module, EstimatorConfig(**config), progress=False)
 
 
 # --------------------------------------------------------------------------- 1. latent_mi noise
 
 
-def test_latent_mi_draws_fresh_noise_for_each_batch(latent):
-    """batch_size=1 and two identical items: the same noise for both would give equal latent_mi."""
-    harness = _harness(latent, batch_size=1, samples=4)
-    _, scores = harness.score_prompts([PROMPT, PROMPT], ["latent_mi"])
+def test_latent_mi_draws_fresh_noise_for_each_item(latent):
+    """Two identical items: the same noise for both would give equal latent_mi."""
+    runner = _runner(latent, batch_size=1, samples=4)
+    _, scores = runner.score_prompts([PROMPT, PROMPT], ["latent_mi"])
     mi = scores["latent_mi"]
     assert (mi > 1e-6).all()  # z moves the prediction: the values say something about the noise
     assert not torch.isclose(mi[0], mi[1], rtol=1e-4, atol=0)
-    _, again = harness.score_prompts([PROMPT, PROMPT], ["latent_mi"])
+    _, again = runner.score_prompts([PROMPT, PROMPT], ["latent_mi"])
     assert torch.equal(again["latent_mi"], mi)  # the run is reproducible for a fixed seed
-    _, other_seed = _harness(latent, batch_size=1, samples=4, seed=1).score_prompts([PROMPT, PROMPT], ["latent_mi"])
+    _, other_seed = _runner(latent, batch_size=1, samples=4, seed=1).score_prompts([PROMPT, PROMPT], ["latent_mi"])
     assert not torch.equal(other_seed["latent_mi"], mi)
+    _, together = _runner(latent, batch_size=2, samples=4).score_prompts([PROMPT, PROMPT], ["latent_mi"])
+    assert_close(together["latent_mi"], mi, rtol=1e-4, atol=1e-6)  # an item's draws do not depend on its batch
+    _, later = runner.score_prompts([PROMPT], ["latent_mi"], start=1)
+    assert torch.equal(later["latent_mi"], mi[1:])  # a run scored in pieces draws as one call
 
 
-def test_evaluate_harness_draws_fresh_noise_for_each_batch(latent):
-    harness = _harness(latent, batch_size=1, samples=4)
-    first = harness.score([ITEM, ITEM], ["latent_mi"], gold=False).scores["latent_mi"]
+def test_evaluate_draws_fresh_noise_for_each_item(latent):
+    runner = _runner(latent, batch_size=1, samples=4)
+    first = score_items(runner, [ITEM, ITEM], ["latent_mi"], DEFAULT_TEMPLATE, gold=False).scores["latent_mi"]
     assert not torch.isclose(first[0], first[1], rtol=1e-4, atol=0)
-    assert torch.equal(harness.score([ITEM, ITEM], ["latent_mi"], gold=False).scores["latent_mi"], first)
+    again = score_items(runner, [ITEM, ITEM], ["latent_mi"], DEFAULT_TEMPLATE, gold=False).scores["latent_mi"]
+    assert torch.equal(again, first)
 
 
 def test_scorer_draws_fresh_noise_across_its_batches(latent):
-    """``vtrans score`` runs one harness call per batch: the run's generator goes on between them."""
+    """``vtrans score`` runs the runner once per batch: items go on being numbered from batch to batch."""
     scorer = Scorer(latent, estimators=["latent_mi"], batch_size=1, samples=4, quiet=True)
     a, b = (r["scores"]["latent_mi"] for r in scorer.score([PROMPT, PROMPT]))
     assert a != pytest.approx(b, rel=1e-4)
     assert [r["scores"]["latent_mi"] for r in scorer.score([PROMPT, PROMPT])] == [a, b]
+    together = Scorer(latent, estimators=["latent_mi"], batch_size=2, samples=4, quiet=True)
+    assert [r["scores"]["latent_mi"] for r in together.score([PROMPT, PROMPT])] == pytest.approx([a, b], rel=1e-4)
 
 
-def test_standalone_latent_scores_seed_their_own_generator(latent):
+def test_standalone_latent_scores_seed_each_item(latent):
     from vtrans.estimators import latent as latent_estimators
 
     enc = encode(latent.backbone.tokenizer, [PROMPT], [[262]])
     one = latent_estimators.scores(latent, enc, samples=4, seed=3)["latent_mi"]
     assert torch.equal(latent_estimators.scores(latent, enc, samples=4, seed=3)["latent_mi"], one)
-    generator = torch.Generator().manual_seed(3)
-    assert torch.equal(latent_estimators.scores(latent, enc, samples=4, generator=generator)["latent_mi"], one)
-    second = latent_estimators.scores(latent, enc, samples=4, generator=generator)["latent_mi"]
-    assert not torch.equal(second, one)  # the same generator goes on: fresh noise
+    other = latent_estimators.scores(latent, enc, samples=4, seed=3, indices=[1])["latent_mi"]
+    assert not torch.equal(other, one)  # another item index: other draws
 
 
 # --------------------------------------------------------------------------- 2. latent_kl reads the whole word
@@ -127,12 +135,12 @@ def _kl_by_hand(module, targets: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("path", ["score", "score_prompts"])
 def test_latent_kl_reads_the_last_token_of_the_whole_word(latent, path, monkeypatch):
     completion = _multi_token_completion(latent.backbone.tokenizer)
-    harness = _harness(latent, batch_size=2, samples=2)
-    monkeypatch.setattr(harness, "complete", lambda prompts: [completion] * len(prompts))
+    runner = _runner(latent, batch_size=2, samples=2)
+    monkeypatch.setattr(runner, "complete", lambda prompts, start=0: [completion] * len(prompts))
     if path == "score":
-        got = harness.score([ITEM], ["latent_kl"], gold=False).scores["latent_kl"]
+        got = score_items(runner, [ITEM], ["latent_kl"], DEFAULT_TEMPLATE, gold=False).scores["latent_kl"]
     else:
-        got = harness.score_prompts([PROMPT], ["latent_kl"])[1]["latent_kl"]
+        got = runner.score_prompts([PROMPT], ["latent_kl"])[1]["latent_kl"]
     whole, first = _kl_by_hand(latent, list(completion.word_ids)), _kl_by_hand(latent, [completion.first_token])
     assert not torch.isclose(whole, first, rtol=1e-3).any()  # the two readings differ here
     assert_close(got, whole, rtol=1e-4, atol=1e-5)
@@ -143,9 +151,9 @@ def test_prompt_only_latent_scores_do_not_change_with_the_whole_word(latent, mon
     from vtrans.estimators import latent as latent_estimators
 
     completion = _multi_token_completion(latent.backbone.tokenizer)
-    harness = _harness(latent, batch_size=2, samples=3)
-    monkeypatch.setattr(harness, "complete", lambda prompts: [completion] * len(prompts))
-    got = harness.score_prompts([PROMPT], ["posterior_var", "latent_mi"])[1]
+    runner = _runner(latent, batch_size=2, samples=3)
+    monkeypatch.setattr(runner, "complete", lambda prompts, start=0: [completion] * len(prompts))
+    got = runner.score_prompts([PROMPT], ["posterior_var", "latent_mi"])[1]
     first = encode(latent.backbone.tokenizer, [PROMPT], [[completion.first_token]])
     expected = latent_estimators.scores(latent, first, samples=3, seed=0)
     for name in ("posterior_var", "latent_mi"):
@@ -306,10 +314,23 @@ def file_checkpoint(tiny_gpt2, tmp_path_factory, run_train):
     return data, ckpt
 
 
-def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(file_checkpoint, tmp_path, capsys):
+def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
+    file_checkpoint, tmp_path, capsys, monkeypatch
+):
     """A user's file with --split all (the probe used to vanish): fitted on the checkpoint's
     held-out idioms less the evaluated ones, some of which are written differently."""
     from vtrans import checkpoint
+    from vtrans import evaluate as evaluate_module
+
+    seen_features: list[list[str]] = []
+    features = evaluate_module.probe_features
+
+    def spy(*args, **kwargs):
+        x, names = features(*args, **kwargs)
+        seen_features.append(names)
+        return x, names
+
+    monkeypatch.setattr(evaluate_module, "probe_features", spy)
 
     data, ckpt = file_checkpoint
     assert checkpoint.read(ckpt)["datamodule_hyper_parameters"]["data"] == f"txt:{data}"
@@ -328,7 +349,7 @@ def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
     assert all(0 <= r["scores"]["probe"] <= 1 for r in rows)
     assert results["probe_fit"]["n"] == len(val) - 3  # the evaluated idioms are out of its fitting set
     assert f"val split of txt:{data}" in results["probe_fit"]["source"]
-    assert "latent" in results["seconds"]  # its features include the latent's, none of them asked for
+    assert {"posterior_var", "latent_kl"} <= set(seen_features[0])  # its features include the latent's, none asked for
     assert f"probe was fitted on {len(val) - 3} items" in (out / "report.md").read_text()
 
 

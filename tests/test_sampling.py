@@ -11,11 +11,12 @@ import torch
 from torch.testing import assert_close
 
 from vtrans.cli import main
-from vtrans.data import load_split
+from vtrans.data import DEFAULT_TEMPLATE, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import sampling
-from vtrans.evaluate import EvalConfig, Harness
+from vtrans.evaluate import EvalConfig, score_items
 from vtrans.loading import Backbone
+from vtrans.runner import Runner
 
 NAMES = ["sample_disagreement", "sample_word_entropy"]
 
@@ -67,19 +68,19 @@ def test_family_leaves_greedy_completions_and_other_scores_unchanged(gpt2):
     items = load_split("builtin", "test")[:6]
     # a random tiny model is nearly uniform: a low temperature makes samples agree at times
     config = EvalConfig(agreement_samples=4, agreement_temperature=0.05, batch_size=8, passes=3)
-    alone = Harness(gpt2, config=config, progress=False).score(items, ["msp", "entropy", "mc_dropout_mi"])
+    alone = score_items(Runner(gpt2, config=config, progress=False), items, ["msp", "entropy", "mc_dropout_mi"], DEFAULT_TEMPLATE)
     state = torch.random.get_rng_state()
-    both = Harness(gpt2, config=config, progress=False).score(items, ["msp", "entropy", "mc_dropout_mi", *NAMES])
+    both = score_items(Runner(gpt2, config=config, progress=False), items, ["msp", "entropy", "mc_dropout_mi", *NAMES], DEFAULT_TEMPLATE)
     assert torch.equal(torch.random.get_rng_state(), state)  # sampling drew nothing from the global stream
     assert [c.text for c in both.completions] == [c.text for c in alone.completions]
     for name in ("msp", "entropy", "mc_dropout_mi"):
         assert torch.equal(both.scores[name], alone.scores[name]), name
     assert both.seconds["sampling"] > 0
-    again = Harness(gpt2, config=config, progress=False).score(items, NAMES)
+    again = score_items(Runner(gpt2, config=config, progress=False), items, NAMES, DEFAULT_TEMPLATE)
     for name in NAMES:
         assert torch.equal(again.scores[name], both.scores[name])  # reproducible for a seed
     assert both.scores["sample_word_entropy"].unique().numel() > 1  # the values vary: a real check
-    other = Harness(gpt2, config=replace(config, seed=1), progress=False).score(items, NAMES)
+    other = score_items(Runner(gpt2, config=replace(config, seed=1), progress=False), items, NAMES, DEFAULT_TEMPLATE)
     assert not torch.equal(other.scores["sample_word_entropy"], both.scores["sample_word_entropy"])
 
 

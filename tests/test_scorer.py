@@ -38,7 +38,7 @@ from vtrans.scorer import (
 )
 
 PROMPT = "Complete the idiom: the early bird catches the"
-DEFAULT = ["msp", "entropy", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi", "latent_nll"]
+DEFAULT = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi", "latent_nll"]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_estimator_choice(module, tiny_gpt2) -> None:
     assert set(Scorer(standard, quiet=True).names) == set(DEFAULT) - {"latent_kl"}
     with pytest.raises(ConfigError, match="conditional"):
         Scorer(standard, estimators=["latent_kl"])
-    assert set(DEFAULT) == {n for f in ("baselines", "attention", "lens", "latent", "latent_mi") for n in FAMILIES[f]}
+    assert set(DEFAULT) == {n for f in FAMILIES if f.default_score for n in f.names}
 
 
 def test_from_checkpoint_options(tiny_ckpt) -> None:

@@ -28,7 +28,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -37,23 +37,19 @@ import torch
 import yaml
 
 from vtrans import checkpoint, metrics, report
-from vtrans.backbones import attention_implementation
 from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
-from vtrans.estimators.registry import LATENT_FAMILIES, NAMES, NEEDS_LATENT, family_of
-from vtrans.evaluate import (
-    CHEAP_BASELINES,
-    PROBE_FAMILIES,
-    EvalConfig,
-    Harness,
-    _sync,
-    costs,
-)
+from vtrans.estimators.registry import NAMES, NEEDS_LATENT, PROBE_FEATURES, family_of
+from vtrans.evaluate import CHEAP_BASELINES, EvalConfig, costs
 from vtrans.frozen import FrozenCache
+from vtrans.runner import Runner
 
-DETERMINISTIC_FAMILIES = ("baselines", "attention", "lens")  # seed-free: run once
-LATENT_FEATURES = ("posterior_var", "latent_kl")  # the probe's features from the latent (no z samples)
+
+def _seed_free(name: str) -> bool:
+    """Read off the shared forward alone, with no latent: the same for every seed, so run once."""
+    family = family_of(name)
+    return not family.extra_passes and name not in NEEDS_LATENT
 
 
 @dataclass
@@ -301,8 +297,8 @@ class CrossFit:
         if cfg.folds == 1 and "probe" in names:
             names.remove("probe")
             dropped["probe"] = "with one fold no scored item has out-of-fold latent features to fit it on"
-        base = Harness(self.backbone, None, ev, self.progress)
-        families = base.families(names)  # the latent is left out: no module here
+        base = Runner(self.backbone, None, ev, self.progress)
+        runnable = base.runnable(names)  # the latent's names are left out: no module here
         wants_latent = any(n in NEEDS_LATENT for n in names) or "probe" in names
         n = len(self.items)
         _say(
@@ -310,44 +306,41 @@ class CrossFit:
             + (f", +{len(self.extra)} extra training idioms" if self.extra else ""),
             not self.progress,
         )
-        eager = "attention_entropy" in names or "probe" in names
-        with attention_implementation(self.backbone.model, "eager" if eager else None):
-            prompts, completions, correct = base.label(self.items)
-            self._own = [
-                None if ok or not c.word else IdiomItem(f"{it.prefix} {c.word}", it.prefix, c.word)
-                for it, c, ok in zip(self.items, completions, correct, strict=True)
-            ]
-            seconds = {"forward": base.plain_forward_seconds(prompts, completions)}
-            fixed_families = [f for f in families if f in DETERMINISTIC_FAMILIES]
-            if "lens" not in fixed_families:
-                fixed_families.append("lens")  # every row carries its lens trajectory
-            fixed, fixed_seconds = base.run_families(self.items, prompts, completions, fixed_families, names)
-            seconds.update(fixed_seconds)
-            lens_by_layer = fixed.pop("lens_ce_by_layer")
-            lens_gold = fixed.pop("lens_ce_gold_by_layer", None)
-            by_seed: dict[int, dict[str, torch.Tensor]] = {}
-            fold_log = []
-            for seed in cfg.seeds:
-                ev_seed = EvalConfig(**{**asdict(ev), "seed": seed})
-                harness = Harness(self.backbone, None, ev_seed, self.progress)
-                stochastic = [f for f in families if f not in fixed_families and f not in LATENT_FAMILIES]
-                scores, sto_seconds = harness.run_families(self.items, prompts, completions, stochastic, names)
-                scores = {**fixed, **scores}
+        prompts, completions, correct = base.label(self.items, ev.template)
+        self._own = [
+            None if ok or not c.word else IdiomItem(f"{it.prefix} {c.word}", it.prefix, c.word)
+            for it, c, ok in zip(self.items, completions, correct, strict=True)
+        ]
+        seconds = {"forward": base.plain_forward_seconds(prompts, completions)}
+        fixed_names = [nm for nm in runnable if _seed_free(nm)]
+        if "lens_ce" not in fixed_names:
+            fixed_names.append("lens_ce")  # every row carries its lens trajectory
+        gold = [it.target for it in self.items]
+        fixed = base.scores(prompts, completions, fixed_names, gold=gold, seconds=seconds)
+        lens_by_layer = fixed.pop("lens_ce_by_layer")
+        lens_gold = fixed.pop("lens_ce_gold_by_layer", None)
+        by_seed: dict[int, dict[str, torch.Tensor]] = {}
+        fold_log = []
+        for seed in cfg.seeds:
+            runner = Runner(self.backbone, None, replace(ev, seed=seed), self.progress)
+            stochastic = [nm for nm in runnable if not _seed_free(nm)]
+            sto_seconds: dict[str, float] = {}
+            scores = runner.scores(prompts, completions, stochastic, seconds=sto_seconds) if stochastic else {}
+            scores = {**fixed, **scores}
+            if seed == cfg.seeds[0]:
+                seconds.update({k: v for k, v in sto_seconds.items() if k != "shared"})
+            if wants_latent:
+                latent_scores, latent_seconds, log = self._latent_scores(seed, names, prompts, completions)
+                scores.update(latent_scores)
+                fold_log += log
                 if seed == cfg.seeds[0]:
-                    seconds.update(sto_seconds)
-                if wants_latent:
-                    latent_scores, latent_seconds, log = self._latent_scores(seed, names, prompts, completions)
-                    scores.update(latent_scores)
-                    fold_log += log
-                    if seed == cfg.seeds[0]:
-                        seconds.update(latent_seconds)
-                if "probe" in names:
-                    t0 = time.perf_counter()
-                    scores["probe"] = self._probe(scores, lens_by_layer, correct)
-                    if seed == cfg.seeds[0]:
-                        seconds["probe_fit"] = time.perf_counter() - t0
-                by_seed[seed] = scores
-        _sync(torch.device(self.device))
+                    seconds.update({k: v for k, v in latent_seconds.items() if k != "shared"})
+            if "probe" in names:
+                t0 = time.perf_counter()
+                scores["probe"] = self._probe(scores, lens_by_layer, correct)
+                if seed == cfg.seeds[0]:
+                    seconds["probe_fit"] = time.perf_counter() - t0
+            by_seed[seed] = scores
         names = [nm for nm in names if nm in by_seed[cfg.seeds[0]]]
         for nm in ev.estimators:
             if nm not in names and nm not in dropped:
@@ -372,24 +365,16 @@ class CrossFit:
         n, collected, seconds, log = len(self.items), {}, {}, []
         latent_names = [nm for nm in names if nm in NEEDS_LATENT]
         if "probe" in names:
-            latent_names = sorted(set(latent_names) | set(LATENT_FEATURES))
-        latent_families = [f for f in LATENT_FAMILIES if any(family_of(nm) == f for nm in latent_names)]
+            latent_names = sorted(set(latent_names) | (set(PROBE_FEATURES) & NEEDS_LATENT))
         for fold in range(self.cfg.folds):
             t0 = time.perf_counter()
             module, n_train, stats = self.train_fold(seed, fold)
             trained = time.perf_counter() - t0
             idx = [i for i, f in enumerate(self.folds) if f == fold]
-            harness = Harness(self.backbone, module, EvalConfig(**{**asdict(self.eval), "seed": seed}), progress=False)
-            part, part_seconds = harness.run_families(
-                [self.items[i] for i in idx],
-                [prompts[i] for i in idx],
-                [completions[i] for i in idx],
-                latent_families,
-                latent_names,
-                gold=False,
+            runner = Runner(self.backbone, module, replace(self.eval, seed=seed), progress=False)
+            part = runner.scores(
+                [prompts[i] for i in idx], [completions[i] for i in idx], latent_names, seconds=seconds, indices=idx
             )
-            for family, value in part_seconds.items():
-                seconds[family] = seconds.get(family, 0.0) + value
             for key, value in part.items():
                 collected.setdefault(key, torch.full((n,), float("nan")))[idx] = value
             entry = {"seed": seed, "fold": fold, "n_train": n_train, "n_scored": len(idx), "train_seconds": trained}
@@ -408,7 +393,7 @@ class CrossFit:
 
     def _probe(self, scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor, correct: list[bool]) -> torch.Tensor:
         """Cross-fitted probe scores: fold f's probe is fitted on the other folds' items (their own out-of-fold features)."""
-        x, names = probe.features(scores, lens_by_layer)
+        x, names = probe.features(scores, lens_by_layer, PROBE_FEATURES)
         errors = torch.tensor([not c for c in correct], dtype=torch.float32)
         folds = torch.tensor(self.folds)
         result = torch.full((len(correct),), float("nan"))
@@ -427,7 +412,7 @@ class CrossFit:
         cfg = self.cfg
         errors = np.array([0.0 if c else 1.0 for c in correct])
         first = cfg.seeds[0]
-        cost = costs(seconds, names, [f for f in PROBE_FAMILIES if f in seconds])
+        cost = costs(seconds, names)
         per_seed = {
             seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
         }

@@ -2,26 +2,24 @@
 
 1. The base model (latent off) completes every prompt; an item is wrong (error = 1) when the
    completion word differs from the idiom's last word.
-2. Each estimator family scores the same items, timed on its own; a plain forward on the same
-   batches is the unit of cost.
-3. Metrics with bootstrap intervals, a paired comparison against ``lens_ce``, the files of the
-   contract (results.json, scores.jsonl, report.md) and the plots.
+2. Every estimator scores the same items through the runner (``vtrans.runner``): one shared
+   forward per batch for the single-pass estimators, and the passes of their own that MC
+   dropout, ``latent_mi`` and the sampled completions add, each timed; a plain forward on the
+   same batches is the unit of cost.
+3. Metrics with bootstrap intervals, a paired comparison against the best cheap baseline, the
+   files of the contract (results.json, scores.jsonl, report.md) and the plots.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from vtrans import report
+from vtrans import distributed, report
 from vtrans.config import EstimatorConfig, check_all
 from vtrans.data import (
     DEFAULT_TEMPLATE,
@@ -30,27 +28,16 @@ from vtrans.data import (
     _idiom_key,
     idiom_hash,
     load_split,
-    render_prompt,
     validate_template,
 )
 from vtrans.errors import ConfigError
-from vtrans.estimators import attention, baselines, lens, mc_dropout, probe, sampling
-from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators.registry import (
-    FAMILIES,
-    FIRST_TOKEN_ONLY,
-    LATENT_FAMILIES,
-    NAMES,
-    NEEDS_LATENT,
-    family_of,
-)
-from vtrans.generate import Completion, complete, is_correct
-from vtrans.tokens import encode, slot_positions, target_ids
+from vtrans.estimators import probe
+from vtrans.estimators.registry import NAMES, PROBE_FEATURES, family_of, why_not
+from vtrans.generate import Completion
+from vtrans.runner import Runner
 
-SINGLE_PASS_FAMILIES = ("baselines", "attention", "lens")
 # "ahead of the baselines" means ahead of the best of these (the paired reference of every report)
-CHEAP_BASELINES = ("msp", "entropy", "sample_disagreement", "sample_word_entropy")
-PROBE_FAMILIES = (*SINGLE_PASS_FAMILIES, "latent")  # the families of the probe's features (latent: encoders only)
+CHEAP_BASELINES = ("msp", "entropy", "margin", "sample_disagreement", "sample_word_entropy")
 
 
 class ProbeUnfittable(ValueError):
@@ -115,271 +102,51 @@ class Scored:
     seconds: dict[str, float]
 
 
-class Harness:
-    """Runs completions and estimator families on a backbone, with or without a trained latent."""
+def score_items(
+    runner: Runner, items: list[IdiomItem], names: list[str], template: str, gold: bool = True
+) -> Scored:
+    """Completions, labels and the scores of ``names`` (the probe's features for ``probe``), timed.
 
-    def __init__(self, backbone, module=None, config: EvalConfig | None = None, progress: bool = True) -> None:
-        self.backbone, self.module = backbone, module
-        self.config = config or EvalConfig()
-        self.model, self.tokenizer = backbone.model, backbone.tokenizer
-        self.device = next(self.model.parameters()).device
-        self.progress = progress
-
-    def families(self, names: list[str]) -> list[str]:
-        """The estimator families that ``names`` need, in registry order (the probe needs its features')."""
-        wanted = {family_of(n) for n in names}
-        if "probe" in wanted:
-            wanted |= set(PROBE_FAMILIES)
-        if self.module is None:
-            wanted -= set(LATENT_FAMILIES)
-        return [f for f in FAMILIES if f in wanted and f != "probe"]
-
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="item", disable=not self.progress, leave=False)
-
-    def complete(self, prompts: list[str]) -> list[Completion]:
-        cfg = self.config
-        with self._bar(len(prompts), "completions") as bar:
-            return complete(
-                self.model,
-                self.tokenizer,
-                prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=cfg.sample,
-                temperature=cfg.temperature,
-                seed=cfg.seed,
-                batch_size=cfg.batch_size,
-                progress=bar.update,
-            )
-
-    def _encoded_batches(self, prompts: list[str], completions: list[Completion], whole_word: bool = False):
-        """Batches of prompts followed by their completions: the whole word when ``whole_word`` or
-        ``aggregate`` needs it, else ŷ alone. The latent family always takes the whole word: its
-        ``latent_kl`` reads q(z|prompt, target) at the last target token, as in training."""
-        cfg = self.config
-        whole_word = whole_word or cfg.aggregate != "first"
-        for start in range(0, len(prompts), cfg.batch_size):
-            chunk = completions[start : start + cfg.batch_size]
-            tgt = [list(c.word_ids) if whole_word else [c.first_token] for c in chunk]
-            yield start, encode(self.tokenizer, prompts[start : start + cfg.batch_size], tgt, self.device)
-
-    def _family_fn(
-        self,
-        family: str,
-        gold: list[int] | None,
-        names: list[str] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Callable:
-        """``fn(enc, items_slice) -> {name: tensor}`` for one family; ``names`` (default: all) may spare
-        work no asked-for estimator needs (the z samples of ``latent_mi``); ``generator`` is the run's
-        source of z noise (one per run, so that successive batches draw fresh noise)."""
-        cfg = self.config
-        if family == "baselines":
-            return lambda enc, sl: baselines.scores(self.model, enc, cfg.aggregate)
-        if family == "attention":
-            return lambda enc, sl: attention.scores(self.model, enc)
-        if family == "lens":
-            return lambda enc, sl: lens.scores(
-                self.model, enc, cfg.aggregate, None if gold is None else torch.tensor(gold[sl], device=self.device)
-            )
-        if family == "mc_dropout":
-            return lambda enc, sl: mc_dropout.scores(
-                self.model, enc, cfg.passes, cfg.dropout, from_layer=cfg.mc_from_layer
-            )
-        if family == "latent":  # the encoders only
-            return lambda enc, sl: latent_estimators.scores(self.module, enc, mi=False)
-        if family == "latent_mi":
-            return lambda enc, sl: {
-                name: value
-                for name, value in latent_estimators.scores(
-                    self.module, enc, cfg.samples, cfg.seed, mi=True, generator=generator, draws=cfg.z_draws
-                ).items()
-                if name in FAMILIES["latent_mi"]
-            }
-        raise KeyError(family)
-
-    def _family_parts(
-        self,
-        family: str,
-        prompts: list[str],
-        completions: list[Completion],
-        gold,
-        names,
-        progress=None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """A family's scores, part by part: per encoded batch, or all at once for ``sampling``, which
-        reads the prompts and the greedy completions instead."""
-        cfg = self.config
-        if family == "sampling":
-            yield sampling.scores(
-                self.model,
-                self.tokenizer,
-                prompts,
-                completions,
-                k=cfg.agreement_samples,
-                temperature=cfg.agreement_temperature,
-                seed=sampling.sample_seed(cfg.seed),
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size,
-                progress=progress,
-            )
-            return
-        fn = self._family_fn(family, gold, names, generator)
-        for first, enc in self._encoded_batches(prompts, completions, family in LATENT_FAMILIES):
-            yield fn(enc, slice(first, first + enc.input_ids.shape[0]))
-            if progress is not None:
-                progress(enc.input_ids.shape[0])
-
-    @torch.no_grad()
-    def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
-        """The unit of cost: a plain Hugging Face forward over the same batches."""
-        start = time.perf_counter()
-        for _, enc in self._encoded_batches(prompts, completions):
-            self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids)
-        _sync(self.device)
-        return time.perf_counter() - start
-
-    def label(self, items: list[IdiomItem]) -> tuple[list[str], list[Completion], list[bool]]:
-        """Prompts, the base model's completions and whether each is correct."""
-        prompts = [render_prompt(self.config.template, it.prefix) for it in items]
-        completions = self.complete(prompts)
-        correct = [is_correct(c, it.target) for c, it in zip(completions, items, strict=True)]
-        return prompts, completions, correct
-
-    def score(self, items: list[IdiomItem], names: list[str], gold: bool = True) -> Scored:
-        """Completions, labels and the scores of every family ``names`` need, each family timed on its own."""
-        prompts, completions, correct = self.label(items)
-        seconds = {"forward": self.plain_forward_seconds(prompts, completions)}
-        tensors, family_seconds = self.run_families(
-            items, prompts, completions, self.families(names), names, gold=gold
-        )
-        seconds.update(family_seconds)
-        lens_by_layer = tensors.pop("lens_ce_by_layer", None)
-        lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
-        return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
-
-    def run_families(
-        self,
-        items: list[IdiomItem],
-        prompts: list[str],
-        completions: list[Completion],
-        families: list[str],
-        names: list[str] | None = None,
-        gold: bool = True,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The scores of ``families`` on completions already made, and each family's seconds.
-
-        The global random state is seeded with ``config.seed`` first, so a family's stochastic
-        scores (dropout masks, z samples) depend on the seed, not on what ran before.
-
-        Returns:
-            ``{name: (n,) tensor}`` (plus ``lens_ce_by_layer`` and, with ``gold``,
-            ``lens_ce_gold_by_layer``, (n, L+1)) on the CPU, and ``{family: seconds}``.
-        """
-        gold_ids = None
-        if gold:
-            gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, [it.target for it in items])]
-        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        seconds: dict[str, float] = {}
-        torch.manual_seed(self.config.seed)
-        generator = self.generator()
-        for family in families:
-            start = time.perf_counter()
-            with self._bar(len(prompts), family) as bar:
-                for part in self._family_parts(family, prompts, completions, gold_ids, names, bar.update, generator):
-                    for key, value in part.items():
-                        collected[key].append(value.detach().float().cpu())
-            _sync(self.device)
-            seconds[family] = time.perf_counter() - start
-        return {k: torch.cat(v) for k, v in collected.items()}, seconds
-
-    @torch.no_grad()
-    def probe_features(self, prompts: list[str], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:
-        """The probe's (n, F) features and their names, at the least cost (nothing here is timed).
-
-        One forward per batch gives logits, hidden states and attention weights, so the three
-        single-pass families cost one forward instead of three; the latent runs its encoders only
-        (no z samples: ``latent_mi`` is not a feature). With a latent every prompt is followed by its
-        whole completion word (``latent_kl`` reads the last one); the other features read the scored
-        position, which causal attention keeps as it was. Needs eager attention.
-        """
-        cfg = self.config
-        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        with self._bar(len(prompts), "probe features") as bar:
-            for _, enc in self._encoded_batches(prompts, completions, self.module is not None):
-                out = self.model(
-                    **enc.inputs,
-                    output_hidden_states=True,
-                    output_attentions=True,
-                    use_cache=False,
-                    logits_to_keep=enc.targets.shape[1] + 1,
-                )
-                parts = {
-                    **baselines.from_logits(slot_positions(out.logits, enc), enc, cfg.aggregate),
-                    **attention.from_attentions(out.attentions, enc),
-                    **lens.from_hidden_states(self.model, out.hidden_states, enc, cfg.aggregate),
-                }
-                if self.module is not None:
-                    parts.update(latent_estimators.scores(self.module, enc, mi=False))
-                for key, value in parts.items():
-                    collected[key].append(value.float().cpu())
-                bar.update(enc.input_ids.shape[0])
-        tensors = {k: torch.cat(v) for k, v in collected.items()}
-        return probe.features(tensors, tensors.pop("lens_ce_by_layer"))
-
-    def generator(self) -> torch.Generator:
-        """A new source of z noise seeded from ``config.seed``: one per run."""
-        return torch.Generator(device=self.device).manual_seed(self.config.seed)
-
-    def score_prompts(
-        self, prompts: list[str], names: list[str], generator: torch.Generator | None = None
-    ) -> tuple[list[Completion], dict[str, torch.Tensor]]:
-        """Completions and scores for bare prompts (no idiom target, so no labels): ``vtrans score``.
-
-        The same families as :meth:`score` run on the same encoded batches; the global random
-        state is left as it was (dropout masks and z samples come from ``config.seed``). A caller
-        that scores one run in several calls passes the run's ``generator`` (:meth:`generator`) so
-        that the z noise goes on from call to call; ``None`` starts a new one.
-
-        Returns:
-            The completions and ``{name: (n,) tensor}`` (plus ``lens_ce_by_layer``, (n, L+1),
-            when the lens runs), on the CPU.
-        """
-        completions = self.complete(prompts)
-        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed)
-            generator = generator or self.generator()
-            for family in self.families(names):
-                for part in self._family_parts(family, prompts, completions, None, names, None, generator):
-                    for key, value in part.items():
-                        collected[key].append(value.detach().float().cpu())
-        return completions, {k: torch.cat(v) for k, v in collected.items()}
+    ``seconds`` holds ``forward`` (a plain forward over the same batches: the unit of cost),
+    ``shared`` (the one forward every single-pass estimator reads, with their reads) and the
+    seconds of each family that adds passes.
+    """
+    prompts, completions, correct = runner.label(items, template)
+    seconds = {"forward": runner.plain_forward_seconds(prompts, completions)}
+    tensors = runner.scores(prompts, completions, names, gold=[it.target for it in items] if gold else None, seconds=seconds)
+    lens_by_layer = tensors.pop("lens_ce_by_layer", None)
+    lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
+    return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def probe_features(runner: Runner, prompts: list[str], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:
+    """The probe's (n, F) features and their names: one shared forward per batch (nothing here is timed)."""
+    tensors = runner.scores(prompts, completions, ["probe"])
+    return probe.features(tensors, tensors.pop("lens_ce_by_layer"), PROBE_FEATURES)
 
 
-def costs(seconds: dict[str, float], names: list[str], probe_families: list[str]) -> dict[str, dict[str, float]]:
+def costs(seconds: dict[str, float], names: list[str]) -> dict[str, dict[str, float]]:
     """What each estimator costs alone, in seconds and in plain forwards over the same items.
 
-    An estimator is charged its family's seconds; the probe the families of its features plus
-    its fit (``probe_fit``: its training items' completions, features and the regression).
+    An estimator is charged the shared forward when it reads it, plus its family's own passes;
+    the probe the shared forward (its features) plus its fit (``probe_fit``: its training
+    items' completions, features and the regression).
     """
     forward = max(seconds["forward"], 1e-9)
     result = {}
     for name in names:
-        families = [*probe_families, "probe_fit"] if name == "probe" else [family_of(name)]
-        total = sum(seconds.get(f, float("nan")) for f in families)
+        family = family_of(name)
+        if name == "probe":
+            total = seconds.get("shared", float("nan")) + seconds.get("probe_fit", float("nan"))
+        else:
+            total = seconds.get("shared", float("nan")) if family.reads_forward else 0.0
+            if family.extra_passes:
+                total += seconds.get(family.name, float("nan"))
         result[name] = {"seconds": total, "cost_forward_equiv": total / forward}
     return result
 
 
-def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored) -> torch.Tensor:
+def fit_probe(runner: Runner, train_items: list[IdiomItem], evaluated: Scored, template: str) -> torch.Tensor:
     """Probe scores for the evaluated items, from a probe fitted on ``train_items`` only.
 
     The training items are completed and labelled first; their features are computed only when
@@ -388,17 +155,17 @@ def fit_probe(harness: Harness, train_items: list[IdiomItem], evaluated: Scored)
     Raises:
         ProbeUnfittable: the base model's completions of the training items are all right or all wrong.
     """
-    prompts, completions, correct = harness.label(train_items)
+    prompts, completions, correct = runner.label(train_items, template)
     n_right = sum(correct)
     if n_right in (0, len(correct)):
         raise ProbeUnfittable(
             f"the base model completes {n_right} of its {len(correct)} training items correctly: "
             "a probe needs both right and wrong ones"
         )
-    x_train, feature_names = harness.probe_features(prompts, completions)
+    x_train, feature_names = probe_features(runner, prompts, completions)
     errors = torch.tensor([not c for c in correct], dtype=torch.float32)
     fitted = probe.fit(x_train, errors, feature_names)
-    x_eval, eval_names = probe.features(evaluated.scores, evaluated.lens_by_layer)
+    x_eval, eval_names = probe.features(evaluated.scores, evaluated.lens_by_layer, PROBE_FEATURES)
     if eval_names != feature_names:
         raise RuntimeError(f"probe features differ between splits: {feature_names} vs {eval_names}")
     return fitted.predict(x_eval)
@@ -520,6 +287,8 @@ def evaluate(
     from vtrans import checkpoint
     from vtrans.loading import Backbone
 
+    device = distributed.rank_device(device, distributed.current())
+
     out = Path(out_dir)
     split = split_settings(config, checkpoint.split_settings(ckpt) if ckpt is not None else None)
     items = load_split(config.data, config.split, **split)
@@ -538,34 +307,29 @@ def evaluate(
         module, backbone, model_name = None, Backbone(model).to(device), model
     dropped: dict[str, str] = {}  # estimators asked for but not run, and why
     for name in config.estimators:
-        if module is None and name in NEEDS_LATENT:
-            dropped[name] = "needs a trained latent (--ckpt)"
-        elif module is not None and name == "latent_kl" and module.latent.prior != "conditional":
-            dropped[name] = "needs a latent trained with prior: conditional"
-        elif config.aggregate != "first" and name in FIRST_TOKEN_ONLY:
-            dropped[name] = "reads the first completion token only: run it with --aggregate first"
+        why = why_not(name, module, config.aggregate)
+        if why is not None:
+            dropped[name] = why
     names = [n for n in config.estimators if n not in dropped]
-    harness = Harness(backbone, module, config, progress)
-    with _eager_attention(backbone.model, "attention_entropy" in names or "probe" in names):
-        # the lens always runs: every row of scores.jsonl carries its trajectory (one forward)
-        scored = harness.score(items, names if "lens_ce" in names else [*names, "lens_ce"])
-        probe_families = [f for f in PROBE_FAMILIES if f != "latent" or module is not None]
-        probe_fit = None  # which items the probe was fitted on
-        if "probe" in names:
-            start = time.perf_counter()
-            try:
-                trained_with = None if ckpt is None else checkpoint.read(ckpt).get("datamodule_hyper_parameters", {})
-                train_items, source = probe_train_items(items, trained_with, trained)
-                probe_fit = {"source": source, "n": len(train_items)}
-                if not train_items:
-                    raise ProbeUnfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
-                scored.scores["probe"] = fit_probe(harness, train_items, scored)
-            except ProbeUnfittable as err:
-                names.remove("probe")
-                dropped["probe"] = f"cannot be fitted: {err}"
-            scored.seconds["probe_fit"] = time.perf_counter() - start
+    runner = Runner(backbone, module, config, progress)
+    # the lens always runs: every row of scores.jsonl carries its trajectory (read off the shared forward)
+    scored = score_items(runner, items, names if "lens_ce" in names else [*names, "lens_ce"], config.template)
+    probe_fit = None  # which items the probe was fitted on
+    if "probe" in names:
+        start = time.perf_counter()
+        try:
+            trained_with = None if ckpt is None else checkpoint.read(ckpt).get("datamodule_hyper_parameters", {})
+            train_items, source = probe_train_items(items, trained_with, trained)
+            probe_fit = {"source": source, "n": len(train_items)}
+            if not train_items:
+                raise ProbeUnfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
+            scored.scores["probe"] = fit_probe(runner, train_items, scored, config.template)
+        except ProbeUnfittable as err:
+            names.remove("probe")
+            dropped["probe"] = f"cannot be fitted: {err}"
+        scored.seconds["probe_fit"] = time.perf_counter() - start
     rows = _rows(scored, names)
-    cost = costs(scored.seconds, names, probe_families)
+    cost = costs(scored.seconds, names)
     extra = {
         "config": asdict(config),
         "ckpt": ckpt,
@@ -583,11 +347,12 @@ def evaluate(
     results = report.build_results(
         model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, reference=CHEAP_BASELINES, extra=extra
     )
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_scores_jsonl(out / "scores.jsonl", rows)
-    report.write_results_json(out / "results.json", results)
-    plots = report.plot_all(out, rows, results)
-    report.write_report_md(out / "report.md", results, plots)
+    if runner.shard.rank == 0:  # under a process group every rank holds the results; one writes them
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_scores_jsonl(out / "scores.jsonl", rows)
+        report.write_results_json(out / "results.json", results)
+        plots = report.plot_all(out, rows, results)
+        report.write_report_md(out / "report.md", results, plots)
     return results
 
 
@@ -610,16 +375,3 @@ def _rows(scored: Scored, names: list[str]) -> list[dict]:
             row["lens_ce_gold_by_layer"] = scored.lens_gold_by_layer[i].tolist()
         rows.append(row)
     return rows
-
-
-@contextlib.contextmanager
-def _eager_attention(model, needed: bool) -> Iterator[None]:
-    """Switch a model to eager attention (which returns weights) for a block, then back."""
-    saved = model.config._attn_implementation
-    try:
-        if needed and saved != "eager":
-            model.set_attn_implementation("eager")
-        yield
-    finally:
-        if model.config._attn_implementation != saved:
-            model.set_attn_implementation(saved)

@@ -5,8 +5,8 @@
     ...     print(record["completion"], record["scores"]["lens_ce"])
 
 For every prompt the base model (latent off) completes it, and every requested estimator
-scores that completion, exactly as in ``vtrans evaluate`` (the families of
-:class:`vtrans.evaluate.Harness` run on the same batches); there is no target, so no label.
+scores that completion, exactly as in ``vtrans evaluate`` (through the same
+:class:`vtrans.runner.Runner`); there is no target, so no label.
 
 **Records.** One per input, in input order:
 ``{"prompt": str, "completion": str, "scores": {NAME: float | None}}`` (``None`` where a score
@@ -51,13 +51,14 @@ from typing import IO, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from vtrans import distributed
 from vtrans.config import EstimatorConfig
 from vtrans.data import validate_template
+from vtrans.distributed import Shard
 from vtrans.errors import ConfigError, UserError
-from vtrans.estimators.registry import FAMILIES, NAMES
+from vtrans.estimators.registry import NAMES, SCORE_DEFAULTS, why_not
 
 MAX_LINE_BYTES = 1 << 20
-DEFAULT_FAMILIES = ("baselines", "attention", "lens", "latent", "latent_mi")
 LongPrompts = Literal["truncate", "refuse"]
 
 
@@ -184,11 +185,8 @@ def open_input(path: str) -> tuple[Iterator[Line], int | None]:
 
 
 def default_estimators(module) -> list[str]:
-    """Every single-pass and latent estimator that applies to the checkpoint (no MC dropout, no probe)."""
-    names = [n for family in DEFAULT_FAMILIES for n in FAMILIES[family]]
-    if module.latent.prior != "conditional":
-        names.remove("latent_kl")
-    return names
+    """Every single-pass and latent estimator that applies to the checkpoint (no MC dropout, no sampling, no probe)."""
+    return [n for n in SCORE_DEFAULTS if why_not(n, module) is None]
 
 
 def _check_estimators(names: list[str], module) -> list[str]:
@@ -197,8 +195,10 @@ def _check_estimators(names: list[str], module) -> list[str]:
         raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
     if "probe" in names:
         raise ConfigError("probe is fitted on labelled training items: use vtrans evaluate, not score")
-    if "latent_kl" in names and module.latent.prior != "conditional":
-        raise ConfigError("latent_kl needs a latent trained with prior: conditional; this checkpoint's is standard")
+    for name in names:
+        why = why_not(name, module)
+        if why is not None:
+            raise ConfigError(f"{name} {why}")
     if not names:
         raise ConfigError("no estimators asked for: name at least one")
     return list(dict.fromkeys(names))
@@ -256,7 +256,8 @@ class Scorer:
         self.config = replace(config or EstimatorConfig(), **settings)
         self.module, self.names, self.template = module, names, template
         self.batch_size, self.long_prompts, self.quiet = self.config.batch_size, long_prompts, quiet
-        self.runner = Runner(module.backbone, module, self.config, progress=False)
+        self.shard = distributed.current()  # the scorer deals out whole batches; each runs in one process
+        self.runner = Runner(module.backbone, module, self.config, progress=False, shard=Shard())
         self.tokenizer = module.backbone.tokenizer
         context = getattr(module.backbone.model.config, "max_position_embeddings", None)
         self.context = int(context) if context else None
@@ -296,7 +297,8 @@ class Scorer:
         from vtrans.data import DEFAULT_TEMPLATE
         from vtrans.loading import resolve_device
 
-        module = checkpoint.load(path, device=resolve_device(device), backbone=backbone)
+        device = distributed.rank_device(resolve_device(device), distributed.current())
+        module = checkpoint.load(path, device=device, backbone=backbone)
         if template == "ckpt":
             template = checkpoint.template_of(path) or DEFAULT_TEMPLATE
         return cls(module, estimators, template, **options)
@@ -317,24 +319,33 @@ class Scorer:
         return self.score_lines((Line(p) for p in prompts), total)
 
     def score_lines(self, lines: Iterable[Line], total: int | None = None) -> Iterator[dict]:
-        """Like :meth:`score`, for inputs that may already carry an error (lines of a file)."""
-        from vtrans.evaluate import _eager_attention
+        """Like :meth:`score`, for inputs that may already carry an error (lines of a file).
 
+        Under a process group (``vtrans.distributed``) every rank reads the same input, the
+        batches are dealt out round by round (batch ``b`` to rank ``b % world``), and every
+        rank yields every record, in input order.
+        """
+        shard = self.shard
         bar = tqdm(
             total=total,
             desc="scoring",
             unit="prompt",
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=self.quiet or (total is not None and total <= self.batch_size),
+            disable=self.quiet or shard.rank != 0 or (total is not None and total <= self.batch_size),
         )
-        generator = self.harness.generator()  # one source of z noise for the whole run
+        scored = 0  # prompts scored so far: the index of the next one in the run (the seed of its draws)
         try:
-            for batch in _batched(lines, self.batch_size):
-                with _eager_attention(self.module.backbone.model, "attention_entropy" in self.names):
-                    records = self._score_batch(batch, generator)
-                bar.update(len(batch))
-                yield from records
+            for batches in _batched(_batched(lines, self.batch_size), shard.world):
+                done = {}
+                for b, batch in enumerate(batches):
+                    records, ready, truncated = self._prepare(batch, warn=b % shard.world == shard.rank)
+                    if shard.mine(b):
+                        done[b] = self._finish(batch, records, ready, truncated, scored)
+                    scored += len(ready)
+                for records in shard.merge(done):
+                    yield from records
+                bar.update(sum(len(batch) for batch in batches))
         finally:
             bar.close()
 
@@ -373,7 +384,8 @@ class Scorer:
             keep -= 1
         return ""
 
-    def _score_batch(self, lines: list[Line], generator: torch.Generator | None = None) -> list[dict]:
+    def _prepare(self, lines: list[Line], warn: bool = True) -> tuple[list[dict | None], list[tuple[int, str]], dict[int, int]]:
+        """A batch's error records, the prompts ready to score (index in the batch, text) and the tokens cut from each."""
         records: list[dict | None] = [None] * len(lines)
 
         def error(i: int, message: str) -> None:
@@ -408,13 +420,20 @@ class Scorer:
                     continue
                 truncated[i] = n - self._n_tokens([short])[0]
                 where = f"line {lines[i].line}" if lines[i].line is not None else f"prompt {text[:40]!r}..."
-                self._warn(f"{where}: {n} tokens, truncated from the left to the last {n - truncated[i]} "
-                           f"(context {self.context}, {self.context - budget} kept for generation)")
+                if warn:
+                    self._warn(f"{where}: {n} tokens, truncated from the left to the last {n - truncated[i]} "
+                               f"(context {self.context}, {self.context - budget} kept for generation)")
                 ready.append((i, short))
             else:
                 ready.append((i, text))
+        return records, ready, truncated
+
+    def _finish(
+        self, lines: list[Line], records: list[dict | None], ready: list[tuple[int, str]], truncated: dict[int, int], start: int
+    ) -> list[dict]:
+        """Score the ready prompts of a batch (``start``: how many were scored before them) and fill in their records."""
         if ready:
-            completions, scores = self.harness.score_prompts([t for _, t in ready], self.names, generator)
+            completions, scores = self.runner.score_prompts([t for _, t in ready], self.names, start)
             for j, (i, _) in enumerate(ready):
                 record = {
                     "prompt": lines[i].prompt,

@@ -1,9 +1,6 @@
 """Uncertainty estimators, one file per family; every score is oriented so that higher = more uncertain.
 
-Each family exposes ``scores(...) -> dict[name, Tensor (B,)]`` on an ``Encoded`` batch whose
-targets are the base model's own completion tokens (ŷ first).
+Each family is a ``vtrans.estimators.base.Family``: its names, what it needs, and a ``read`` of
+the shared forward (``vtrans.runner``) on a batch whose targets are the base model's own
+completion tokens (ŷ first). ``vtrans.estimators.registry`` lists them all.
 """
-
-from vtrans.estimators.registry import FAMILIES, NAMES, family_of
-
-__all__ = ["FAMILIES", "NAMES", "family_of"]

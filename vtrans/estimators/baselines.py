@@ -1,31 +1,17 @@
-"""Single-pass baselines: ``msp`` = 1 − p(ŷ) and ``entropy`` of p(·|prompt)."""
+"""Single-pass baselines: ``msp`` = 1 − p(ŷ) and ``entropy`` of p(·|prompt), read off the shared forward's logits."""
 
 from __future__ import annotations
 
 import torch
 
+from vtrans.config import EstimatorConfig
+from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
 from vtrans.estimators.common import entropy
-from vtrans.tokens import Encoded, aggregate, slot_positions
-
-
-def forward_logits(model, enc: Encoded) -> torch.Tensor:
-    """Logits at the positions that predict the completion's tokens, (B, N, V)."""
-    n = enc.targets.shape[1]
-    out = model(
-        **enc.inputs,
-        use_cache=False,
-        logits_to_keep=n + 1,
-    )
-    return slot_positions(out.logits, enc)
-
-
-@torch.no_grad()
-def scores(model, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
-    return from_logits(forward_logits(model, enc), enc, how)
+from vtrans.tokens import Encoded, aggregate
 
 
 def from_logits(logits: torch.Tensor, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
-    """:func:`scores` from slot logits (B, N, V) already computed."""
+    """``msp`` and ``entropy`` (B,) from slot logits (B, N, V)."""
     logits = logits.float()
     return {"msp": aggregate(one_minus_p(logits, enc.targets), enc, how), "entropy": aggregate(entropy(logits), enc, how)}
 
@@ -40,3 +26,21 @@ def one_minus_p(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), -1)  # (..., V)
     others = logp.scatter(-1, ids.unsqueeze(-1), float("-inf"))  # ŷ's own mass left out
     return torch.logsumexp(others, -1).exp()
+
+
+def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    return from_logits(forward.logits, forward.enc, context.config.aggregate)
+
+
+def scores(model, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:
+    """The family on one batch, with a forward of its own (tests and one-off use)."""
+    n = enc.input_ids.shape[0]
+    return read(run_forward(model, enc), context_for(model, EstimatorConfig(aggregate=how), n=n))
+
+
+FAMILY = Family(
+    "baselines",
+    {"msp": "1 − p(ŷ), the model's own doubt about its answer", "entropy": "entropy of the next-token distribution"},
+    read,
+    probe_features=("entropy", "msp"),
+)

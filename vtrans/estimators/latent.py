@@ -13,15 +13,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
+from vtrans import backbones
+from vtrans.config import EstimatorConfig, ZDraws
+from vtrans.estimators.base import Context, Family, Forward, context_for, item_seed, run_forward
 from vtrans.estimators.common import predictive_stats
+from vtrans.frozen import FrozenPrefix
 from vtrans.latent import kl_normal
 from vtrans.tokens import Encoded
-
-ZDraws = Literal["random", "antithetic", "sobol"]
 
 
 def inference_distribution(module, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,52 +32,47 @@ def inference_distribution(module, h: torch.Tensor, enc: Encoded) -> tuple[torch
     return module.latent.prior_params(h_scored)
 
 
-def first_slot_logits(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
-    """(B, N, V) slot logits -> (B, V) at each item's first slot (the scored position)."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, enc.first_slot]
+def layer_state(forward: Forward, module) -> torch.Tensor:
+    """The stream after block k (B, T, C), what the latent's encoders read: ``hidden_states[k]`` of the shared forward."""
+    return forward.hidden_states[module.layer]
 
 
-@torch.no_grad()
-def scores(
-    module,
-    enc: Encoded,
-    samples: int = 32,
-    seed: int = 0,
-    chunk: int = 512,
-    mi: bool = True,
-    generator: torch.Generator | None = None,
-    draws: ZDraws = "random",
-) -> dict[str, torch.Tensor]:
-    """All latent estimators for a batch whose targets are the base model's completion tokens.
+def read_encoders(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    """``posterior_var`` and (conditional prior) ``latent_kl``, from the encoders alone: no z samples.
 
-    Attention is causal, so the states and logits at the scored position do not depend on the
-    completion tokens that follow it: one pass through the lower blocks serves the prompt-only
-    estimators and ``latent_kl`` (which reads the state of the last completion token).
-
-    Args:
-        mi: compute ``latent_mi`` and ``latent_nll`` (S passes of the upper blocks); ``False`` leaves out the
-            sampling and gives only the encoders' estimators (the probe's features).
-        generator: the source of the z noise, owned by the caller for a whole run so that
-            successive batches draw fresh noise; ``None`` seeds a new one from ``seed`` (a
-            standalone call: every call then draws the same noise).
-        draws: how the S standard-normal draws of z's noise are made (see :func:`z_noise`).
+    ``latent_kl`` reads q(z|prompt, ŷ) at the last completion token, as in training, so the
+    runner encodes the whole completion word when it is asked for.
     """
-    h = module.lower(enc)  # (B, T, C), computed once for every sample
-    loc, scale = inference_distribution(module, h, enc)
+    module, enc = context.module, forward.enc
+    h = layer_state(forward, module)
+    _, scale = inference_distribution(module, h, enc)
     result = {"posterior_var": scale.pow(2).mean(-1)}
-    if mi:
-        generator = generator or _generator(seed, loc.device)
-        stats = _predictive(module, h, enc, loc, scale, samples, chunk, generator, draws)
-        result["latent_mi"], result["latent_nll"] = stats["mi"], stats["nll"]
     if module.latent.prior == "conditional":
         q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
         result["latent_kl"] = kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
     return result
 
 
-def _generator(seed: int, device: torch.device | str) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def read_samples(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    """``latent_mi`` and ``latent_nll`` over S samples of z; each item's noise comes from its own seed."""
+    module, enc, cfg = context.module, forward.enc, context.config
+    h = layer_state(forward, module)
+    loc, scale = inference_distribution(module, h, enc)
+    eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed, cfg.z_draws).to(loc)
+    z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, d_z)
+    stats = predictive_stats(sample_logits(module, h, enc, forward.cache, z), forward.y)
+    return {"latent_mi": stats["mi"], "latent_nll": stats["nll"]}
+
+
+def item_noise(indices: list[int], samples: int, d_z: int, seed: int, draws: ZDraws = "random") -> torch.Tensor:
+    """(B, S, d_z) standard-normal noise on the CPU, item ``indices[b]``'s from its own seed.
+
+    An item's draws depend on the run's seed and its index only, not on the batch it falls
+    in, the batch size, the device or how many processes share the run.
+    """
+    return torch.cat(
+        [z_noise(1, samples, d_z, torch.Generator().manual_seed(item_seed(seed, i)), draws) for i in indices]
+    )
 
 
 def z_noise(
@@ -106,22 +101,103 @@ def z_noise(
     raise ValueError(f"draws must be random, antithetic or sobol, got {draws!r}")
 
 
-def _predictive(
-    module, h, enc: Encoded, loc, scale, samples: int, chunk: int, generator: torch.Generator, draws: ZDraws = "random"
+@torch.no_grad()
+def sample_logits(module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int = 512) -> torch.Tensor:
+    """Next-token logits at the scored position for each sample of z, (B, S, V).
+
+    Only the scored position runs again, once per sample, through the blocks above the latent.
+    Everything before it does not depend on z: its keys and values are the shared forward's
+    (``cache``), read in place by every sample. The S samples of an item are S queries of one
+    sequence that each see the prompt's keys and their own, never each other's, so the prefix
+    is neither recomputed nor repeated per sample.
+
+    Args:
+        h: (B, T, C) the stream after block k.
+        cache: the shared forward's keys and values (every block).
+        z: (B, S, d_z) the samples.
+    """
+    model = module.backbone.model
+    batch, samples, _ = z.shape
+    width = enc.input_ids.shape[1]
+    rows = torch.arange(batch, device=h.device)
+    scored_state = h[rows, enc.scored]  # (B, C)
+    position = enc.position_ids[rows, enc.scored]  # (B,)
+    keys = torch.arange(width, device=h.device)
+    before = enc.attention_mask.bool() & (keys.unsqueeze(0) < enc.scored.unsqueeze(1))  # (B, T): what the scored token sees
+    own = torch.eye(samples, dtype=torch.bool, device=h.device)  # each sample sees itself only
+    layers = range(module.layer, backbones.n_layers(model))
+    kv = {i: (cache.layers[i].keys, cache.layers[i].values) for i in layers}
+    out = []
+    step = max(1, rows_per_chunk // samples)
+    for start in range(0, batch, step):
+        part = slice(start, min(start + step, batch))
+        n = part.stop - part.start
+        stream = module.latent.inject(
+            scored_state[part].repeat_interleave(samples, 0).unsqueeze(1),  # (n*S, 1, C)
+            z[part].flatten(0, 1),
+            torch.ones(n * samples, 1, dtype=torch.bool, device=h.device),
+        ).view(n, samples, -1)  # (n, S, C)
+        allowed = torch.cat([before[part].unsqueeze(1).expand(n, samples, width), own.expand(n, -1, -1)], -1)
+        mask = torch.zeros(allowed.shape, dtype=stream.dtype, device=h.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(stream.dtype).min).unsqueeze(1)  # (n, 1, S, T + S)
+        prefix = FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
+        with backbones.blocks_from(model, module.layer) as upper:
+            logits = upper(
+                inputs_embeds=stream,
+                attention_mask=mask,
+                position_ids=position[part].unsqueeze(1).expand(n, samples),
+                past_key_values=prefix,
+                use_cache=False,
+            ).logits  # (n, S, V)
+        out.append(logits.float())
+    return torch.cat(out)
+
+
+def scores(
+    module,
+    enc: Encoded,
+    samples: int = 32,
+    seed: int = 0,
+    mi: bool = True,
+    draws: ZDraws = "random",
+    indices: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """:func:`predictive_stats` over S samples of z ~ N(loc, scale²), each (B,); the noise is drawn from ``generator``."""
-    eps = z_noise(loc.shape[0], samples, loc.shape[1], generator, draws).to(loc.dtype)
-    z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).flatten(0, 1)  # (B*S, d_z)
-    prefix = module.prefix(h, enc)  # the upper blocks before the scored positions, once for all samples
-    logits = []
-    items_per_chunk = max(1, chunk // samples)
-    for start in range(0, loc.shape[0], items_per_chunk):
-        stop = min(start + items_per_chunk, loc.shape[0])
-        part = enc.slice(start, stop).repeat(samples)
-        part_prefix = prefix.rows(start, stop).repeat(samples)
-        h_part = h[start:stop].repeat_interleave(samples, 0)  # (b*S, T, C)
-        slot_logits = module.decode(h_part, z[start * samples : stop * samples], part, part_prefix)  # (b*S, N, V)
-        logits.append(first_slot_logits(slot_logits, part).float())
-    logits = torch.cat(logits).view(loc.shape[0], samples, -1)  # (B, S, V)
-    y = first_slot_logits(enc.targets.unsqueeze(-1), enc).squeeze(-1)  # (B,) ŷ
-    return predictive_stats(logits, y)
+    """Every latent estimator on one batch, with a forward of its own (tests and one-off use).
+
+    Args:
+        mi: also ``latent_mi`` and ``latent_nll`` (S samples of z); ``False``: the encoders only.
+        indices: each item's index in the run, the seed of its z noise (default 0..B-1).
+    """
+    model = module.backbone.model
+    n = enc.input_ids.shape[0]
+    config = EstimatorConfig(samples=samples, seed=seed, z_draws=draws)
+    context = context_for(model, config, module, n, indices=indices if indices is not None else list(range(n)))
+    forward = run_forward(model, enc, hidden_states=True, cache=mi)
+    result = read_encoders(forward, context)
+    if mi:
+        result.update(read_samples(forward, context))
+    return result
+
+
+ENCODERS = Family(
+    "latent",
+    {
+        "posterior_var": "mean variance of z's inference distribution at the scored position",
+        "latent_kl": "KL(q(z|prompt, ŷ) ‖ p(z|prompt)): how much the model's own answer surprises the prior",
+    },
+    read_encoders,
+    needs=frozenset({"latent", "hidden_states"}),
+    name_needs={"latent_kl": frozenset({"conditional_prior", "whole_word"})},
+    probe_features=("posterior_var", "latent_kl"),
+)
+SAMPLES = Family(
+    "latent_mi",
+    {
+        "latent_mi": "mutual information between the next token and z over S samples",
+        "latent_nll": "−log E_z p(ŷ|prompt, z) over S samples: the latent predictive's surprise at ŷ",
+    },
+    read_samples,
+    needs=frozenset({"latent", "hidden_states", "cache"}),
+    extra_passes=True,
+    first_token_only=True,
+)

@@ -13,26 +13,40 @@ from __future__ import annotations
 import torch
 
 from vtrans import backbones
+from vtrans.config import EstimatorConfig
+from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
 from vtrans.tokens import Encoded, aggregate, slot_positions
 
 
 def trajectory(
-    model, hidden_states: tuple[torch.Tensor, ...], enc: Encoded, ids: torch.Tensor, *more_ids: torch.Tensor
+    model,
+    hidden_states: tuple[torch.Tensor, ...],
+    enc: Encoded,
+    ids: torch.Tensor,
+    *more_ids: torch.Tensor,
+    first_only: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """−log p_ℓ(ids) at every layer and slot, (B, L+1, N).
+    """−log p_ℓ(ids) at every layer and slot, (B, L+1, N); (B, L+1, 1) at the first slot only with ``first_only``.
 
     Args:
         hidden_states: the L+1 states of a forward with ``output_hidden_states=True``.
         ids: (B, N) the token scored at each slot (ŷ, or the gold token for analysis).
         more_ids: further (B, N) id sets read off the same log-probabilities (each layer is
             unembedded once however many sets are asked for); then a tuple, one per set.
+        first_only: decode only each item's first slot (the scored position): what
+            ``aggregate="first"`` reads, at 1/N of the cost.
     """
     unembed, norm = backbones.unembedding(model), backbones.final_norm(model)
     last = len(hidden_states) - 1
     sets = (ids, *more_ids)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    if first_only:
+        sets = tuple(chosen[rows, enc.first_slot].unsqueeze(1) for chosen in sets)  # (B, 1) each
     out: list[list[torch.Tensor]] = [[] for _ in sets]
     for layer, h in enumerate(hidden_states):
         h = slot_positions(h, enc)  # (B, N, C)
+        if first_only:
+            h = h[rows, enc.first_slot].unsqueeze(1)  # (B, 1, C)
         logp = torch.log_softmax(unembed(h if layer == last else norm(h)).float(), -1)  # (B, N, V)
         for acc, chosen in zip(out, sets, strict=True):
             acc.append(-logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))  # (B, N)
@@ -40,36 +54,45 @@ def trajectory(
     return stacked if more_ids else stacked[0]
 
 
-def hidden_states(model, enc: Encoded) -> tuple[torch.Tensor, ...]:
-    out = model(
-        **enc.inputs,
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=1,
-    )
-    return out.hidden_states
-
-
-@torch.no_grad()
-def scores(model, enc: Encoded, how: str = "first", gold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``lens_ce``, ``lens_area`` (B,) and ``lens_ce_by_layer`` (B, L+1); with ``gold`` (B,) first
-    gold-token ids, also ``lens_ce_gold_by_layer`` (analysis only: it reads the answer)."""
-    return from_hidden_states(model, hidden_states(model, enc), enc, how, gold)
-
-
 def from_hidden_states(
     model, states: tuple[torch.Tensor, ...], enc: Encoded, how: str = "first", gold: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """:func:`scores` from the hidden states of a forward already run (``output_hidden_states=True``)."""
+    """``lens_ce``, ``lens_area`` (B,) and ``lens_ce_by_layer`` (B, L+1) from a forward's hidden states;
+    with ``gold`` (B,) first gold-token ids, also ``lens_ce_gold_by_layer`` (analysis only: it reads the answer)."""
     rows = torch.arange(enc.targets.shape[0], device=enc.targets.device)
+    first = how == "first"
     if gold is None:
-        traj = trajectory(model, states, enc, enc.targets)  # (B, L+1, N)
+        traj = trajectory(model, states, enc, enc.targets, first_only=first)  # (B, L+1, N or 1)
     else:
         gold_ids = enc.targets.clone()
         gold_ids[rows, enc.first_slot] = gold.to(gold_ids.device)
-        traj, gold_traj = trajectory(model, states, enc, enc.targets, gold_ids)
-    by_layer = torch.stack([aggregate(traj[:, i], enc, how) for i in range(traj.shape[1])], 1)  # (B, L+1)
+        traj, gold_traj = trajectory(model, states, enc, enc.targets, gold_ids, first_only=first)
+    if first:
+        by_layer = traj[:, :, 0]
+    else:
+        by_layer = torch.stack([aggregate(traj[:, i], enc, how) for i in range(traj.shape[1])], 1)  # (B, L+1)
     result = {"lens_ce": by_layer[:, -1], "lens_area": by_layer.mean(1), "lens_ce_by_layer": by_layer}
     if gold is not None:
-        result["lens_ce_gold_by_layer"] = gold_traj[rows, :, enc.first_slot]  # (B, L+1)
+        result["lens_ce_gold_by_layer"] = gold_traj[:, :, 0] if first else gold_traj[rows, :, enc.first_slot]  # (B, L+1)
     return result
+
+
+def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    return from_hidden_states(context.model, forward.hidden_states, forward.enc, context.config.aggregate, forward.gold)
+
+
+def scores(model, enc: Encoded, how: str = "first", gold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The family on one batch, with a forward of its own (tests and one-off use)."""
+    fwd = run_forward(model, enc, hidden_states=True, gold=gold)
+    return read(fwd, context_for(model, EstimatorConfig(aggregate=how), n=enc.input_ids.shape[0]))
+
+
+FAMILY = Family(
+    "lens",
+    {
+        "lens_ce": "−log p(ŷ) decoded from the last layer (the paper's cross-entropy)",
+        "lens_area": "mean over layers of the logit lens's −log p(ŷ): how slowly the stream settles",
+    },
+    read,
+    needs=frozenset({"hidden_states"}),
+)

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from vtrans import backbones
+from vtrans.config import EstimatorConfig
 from vtrans.errors import ConfigError
+from vtrans.estimators.base import Context, Family, Forward, context_for, device_rng, item_seed, run_forward
 from vtrans.estimators.common import predictive_stats
 from vtrans.tokens import Encoded
 
@@ -74,23 +76,21 @@ def sample_logits(
     chunk: int = 256,
     attention_p: float | None = None,
     from_layer: int = 0,
+    lower: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token logits at the scored position for ``passes`` dropout masks, (B, passes, V).
 
     The batch is repeated ``passes`` times and run in chunks of at most ``chunk`` rows, so the
     T passes cost T forwards of batched work and memory stays bounded. With ``from_layer`` k > 0
-    the blocks below k stay deterministic: they run once, and only blocks k..L-1 run T times.
+    the blocks below k stay deterministic: only blocks k..L-1 run T times, from ``lower`` (the
+    stream after block k − 1, ``hidden_states[k]`` of the shared forward; computed here when not given).
     """
     n_layers = backbones.n_layers(model)
     if not 0 <= from_layer < n_layers:
         raise ConfigError(f"the MC dropout from_layer must be in 0..{n_layers - 1}, got {from_layer}")
-    lower = None
-    if from_layer > 0:
+    if from_layer > 0 and lower is None:
         with backbones.blocks_until(model, from_layer) as body:
-            lower = body(
-                **enc.inputs,
-                use_cache=False,
-            ).last_hidden_state  # (B, T, C)
+            lower = body(**enc.inputs, use_cache=False).last_hidden_state  # (B, T, C)
     rep = enc.repeat(passes)
     out = []
     with mc_dropout(model, p, attention_p, embeddings=from_layer == 0):
@@ -102,7 +102,7 @@ def sample_logits(
                 use_cache=False,
                 logits_to_keep=enc.targets.shape[1] + 1,
             )
-            if lower is None:
+            if from_layer == 0:
                 logits = model(input_ids=rep.input_ids[sl], **common).logits
             else:
                 rows_lower = torch.arange(start, min(start + chunk, rep.input_ids.shape[0])) // passes
@@ -113,11 +113,37 @@ def sample_logits(
     return torch.cat(out).view(enc.input_ids.shape[0], passes, -1)
 
 
-@torch.no_grad()
-def scores(
-    model, enc: Encoded, passes: int = 16, p: float = 0.1, chunk: int = 256, from_layer: int = 0
-) -> dict[str, torch.Tensor]:
-    rows = torch.arange(enc.targets.shape[0], device=enc.targets.device)
-    y = enc.targets[rows, enc.first_slot]  # (B,) ŷ
-    stats = predictive_stats(sample_logits(model, enc, passes, p, chunk, from_layer=from_layer), y)
+def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    """T passes with dropout on; the masks are drawn from a seed of the batch's first item (the global state is kept)."""
+    cfg, enc = context.config, forward.enc
+    k = cfg.mc_from_layer
+    lower = forward.hidden_states[k] if k > 0 and forward.hidden_states is not None else None
+    with device_rng(enc.input_ids.device):
+        torch.manual_seed(item_seed(cfg.seed, context.indices[0]))
+        logits = sample_logits(context.model, enc, cfg.passes, cfg.dropout, from_layer=k, lower=lower)
+    stats = predictive_stats(logits, forward.y)
     return {"mc_dropout_var": stats["var"], "mc_dropout_entropy": stats["entropy"], "mc_dropout_mi": stats["mi"]}
+
+
+def scores(
+    model, enc: Encoded, passes: int = 16, p: float = 0.1, from_layer: int = 0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The family on one batch, with a forward of its own (tests and one-off use)."""
+    config = EstimatorConfig(passes=passes, dropout=p, mc_from_layer=from_layer, seed=seed)
+    fwd = run_forward(model, enc, hidden_states=from_layer > 0)
+    return read(fwd, context_for(model, config, n=enc.input_ids.shape[0]))
+
+
+FAMILY = Family(
+    "mc_dropout",
+    {
+        "mc_dropout_var": "variance of p(ŷ) over T dropout masks",
+        "mc_dropout_entropy": "entropy of the mean prediction over T dropout masks",
+        "mc_dropout_mi": "mutual information between the next token and the dropout mask (BALD)",
+    },
+    read,
+    needs=frozenset({"hidden_states"}),
+    extra_passes=True,
+    first_token_only=True,
+    default_score=False,
+)

@@ -11,18 +11,26 @@ items' mean and deviation; the weights are fitted by L-BFGS with an L2 penalty.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-SCALAR_FEATURES = ("entropy", "msp", "attention_entropy", "posterior_var", "latent_kl")
+from vtrans.estimators.base import Family
 
 
-def features(scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """(n, F) feature matrix and the feature names, from per-item scores and the lens trajectory."""
+def features(
+    scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor, scalars: Sequence[str]
+) -> tuple[torch.Tensor, list[str]]:
+    """(n, F) feature matrix and the feature names, from per-item scores and the lens trajectory.
+
+    Args:
+        scalars: the scalar features, in order (the registry's ``PROBE_FEATURES``); those
+            missing from ``scores`` are left out.
+    """
     cols = [lens_by_layer.float()]
     names = [f"lens_ce_L{i}" for i in range(lens_by_layer.shape[1])]
-    for name in SCALAR_FEATURES:
+    for name in scalars:
         if name in scores:
             cols.append(scores[name].float().view(-1, 1))
             names.append(name)
@@ -70,3 +78,13 @@ def fit(x: torch.Tensor, errors: torch.Tensor, names: list[str], l2: float = 1.0
     with torch.enable_grad():
         opt.step(closure)
     return LogisticProbe(mean, std, weight.detach(), bias.detach(), names)
+
+
+FAMILY = Family(
+    "probe",
+    {"probe": "logistic regression on the single-pass features, fitted on held-out labelled items"},
+    None,
+    needs=frozenset({"labels"}),
+    reads_forward=False,
+    default_score=False,
+)

@@ -1,24 +1,58 @@
-"""The estimator names (a contract: other tools read them) and the family that computes each."""
+"""Every estimator family, in report order: the one list the runner, the probe and the CLI read.
 
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "baselines": ("msp", "entropy"),
-    "attention": ("attention_entropy",),
-    "lens": ("lens_ce", "lens_area"),
-    "mc_dropout": ("mc_dropout_var", "mc_dropout_entropy", "mc_dropout_mi"),
-    "latent": ("posterior_var", "latent_kl"),  # the latent's encoders only: no z samples
-    "latent_mi": ("latent_mi", "latent_nll"),  # S samples of z through the upper blocks
-    "sampling": ("sample_disagreement", "sample_word_entropy"),  # K sampled words vs the greedy one
-    "probe": ("probe",),
-}
-NAMES: tuple[str, ...] = tuple(name for names in FAMILIES.values() for name in names)
-LATENT_FAMILIES = ("latent", "latent_mi")
-NEEDS_LATENT = frozenset(n for f in LATENT_FAMILIES for n in FAMILIES[f])
-# read the scored position (ŷ, the completion's first token) only: no mean/max over the word
-FIRST_TOKEN_ONLY = frozenset({"attention_entropy", *FAMILIES["latent_mi"], *FAMILIES["mc_dropout"]})
+Adding an estimator is one new file in this package that defines a ``Family`` (its names with
+one line of help each, what it needs, and how it reads the shared forward; see
+``vtrans.estimators.base``) and one entry in ``FAMILIES`` below. The names are a contract:
+other tools read them.
+"""
+
+from __future__ import annotations
+
+from vtrans.estimators import attention, baselines, latent, lens, margin, mc_dropout, probe, sampling
+from vtrans.estimators.base import NEEDS, Family
+
+FAMILIES: tuple[Family, ...] = (
+    baselines.FAMILY,
+    margin.FAMILY,
+    attention.FAMILY,
+    lens.FAMILY,
+    mc_dropout.FAMILY,
+    latent.ENCODERS,
+    latent.SAMPLES,
+    sampling.FAMILY,
+    probe.FAMILY,
+)
+BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
+NEEDS_LATENT = frozenset(n for f in FAMILIES for n in f.names if "latent" in f.needs_of(n))
+FIRST_TOKEN_ONLY = frozenset(n for f in FAMILIES if f.first_token_only for n in f.names)
+PROBE_FEATURES: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.probe_features)
+SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.default_score for n in f.names)
 
 
-def family_of(name: str) -> str:
-    for family, names in FAMILIES.items():
-        if name in names:
+def family_of(name: str) -> Family:
+    for family in FAMILIES:
+        if name in family.names:
             return family
     raise KeyError(name)
+
+
+def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
+    """Why ``name`` cannot run with this latent (None: no checkpoint) and aggregate, or None when it can."""
+    family = family_of(name)
+    needs = family.needs_of(name)
+    if "latent" in needs and module is None:
+        return "needs a trained latent (--ckpt)"
+    if "conditional_prior" in needs and module.latent.prior != "conditional":
+        return "needs a latent trained with prior: conditional"
+    if family.first_token_only and aggregate != "first":
+        return "reads the first completion token only: run it with --aggregate first"
+    return None
+
+
+def help_text(names: tuple[str, ...] = NAMES) -> str:
+    """One line per estimator, for the command line's help."""
+    return "; ".join(f"{n}: {family_of(n).help[n]}" for n in names)
+
+
+__all__ = ["BY_NAME", "FAMILIES", "FIRST_TOKEN_ONLY", "NAMES", "NEEDS", "NEEDS_LATENT", "PROBE_FEATURES", "family_of"]

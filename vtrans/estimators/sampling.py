@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vtrans.data import first_word
+from vtrans.estimators.base import Family, item_seed
 from vtrans.generate import Completion, complete
 
 
@@ -93,3 +94,32 @@ def scores(
     )
     words = [[c.word for c in sampled[i * k : (i + 1) * k]] for i in range(len(prompts))]
     return word_scores([c.word for c in greedy], words)
+
+
+def read(forward, context) -> dict[str, torch.Tensor]:
+    """K samples per prompt of the batch, from a seed of the batch's first item (apart from the completions' seed)."""
+    cfg = context.config
+    return scores(
+        context.model,
+        context.tokenizer,
+        context.prompts,
+        context.completions,
+        k=cfg.agreement_samples,
+        temperature=cfg.agreement_temperature,
+        seed=sample_seed(item_seed(cfg.seed, context.indices[0])),
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=len(context.prompts),
+    )
+
+
+FAMILY = Family(
+    "sampling",
+    {
+        "sample_disagreement": "share of K sampled completion words that differ from the greedy one",
+        "sample_word_entropy": "entropy of the K sampled completion words",
+    },
+    read,
+    extra_passes=True,
+    reads_forward=False,
+    default_score=False,
+)

@@ -1,0 +1,117 @@
+"""The runner: one shared forward per batch gives each family the numbers of its own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from vtrans.config import EstimatorConfig
+from vtrans.estimators import attention, baselines, lens, registry
+from vtrans.estimators import latent as latent_estimators
+from vtrans.estimators.base import Family, run_forward
+from vtrans.generate import Completion
+from vtrans.module import LatentLM
+from vtrans.runner import Runner, attention_implementation
+from vtrans.tokens import encode
+
+PROMPTS = ["Complete the idiom: the early bird catches the", "Complete the idiom: a piece of", "once in a blue"]
+SINGLE_PASS = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl"]
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def latent(request):
+    from vtrans.loading import Backbone
+
+    backbone = Backbone(request.param, attn_implementation="sdpa")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = LatentLM(backbone, d_z=4, prior="conditional", hidden=16).eval()
+        with torch.no_grad():
+            for linear, std in ((module.latent.posterior_head.net[-1], 0.2), (module.latent.proj, 2.0)):
+                linear.weight.normal_(0.0, std)
+    return module
+
+
+def _completions(tokenizer) -> list[Completion]:
+    """Completions of several tokens, so that the whole word and its first token differ."""
+    out = []
+    for word in ("flabbergastingly", "cake", "moonstruck"):
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        out.append(Completion(" " + word, word, ids[0], tuple(ids)))
+    return out
+
+
+def test_shared_forward_gives_each_family_its_own_numbers(latent):
+    model, tok = latent.backbone.model, latent.backbone.tokenizer
+    completions = _completions(tok)
+    runner = Runner(latent.backbone, latent, EstimatorConfig(batch_size=2), progress=False)
+    got = runner.scores(PROMPTS, completions, SINGLE_PASS)
+    assert set(got) == {*SINGLE_PASS, "lens_ce_by_layer"}
+    # each family alone, on ŷ only (the latent's latent_kl on the whole word), sdpa where it can
+    first = encode(tok, PROMPTS, [[c.first_token] for c in completions])
+    whole = encode(tok, PROMPTS, [list(c.word_ids) for c in completions])
+    expected = {**baselines.scores(model, first), **lens.scores(model, first)}
+    with attention_implementation(model, "eager"):
+        expected.update(attention.scores(model, first))
+    expected.update(latent_estimators.scores(latent, whole, mi=False))
+    top = torch.softmax(run_forward(model, first).logits[:, -1].float(), -1).topk(2).values
+    expected["margin"] = 1 - (top[:, 0] - top[:, 1])
+    for name in SINGLE_PASS:
+        assert_close(got[name], expected[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+    assert_close(got["lens_ce_by_layer"], expected["lens_ce_by_layer"], rtol=1e-4, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # eager for the attentions, then back
+
+
+def test_one_forward_per_batch_serves_every_single_pass_estimator(latent):
+    model = latent.backbone.model
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        runner = Runner(latent.backbone, latent, EstimatorConfig(batch_size=2), progress=False)
+        runner.scores(PROMPTS, _completions(latent.backbone.tokenizer), SINGLE_PASS)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # 3 prompts in batches of 2
+
+
+def test_latent_samples_read_the_forward_like_the_training_decoder(latent):
+    """The S samples run only the scored position on the forward's keys and values: the logits
+    of ``module.decode`` (the training path, which runs the whole suffix) for the same z."""
+    tok = latent.backbone.tokenizer
+    enc = encode(tok, PROMPTS, [list(c.word_ids) for c in _completions(tok)])
+    forward = run_forward(latent.backbone.model, enc, hidden_states=True, cache=True)
+    h = forward.hidden_states[latent.layer]
+    assert_close(h, latent.lower(enc), rtol=1e-5, atol=1e-6)  # the layer-k state is the forward's
+    z = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    got = latent_estimators.sample_logits(latent, h, enc, forward.cache, z, rows_per_chunk=10)  # 2 items a chunk
+    rows = torch.arange(3)
+    expected = torch.stack([latent.decode(h, z[:, s], enc)[rows, enc.first_slot] for s in range(5)], 1)
+    assert_close(got, expected.float(), rtol=1e-4, atol=1e-5)
+    assert (expected[:, 0] - expected[:, 1]).abs().max() > 1e-3  # z moves the logits: a real check
+
+
+def test_a_new_family_is_one_entry(latent, monkeypatch):
+    """A family added to the registry is planned, gets what it needs and is read like the others."""
+
+    def read(forward, context):
+        assert forward.hidden_states is not None and forward.cache is None
+        return {"stream_norm": forward.first_slot(forward.hidden_states[-1][:, -forward.logits.shape[1] - 1 : -1]).norm(dim=-1)}
+
+    family = Family("norm", {"stream_norm": "norm of the last state"}, read, needs=frozenset({"hidden_states"}))
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, family))
+    runner = Runner(latent.backbone, latent, EstimatorConfig(batch_size=2), progress=False)
+    got = runner.scores(PROMPTS, _completions(latent.backbone.tokenizer), ["msp", "stream_norm"])
+    assert set(got) == {"msp", "stream_norm"} and (got["stream_norm"] > 0).all()
+    assert registry.why_not("stream_norm") is None
+
+
+def test_eligibility_comes_from_the_registry(latent):
+    assert registry.why_not("latent_mi") == "needs a trained latent (--ckpt)"
+    assert registry.why_not("latent_mi", latent, "mean").startswith("reads the first completion token only")
+    assert registry.why_not("margin", None, "max") is None
+    runner = Runner(latent.backbone, None, EstimatorConfig(aggregate="mean"), progress=False)
+    assert runner.runnable(["msp", "latent_mi", "attention_entropy", "probe"]) == [
+        "msp", "entropy", "lens_ce",  # the probe's features that apply here: no latent, no first-token-only ones
+    ]
+    assert all(line.count(":") >= 1 for line in registry.help_text().split("; "))

@@ -1,0 +1,104 @@
+"""Scoring and evaluation over several processes, with ``torch.distributed``.
+
+The work is cut into the same batches as in one process, and batch ``b`` runs on rank
+``b % world``. Every random draw of the runner is seeded by item or batch index
+(``vtrans.runner``), so a batch gives the same numbers on whichever rank runs it; the ranks then
+exchange their batches' results (``all_gather_object``) and each puts them back in input order.
+The records are those of one process.
+
+Two ways in:
+
+* ``--devices N`` on ``vtrans evaluate`` and ``vtrans score``: :func:`launch` starts N processes
+  (gloo on CPUs, NCCL with one GPU each) and runs the command in each; rank 0 writes the output.
+* ``torchrun --nproc_per_node N $(which vtrans) score ...``: the process group is set up from
+  the environment torchrun provides (:func:`from_environment`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a run: rank ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def mine(self, batch: int) -> bool:
+        """Whether batch number ``batch`` runs here."""
+        return batch % self.world == self.rank
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (on every rank)."""
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def merge(self, parts: dict[int, Any]) -> list[Any]:
+        """Every rank's ``{batch: result}``, as one list in batch order."""
+        merged: dict[int, Any] = {}
+        for got in self.gather(parts):
+            merged.update(got)
+        return [merged[b] for b in sorted(merged)]
+
+
+def current() -> Shard:
+    """The running process group's shard (one process when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
+
+
+def from_environment() -> Shard:
+    """Join the process group that a launcher (torchrun, :func:`launch`) describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("VTRANS_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    return current()
+
+
+def rank_device(device: str, shard: Shard) -> str:
+    """The device of this rank: its own GPU (``cuda:rank``) when the run is on CUDA, else ``device``."""
+    if shard.world > 1 and device.startswith("cuda"):
+        return f"cuda:{shard.rank % torch.cuda.device_count()}"
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+    )
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, devices: int, device: str, *args: Any) -> None:
+    """Run ``fn(*args)`` in ``devices`` new processes joined in a process group (gloo on CPUs, NCCL on GPUs).
+
+    ``fn`` and ``args`` must be picklable (a module-level function). An error in any process
+    ends the run with that error.
+    """
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    mp.start_processes(_worker, args=(devices, _free_port(), backend, fn, args), nprocs=devices, join=True, start_method="spawn")

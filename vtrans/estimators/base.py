@@ -1,0 +1,183 @@
+"""What every estimator family declares, and the shared forward it reads.
+
+A *family* is a few estimator names computed together. It declares what it needs (see
+``NEEDS``) and a ``read(forward, context)`` that turns the batch's :class:`Forward` into
+``{name: (B,) tensor}``. The runner (``vtrans.runner``) makes one forward of the base model per
+batch that yields everything the asked-for families need, then calls each family's ``read``:
+single-pass families only read it; families with ``extra_passes`` add passes of their own,
+starting from the forward's states rather than from the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vtrans.config import EstimatorConfig
+from vtrans.tokens import Encoded, slot_positions
+
+# What a family may need from the shared forward or the run:
+NEEDS = {
+    "hidden_states": "every layer's residual stream (the lens, the latent's layer-k state)",
+    "attentions": "the attention weights (eager attention)",
+    "cache": "every block's keys and values (extra passes start from them)",
+    "whole_word": "the whole completion word after the prompt, not only its first token",
+    "latent": "a trained latent (--ckpt)",
+    "conditional_prior": "a latent trained with prior: conditional",
+    "labels": "labelled training items (fitted, not read)",
+}
+
+
+@dataclass
+class Forward:
+    """One forward of the base model over a batch of prompts followed by their completions.
+
+    Attributes:
+        enc: the batch (targets are the base model's own completion tokens, ŷ first).
+        logits: (B, N, V) logits at the positions that predict the N target slots.
+        hidden_states: the L+1 residual-stream states (B, T, C), when asked for.
+        attentions: the L attention-weight tensors (B, H, T, T), when asked for.
+        cache: the forward's keys and values, when asked for.
+        gold: (B,) the idiom's first gold token, for analysis only (never read by a score).
+    """
+
+    enc: Encoded
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cache: Any = None
+    gold: torch.Tensor | None = None
+
+    @property
+    def y(self) -> torch.Tensor:
+        """(B,) ŷ, the completion's first token (what the scored position predicts)."""
+        rows = torch.arange(self.enc.targets.shape[0], device=self.enc.targets.device)
+        return self.enc.targets[rows, self.enc.first_slot]
+
+    def first_slot(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) per-slot values -> (B, ...) at each item's first slot."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, self.enc.first_slot.to(x.device)]
+
+
+@dataclass
+class Context:
+    """What a family may use besides the forward.
+
+    Attributes:
+        model: the base model (latent off).
+        module: the trained ``LatentLM`` (None without a checkpoint).
+        tokenizer: the model's tokenizer.
+        config: the estimator settings.
+        prompts, completions: the batch's prompts and the base model's completions of them.
+        indices: (B,) each item's index in the whole run: the seed of its own random draws, so that
+            its scores do not depend on the batch it falls in.
+    """
+
+    model: Any
+    module: Any
+    tokenizer: Any
+    config: EstimatorConfig
+    prompts: list[str]
+    completions: list[Any]
+    indices: list[int]
+
+
+Read = Callable[[Forward, Context], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """An estimator family: its names, what it needs and how it reads the shared forward.
+
+    Attributes:
+        name: the family's name (the key of its seconds in a report).
+        help: one line per estimator name, oriented so that higher = more uncertain.
+        read: the scores of a batch from its :class:`Forward`; None for a fitted estimator.
+        needs: keys of ``NEEDS`` that every name of the family needs.
+        name_needs: further needs of single names.
+        extra_passes: adds passes of the model beyond the shared forward (timed on its own).
+        reads_forward: reads the shared forward (charged its cost).
+        first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
+        probe_features: its names that the probe takes as features.
+        default_score: in ``vtrans score``'s default estimators.
+    """
+
+    name: str
+    help: dict[str, str]
+    read: Read | None
+    needs: frozenset[str] = frozenset()
+    name_needs: dict[str, frozenset[str]] = field(default_factory=dict)
+    extra_passes: bool = False
+    reads_forward: bool = True
+    first_token_only: bool = False
+    probe_features: Sequence[str] = ()
+    default_score: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.help)
+
+    def needs_of(self, name: str) -> frozenset[str]:
+        return self.needs | self.name_needs.get(name, frozenset())
+
+    def __post_init__(self) -> None:
+        unknown = set(self.needs).union(*self.name_needs.values()) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"family {self.name}: unknown needs {sorted(unknown)}")
+
+
+@torch.no_grad()
+def run_forward(
+    model,
+    enc: Encoded,
+    hidden_states: bool = False,
+    attentions: bool = False,
+    cache: bool = False,
+    gold: torch.Tensor | None = None,
+) -> Forward:
+    """The shared forward: one pass of the base model that keeps what the families asked for.
+
+    Attention weights need eager attention (the caller switches it; SDPA returns none).
+    """
+    out = model(
+        **enc.inputs,
+        output_hidden_states=hidden_states,
+        output_attentions=attentions,
+        use_cache=cache,
+        logits_to_keep=enc.targets.shape[1] + 1,
+    )
+    return Forward(
+        enc,
+        slot_positions(out.logits, enc),
+        out.hidden_states if hidden_states else None,
+        out.attentions if attentions else None,
+        out.past_key_values if cache else None,
+        gold,
+    )
+
+
+def context_for(model, config: EstimatorConfig | None = None, module=None, n: int = 0, **more: Any) -> Context:
+    """A :class:`Context` for reading one batch of ``n`` items outside a run (tests, benchmarks)."""
+    return Context(
+        model,
+        module,
+        more.pop("tokenizer", None),
+        config or EstimatorConfig(),
+        more.pop("prompts", [""] * n),
+        more.pop("completions", [None] * n),
+        more.pop("indices", list(range(n))),
+    )
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The seed of item ``index``'s own draws in a run seeded ``seed`` (a 31-bit mix of both)."""
+    return (seed * 1_000_003 + index * 7_919 + 104_729) % (2**31 - 1)
+
+
+def device_rng(device: torch.device):
+    """``torch.random.fork_rng`` for the CPU and, on CUDA, that device: draws inside leave the global state as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

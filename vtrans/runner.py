@@ -1,0 +1,244 @@
+"""The runner: completions, then one forward per batch that every estimator reads.
+
+Per batch of prompts:
+
+1. the base model (latent off) completes each prompt (``vtrans.generate``);
+2. one forward of the base model over the prompts and their completions keeps what the asked-for
+   families need (the slot logits always; every layer's stream, the attention weights, every
+   block's keys and values only when a family asks for them; see ``vtrans.estimators.base``);
+3. each family reads that forward. MC dropout, the z samples of ``latent_mi`` and the sampled
+   completions add passes of their own, from the forward's states rather than from the tokens.
+
+Every random draw is seeded from the run's seed and the index of an item (the z noise) or of a
+batch's first item (dropout masks, sampled completions), never from a global state carried from
+batch to batch: a batch gives the same scores wherever it runs, which is what lets several
+processes share a run (``vtrans.distributed``). ``vtrans evaluate``, ``vtrans score``,
+``vtrans crossval`` and the benchmarks all run estimators through :class:`Runner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from vtrans import distributed
+from vtrans.config import EstimatorConfig
+from vtrans.data import IdiomItem, render_prompt
+from vtrans.distributed import Shard
+from vtrans.estimators import registry
+from vtrans.estimators.base import Context, Family, item_seed, run_forward
+from vtrans.generate import Completion, complete, is_correct
+from vtrans.tokens import encode, target_ids
+
+LENS_EXTRAS = ("lens_ce_by_layer", "lens_ce_gold_by_layer")  # per-layer trajectories the lens gives besides its scores
+
+
+class Runner:
+    """Runs the base model's completions and any set of estimators on a backbone, with or without a latent."""
+
+    def __init__(
+        self,
+        backbone,
+        module=None,
+        config: EstimatorConfig | None = None,
+        progress: bool = True,
+        shard: Shard | None = None,
+    ) -> None:
+        """Args:
+            backbone: the base model (``vtrans.loading.Backbone``).
+            module: a trained ``LatentLM`` on that backbone, or None (no latent estimators).
+            config: the estimator settings.
+            progress: show progress bars (rank 0 only).
+            shard: this process's share of the batches (default: the running process group's,
+                see ``vtrans.distributed``); every rank ends with the whole run's results.
+        """
+        self.backbone, self.module = backbone, module
+        self.config = config or EstimatorConfig()
+        self.model, self.tokenizer = backbone.model, backbone.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.shard = shard or distributed.current()
+        self.progress = progress and self.shard.rank == 0
+
+    # ------------------------------------------------------------------ what runs
+
+    def runnable(self, names: Sequence[str]) -> list[str]:
+        """``names`` that apply here (latent, prior, aggregate), with the probe replaced by its features."""
+        wanted = list(names)
+        if "probe" in wanted:
+            wanted += [*registry.PROBE_FEATURES, "lens_ce"]
+        agg = self.config.aggregate
+        return [n for n in dict.fromkeys(wanted) if n != "probe" and registry.why_not(n, self.module, agg) is None]
+
+    def families(self, names: Sequence[str]) -> list[Family]:
+        """The families that ``names`` need, in registry order."""
+        wanted = {registry.family_of(n).name for n in self.runnable(names)}
+        return [f for f in registry.FAMILIES if f.name in wanted]
+
+    # ------------------------------------------------------------------ completions
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="item", disable=not self.progress, leave=False)
+
+    def complete(self, prompts: list[str], start: int = 0) -> list[Completion]:
+        """The base model's completions, batch by batch; a sampled batch is seeded by its first item's index."""
+        cfg = self.config
+        done: dict[int, list[Completion]] = {}
+        with self._bar(len(prompts), "completions") as bar:
+            for b, first in enumerate(range(0, len(prompts), cfg.batch_size)):
+                if not self.shard.mine(b):
+                    continue
+                done[b] = complete(
+                    self.model,
+                    self.tokenizer,
+                    prompts[first : first + cfg.batch_size],
+                    max_new_tokens=cfg.max_new_tokens,
+                    do_sample=cfg.sample,
+                    temperature=cfg.temperature,
+                    seed=item_seed(cfg.seed, start + first),
+                    batch_size=cfg.batch_size,
+                )
+                bar.update(min(cfg.batch_size, len(prompts) - first) * self.shard.world)
+        return [c for part in self.shard.merge(done) for c in part]
+
+    def label(self, items: list[IdiomItem], template: str) -> tuple[list[str], list[Completion], list[bool]]:
+        """Prompts, the base model's completions and whether each is correct."""
+        prompts = [render_prompt(template, it.prefix) for it in items]
+        completions = self.complete(prompts)
+        correct = [is_correct(c, it.target) for c, it in zip(completions, items, strict=True)]
+        return prompts, completions, correct
+
+    # ------------------------------------------------------------------ scores
+
+    @torch.no_grad()
+    def scores(
+        self,
+        prompts: list[str],
+        completions: list[Completion],
+        names: Sequence[str],
+        gold: list[str] | None = None,
+        start: int = 0,
+        seconds: dict[str, float] | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every runnable estimator of ``names`` on completions already made.
+
+        Args:
+            gold: the idioms' target words: adds ``lens_ce_gold_by_layer`` (analysis only).
+            start: the index of the first prompt in the whole run (the seed of its draws).
+            indices: each prompt's index in the whole run, where they are not ``start, start + 1, ...``
+                (a fold's items among all of a cross-fitted run's).
+            seconds: accumulates the time of the shared forward and its reads (``shared``) and of
+                each family that adds passes (its name).
+
+        Returns:
+            ``{name: (n,) tensor}`` on the CPU, plus ``lens_ce_by_layer`` (and, with ``gold``,
+            ``lens_ce_gold_by_layer``), (n, L+1), when the lens runs.
+        """
+        names = self.runnable(names)
+        families = self.families(names)
+        keep = set(names) | set(LENS_EXTRAS)
+        needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
+        whole_word = "whole_word" in needs or self.config.aggregate != "first"
+        forward_needed = any(f.reads_forward for f in families)
+        gold_ids = None
+        if gold is not None:
+            gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, list(gold))]
+        seconds = {} if seconds is None else seconds
+        indices = list(range(start, start + len(prompts))) if indices is None else list(indices)
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        bs = self.config.batch_size
+        with self._bar(len(prompts), "scores") as bar, attention_implementation(
+            self.model, "eager" if "attentions" in needs else None
+        ):
+            for b, first in enumerate(range(0, len(prompts), bs)):
+                if not self.shard.mine(b):
+                    continue
+                part = slice(first, first + bs)
+                chunk = completions[part]
+                done[b] = {}
+                context = Context(
+                    self.model,
+                    self.module,
+                    self.tokenizer,
+                    self.config,
+                    prompts[part],
+                    chunk,
+                    indices[part],
+                )
+                t0 = time.perf_counter()
+                targets = [list(c.word_ids) if whole_word else [c.first_token] for c in chunk]
+                enc = encode(self.tokenizer, prompts[part], targets, self.device)
+                forward = None
+                if forward_needed:
+                    forward = run_forward(
+                        self.model,
+                        enc,
+                        hidden_states="hidden_states" in needs,
+                        attentions="attentions" in needs,
+                        cache="cache" in needs,
+                        gold=None if gold_ids is None else torch.tensor(gold_ids[part], device=self.device),
+                    )
+                shared = time.perf_counter() - t0
+                for family in families:
+                    t0 = time.perf_counter()
+                    for key, value in family.read(forward, context).items():
+                        if key in keep:
+                            done[b][key] = value.detach().float().cpu()
+                    _sync(self.device)
+                    spent = time.perf_counter() - t0
+                    if family.extra_passes:
+                        seconds[family.name] = seconds.get(family.name, 0.0) + spent
+                    else:
+                        shared += spent
+                seconds["shared"] = seconds.get("shared", 0.0) + shared
+                del forward
+                bar.update(len(chunk) * self.shard.world)
+        parts = self.shard.merge(done)
+        return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+
+    def score_prompts(
+        self, prompts: list[str], names: Sequence[str], start: int = 0
+    ) -> tuple[list[Completion], dict[str, torch.Tensor]]:
+        """Completions and scores for bare prompts (no target, so no labels): ``vtrans score``.
+
+        ``start`` is the index of the first prompt in the whole run, so that a run scored in
+        several calls draws as one call would.
+        """
+        completions = self.complete(prompts, start)
+        return completions, self.scores(prompts, completions, names, start=start)
+
+    @torch.no_grad()
+    def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
+        """The unit of cost: a plain Hugging Face forward over the same batches (ŷ after each prompt; this rank's)."""
+        bs = self.config.batch_size
+        start = time.perf_counter()
+        for b, first in enumerate(range(0, len(prompts), bs)):
+            if not self.shard.mine(b):
+                continue
+            chunk = completions[first : first + bs]
+            enc = encode(self.tokenizer, prompts[first : first + bs], [[c.first_token] for c in chunk], self.device)
+            self.model(**enc.inputs)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str | None) -> Iterator[None]:
+    """Switch a model's attention implementation (``eager`` returns weights) for a block, then back."""
+    saved = model.config._attn_implementation
+    try:
+        if name is not None and saved != name:
+            model.set_attn_implementation(name)
+        yield
+    finally:
+        if model.config._attn_implementation != saved:
+            model.set_attn_implementation(saved)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
