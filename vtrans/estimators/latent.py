@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from vtrans import backbones
@@ -60,8 +62,9 @@ def read_samples(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     loc, scale = inference_distribution(module, h, enc)
     eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed, cfg.z_draws).to(loc)
     z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, d_z)
-    stats = predictive_stats(sample_logits(module, h, enc, forward.cache, z), forward.y)
-    return {"latent_mi": stats["mi"], "latent_nll": stats["nll"]}
+    y = forward.y
+    parts = [predictive_stats(logits, y[part]) for part, logits in sample_chunks(module, h, enc, forward.cache, z)]
+    return {"latent_mi": torch.cat([p["mi"] for p in parts]), "latent_nll": torch.cat([p["nll"] for p in parts])}
 
 
 def item_noise(indices: list[int], samples: int, d_z: int, seed: int, draws: ZDraws = "random") -> torch.Tensor:
@@ -101,9 +104,17 @@ def z_noise(
     raise ValueError(f"draws must be random, antithetic or sobol, got {draws!r}")
 
 
-@torch.no_grad()
 def sample_logits(module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int = 512) -> torch.Tensor:
-    """Next-token logits at the scored position for each sample of z, (B, S, V).
+    """Next-token logits at the scored position for each sample of z, (B, S, V) (see :func:`sample_chunks`)."""
+    return torch.cat([logits for _, logits in sample_chunks(module, h, enc, cache, z, rows_per_chunk)])
+
+
+@torch.no_grad()
+def sample_chunks(
+    module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int = 512
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Next-token logits at the scored position for each sample of z, item chunk by item chunk:
+    ``(items, (n, S, V))`` pairs of at most ``rows_per_chunk`` rows, so memory stays bounded.
 
     Only the scored position runs again, once per sample, through the blocks above the latent.
     Everything before it does not depend on z: its keys and values are the shared forward's
@@ -115,6 +126,7 @@ def sample_logits(module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor,
         h: (B, T, C) the stream after block k.
         cache: the shared forward's keys and values (every block).
         z: (B, S, d_z) the samples.
+        rows_per_chunk: items × samples run at once.
     """
     model = module.backbone.model
     batch, samples, _ = z.shape
@@ -127,7 +139,6 @@ def sample_logits(module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor,
     own = torch.eye(samples, dtype=torch.bool, device=h.device)  # each sample sees itself only
     layers = range(module.layer, backbones.n_layers(model))
     kv = {i: (cache.layers[i].keys, cache.layers[i].values) for i in layers}
-    out = []
     step = max(1, rows_per_chunk // samples)
     for start in range(0, batch, step):
         part = slice(start, min(start + step, batch))
@@ -149,8 +160,7 @@ def sample_logits(module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor,
                 past_key_values=prefix,
                 use_cache=False,
             ).logits  # (n, S, V)
-        out.append(logits.float())
-    return torch.cat(out)
+        yield part, logits.float()
 
 
 def scores(
