@@ -20,13 +20,13 @@ install: $(STAMP)
 
 main: $(STAMP)
 	$(BIN)/python train.py fit --config configs/smollm2.yaml
-	$(BIN)/vtrans evaluate --ckpt checkpoints/smollm2/last.ckpt --data builtin:test --out runs/eval-smollm2
+	$(BIN)/vtrans evaluate --config configs/eval.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 crossval: $(STAMP)
-	$(BIN)/vtrans crossval --config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md --save-checkpoints
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md --save_checkpoints
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

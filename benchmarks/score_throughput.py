@@ -54,7 +54,7 @@ def run(ckpt: str, n: int, args: argparse.Namespace, folder: Path) -> dict:
     path = folder / f"prompts-{n}.txt"
     write_prompts(path, n)
     command = [sys.executable, "-c", "from vtrans.cli import main; main()", "score", "--ckpt", ckpt]
-    command += ["--input", str(path), "--quiet", "--batch-size", str(args.batch_size), "--device", args.device]
+    command += ["--input", str(path), "--quiet", "--batch_size", str(args.batch_size), "--device", args.device]
     if args.estimators:
         command += ["--estimators", args.estimators]
     gnu = TIME is not None and subprocess.run([TIME, "-v", "true"], capture_output=True).returncode == 0

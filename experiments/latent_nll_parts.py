@@ -1,7 +1,7 @@
 """Where ``latent_nll``'s signal comes from: the latent's mean, or its spread.
 
 ``latent_nll`` is −log E_z p(ŷ|prompt, z) with z drawn from the latent's inference distribution.
-For the fold latents of a cross-fitted run (``vtrans crossval --save-checkpoints``) this scores
+For the fold latents of a cross-fitted run (``vtrans crossval --save_checkpoints``) this scores
 every item, out of fold, three ways:
 
 * ``msp``-equivalent: the base model's −log p(ŷ|prompt) (no latent);
@@ -41,7 +41,7 @@ def _no_noise(indices: list[int], samples: int, d_z: int, seed: int, draws: str 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a vtrans crossval output folder written with --save-checkpoints")
+    parser.add_argument("--run", required=True, help="a vtrans crossval output folder written with --save_checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000)

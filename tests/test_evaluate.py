@@ -185,7 +185,7 @@ def test_evaluate_builtin_writes_the_contract_and_never_reads_the_train_split(tm
     monkeypatch.setattr(evaluate_module, "load_split", recording_load_split)
     out = tmp_path / "run"
     stdout, stderr = run_cli(
-        ["--model", "tiny-gpt2", "--data", "builtin", "--max-items", "12", "--n-boot", "100", "-T", "3", "-S", "3",
+        ["--model", "tiny-gpt2", "--data", "builtin", "--max_items", "12", "--n_boot", "100", "--passes", "3", "--samples", "3",
          "--estimators", ",".join(SINGLE_AND_DROPOUT), "--out", out],
         capsys,
     )
@@ -218,8 +218,8 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
     names = ["msp", "lens_ce", "mc_dropout_mi", "probe"]
     out = tmp_path / "run"
     _, stderr = run_cli(
-        ["--model", "tiny-gpt2", "--data", f"txt:{idiom_files['mixed']}", "--split", "test", "--n-boot", "100",
-         "-T", "2", "--estimators", ",".join([*names, "posterior_var"]), "--out", out],
+        ["--model", "tiny-gpt2", "--data", f"txt:{idiom_files['mixed']}", "--split", "test", "--n_boot", "100",
+         "--passes", "2", "--estimators", ",".join([*names, "posterior_var"]), "--out", out],
         capsys,
     )
     test_items = load_split(f"txt:{idiom_files['mixed']}", "test")
@@ -249,7 +249,7 @@ def test_evaluate_latent_checkpoint_with_an_unfittable_probe(tiny_checkpoint, id
     names = ["posterior_var", "latent_mi", "latent_kl", "lens_ce"]
     out = tmp_path / "run"
     _, stderr = run_cli(
-        ["--ckpt", tiny_checkpoint, "--data", f"txt:{idiom_files['wrong']}", "--n-boot", "100", "-S", "3",
+        ["--ckpt", tiny_checkpoint, "--data", f"txt:{idiom_files['wrong']}", "--n_boot", "100", "--samples", "3",
          "--estimators", ",".join([*names, "probe"]), "--out", out],
         capsys,
     )
@@ -334,9 +334,9 @@ def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
         (["--model", "no-such-model"], "no-such-model"),
         (["--model", "nobody/no-such-model"], "not available offline"),
         (["--ckpt", "/no/such/model.ckpt"], "checkpoint not found"),
-        (["--max-items", "0"], "max_items must be >= 1"),
-        (["--max-items", "1"], "need at least 2"),
-        (["--n-boot", "10"], "n_boot must be >= 100"),
+        (["--max_items", "0"], "max_items must be >= 1"),
+        (["--max_items", "1"], "need at least 2"),
+        (["--n_boot", "10"], "n_boot must be >= 100"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path, capsys):

@@ -179,7 +179,7 @@ def test_aggregate_refuses_the_first_token_only_estimators(latent, how, tmp_path
 
 
 def test_aggregate_refusal_is_a_warning_on_the_command_line(tmp_path, capsys):
-    main(["evaluate", "--model", "tiny-gpt2", "--data", "builtin", "--max-items", "4", "--n-boot", "100", "-T", "2",
+    main(["evaluate", "--model", "tiny-gpt2", "--data", "builtin", "--max_items", "4", "--n_boot", "100", "--passes", "2",
           "--aggregate", "mean", "--estimators", "msp,attention_entropy,mc_dropout_var", "--out", str(tmp_path / "run"),
           "--quiet"])
     err = capsys.readouterr().err
@@ -339,7 +339,7 @@ def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
     user_file = tmp_path / "mine.txt"
     user_file.write_text("\n".join(evaluated) + "\n")
     out = tmp_path / "run"
-    main(["evaluate", "--ckpt", str(ckpt), "--data", f"txt:{user_file}", "--split", "all", "--n-boot", "100",
+    main(["evaluate", "--ckpt", str(ckpt), "--data", f"txt:{user_file}", "--split", "all", "--n_boot", "100",
           "--estimators", "probe", "--out", str(out), "--quiet"])
     assert capsys.readouterr().err == ""
     results = json.loads((out / "results.json").read_text())
@@ -356,7 +356,7 @@ def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
 def test_probe_is_dropped_when_every_held_out_idiom_is_evaluated(file_checkpoint, tmp_path, capsys):
     data, ckpt = file_checkpoint
     out = tmp_path / "run"
-    main(["evaluate", "--ckpt", str(ckpt), "--data", f"txt:{data}", "--split", "all", "--n-boot", "100",
+    main(["evaluate", "--ckpt", str(ckpt), "--data", f"txt:{data}", "--split", "all", "--n_boot", "100",
           "--estimators", "msp,probe", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())

@@ -87,8 +87,8 @@ def test_family_leaves_greedy_completions_and_other_scores_unchanged(gpt2):
 @pytest.mark.slow
 def test_evaluate_writes_both_names(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["evaluate", "--model", "tiny-gpt2", "--data", "builtin", "--max-items", "8", "--n-boot", "100",
-            "--estimators", "msp," + ",".join(NAMES), "--agreement-samples", "4", "--agreement-temperature", "0.05", "--quiet", "--out", str(out)]
+    args = ["evaluate", "--model", "tiny-gpt2", "--data", "builtin", "--max_items", "8", "--n_boot", "100",
+            "--estimators", "msp," + ",".join(NAMES), "--agreement_samples", "4", "--agreement_temperature", "0.05", "--quiet", "--out", str(out)]
     main(args)
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]

@@ -285,7 +285,7 @@ def test_cli_prompts(capsys, tiny_ckpt) -> None:
 def test_cli_txt_file_one_record_per_line(capsys, tmp_path, tiny_ckpt) -> None:
     path = tmp_path / "prompts.txt"
     path.write_bytes(PROMPT.encode() + b"\n\nhold your \xff horses\n" + ("word " * 300).encode() + b"\nlast")
-    records, _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--input", str(path), "--batch-size", "2")
+    records, _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--input", str(path), "--batch_size", "2")
     assert len(records) == 5
     assert "scores" in records[0] and "scores" in records[4] and records[3]["truncated"] > 0
     assert records[1]["error"] == "line 2: empty prompt" and records[1]["line"] == 2
@@ -312,7 +312,7 @@ def test_cli_jsonl_file(capsys, tmp_path, tiny_ckpt) -> None:
         (["--estimators", "nope", "x"], "unknown estimator"),
         (["--estimators", "probe", "x"], "vtrans evaluate"),
         (["--template", "{oops}", "x"], "template"),
-        (["--max-new-tokens", "500", "x"], "no room for a prompt"),
+        (["--max_new_tokens", "500", "x"], "no room for a prompt"),
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_ckpt, args, message) -> None:

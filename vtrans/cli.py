@@ -1,12 +1,33 @@
-"""Command lines: ``python train.py`` (LightningCLI) and ``vtrans evaluate|score``."""
+"""Command lines: ``python train.py`` (LightningCLI) and ``vtrans evaluate|crossval|score``.
+
+Each ``vtrans`` subcommand is built with jsonargparse from typed signatures, as ``train.py`` is
+with LightningCLI: the command function's own parameters (``--out``, ``--ckpt``, ``--device``,
+``--quiet``, ...) and the fields of its settings dataclasses (:class:`vtrans.config.EstimatorConfig`,
+:class:`vtrans.evaluate.EvalConfig`, :class:`vtrans.crossval.CrossvalConfig`) become top-level
+options with the types, defaults and docstrings written there, once. So every subcommand takes
+``--config FILE.yaml`` and ``--print_config``, and an option given after ``--config`` overrides
+the file. The dataclasses check their values: one out of range is one line on stderr and exit
+code 2, like every other error a user can cause.
+"""
 
 from __future__ import annotations
 
-import argparse
+import inspect
+import os
 import sys
+from argparse import SUPPRESS
 from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Literal, get_type_hints
 
-from vtrans.errors import UserError
+import docstring_parser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+
+from vtrans.config import EstimatorConfig
+from vtrans.crossval import CrossvalConfig
+from vtrans.errors import ConfigError, UserError
+from vtrans.estimators.registry import NAMES
+from vtrans.evaluate import EvalConfig
 
 
 def fail(message: str) -> None:
@@ -36,14 +57,13 @@ def train_main(args: list[str] | None = None, run: bool = True):
     resumes an epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or
     gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
     step and exit code 1. A setting out of range (the data's, the latent's, the backbone's or the
-    trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured ``LightningCLI`` is returned without
-    running a subcommand (``args`` then holds no subcommand).
+    trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured
+    ``LightningCLI`` is returned without running a subcommand (``args`` then holds no subcommand).
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
     from vtrans.callbacks import NonFiniteGuard, ResumableRNG
-    from vtrans.errors import ConfigError
 
     guard = NonFiniteGuard()
     from vtrans.data import IdiomDataModule
@@ -79,260 +99,136 @@ def train_main(args: list[str] | None = None, run: bool = True):
         raise SystemExit(1) from None
 
 
-def _estimator_list(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+# --------------------------------------------------------------------------- the commands
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vtrans.data import DEFAULT_TEMPLATE
-    from vtrans.estimators.registry import NAMES
+def evaluate_command(
+    settings: EvalConfig,
+    out: str,
+    ckpt: str | None = None,
+    model: str = "smollm2",
+    template: str | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+) -> None:
+    """Compare every uncertainty estimator on idiom completion.
 
-    parser = argparse.ArgumentParser(prog="vtrans", description="How sure is a transformer? Score and compare.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    Writes results.json, scores.jsonl, report.md and the plots into ``out`` and prints the table.
 
-    ev = sub.add_parser("evaluate", help="compare every uncertainty estimator on idiom completion")
-    ev.add_argument("--ckpt", help="a trained latent (train.py fit); without it, only estimators that need no latent")
-    ev.add_argument("--model", default="smollm2", help="backbone when no --ckpt is given (default: smollm2)")
-    ev.add_argument("--data", default="builtin", help="data spec: builtin[:SPLIT], txt:PATH, epie:PATH, slide:PATH, magpie:PATH, wordnet:PATH")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split when the spec names none")
-    ev.add_argument("--out", required=True, help="output folder: results.json, scores.jsonl, report.md, plots")
-    ev.add_argument("--template", default=None, help=f"prompt template (default: the checkpoint's, else {DEFAULT_TEMPLATE!r})")
-    ev.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
-    ev.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
-    ev.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
-    ev.add_argument(
-        "--mc-from-layer", type=int, default=0, help="MC dropout: blocks below this one stay deterministic and run once"
-    )
-    ev.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
-    ev.add_argument(
-        "--z-draws", default="random", choices=["random", "antithetic", "sobol"], help="how latent_mi draws z (default random)"
-    )
-    ev.add_argument("--aggregate", default="first", choices=["first", "mean", "max"], help="token scores over the completion word")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--max-new-tokens", type=int, default=6)
-    ev.add_argument("--sample", action="store_true", help="sample completions instead of greedy decoding")
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--seed", type=int, default=0)
-    _agreement_arguments(ev)
-    ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    ev.add_argument("--max-items", type=int, default=None)
-    ev.add_argument(
-        "--keep-seen", action="store_true", help="keep items whose idiom the checkpoint's latent was trained on (default: left out)"
-    )
-    ev.add_argument("--split-seed", type=int, default=None, help="seed of the idiom split (default: the checkpoint's, else 0)")
-    ev.add_argument("--val-fraction", type=float, default=None, help="validation fraction (default: the checkpoint's, else 0.15)")
-    ev.add_argument("--test-fraction", type=float, default=None, help="test fraction (default: the checkpoint's, else 0.15)")
-    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.set_defaults(run=run_evaluate)
-
-    cv = sub.add_parser(
-        "crossval",
-        help="cross-fitted comparison: K latents, each scoring the fold it did not train on, over several seeds",
-        description="Train the latent K times, each time on the idioms outside one fold, and score that fold with "
-        "every estimator, so that every idiom gets an out-of-fold score; repeat over seeds. Writes results.json, "
-        "scores.jsonl, report.md and plots into --out.",
-    )
-    cv.add_argument("--config", required=True, help="the training YAML (configs/NAME.yaml): backbone, latent settings, epochs")
-    cv.add_argument("--data", default=None, help="idioms to cross-fit and score (default: the config's data): builtin, txt:PATH, epie:PATH, slide:PATH, magpie:PATH, wordnet:PATH")
-    cv.add_argument("--extra-train", default=None, help="a data spec added to every fold's training set and never scored (idioms also in --data are left out of it)")
-    cv.add_argument("--folds", type=int, default=5, help="K folds (default 5; 1 trains on --extra-train only and scores all of --data)")
-    cv.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[0, 1, 2], help="comma-separated training seeds (default 0,1,2)")
-    cv.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    cv.add_argument("--epochs", type=int, default=None, help="training epochs per fold (default: the config's)")
-    cv.add_argument("--out", required=True, help="output folder")
-    cv.add_argument("--markdown", default=None, help="also write the report here (e.g. docs/results.md), its images linked relative to it")
-    cv.add_argument(
-        "--self-targets",
-        action="store_true",
-        help="also train each latent on the base model's own completion word where it differs from the idiom's",
-    )
-    cv.add_argument("--save-checkpoints", action="store_true", help="keep every fold's latent under OUT/checkpoints")
-    cv.add_argument(
-        "--from-checkpoints",
-        default=None,
-        metavar="DIR",
-        help="load each fold's latent from DIR (an earlier run's OUT/checkpoints) instead of training it; each must have trained on this fold's idioms",
-    )
-    cv.add_argument("--template", default=None, help="prompt template (default: the config's)")
-    cv.add_argument("--estimators", type=_estimator_list, default=list(NAMES), help="comma-separated subset of: " + ", ".join(NAMES))
-    cv.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
-    cv.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
-    cv.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
-    cv.add_argument(
-        "--z-draws", default="random", choices=["random", "antithetic", "sobol"], help="how latent_mi draws z (default random)"
-    )
-    cv.add_argument("--batch-size", type=int, default=32)
-    cv.add_argument("--max-new-tokens", type=int, default=6)
-    cv.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    cv.add_argument("--max-items", type=int, default=None, help="use only the first N idioms (quick runs)")
-    cv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    cv.add_argument("--quiet", action="store_true", help="no progress output")
-    cv.set_defaults(run=run_crossval)
-
-    sc = sub.add_parser(
-        "score",
-        help="score prompts with a trained checkpoint: one JSON line per prompt",
-        description="One JSON line per prompt on stdout: {prompt, completion, scores}; a prompt that cannot be "
-        "scored gives {prompt, error} and the others are scored. Prompts longer than the model's context are "
-        "truncated from the left with a warning (--long-prompts refuse makes them errors).",
-    )
-    sc.add_argument("--ckpt", required=True, help="a trained latent (train.py fit)")
-    sc.add_argument("prompts", nargs="*", help="prompts to score")
-    sc.add_argument("--input", help="a .jsonl/.ndjson file (field 'prompt'), any other file one prompt a line, - for stdin")
-    sc.add_argument(
-        "--estimators",
-        type=_estimator_list,
-        default=None,
-        help="comma-separated subset of: " + ", ".join(n for n in NAMES if n != "probe")
-        + " (default: all single-pass and latent ones)",
-    )
-    sc.add_argument("--template", default=None, help="a {prefix} template applied to every prompt; 'ckpt' for the checkpoint's (default: none, prompts verbatim)")
-    sc.add_argument("--long-prompts", default="truncate", choices=["truncate", "refuse"], help="prompts longer than the context (default: truncate from the left)")
-    sc.add_argument("--passes", "-T", type=int, default=16, help="MC dropout passes (default 16)")
-    sc.add_argument("--dropout", type=float, default=0.1, help="MC dropout probability (default 0.1)")
-    sc.add_argument("--samples", "-S", type=int, default=32, help="samples of z for latent_mi (default 32)")
-    sc.add_argument("--max-new-tokens", type=int, default=6)
-    sc.add_argument("--seed", type=int, default=0)
-    _agreement_arguments(sc)
-    sc.add_argument("--batch-size", type=int, default=32)
-    sc.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    sc.add_argument("--quiet", action="store_true", help="no progress bar and no warnings")
-    sc.set_defaults(run=run_score)
-    return parser
-
-
-def _agreement_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--agreement-samples", "-K", type=int, default=10, help="sampled completions per prompt for sample_* (default 10)"
-    )
-    parser.add_argument(
-        "--agreement-temperature", type=float, default=1.0, help="their sampling temperature (default 1.0)"
-    )
-
-
-def run_evaluate(args: argparse.Namespace) -> None:
+    Args:
+        settings: the data, estimator and report settings (the options after these).
+        out: output folder: results.json, scores.jsonl, report.md, plots.
+        ckpt: a trained latent (``train.py fit``); without it, only the estimators that need no latent run.
+        model: backbone when no ``--ckpt`` is given.
+        template: prompt template with one ``{prefix}`` field; null: the checkpoint's, else the built-in one.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        quiet: no progress bars.
+    """
     from vtrans import checkpoint
     from vtrans.data import DEFAULT_TEMPLATE
-    from vtrans.evaluate import EvalConfig, evaluate
+    from vtrans.evaluate import evaluate
     from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
-    template = args.template or (checkpoint.template_of(args.ckpt) if args.ckpt else None) or DEFAULT_TEMPLATE
-    config = EvalConfig(
-        data=args.data,
-        split=args.split,
-        template=template,
-        estimators=args.estimators,
-        passes=args.passes,
-        dropout=args.dropout,
-        mc_from_layer=args.mc_from_layer,
-        samples=args.samples,
-        z_draws=args.z_draws,
-        aggregate=args.aggregate,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        sample=args.sample,
-        temperature=args.temperature,
-        seed=args.seed,
-        n_boot=args.n_boot,
-        max_items=args.max_items,
-        keep_seen=args.keep_seen,
-        split_seed=args.split_seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        agreement_samples=args.agreement_samples,
-        agreement_temperature=args.agreement_temperature,
-    )
-    results = evaluate(
-        config, args.out, ckpt=args.ckpt, model=args.model, device=resolve_device(args.device), progress=not args.quiet
-    )
+    template = template or (checkpoint.template_of(ckpt) if ckpt else None) or DEFAULT_TEMPLATE
+    settings = replace(settings, template=template)
+    results = evaluate(settings, out, ckpt=ckpt, model=model, device=resolve_device(device), progress=not quiet)
     reasons: dict[str, list[str]] = {}
     for name, why in results.get("dropped", {}).items():
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
         print(f"warning: not run: {', '.join(names)}: {why}", file=sys.stderr)
-    if args.ckpt and results["seen"] is None:
+    if ckpt and results["seen"] is None:
         print("warning: the checkpoint does not record its training idioms: cannot leave them out", file=sys.stderr)
     elif results["seen_left_out"]:
         print(
             f"warning: left out {results['seen_left_out']} of {results['seen_of']} idioms the latent was trained on "
-            "(--keep-seen keeps them)",
+            "(--keep_seen keeps them)",
             file=sys.stderr,
         )
     elif results["seen"]:
-        print(f"warning: kept {results['seen']} idioms the latent was trained on (--keep-seen)", file=sys.stderr)
+        print(f"warning: kept {results['seen']} idioms the latent was trained on (--keep_seen)", file=sys.stderr)
     print(format_table(results))
-    print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots")
+    print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots")
 
 
-def run_crossval(args: argparse.Namespace) -> None:
-    from vtrans.crossval import CrossvalConfig, crossval
-    from vtrans.evaluate import EvalConfig
+def crossval_command(
+    settings: CrossvalConfig, out: str, markdown: str | None = None, device: str = "auto", quiet: bool = False
+) -> None:
+    """Cross-fitted comparison: K latents, each scoring the fold it did not train on, over several seeds.
+
+    Trains the latent K times, each time on the idioms outside one fold, and scores that fold with
+    every estimator, so that every idiom gets an out-of-fold score; repeats over seeds. Writes
+    results.json, scores.jsonl, report.md and plots into ``out``.
+
+    Args:
+        settings: the cross-fitting and estimator settings (the options after these).
+        out: output folder.
+        markdown: also write the report here (e.g. docs/results.md), its images linked relative to it.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        quiet: no progress output.
+    """
+    from vtrans.crossval import crossval
     from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
-    evaluation = EvalConfig(
-        estimators=args.estimators,
-        passes=args.passes,
-        dropout=args.dropout,
-        samples=args.samples,
-        z_draws=args.z_draws,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        n_boot=args.n_boot,
-        max_items=args.max_items,
-    )
-    config = CrossvalConfig(
-        config=args.config,
-        data=args.data,
-        extra_train=args.extra_train,
-        folds=args.folds,
-        seeds=args.seeds,
-        fold_seed=args.fold_seed,
-        epochs=args.epochs,
-        save_checkpoints=args.save_checkpoints,
-        from_checkpoints=args.from_checkpoints,
-        template=args.template,
-        self_targets=args.self_targets,
-        eval=evaluation,
-    )
-    results = crossval(config, args.out, args.markdown, device=resolve_device(args.device), progress=not args.quiet)
+    results = crossval(settings, out, markdown, device=resolve_device(device), progress=not quiet)
     for name, why in results.get("dropped", {}).items():
         print(f"warning: not run: {name}: {why}", file=sys.stderr)
     print(format_table(results))
-    print(f"\nwrote {args.out}/results.json, scores.jsonl, report.md and plots ({results['seconds_total'] / 60:.1f} min)")
+    print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots ({results['seconds_total'] / 60:.1f} min)")
 
 
-def run_score(args: argparse.Namespace) -> None:
-    """Stream one JSON line per prompt to stdout; the input is checked before the model loads."""
-    import os
+def score_command(
+    settings: EstimatorConfig,
+    ckpt: str,
+    prompts: list[str] | None = None,
+    input: str | None = None,
+    estimators: list[str] | str | None = None,
+    template: str | None = None,
+    long_prompts: Literal["truncate", "refuse"] = "truncate",
+    device: str = "auto",
+    quiet: bool = False,
+) -> None:
+    """Score prompts with a trained checkpoint: one JSON line per prompt.
 
+    One JSON line per prompt on stdout: {prompt, completion, scores}; a prompt that cannot be
+    scored gives {prompt, error} and the others are scored. Prompts longer than the model's
+    context are truncated from the left with a warning (``--long_prompts refuse`` makes them
+    errors). The input is checked before the model loads.
+
+    Args:
+        settings: the estimator settings (the options after these).
+        ckpt: a trained latent (``train.py fit``).
+        prompts: prompts to score.
+        input: a .jsonl/.ndjson file (field ``prompt``), any other file one prompt a line, ``-`` for stdin.
+        estimators: estimator names, a list or one comma-separated string; null: every single-pass
+            and latent one the checkpoint supports (``mc_dropout_*`` may be asked for, ``probe`` not).
+            The names are those of ``vtrans evaluate --help``.
+        template: a ``{prefix}`` template applied to every prompt; ``ckpt`` for the checkpoint's;
+            null: prompts verbatim.
+        long_prompts: prompts longer than the context: ``truncate`` (from the left) or ``refuse``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        quiet: no progress bar and no warnings.
+    """
     from vtrans.scorer import Line, Scorer, open_input, write_jsonl
 
-    if args.input and args.prompts:
+    if input and prompts:
         fail("give prompts or --input FILE, not both")
-    if args.input:
-        lines, total = open_input(args.input)
-    elif args.prompts:
-        lines, total = (Line(p) for p in args.prompts), len(args.prompts)
+    if input:
+        lines, total = open_input(input)
+    elif prompts:
+        lines, total = (Line(p) for p in prompts), len(prompts)
     else:
         fail("nothing to score: give prompts or --input FILE")
     scorer = Scorer.from_checkpoint(
-        args.ckpt,
-        device=args.device,
-        estimators=args.estimators,
-        batch_size=args.batch_size,
-        template=args.template,
-        passes=args.passes,
-        dropout=args.dropout,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        agreement_samples=args.agreement_samples,
-        agreement_temperature=args.agreement_temperature,
-        long_prompts=args.long_prompts,
-        quiet=args.quiet,
+        ckpt,
+        device=device,
+        estimators=None if estimators is None else comma_list("estimators", estimators),
+        template=template,
+        config=settings,
+        long_prompts=long_prompts,
+        quiet=quiet,
     )
     sys.stdout.flush()
     try:
@@ -344,8 +240,188 @@ def run_score(args: argparse.Namespace) -> None:
         print(f"warning: {errors} of {written} prompts could not be scored (see their 'error' fields)", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- typed options
+
+COMMA_LISTS: dict[str, type] = {"estimators": str, "seeds": int}
+"""List fields that also take one comma-separated string: ``--estimators msp,entropy``, ``--seeds 0,1,2``."""
+
+
+def comma_list(name: str, value: list | str | int, item: type = str) -> list:
+    """A list option's value as a list: ``"msp,entropy"`` -> ``["msp", "entropy"]``, ``0`` -> ``[0]``."""
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, str):
+        return [value]
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    try:
+        return [item(part) for part in parts]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated {item.__name__} values, got {value!r}") from None
+
+
+def described(obj: Callable | type, name: str) -> str:
+    """A parameter's or field's description in the docstring of ``obj`` (a function, or a
+    dataclass and its parents: their ``Attributes:``)."""
+    for source in getattr(obj, "__mro__", (obj,)):
+        for param in docstring_parser.parse(source.__doc__ or "").params:
+            if param.arg_name == name:
+                return param.description or ""
+    return ""
+
+
+def field_default(cls: type, name: str):
+    """The default a dataclass gives one of its fields."""
+    field = next(f for f in fields(cls) if f.name == name)
+    return field.default_factory() if field.default is MISSING else field.default
+
+
+def add_flag(target, name: str, default: bool, help: str) -> None:
+    """A boolean option as a flag: ``--quiet`` alone is true (and never takes the prompt after it as
+    its value), ``--no_quiet`` false; a config file says ``quiet: true``."""
+    target.add_argument(f"--{name}", action=ActionYesNo, default=default, help=help)
+
+
+def _estimator_help() -> str:
+    """The estimator names, each with its line of help where the registry has one."""
+    from vtrans.estimators import registry
+
+    help_text = getattr(registry, "help_text", None)
+    return help_text() if callable(help_text) else "choose from " + ", ".join(NAMES)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The fields of a settings dataclass that a command takes as top-level options."""
+
+    cls: type
+    title: str
+    skip: frozenset[str] = frozenset()
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self.cls) if f.name not in self.skip]
+
+    def add_to(self, parser: ArgumentParser) -> None:
+        """jsonargparse adds each field with its type, default and docstring; booleans become flags
+        and the lists of :data:`COMMA_LISTS` also take a comma-separated string."""
+        hints = get_type_hints(self.cls)
+        special = [name for name in self.names if hints[name] is bool or name in COMMA_LISTS]
+        parser.add_class_arguments(self.cls, skip=set(self.skip) | set(special), help=self.title)
+        group = parser.groups.get(self.cls.__name__, parser)
+        for name in special:
+            default, help = field_default(self.cls, name), described(self.cls, name)
+            if hints[name] is bool:
+                add_flag(group, name, default, help)
+                continue
+            item = COMMA_LISTS[name]
+            extra = f": {_estimator_help()}" if name == "estimators" else ""
+            group.add_argument(
+                f"--{name}",
+                type=list[item] | item | str,
+                default=default,
+                help=f"{help.rstrip('.')}; a list, or one comma-separated string{extra}.",
+            )
+
+    def values(self, args: Namespace) -> dict:
+        """The parsed values of these fields, lists as lists."""
+        values = {name: args[name] for name in self.names}
+        for name, item in COMMA_LISTS.items():
+            if name in values:
+                values[name] = comma_list(name, values[name], item)
+        return values
+
+
+EVALUATE = Fields(EvalConfig, "Data, estimator and report settings (vtrans.evaluate.EvalConfig)", frozenset({"template"}))
+SCORE = Fields(EstimatorConfig, "Estimator settings (vtrans.config.EstimatorConfig)")
+CROSSVAL = Fields(
+    CrossvalConfig,
+    "Cross-fitting settings (vtrans.crossval.CrossvalConfig)",
+    frozenset({"config", "eval"}),  # config: --train_config (--config is this command's own YAML)
+)
+CROSSVAL_EVAL = Fields(
+    EvalConfig,
+    "Estimator and report settings of every fold (vtrans.evaluate.EvalConfig)",
+    # the data, split and template are the cross-fitting's; each training seed is the estimators' seed
+    frozenset({"data", "split", "template", "seed", "keep_seen", "split_seed", "val_fraction", "test_fraction"}),
+)
+
+
+def run_evaluate(args: Namespace) -> None:
+    evaluate_command(EvalConfig(**EVALUATE.values(args)), **_own(evaluate_command, args))
+
+
+def run_crossval(args: Namespace) -> None:
+    evaluation = EvalConfig(**CROSSVAL_EVAL.values(args))
+    settings = CrossvalConfig(config=args.train_config, eval=evaluation, **CROSSVAL.values(args))
+    crossval_command(settings, **_own(crossval_command, args))
+
+
+def run_score(args: Namespace) -> None:
+    score_command(EstimatorConfig(**SCORE.values(args)), **_own(score_command, args))
+
+
+def _own(command: Callable, args: Namespace) -> dict:
+    """The values of a command function's own parameters (all but its settings) that were given or have a default."""
+    return {name: args[name] for name in inspect.signature(command).parameters if name != "settings" and name in args}
+
+
+class Parser(ArgumentParser):
+    """jsonargparse's parser, whose errors are the message and a pointer to ``--help``, not the whole usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            super().error(message, ex)  # raises, for the parser of a subcommand
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"error: {message.strip()}\n(see: {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def command_parser(command: Callable, *settings: Fields, skip: set[str] = frozenset()) -> Parser:
+    """A subcommand's parser: ``--config``/``--print_config``, the command's own options, then its settings'."""
+    doc = docstring_parser.parse(command.__doc__ or "")
+    parser = Parser(description="\n\n".join(filter(None, [doc.short_description, doc.long_description])))
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (--print_config writes one)")
+    flags = [name for name, hint in get_type_hints(command).items() if hint is bool]
+    parser.add_function_arguments(command, as_group=False, skip={"settings", *skip, *flags})
+    for name in flags:
+        add_flag(parser, name, inspect.signature(command).parameters[name].default, described(command, name))
+    for group in settings:
+        group.add_to(parser)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """``vtrans evaluate|crossval|score``: one typed parser per subcommand."""
+    parser = Parser(prog="vtrans", description="How sure is a transformer? Score and compare.")
+    commands = parser.add_subcommands(dest="command")
+
+    evaluate = command_parser(evaluate_command, EVALUATE)
+    commands.add_subcommand("evaluate", evaluate, help=_summary(evaluate_command))
+
+    crossval = command_parser(crossval_command, CROSSVAL, CROSSVAL_EVAL)
+    crossval.add_argument(
+        "--train_config",
+        type=str,
+        required=True,
+        help=described(CrossvalConfig, "config"),
+    )
+    commands.add_subcommand("crossval", crossval, help=_summary(crossval_command))
+
+    score = command_parser(score_command, SCORE, skip={"prompts"})
+    score.add_argument("prompts", nargs="*", type=str, default=SUPPRESS, help="prompts to score (or --input FILE)")
+    commands.add_subcommand("score", score, help=_summary(score_command))
+    return parser
+
+
+def _summary(command: Callable) -> str:
+    return docstring_parser.parse(command.__doc__ or "").short_description or ""
+
+
+RUNS: dict[str, Callable[[Namespace], None]] = {"evaluate": run_evaluate, "crossval": run_crossval, "score": run_score}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``vtrans evaluate|crossval|score``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    guarded(lambda: args.run(args))
+    cfg = build_parser().parse_args(argv)
+    guarded(lambda: RUNS[cfg.command](cfg[cfg.command]))

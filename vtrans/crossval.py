@@ -97,7 +97,7 @@ class CrossvalConfig:
         if self.folds < 1:
             raise ConfigError(f"folds must be >= 1, got {self.folds}")
         if self.folds == 1 and self.extra_train is None:
-            raise ConfigError("folds=1 trains on nothing but --extra-train: give --extra-train SPEC or use folds >= 2")
+            raise ConfigError("folds=1 trains on nothing but --extra_train: give --extra_train SPEC or use folds >= 2")
         if not self.seeds:
             raise ConfigError("give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -270,14 +270,14 @@ class CrossFit:
         """The latent of (seed, fold) from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""
         path = Path(self.cfg.from_checkpoints) / f"seed{seed}-fold{fold}.ckpt"
         if not path.is_file():
-            raise ConfigError(f"{path} not found: --from-checkpoints needs seed{seed}-fold{fold}.ckpt (written by --save-checkpoints)")
+            raise ConfigError(f"{path} not found: --from_checkpoints needs seed{seed}-fold{fold}.ckpt (written by --save_checkpoints)")
         recorded = checkpoint.trained_idiom_hashes(path)
         wanted = {idiom_hash(it.idiom) for it in train}
         if recorded != wanted:
             have = "no record of its idioms" if recorded is None else f"{len(recorded)} recorded idioms, {len(recorded ^ wanted)} differ"
             raise ConfigError(
                 f"{path} was not trained on this fold's {len(wanted)} training idioms ({have}): "
-                "use the same --data, --folds, --fold-seed, --extra-train and --self-targets as the run that wrote it"
+                "use the same --data, --folds, --fold_seed, --extra_train and --self_targets as the run that wrote it"
             )
         module = checkpoint.load(path, self.device, backbone=self.backbone)
         if module.hparams.cache_frozen:

@@ -270,7 +270,7 @@ def leave_out_seen(
     if not unseen:
         raise ConfigError(
             f"all {seen} idioms of {data} were in the latent's training data: evaluate it on idioms it has "
-            "not seen (or --keep-seen to score them anyway)"
+            "not seen (or --keep_seen to score them anyway)"
         )
     return unseen, seen
 

@@ -328,12 +328,12 @@ def _seen_sentence(results: dict[str, Any]) -> str | None:
         return "The checkpoint does not record its training idioms: items it was trained on could not be left out."
     if results.get("keep_seen"):
         return (
-            f"{seen} of these items have idioms the latent was trained on and are included (`--keep-seen`): "
+            f"{seen} of these items have idioms the latent was trained on and are included (`--keep_seen`): "
             "their latent scores are in-sample."
         )
     if not seen:
         return "None of the evaluated idioms was in the latent's training data."
-    return f"{seen} items whose idiom the latent was trained on were left out (`--keep-seen` keeps them)."
+    return f"{seen} items whose idiom the latent was trained on were left out (`--keep_seen` keeps them)."
 
 
 def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
@@ -635,14 +635,16 @@ _WHAT_THE_NUMBERS_ARE = """\
   to float32 rounding of −log p near 0: under greedy decoding the paper's output
   cross-entropy is the max-probability baseline. The lens adds information only through the
   intermediate layers (`lens_area`, the by-layer curve).
-- **The reference** is the best cheap baseline: of `msp`, `entropy` and the sampled-word
+- **The reference** is the best cheap baseline: of `msp`, `entropy`, `margin` and the sampled-word
   agreement (`sample_disagreement`, `sample_word_entropy`), the one with the highest AUROC
   (mean over seeds in a cross-fitted run). This choice looks at the scored items, which only
   raises the bar for the others.
-- **Cost** charges each estimator what it needs alone, in plain forwards over the same items:
-  `posterior_var` and `latent_kl` run the encoders only; `latent_mi` and `latent_nll` run the z samples; the
-  probe is one forward with its features (the latent's encoders included) plus its fit.
-  Training the latents is not in the cost.
+- **Cost** is in plain forwards over the same items. The single-pass estimators (`msp`,
+  `entropy`, `margin`, `attention_entropy`, the lens, `posterior_var`, `latent_kl`) share one
+  forward, and each is charged that whole forward with every read off it; MC dropout, `latent_mi`
+  and `latent_nll` (the z samples of the scored position) and the sampled completions are
+  charged it plus their own passes; the probe is the shared forward plus its fit. Training the
+  latents is not in the cost.
 """
 
 
@@ -663,7 +665,7 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     if proto.get("self_targets"):
         extra += (
             " Each latent also trained on the base model's own completion word as a second target of every "
-            "training prompt it completes wrongly (`--self-targets`)."
+            "training prompt it completes wrongly (`--self_targets`)."
         )
     if proto.get("from_checkpoints"):
         extra += (

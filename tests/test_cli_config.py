@@ -1,0 +1,238 @@
+"""The typed command line: ``--config``/``--print_config``, defaults from the dataclasses, bad values.
+
+``vtrans evaluate|crossval|score`` take their settings from ``EstimatorConfig``, ``EvalConfig``
+and ``CrossvalConfig``. These tests parse only (the command functions are replaced by
+recorders), except the last, which runs a small evaluation from a config file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+import vtrans.cli as cli
+from vtrans.cli import main
+from vtrans.config import EstimatorConfig
+from vtrans.crossval import CrossvalConfig
+from vtrans.evaluate import EvalConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+# the fewest options each subcommand needs
+REQUIRED = {
+    "evaluate": ["--out", "runs/x"],
+    "crossval": ["--train_config", str(TINY), "--out", "runs/x"],
+    "score": ["--ckpt", "no.ckpt"],
+}
+
+
+def printed(capsys, *args: str) -> tuple[str, dict]:
+    """``vtrans ARGS --print_config``: the YAML it prints, as text and parsed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, args), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    return text, yaml.safe_load(text)
+
+
+def failed(capsys, *args: str) -> str:
+    """``vtrans ARGS`` that must fail as a user error: exit code 2 and the stderr it wrote."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(map(str, args)))
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert captured.out == ""
+    return captured.err
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[str, object, dict]]:
+    """Replace the three command functions by recorders of (command, settings, own options)."""
+    seen: list[tuple[str, object, dict]] = []
+
+    def recorder(name: str):
+        command = getattr(cli, f"{name}_command")
+
+        @functools.wraps(command)  # the parser reads the command's signature: keep it
+        def record(settings, **own):
+            seen.append((name, settings, own))
+
+        return record
+
+    for name in ("evaluate", "crossval", "score"):
+        monkeypatch.setattr(cli, f"{name}_command", recorder(name))
+    return seen
+
+
+# --------------------------------------------------------------------------- config files
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        ("evaluate", ["--n_boot", "200", "--estimators", "msp,entropy", "--keep_seen", "--template", "Q: {prefix}"]),
+        ("crossval", ["--seeds", "0,1", "--folds", "3", "--samples", "8", "--self_targets"]),
+        ("score", ["--batch_size", "8", "--estimators", "[msp, lens_ce]", "--quiet", "a prompt", "another prompt"]),
+    ],
+)
+def test_print_config_round_trips(command, extra, tmp_path, capsys):
+    text, values = printed(capsys, command, *REQUIRED[command], *extra)
+    path = tmp_path / f"{command}.yaml"
+    path.write_text(text)
+    again, loaded = printed(capsys, command, "--config", path)
+    assert again == text and loaded == values
+    if command == "score":
+        assert values["prompts"] == ["a prompt", "another prompt"] and values["quiet"] is True
+
+
+def test_a_later_option_overrides_the_config_file_and_an_earlier_one_does_not(tmp_path, capsys):
+    path = tmp_path / "eval.yaml"
+    path.write_text("out: runs/from-file\nn_boot: 200\nbatch_size: 4\n")
+    _, later = printed(capsys, "evaluate", "--config", path, "--n_boot", "300")
+    assert (later["n_boot"], later["batch_size"], later["out"]) == (300, 4, "runs/from-file")
+    _, earlier = printed(capsys, "evaluate", "--n_boot", "300", "--config", path)
+    assert earlier["n_boot"] == 200
+
+
+def test_the_example_config_prints_in_full(capsys):  # the one file of tests/test_training.py's COMMAND_CONFIGS
+    _, values = printed(capsys, "evaluate", "--config", REPO / "configs" / "eval.yaml")
+    assert values["ckpt"] == "checkpoints/smollm2/last.ckpt" and values["data"] == "builtin:test"
+    assert {f.name for f in fields(EvalConfig)} <= set(values)  # every setting, defaults included
+    EvalConfig(**{f.name: values[f.name] for f in fields(EvalConfig) if f.name != "template"})
+
+
+# --------------------------------------------------------------------------- one default, written once
+
+
+def test_the_defaults_the_parsers_show_are_the_dataclass_defaults(capsys):
+    _, evaluate = printed(capsys, "evaluate", *REQUIRED["evaluate"])
+    for f in fields(EvalConfig):
+        if f.name != "template":  # --template null: the checkpoint's, else EvalConfig's
+            assert evaluate[f.name] == getattr(EvalConfig(), f.name), f.name
+    assert evaluate["template"] is None
+
+    _, score = printed(capsys, "score", *REQUIRED["score"])
+    for f in fields(EstimatorConfig):
+        assert score[f.name] == getattr(EstimatorConfig(), f.name), f.name
+
+    _, crossval = printed(capsys, "crossval", *REQUIRED["crossval"])
+    default = CrossvalConfig(config=str(TINY))
+    for f in fields(CrossvalConfig):
+        if f.name not in ("config", "eval"):  # config is --train_config; eval's fields are top-level
+            assert crossval[f.name] == getattr(default, f.name), f.name
+    not_crossval = {"data", "split", "template", "seed", "keep_seen", "split_seed", "val_fraction", "test_fraction"}
+    for f in fields(EvalConfig):
+        if f.name not in not_crossval:  # the cross-fitting's own, or each training seed
+            assert crossval[f.name] == getattr(default.eval, f.name), f.name
+        elif f.name not in {"data", "template"}:
+            assert f.name not in crossval, f.name
+
+
+def test_help_lists_every_option_with_its_type_default_and_docstring(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(EvalConfig):
+        assert f"--{f.name}" in text, f.name
+    assert "prompts per forward. (type: int, default: 32)" in text  # EstimatorConfig's docstring
+    assert "--quiet, --no_quiet" in text and "--config CONFIG" in text and "--print_config" in text
+
+
+# --------------------------------------------------------------------------- values reach the dataclasses
+
+
+def test_lists_take_a_comma_separated_string_or_a_yaml_list(calls, tmp_path):
+    main(["evaluate", "--out", "x", "--estimators", "msp, entropy", "--keep_seen", "--no_quiet"])
+    main(["evaluate", "--out", "x", "--estimators", "[msp, entropy]"])
+    (tmp_path / "e.yaml").write_text("out: x\nestimators: [msp, entropy]\nbatch_size: 4\n")
+    main(["evaluate", "--config", str(tmp_path / "e.yaml")])
+    (_, first, own), (_, second, _), (_, third, _) = calls
+    assert first.estimators == second.estimators == third.estimators == ["msp", "entropy"]
+    assert isinstance(first, EvalConfig) and first.keep_seen and not own["quiet"]
+    assert (third.batch_size, own["out"], own["template"], own["model"]) == (4, "x", None, "smollm2")
+
+    for seeds, expected in [("0,1,2", [0, 1, 2]), ("7", [7]), ("[3, 4]", [3, 4])]:
+        main(["crossval", *REQUIRED["crossval"], "--seeds", seeds, "--samples", "8", "--estimators", "msp"])
+        _, settings, _ = calls[-1]
+        assert isinstance(settings, CrossvalConfig) and settings.seeds == expected
+        assert settings.config == str(TINY) and settings.eval.samples == 8 and settings.eval.estimators == ["msp"]
+
+
+def test_score_flags_leave_the_prompts_alone_and_settings_are_one_config(calls):
+    main(["score", "--ckpt", "c.ckpt", "--samples", "4", "--estimators", "msp,lens_ce", "--quiet", "a prompt", "b"])
+    (command, settings, own), = calls
+    assert command == "score" and own["prompts"] == ["a prompt", "b"] and own["quiet"] is True
+    assert settings == EstimatorConfig(samples=4)
+    assert own["estimators"] == "msp,lens_ce"  # split by the command: None means the checkpoint's default
+
+
+# --------------------------------------------------------------------------- bad settings: one line, exit 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "--out", "x", "--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["evaluate", "--out", "x", "--samples", "1"], "samples must be >= 2, got 1"),
+        (["evaluate", "--out", "x", "--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+        (["crossval", *REQUIRED["crossval"], "--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["crossval", *REQUIRED["crossval"], "--seeds", "0,a"], "seeds must be comma-separated int values"),
+        # checked before the checkpoint is looked for
+        (["score", "--ckpt", "/no/such.ckpt", "--samples", "1", "x"], "samples must be >= 2, got 1"),
+        (["evaluate", "--out", "x", "--estimators", "msp,nope"], "unknown estimator(s) nope"),
+        (["crossval", *REQUIRED["crossval"], "--estimators", "[nope]"], "unknown estimator(s) nope"),
+    ],
+)
+def test_a_value_out_of_range_is_the_packages_one_line(args, message, capsys):
+    err = failed(capsys, *args)
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_value_out_of_range_in_a_config_file_is_the_same_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("out: x\nbatch_size: 0\n")
+    assert failed(capsys, "evaluate", "--config", path) == "error: batch_size must be >= 1, got 0\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        (["evaluate", "--out", "x", "--batch_size", "abc"], "batch_size"),
+        (["evaluate", "--out", "x", "--z_draws", "halton"], "z_draws"),
+        (["evaluate", "--out", "x", "--bogus", "1"], "--bogus"),
+        (["evaluate", "--out", "x", "--batch-size", "8"], "--batch-size"),  # the old spelling
+        (["score", "--ckpt", "c.ckpt", "--long_prompts", "drop", "x"], "long_prompts"),
+        (["evaluate"], "out"),
+        (["nonsense"], "nonsense"),
+    ],
+)
+def test_a_wrong_type_or_unknown_option_is_a_short_message_and_exit_2(args, mentions, capsys):
+    err = failed(capsys, *args)
+    assert err.startswith("error: ") and mentions in err and "--help" in err, err
+    assert "usage:" not in err and "Traceback" not in err and len(err.splitlines()) <= 8, err
+
+
+# --------------------------------------------------------------------------- a run from a config file
+
+
+def test_evaluate_runs_from_a_config_file_with_an_override(tmp_path, capsys):
+    out = tmp_path / "run"
+    path = tmp_path / "eval.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"model": "tiny-gpt2", "data": "builtin", "max_items": 4, "n_boot": 100, "batch_size": 2,
+             "estimators": ["msp", "entropy"], "out": str(tmp_path / "elsewhere"), "quiet": True}
+        )
+    )
+    main(["evaluate", "--config", str(path), "--out", str(out), "--estimators", "msp,lens_ce"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == 4 and set(results["estimators"]) == {"msp", "lens_ce"}
+    assert results["config"]["batch_size"] == 2 and results["config"]["estimators"] == ["msp", "lens_ce"]
+    assert not (tmp_path / "elsewhere").exists()
+    assert "msp" in capsys.readouterr().out
