@@ -50,3 +50,24 @@ def test_evaluate_on_two_processes_gives_the_rows_of_one(tiny_ckpt, tmp_path: Pa
     assert len(one) == 9 and one == two
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["n"] == 9
+
+
+@pytest.mark.slow
+def test_score_command_on_two_devices_prints_the_records_of_one(tiny_ckpt, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = [sys.executable, "-m", "vtrans.cli", "score", "--ckpt", str(tiny_ckpt), "--input", str(prompts),
+            "--batch_size", "2", "--samples", "4", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    one = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([*args, "--devices", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.count("\n") == len(PROMPTS)
+    bad = subprocess.run([*args[:-1], "--devices", "2", "--ckpt", str(tmp_path / "missing.ckpt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1  # one rank speaks, one line

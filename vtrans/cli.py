@@ -109,6 +109,7 @@ def evaluate_command(
     model: str = "smollm2",
     template: str | None = None,
     device: str = "auto",
+    devices: int = 1,
     quiet: bool = False,
 ) -> None:
     """Compare every uncertainty estimator on idiom completion.
@@ -122,17 +123,24 @@ def evaluate_command(
         model: backbone when no ``--ckpt`` is given.
         template: prompt template with one ``{prefix}`` field; null: the checkpoint's, else the built-in one.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        devices: processes to share the batches (one GPU each on CUDA, gloo on CPUs); the results
+            are those of one process.
         quiet: no progress bars.
     """
-    from vtrans import checkpoint
+    from vtrans import checkpoint, distributed
     from vtrans.data import DEFAULT_TEMPLATE
     from vtrans.evaluate import evaluate
     from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
+    if devices > 1:
+        own = dict(out=out, ckpt=ckpt, model=model, template=template, device=device, quiet=quiet)
+        return on_devices(evaluate_command, devices, resolve_device(device), dict(settings=settings, **own))
     template = template or (checkpoint.template_of(ckpt) if ckpt else None) or DEFAULT_TEMPLATE
     settings = replace(settings, template=template)
     results = evaluate(settings, out, ckpt=ckpt, model=model, device=resolve_device(device), progress=not quiet)
+    if distributed.current().rank != 0:
+        return None
     reasons: dict[str, list[str]] = {}
     for name, why in results.get("dropped", {}).items():
         reasons.setdefault(why, []).append(name)
@@ -150,6 +158,7 @@ def evaluate_command(
         print(f"warning: kept {results['seen']} idioms the latent was trained on (--keep_seen)", file=sys.stderr)
     print(format_table(results))
     print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots")
+    return None
 
 
 def crossval_command(
@@ -188,6 +197,7 @@ def score_command(
     template: str | None = None,
     long_prompts: Literal["truncate", "refuse"] = "truncate",
     device: str = "auto",
+    devices: int = 1,
     quiet: bool = False,
 ) -> None:
     """Score prompts with a trained checkpoint: one JSON line per prompt.
@@ -209,18 +219,30 @@ def score_command(
             null: prompts verbatim.
         long_prompts: prompts longer than the context: ``truncate`` (from the left) or ``refuse``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        devices: processes to share the batches (one GPU each on CUDA, gloo on CPUs); the records
+            are those of one process, in input order.
         quiet: no progress bar and no warnings.
     """
+    from vtrans import distributed
     from vtrans.scorer import Line, Scorer, open_input, write_jsonl
 
     if input and prompts:
         fail("give prompts or --input FILE, not both")
     if input:
         lines, total = open_input(input)
+        if devices > 1 and input == "-":
+            fail("--devices needs prompts or an --input file: standard input cannot be read by several processes")
     elif prompts:
         lines, total = (Line(p) for p in prompts), len(prompts)
     else:
         fail("nothing to score: give prompts or --input FILE")
+    if devices > 1:
+        own = dict(ckpt=ckpt, prompts=prompts, input=input, estimators=estimators, template=template)
+        own.update(long_prompts=long_prompts, device=device, quiet=quiet)
+        from vtrans.backbones import resolve_device
+
+        return on_devices(score_command, devices, resolve_device(device), dict(settings=settings, **own))
+    rank = distributed.current().rank
     scorer = Scorer.from_checkpoint(
         ckpt,
         device=device,
@@ -231,6 +253,10 @@ def score_command(
         quiet=quiet,
     )
     sys.stdout.flush()
+    if rank != 0:  # under a process group every rank yields every record; rank 0 writes them
+        for _ in scorer.score_lines(lines, total):
+            pass
+        return None
     try:
         written, errors = write_jsonl(scorer.score_lines(lines, total), sys.stdout.buffer)
     except BrokenPipeError:  # the reader went away (| head): stop quietly
@@ -238,6 +264,33 @@ def score_command(
         raise SystemExit(0) from None
     if errors:
         print(f"warning: {errors} of {written} prompts could not be scored (see their 'error' fields)", file=sys.stderr)
+    return None
+
+
+def on_devices(command: Callable, devices: int, device: str, kwargs: dict) -> None:
+    """Run ``command(**kwargs)`` in ``devices`` processes of one process group (``vtrans.distributed``) on ``device``."""
+    from vtrans import distributed
+
+    if devices < 1:
+        fail(f"devices must be >= 1, got {devices}")
+    if device.startswith("cuda") and devices > torch_cuda_devices():
+        fail(f"--devices {devices} on {device}: this machine has {torch_cuda_devices()} GPU(s)")
+    distributed.launch(_on_rank, devices, device, command, kwargs)
+
+
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _on_rank(command: Callable, kwargs: dict) -> None:
+    """One rank of a multi-process command: rank 0 speaks, the others keep quiet (they run the same work)."""
+    from vtrans import distributed
+
+    if distributed.current().rank != 0:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
+    guarded(lambda: command(**kwargs))
 
 
 # --------------------------------------------------------------------------- typed options
@@ -425,3 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     """``vtrans evaluate|crossval|score``."""
     cfg = build_parser().parse_args(argv)
     guarded(lambda: RUNS[cfg.command](cfg[cfg.command]))
+
+
+if __name__ == "__main__":
+    main()

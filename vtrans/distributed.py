@@ -101,4 +101,9 @@ def launch(fn: Callable, devices: int, device: str, *args: Any) -> None:
     ends the run with that error.
     """
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    mp.start_processes(_worker, args=(devices, _free_port(), backend, fn, args), nprocs=devices, join=True, start_method="spawn")
+    try:
+        mp.start_processes(
+            _worker, args=(devices, _free_port(), backend, fn, args), nprocs=devices, join=True, start_method="spawn"
+        )
+    except mp.ProcessExitedException as err:  # a rank ended with an exit code (its message is on stderr)
+        raise SystemExit(err.exit_code) from None
