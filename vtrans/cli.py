@@ -239,7 +239,7 @@ def score_command(
     if devices > 1:
         own = dict(ckpt=ckpt, prompts=prompts, input=input, estimators=estimators, template=template)
         own.update(long_prompts=long_prompts, device=device, quiet=quiet)
-        from vtrans.backbones import resolve_device
+        from vtrans.loading import resolve_device
 
         return on_devices(score_command, devices, resolve_device(device), dict(settings=settings, **own))
     rank = distributed.current().rank
