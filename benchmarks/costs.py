@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from vtrans.backbones import Backbone
 from vtrans.config import EstimatorConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms, load_split, render_prompt
 from vtrans.estimators import mc_dropout
 from vtrans.estimators.base import context_for, run_forward
+from vtrans.loading import Backbone
 from vtrans.module import LatentLM
 from vtrans.runner import Runner
 from vtrans.tokens import encode
@@ -68,7 +68,7 @@ def load_seconds(model: str) -> dict[str, float]:
     tokenizer from the cache; ``total``: both (what a user waits for before the first score).
     """
     code = (
-        "import time; t0 = time.perf_counter(); from vtrans.backbones import Backbone; t1 = time.perf_counter(); "
+        "import time; t0 = time.perf_counter(); from vtrans.loading import Backbone; t1 = time.perf_counter(); "
         f"Backbone({model!r}); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache

@@ -11,10 +11,10 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vtrans.backbones import Backbone
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators import lens, mc_dropout
+from vtrans.loading import Backbone
 from vtrans.module import LatentLM
 from vtrans.tokens import encode, target_ids
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from vtrans import checkpoint, metrics
-from vtrans.backbones import Backbone
 from vtrans.crossval import read_training_config
 from vtrans.data import load_idioms
 from vtrans.estimators import latent as latent_estimators
 from vtrans.evaluate import EvalConfig
+from vtrans.loading import Backbone
 from vtrans.runner import Runner
 
 

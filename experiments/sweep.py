@@ -24,10 +24,10 @@ import lightning as L
 import torch
 
 from vtrans import metrics
-from vtrans.backbones import Backbone
 from vtrans.data import IdiomDataModule, load_split
 from vtrans.evaluate import EvalConfig, score_items
 from vtrans.frozen import FrozenCache
+from vtrans.loading import Backbone
 from vtrans.module import LatentLM
 from vtrans.runner import Runner
 

@@ -53,21 +53,22 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append(scores["latent_mi"].double().numpy())
             values = np.stack(runs)  # (R, n)
             aurocs = [metrics.auroc(v, errors) for v in values]
+            over_seeds = metrics.spread(aurocs)
             rel = float(np.mean(values.std(0, ddof=1) / np.maximum(np.abs(values.mean(0)), 1e-12)))
             rows.append(
                 {
                     "samples": samples,
                     "draws": draws,
                     "item_relative_sd": rel,
-                    "auroc_mean": float(np.mean(aurocs)),
-                    "auroc_sd": float(np.std(aurocs, ddof=1)),
+                    "auroc_mean": over_seeds["mean"],
+                    "auroc_sd": over_seeds["sd"],
                     "aurocs": aurocs,
                     "seconds": float(np.median(seconds)),
                 }
             )
             print(
-                f"S={samples:3d} {draws:10s} item sd/mean {rel:.3f}  AUROC {np.mean(aurocs):.3f} ± "
-                f"{np.std(aurocs, ddof=1):.3f}  {np.median(seconds):.1f} s",
+                f"S={samples:3d} {draws:10s} item sd/mean {rel:.3f}  AUROC {over_seeds['mean']:.3f} ± "
+                f"{over_seeds['sd']:.3f}  {np.median(seconds):.1f} s",
                 flush=True,
             )
     summary = {"ckpt": args.ckpt, "data": args.data, "n": len(items), "accuracy": float(1 - errors.mean()), "rows": rows}

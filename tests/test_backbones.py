@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from vtrans import backbones, tokens
-from vtrans.backbones import Backbone, BackboneError
+from vtrans.errors import BackboneError
+from vtrans.loading import Backbone
 
 PROMPTS = ["Complete the idiom: a piece of", "Hi", "Complete the idiom: once in a blue"]
 TARGETS = ["cake", "there friend", "moon"]
@@ -39,6 +40,7 @@ def test_tiny_gpt2_is_tiny(tiny_gpt2):
     assert model.config.n_layer == 4 and model.config.n_embd == 64
     assert tiny_gpt2.family == "gpt2" and backbones.family(model) == "gpt2"
     assert tiny_gpt2.n_layers == 4 and tiny_gpt2.d_model == 64
+    assert backbones.trunk(model) is model.transformer
     assert backbones.blocks(model) is model.transformer.h and len(model.transformer.h) == 4
     assert backbones.final_norm(model) is model.transformer.ln_f
     assert backbones.unembedding(model) is model.lm_head
@@ -51,6 +53,7 @@ def test_tiny_llama_is_tiny(tiny_llama):
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 64
     assert tiny_llama.family == "llama" and backbones.family(model) == "llama"
     assert tiny_llama.n_layers == 4 and tiny_llama.d_model == 64
+    assert backbones.trunk(model) is model.model
     assert backbones.blocks(model) is model.model.layers and len(model.model.layers) == 4
     assert backbones.final_norm(model) is model.model.norm
     assert backbones.unembedding(model) is model.lm_head
@@ -184,6 +187,27 @@ def test_surgery_is_undone_when_the_body_raises(tiny_backbone, context):
     with torch.no_grad():
         out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
     assert len(out.hidden_states) == tiny_backbone.n_layers + 1
+
+
+def test_attention_implementation_switches_for_the_block_and_back(tiny_backbone):
+    model = tiny_backbone.model
+    assert model.config._attn_implementation == "eager"
+    enc = encoded(tiny_backbone)
+    with backbones.attention_implementation(model, "sdpa") as m:
+        assert m is model and model.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            sdpa = full_logits(model, enc)
+    assert model.config._attn_implementation == "eager"
+    real = enc.attention_mask.bool()  # padded positions attend to nothing: each implementation fills them its own way
+    torch.testing.assert_close(sdpa[real], full_logits(model, enc)[real], atol=1e-5, rtol=0)  # the same model
+    with backbones.attention_implementation(model, None):
+        assert model.config._attn_implementation == "eager"  # None leaves it as it is
+    with pytest.raises(RuntimeError, match="inside"), backbones.attention_implementation(model, "sdpa"):
+        raise RuntimeError("inside the context")
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_attentions=True)
+    assert out.attentions is not None and len(out.attentions) == tiny_backbone.n_layers  # eager again: weights
 
 
 # --------------------------------------------------------------------------- loading

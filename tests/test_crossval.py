@@ -17,7 +17,6 @@ import torch
 import yaml
 
 import vtrans.crossval as crossval_module
-from vtrans.backbones import Backbone
 from vtrans.cli import main
 from vtrans.crossval import CrossvalConfig, assign_folds, read_training_config
 from vtrans.data import (
@@ -31,6 +30,7 @@ from vtrans.data import (
 from vtrans.errors import ConfigError
 from vtrans.estimators import probe
 from vtrans.generate import complete
+from vtrans.loading import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from vtrans import backbones
-from vtrans.backbones import Backbone
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.common import entropy_of_probs, predictive_stats
 from vtrans.estimators.registry import PROBE_FEATURES
 from vtrans.latent import kl_normal
+from vtrans.loading import Backbone
 from vtrans.metrics import auroc
 from vtrans.tokens import aggregate, encode
 

@@ -19,12 +19,12 @@ import yaml
 from torch.testing import assert_close
 
 import vtrans.evaluate as evaluate_module
-from vtrans.backbones import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
 from vtrans.estimators.registry import PROBE_FEATURES
 from vtrans.evaluate import EvalConfig, probe_train_items, score_items
 from vtrans.generate import complete
+from vtrans.loading import Backbone
 from vtrans.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,13 +18,8 @@ import torch
 import yaml
 
 from vtrans import checkpoint
-from vtrans.checkpoint_io import (
-    AtomicCheckpointIO,
-    NonFiniteCheckpointError,
-    NonFiniteGuard,
-    ResumableRNG,
-    non_finite_tensors,
-)
+from vtrans.callbacks import NonFiniteGuard, ResumableRNG
+from vtrans.checkpoint import AtomicCheckpointIO, NonFiniteCheckpointError, non_finite_tensors
 from vtrans.data import EpochShuffle, IdiomDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +73,7 @@ def test_kill_mid_save_leaves_previous_checkpoint_intact(tmp_path) -> None:
     script = textwrap.dedent(
         f"""
         import io, os, signal, torch
-        from vtrans.checkpoint_io import AtomicCheckpointIO
+        from vtrans.checkpoint import AtomicCheckpointIO
         real = torch.save
         def save(obj, f, *a, **k):
             buf = io.BytesIO(); real(obj, buf)

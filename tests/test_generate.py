@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtrans.backbones import Backbone
 from vtrans.generate import Completion, complete, is_correct, word_token_count
+from vtrans.loading import Backbone
 
 PROMPTS = ["Complete the idiom: a piece of", "Complete the idiom: kill two birds with one", "Complete the idiom: break the"]
 

@@ -282,3 +282,26 @@ def test_summarize_returns_python_floats() -> None:
     assert all(type(out[k]) is float for k in ("auroc", "auprc", "prr", "aurc"))
     assert len(out["auroc_ci"]) == 2 and all(type(x) is float for x in out["auroc_ci"])
     assert out["auroc_ci"][0] < out["auroc"] < out["auroc_ci"][1]
+
+
+# --------------------------------------------------------------------------- scored items, spread over seeds
+
+
+def test_scored_drops_the_items_without_a_score_and_keeps_inf() -> None:
+    scores = torch.tensor([0.3, float("nan"), float("inf"), 0.1], dtype=torch.float64)
+    s, e = metrics.scored(scores, [1, 0, 1, 0])
+    np.testing.assert_array_equal(s, [0.3, np.inf, 0.1])
+    np.testing.assert_array_equal(e, [1, 1, 0])
+    assert auroc(s, e) == roc_auc_score([1, 1, 0], [0.3, 1e300, 0.1])
+    empty = metrics.scored([float("nan")], [1])
+    assert empty[0].size == 0 and math.isnan(auroc(*empty))
+
+
+def test_spread_is_numpys_mean_and_sample_sd_over_the_finite_values() -> None:
+    values = [0.71, 0.64, float("nan"), 0.69]
+    out = metrics.spread(values)
+    assert out["mean"] == pytest.approx(np.mean([0.71, 0.64, 0.69]), abs=0, rel=1e-15)
+    assert out["sd"] == pytest.approx(np.std([0.71, 0.64, 0.69], ddof=1), abs=0, rel=1e-15)
+    one = metrics.spread([0.7])
+    assert one["mean"] == 0.7 and math.isnan(one["sd"])  # one seed: no spread to speak of
+    assert all(math.isnan(v) for v in metrics.spread([float("nan")]).values())

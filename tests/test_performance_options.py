@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtrans.backbones import Backbone
 from vtrans.errors import ConfigError
 from vtrans.estimators import mc_dropout
+from vtrans.loading import Backbone
 from vtrans.module import LatentLM
 from vtrans.tokens import encode
 

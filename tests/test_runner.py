@@ -21,7 +21,7 @@ SINGLE_PASS = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
 def latent(request):
-    from vtrans.backbones import Backbone
+    from vtrans.loading import Backbone
 
     backbone = Backbone(request.param, attn_implementation="sdpa")
     with torch.random.fork_rng():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vtrans.backbones import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import sampling
 from vtrans.evaluate import EvalConfig, score_items
+from vtrans.loading import Backbone
 from vtrans.runner import Runner
 
 NAMES = ["sample_disagreement", "sample_word_entropy"]

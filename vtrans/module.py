@@ -13,11 +13,11 @@ import torch.utils.checkpoint
 from torchmetrics import MeanMetric, Metric
 
 from vtrans import backbones, tokens
-from vtrans.backbones import Backbone
 from vtrans.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
 from vtrans.errors import ConfigError
-from vtrans.frozen import FrozenCache
+from vtrans.frozen import FrozenCache, FrozenPrefix, upper_prefix, upper_suffix
 from vtrans.latent import GaussianLatent, Prior, kl_normal
+from vtrans.loading import Backbone
 from vtrans.tokens import Encoded
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
@@ -77,7 +77,7 @@ class LatentLM(L.LightningModule):
         """Build the latent around a frozen backbone.
 
         Args:
-            backbone: the frozen causal LM (``vtrans.backbones.Backbone``).
+            backbone: the frozen causal LM (``vtrans.loading.Backbone``).
             layer: number of blocks below the latent (z enters after block ``layer``);
                 1 ≤ layer ≤ n_layers − 1; default the middle, n_layers // 2.
             d_z: latent dimension.
@@ -148,17 +148,17 @@ class LatentLM(L.LightningModule):
         return out.last_hidden_state
 
     @torch.no_grad()
-    def prefix(self, h: torch.Tensor, enc: Encoded) -> backbones.FrozenPrefix:
+    def prefix(self, h: torch.Tensor, enc: Encoded) -> FrozenPrefix:
         """Keys/values of the upper blocks for the positions before every scored one.
 
         z enters at the scored position and after, so nothing before it depends on z: these
         positions run once, without autograd, and every sample of z reuses them.
         """
         split = int(enc.scored.min())
-        return backbones.upper_prefix(self.backbone.model, self.layer, h, enc.attention_mask, enc.position_ids, split)
+        return upper_prefix(self.backbone.model, self.layer, h, enc.attention_mask, enc.position_ids, split)
 
     def decode(
-        self, h: torch.Tensor, z: torch.Tensor, enc: Encoded, prefix: backbones.FrozenPrefix | None = None
+        self, h: torch.Tensor, z: torch.Tensor, enc: Encoded, prefix: FrozenPrefix | None = None
     ) -> torch.Tensor:
         """Logits for the target slots given z, (B, N, V): z enters from the scored position on.
 
@@ -170,7 +170,7 @@ class LatentLM(L.LightningModule):
         suffix = self.latent.inject(h[:, split:], z, enc.after_scored[:, split:])  # (B, T-split, C)
 
         def run(stream: torch.Tensor) -> torch.Tensor:
-            return backbones.upper_suffix(
+            return upper_suffix(
                 self.backbone.model, self.layer, stream, enc.attention_mask, enc.position_ids, prefix, logits_to_keep=n + 1
             )
 

@@ -112,11 +112,11 @@ def _estimator_entry(
     scores: np.ndarray, errors: np.ndarray, cost: dict[str, float], n_boot: int, seed: int
 ) -> dict[str, Any]:
     """Metrics, cost and item count of one estimator, NaN-scored items dropped."""
-    keep = ~np.isnan(scores)
-    entry = metrics.summarize(scores[keep], errors[keep], n_boot=n_boot, seed=seed)
+    scores, errors = metrics.scored(scores, errors)
+    entry = metrics.summarize(scores, errors, n_boot=n_boot, seed=seed)
     entry["cost_forward_equiv"] = _float(cost.get("cost_forward_equiv"))
     entry["seconds"] = _float(cost.get("seconds"))
-    entry["n"] = int(keep.sum())
+    entry["n"] = int(scores.size)
     return entry
 
 
@@ -391,9 +391,7 @@ def _styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def _scored(rows: Sequence[dict[str, Any]], name: str, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An estimator's scores and the matching errors, NaN-scored items dropped."""
-    scores = _score_column(rows, name)
-    keep = ~np.isnan(scores)
-    return scores[keep], errors[keep]
+    return metrics.scored(_score_column(rows, name), errors)
 
 
 def _legend_outside(ax: Axes) -> None:

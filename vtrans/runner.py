@@ -49,7 +49,7 @@ class Runner:
         shard: Shard | None = None,
     ) -> None:
         """Args:
-            backbone: the base model (``vtrans.backbones.Backbone``).
+            backbone: the base model (``vtrans.loading.Backbone``).
             module: a trained ``LatentLM`` on that backbone, or None (no latent estimators).
             config: the estimator settings.
             progress: show progress bars (rank 0 only).

@@ -294,8 +294,8 @@ class Scorer:
                 a checkpoint of another base model.
         """
         from vtrans import checkpoint
-        from vtrans.backbones import resolve_device
         from vtrans.data import DEFAULT_TEMPLATE
+        from vtrans.loading import resolve_device
 
         device = distributed.rank_device(resolve_device(device), distributed.current())
         module = checkpoint.load(path, device=device, backbone=backbone)

@@ -21,6 +21,7 @@ from vtrans import backbones
 from vtrans.config import EstimatorConfig, ZDraws
 from vtrans.estimators.base import Context, Family, Forward, context_for, item_seed, run_forward
 from vtrans.estimators.common import predictive_stats
+from vtrans.frozen import FrozenPrefix
 from vtrans.latent import kl_normal
 from vtrans.tokens import Encoded
 
@@ -150,7 +151,7 @@ def sample_chunks(
         allowed = torch.cat([before[part].unsqueeze(1).expand(n, samples, width), own.expand(n, -1, -1)], -1)
         mask = torch.zeros(allowed.shape, dtype=stream.dtype, device=h.device)
         mask = mask.masked_fill(~allowed, torch.finfo(stream.dtype).min).unsqueeze(1)  # (n, 1, S, T + S)
-        prefix = backbones.FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
+        prefix = FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
         with backbones.blocks_from(model, module.layer) as upper:
             logits = upper(
                 inputs_embeds=stream,

