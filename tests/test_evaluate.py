@@ -300,8 +300,8 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
 
 
 def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
+    from vtrans.backbones import attention_implementation
     from vtrans.estimators import attention
-    from vtrans.runner import attention_implementation
     from vtrans.tokens import encode
 
     model = gpt2.model

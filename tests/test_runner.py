@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from vtrans.backbones import attention_implementation
 from vtrans.config import EstimatorConfig
 from vtrans.estimators import attention, baselines, lens, registry
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.base import Family, run_forward
 from vtrans.generate import Completion
 from vtrans.module import LatentLM
-from vtrans.runner import Runner, attention_implementation
+from vtrans.runner import Runner
 from vtrans.tokens import encode
 
 PROMPTS = ["Complete the idiom: the early bird catches the", "Complete the idiom: a piece of", "once in a blue"]

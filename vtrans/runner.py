@@ -18,14 +18,14 @@ processes share a run (``vtrans.distributed``). ``vtrans evaluate``, ``vtrans sc
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from vtrans import distributed
+from vtrans.backbones import attention_implementation
 from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
 from vtrans.distributed import Shard
@@ -224,19 +224,6 @@ class Runner:
             self.model(**enc.inputs)
         _sync(self.device)
         return time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def attention_implementation(model, name: str | None) -> Iterator[None]:
-    """Switch a model's attention implementation (``eager`` returns weights) for a block, then back."""
-    saved = model.config._attn_implementation
-    try:
-        if name is not None and saved != name:
-            model.set_attn_implementation(name)
-        yield
-    finally:
-        if model.config._attn_implementation != saved:
-            model.set_attn_implementation(saved)
 
 
 def _sync(device: torch.device) -> None:
