@@ -10,6 +10,8 @@ measure) and ``lens_area`` the mean over layers (how slowly the stream converges
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from vtrans import backbones
@@ -26,6 +28,7 @@ def trajectory(
     *more_ids: torch.Tensor,
     first_only: bool = False,
     max_logits: int = 1 << 26,
+    final_logits: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """−log p_ℓ(ids) at every layer and slot, (B, L+1, N); (B, L+1, 1) at the first slot only with ``first_only``.
 
@@ -37,6 +40,8 @@ def trajectory(
         first_only: decode only each item's first slot (the scored position): what
             ``aggregate="first"`` reads, at 1/N of the cost.
         max_logits: the most logits held at once (64 Mi floats: 256 MiB).
+        final_logits: (B, N, V) the model's own logits at the slots, when the forward kept them:
+            the last layer is read off them instead of being unembedded again.
     """
     unembed, norm = backbones.unembedding(model), backbones.final_norm(model)
     sets = (ids, *more_ids)
@@ -53,10 +58,17 @@ def trajectory(
     batch, slots, _ = states[0].shape
     vocab = unembed.weight.shape[0]
     step = max(1, max_logits // (batch * slots * vocab))
+    decoded = states if final_logits is None else states[:-1]
+    groups = (
+        unembed(torch.stack([h if i == last else norm(h) for i, h in enumerate(decoded[a : a + step], a)], 1))
+        for a in range(0, len(decoded), step)
+    )  # (B, layers, N, V) each
+    if final_logits is not None:
+        final = final_logits[rows, enc.first_slot].unsqueeze(1) if first_only else final_logits  # (B, N, V)
+        groups = itertools.chain(groups, [final.unsqueeze(1)])
     parts: list[list[torch.Tensor]] = [[] for _ in sets]
-    for start in range(0, len(states), step):
-        group = [h if i == last else norm(h) for i, h in enumerate(states[start : start + step], start)]
-        logits = unembed(torch.stack(group, 1)).float()  # (B, layers, N, V)
+    for logits in groups:
+        logits = logits.float()
         log_z = torch.logsumexp(logits, -1)  # (B, layers, N)
         for acc, chosen in zip(parts, sets, strict=True):
             picked = logits.gather(-1, chosen[:, None, :, None].expand(-1, logits.shape[1], -1, 1)).squeeze(-1)
@@ -66,18 +78,25 @@ def trajectory(
 
 
 def from_hidden_states(
-    model, states: tuple[torch.Tensor, ...], enc: Encoded, how: str = "first", gold: torch.Tensor | None = None
+    model,
+    states: tuple[torch.Tensor, ...],
+    enc: Encoded,
+    how: str = "first",
+    gold: torch.Tensor | None = None,
+    final_logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``lens_ce``, ``lens_area`` (B,) and ``lens_ce_by_layer`` (B, L+1) from a forward's hidden states;
     with ``gold`` (B,) first gold-token ids, also ``lens_ce_gold_by_layer`` (analysis only: it reads the answer)."""
     rows = torch.arange(enc.targets.shape[0], device=enc.targets.device)
     first = how == "first"
     if gold is None:
-        traj = trajectory(model, states, enc, enc.targets, first_only=first)  # (B, L+1, N or 1)
+        traj = trajectory(model, states, enc, enc.targets, first_only=first, final_logits=final_logits)  # (B, L+1, N or 1)
     else:
         gold_ids = enc.targets.clone()
         gold_ids[rows, enc.first_slot] = gold.to(gold_ids.device)
-        traj, gold_traj = trajectory(model, states, enc, enc.targets, gold_ids, first_only=first)
+        traj, gold_traj = trajectory(
+            model, states, enc, enc.targets, gold_ids, first_only=first, final_logits=final_logits
+        )
     if first:
         by_layer = traj[:, :, 0]
     else:
@@ -89,7 +108,9 @@ def from_hidden_states(
 
 
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
-    return from_hidden_states(context.model, forward.hidden_states, forward.enc, context.config.aggregate, forward.gold)
+    return from_hidden_states(
+        context.model, forward.hidden_states, forward.enc, context.config.aggregate, forward.gold, forward.logits
+    )
 
 
 def scores(model, enc: Encoded, how: str = "first", gold: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
