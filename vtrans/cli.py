@@ -26,7 +26,6 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 from vtrans.config import EstimatorConfig
 from vtrans.crossval import CrossvalConfig
 from vtrans.errors import ConfigError, UserError
-from vtrans.estimators.registry import NAMES
 from vtrans.evaluate import EvalConfig
 
 
@@ -335,11 +334,10 @@ def add_flag(target, name: str, default: bool, help: str) -> None:
 
 
 def _estimator_help() -> str:
-    """The estimator names, each with its line of help where the registry has one."""
+    """The estimator names, each with its line of help from the registry."""
     from vtrans.estimators import registry
 
-    help_text = getattr(registry, "help_text", None)
-    return help_text() if callable(help_text) else "choose from " + ", ".join(NAMES)
+    return registry.help_text()
 
 
 @dataclass(frozen=True)
