@@ -268,19 +268,15 @@ def score_command(
 
 def on_devices(command: Callable, devices: int, device: str, kwargs: dict) -> None:
     """Run ``command(**kwargs)`` in ``devices`` processes of one process group (``vtrans.distributed``) on ``device``."""
+    import torch
+
     from vtrans import distributed
 
     if devices < 1:
         fail(f"devices must be >= 1, got {devices}")
-    if device.startswith("cuda") and devices > torch_cuda_devices():
-        fail(f"--devices {devices} on {device}: this machine has {torch_cuda_devices()} GPU(s)")
+    if device.startswith("cuda") and devices > (gpus := torch.cuda.device_count()):
+        fail(f"--devices {devices} on {device}: this machine has {gpus} GPU(s)")
     distributed.launch(_on_rank, devices, device, command, kwargs)
-
-
-def torch_cuda_devices() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def _on_rank(command: Callable, kwargs: dict) -> None:

@@ -321,9 +321,9 @@ class CrossFit:
         lens_gold = fixed.pop("lens_ce_gold_by_layer", None)
         by_seed: dict[int, dict[str, torch.Tensor]] = {}
         fold_log = []
+        stochastic = [nm for nm in runnable if not _seed_free(nm)]
         for seed in cfg.seeds:
             runner = Runner(self.backbone, None, replace(ev, seed=seed), self.progress)
-            stochastic = [nm for nm in runnable if not _seed_free(nm)]
             sto_seconds: dict[str, float] = {}
             scores = runner.scores(prompts, completions, stochastic, seconds=sto_seconds) if stochastic else {}
             scores = {**fixed, **scores}

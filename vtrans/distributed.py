@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,12 @@ class Shard:
     def mine(self, batch: int) -> bool:
         """Whether batch number ``batch`` runs here."""
         return batch % self.world == self.rank
+
+    def batches(self, n: int, size: int) -> Iterator[tuple[int, slice]]:
+        """``(batch number, items)`` of this rank's batches when ``n`` items are cut into batches of ``size``."""
+        for b, first in enumerate(range(0, n, size)):
+            if self.mine(b):
+                yield b, slice(first, min(first + size, n))
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (on every rank)."""

@@ -30,7 +30,7 @@ from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
 from vtrans.distributed import Shard
 from vtrans.estimators import registry
-from vtrans.estimators.base import Context, Family, item_seed, run_forward
+from vtrans.estimators.base import Context, item_seed, run_forward
 from vtrans.generate import Completion, complete, is_correct
 from vtrans.tokens import encode, target_ids
 
@@ -73,11 +73,6 @@ class Runner:
         agg = self.config.aggregate
         return [n for n in dict.fromkeys(wanted) if n != "probe" and registry.why_not(n, self.module, agg) is None]
 
-    def families(self, names: Sequence[str]) -> list[Family]:
-        """The families that ``names`` need, in registry order."""
-        wanted = {registry.family_of(n).name for n in self.runnable(names)}
-        return [f for f in registry.FAMILIES if f.name in wanted]
-
     # ------------------------------------------------------------------ completions
 
     def _bar(self, total: int, desc: str):
@@ -88,20 +83,18 @@ class Runner:
         cfg = self.config
         done: dict[int, list[Completion]] = {}
         with self._bar(len(prompts), "completions") as bar:
-            for b, first in enumerate(range(0, len(prompts), cfg.batch_size)):
-                if not self.shard.mine(b):
-                    continue
+            for b, part in self.shard.batches(len(prompts), cfg.batch_size):
                 done[b] = complete(
                     self.model,
                     self.tokenizer,
-                    prompts[first : first + cfg.batch_size],
+                    prompts[part],
                     max_new_tokens=cfg.max_new_tokens,
                     do_sample=cfg.sample,
                     temperature=cfg.temperature,
-                    seed=item_seed(cfg.seed, start + first),
+                    seed=item_seed(cfg.seed, start + part.start),
                     batch_size=cfg.batch_size,
                 )
-                bar.update(min(cfg.batch_size, len(prompts) - first) * self.shard.world)
+                bar.update(len(done[b]) * self.shard.world)
         return [c for part in self.shard.merge(done) for c in part]
 
     def label(self, items: list[IdiomItem], template: str) -> tuple[list[str], list[Completion], list[bool]]:
@@ -139,7 +132,7 @@ class Runner:
             ``lens_ce_gold_by_layer``), (n, L+1), when the lens runs.
         """
         names = self.runnable(names)
-        families = self.families(names)
+        families = [f for f in registry.FAMILIES if any(n in f.names for n in names)]
         keep = set(names) | set(LENS_EXTRAS)
         needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
         whole_word = "whole_word" in needs or self.config.aggregate != "first"
@@ -150,14 +143,10 @@ class Runner:
         seconds = {} if seconds is None else seconds
         indices = list(range(start, start + len(prompts))) if indices is None else list(indices)
         done: dict[int, dict[str, torch.Tensor]] = {}
-        bs = self.config.batch_size
         with self._bar(len(prompts), "scores") as bar, attention_implementation(
             self.model, "eager" if "attentions" in needs else None
         ):
-            for b, first in enumerate(range(0, len(prompts), bs)):
-                if not self.shard.mine(b):
-                    continue
-                part = slice(first, first + bs)
+            for b, part in self.shard.batches(len(prompts), self.config.batch_size):
                 chunk = completions[part]
                 done[b] = {}
                 context = Context(
@@ -214,13 +203,9 @@ class Runner:
     @torch.no_grad()
     def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
         """The unit of cost: a plain Hugging Face forward over the same batches (ŷ after each prompt; this rank's)."""
-        bs = self.config.batch_size
         start = time.perf_counter()
-        for b, first in enumerate(range(0, len(prompts), bs)):
-            if not self.shard.mine(b):
-                continue
-            chunk = completions[first : first + bs]
-            enc = encode(self.tokenizer, prompts[first : first + bs], [[c.first_token] for c in chunk], self.device)
+        for _, part in self.shard.batches(len(prompts), self.config.batch_size):
+            enc = encode(self.tokenizer, prompts[part], [[c.first_token] for c in completions[part]], self.device)
             self.model(**enc.inputs)
         _sync(self.device)
         return time.perf_counter() - start
