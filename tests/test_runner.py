@@ -116,3 +116,34 @@ def test_eligibility_comes_from_the_registry(latent):
         "msp", "entropy", "lens_ce",  # the probe's features that apply here: no latent, no first-token-only ones
     ]
     assert all(line.count(":") >= 1 for line in registry.help_text().split("; "))
+
+
+@pytest.mark.parametrize("names", [SINGLE_PASS, [n for n in registry.SCORE_DEFAULTS if n != "margin"] + ["mc_dropout_mi"]])
+@pytest.mark.parametrize(("aggregate", "max_new_tokens"), [("first", 1), ("first", 3), ("mean", 3)])
+def test_scoring_straight_from_generate_equals_complete_then_scores(latent, names, aggregate, max_new_tokens):
+    """``score_prompts`` reads the states ``generate`` kept (one pass); the scores are those of a
+    separate forward over the prompts and their completions, whatever the words' lengths,
+    including words cut at ``max_new_tokens`` (their last token is fed once more) and a budget
+    of one token (nothing generated is fed)."""
+    prompts = [*PROMPTS, "spill the", "break the"]  # words of 3 tokens from both tiny models
+    config = EstimatorConfig(batch_size=2, samples=4, passes=2, aggregate=aggregate, max_new_tokens=max_new_tokens)
+    runner = Runner(latent.backbone, latent, config, progress=False)
+    completions, got = runner.score_prompts(prompts, names, start=5)
+    assert completions == runner.complete(prompts, start=5)
+    if max_new_tokens == 3:
+        assert {len(c.word_ids) for c in completions} == {1, 3}  # words of several lengths, some cut
+    expected = runner.scores(prompts, completions, names, start=5)
+    assert set(got) == set(expected) and {"lens_ce", "latent_kl"} <= set(got)
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_generate_keeps_its_states_only_when_asked(latent):
+    from vtrans.generate import generate_batch
+
+    model, tok = latent.backbone.model, latent.backbone.tokenizer
+    plain, generation = generate_batch(model, tok, PROMPTS, max_new_tokens=2)
+    assert generation.hidden_states is None and generation.attentions is None and generation.cache is None
+    kept, generation = generate_batch(model, tok, PROMPTS, max_new_tokens=2, hidden_states=True, cache=True)
+    assert kept == plain
+    assert generation.fed == generation.sequences.shape[1] - 1 == generation.hidden_states[0].shape[1]

@@ -1,4 +1,10 @@
-"""Completions of the base model (latent off): the labels every estimator is judged on."""
+"""Completions of the base model (latent off): the labels every estimator is judged on.
+
+``vtrans.runner`` may ask :func:`generate_batch` to keep what Hugging Face's ``generate``
+computes on the way (the logits of each step, every layer's states, the attention weights, the
+keys and values): the forward of the prompt and its completion that every estimator reads then
+comes out of the completion itself instead of a second pass (``vtrans.estimators.base``).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,61 @@ class Completion:
     word_ids: tuple[int, ...]
 
 
+@dataclass
+class Generation:
+    """What ``generate`` computed while it completed a batch, in its own layout.
+
+    The prompts are left-padded to width W and the G generated tokens follow, so generated
+    token j sits at position W + j. Every token but the last generated one was fed to the
+    model; :meth:`feed_last` feeds that one too, when its states are wanted.
+
+    Attributes:
+        prompt_mask: (B, W) the prompts' attention mask.
+        sequences: (B, W + G) prompts and generated tokens.
+        logits: (B, G, V) the raw logits that chose each generated token.
+        hidden_states: the L+1 residual-stream states (B, P, C) of the P positions fed, when kept.
+        attentions: the L attention-weight tensors (B, H, P, P), when kept.
+        cache: the keys and values of the P positions fed, kept with any of the above (what
+            :meth:`feed_last` continues from).
+    """
+
+    prompt_mask: torch.Tensor
+    sequences: torch.Tensor
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cache: object = None
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_mask.shape[1]
+
+    @property
+    def fed(self) -> int:
+        """P, the positions whose states exist."""
+        return self.sequences.shape[1] - 1
+
+    @torch.no_grad()
+    def feed_last(self, model) -> None:
+        """Run the last generated token through the model with the cache, so that its states exist too."""
+        mask = torch.cat([self.prompt_mask, torch.ones_like(self.sequences[:, self.prompt_width :])], 1)
+        out = model(
+            input_ids=self.sequences[:, -1:],
+            attention_mask=mask,
+            position_ids=mask.sum(1, keepdim=True) - 1,
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=self.hidden_states is not None,
+            output_attentions=self.attentions is not None,
+        )
+        if self.hidden_states is not None:
+            self.hidden_states = tuple(torch.cat(pair, 1) for pair in zip(self.hidden_states, out.hidden_states, strict=True))
+        if self.attentions is not None:
+            self.attentions = _attention_rows(self.attentions, out.attentions)
+        self.cache = out.past_key_values
+        self.sequences = torch.cat([self.sequences, self.sequences[:, -1:]], 1)  # one more position fed
+
+
 def word_token_count(tokenizer, ids: list[int], word: str) -> int:
     """The fewest leading tokens of ``ids`` whose text contains the whole first word."""
     if not word:
@@ -34,6 +95,74 @@ def word_token_count(tokenizer, ids: list[int], word: str) -> int:
         if first_word(tokenizer.decode(ids[:n], skip_special_tokens=True)) == word:
             return n
     return len(ids)
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 6,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    hidden_states: bool = False,
+    attentions: bool = False,
+    cache: bool = False,
+) -> tuple[list[Completion], Generation]:
+    """One batch of greedy (or sampled, from the global random state) completions, left-padded.
+
+    Args:
+        hidden_states, attentions, cache: keep every layer's states, the attention weights
+            (the model must run eager attention) or the keys and values of the positions fed
+            (kept with either of the others too).
+
+    Returns:
+        the completions and the :class:`Generation` they came from.
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        top_k=None,
+        top_p=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+        output_hidden_states=hidden_states,
+        output_attentions=attentions,
+        use_cache=True,
+        **sampling,
+    )
+    width = enc["input_ids"].shape[1]
+    generation = Generation(
+        enc["attention_mask"],
+        out.sequences,
+        torch.stack(out.logits, 1),
+        tuple(torch.cat(layer, 1) for layer in zip(*out.hidden_states, strict=True)) if hidden_states else None,
+        _attention_rows(*out.attentions) if attentions else None,
+        out.past_key_values if cache or hidden_states or attentions else None,
+    )
+    return [_completion(tokenizer, row) for row in out.sequences[:, width:].tolist()], generation
+
+
+def _attention_rows(first: tuple[torch.Tensor, ...], *steps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Per layer, the (B, H, P, P) weights of a prefill's square block followed by one row per later step (zeros past each row's keys)."""
+    width = first[0].shape[-1] + len(steps)
+    pad = torch.nn.functional.pad
+    return tuple(
+        torch.cat([pad(a, (0, width - a.shape[-1])) for a in (layer[0], *layer[1:])], 2)
+        for layer in zip(first, *steps, strict=True)
+    )
+
+
+def _completion(tokenizer, row: list[int]) -> Completion:
+    ids = _strip_after_eos(row, tokenizer)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    word = first_word(text)
+    n = word_token_count(tokenizer, ids, word) if ids else 0
+    return Completion(text, word, row[0], tuple(ids[: max(n, 1)]) if ids else (row[0],))
 
 
 @torch.no_grad()
@@ -50,32 +179,17 @@ def complete(
 ) -> list[Completion]:
     """Greedy (or sampled) completions, batched with left padding.
 
-    ``max_new_tokens`` bounds how long a word may be; generation of a batch stops early once
-    every item has ended its first word (end of sequence or a non-word character after it).
+    ``max_new_tokens`` bounds how long a word may be: a word still going after that many tokens
+    is cut there. Sampled completions draw from a generator seeded ``seed``; the global random
+    state is left as it was.
     """
     device = next(model.parameters()).device
     out: list[Completion] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the global state is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            kwargs = dict(do_sample=do_sample, temperature=temperature) if do_sample else dict(do_sample=False)
-            generated = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                top_k=None,
-                top_p=None,
-                **kwargs,
-            )[:, enc["input_ids"].shape[1] :]
-            for row in generated.tolist():
-                ids = _strip_after_eos(row, tokenizer)
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                word = first_word(text)
-                n = word_token_count(tokenizer, ids, word) if ids else 0
-                first = row[0]
-                out.append(Completion(text, word, first, tuple(ids[: max(n, 1)]) if ids else (first,)))
+            out += generate_batch(model, tokenizer, chunk, max_new_tokens, do_sample, temperature)[0]
             if progress is not None:
                 progress(len(chunk))
     return out

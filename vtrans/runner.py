@@ -9,6 +9,10 @@ Per batch of prompts:
 3. each family reads that forward. MC dropout, the z samples of ``latent_mi`` and the sampled
    completions add passes of their own, from the forward's states rather than from the tokens.
 
+Where nothing comes between the completions and the scores (``vtrans score``), steps 1 and 2
+are one pass: ``generate`` keeps the states the families read, and they are laid out as the
+forward would have computed them (``vtrans.estimators.base.forward_from_generation``).
+
 Every random draw is seeded from the run's seed and the index of an item (the z noise) or of a
 batch's first item (dropout masks, sampled completions), never from a global state carried from
 batch to batch: a batch gives the same scores wherever it runs, which is what lets several
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -30,8 +35,8 @@ from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
 from vtrans.distributed import Shard
 from vtrans.estimators import registry
-from vtrans.estimators.base import Context, item_seed, run_forward
-from vtrans.generate import Completion, complete, is_correct
+from vtrans.estimators.base import Context, Forward, device_rng, forward_from_generation, item_seed, run_forward
+from vtrans.generate import Completion, complete, generate_batch, is_correct
 from vtrans.tokens import encode, target_ids
 
 LENS_EXTRAS = ("lens_ce_by_layer", "lens_ce_gold_by_layer")  # per-layer trajectories the lens gives besides its scores
@@ -106,6 +111,34 @@ class Runner:
 
     # ------------------------------------------------------------------ scores
 
+    def _plan(self, names: Sequence[str], gold: bool = False) -> _Plan:
+        names = self.runnable(names)
+        families = [f for f in registry.FAMILIES if any(n in f.names for n in names)]
+        needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
+        return _Plan(
+            families,
+            set(names) | set(LENS_EXTRAS),
+            needs,
+            "whole_word" in needs or self.config.aggregate != "first",
+            any(f.reads_forward for f in families),
+        )
+
+    def _targets(self, plan: _Plan, completions: Sequence[Completion]) -> list[list[int]]:
+        return [list(c.word_ids) if plan.whole_word else [c.first_token] for c in completions]
+
+    def _read(self, plan: _Plan, forward: Forward | None, context: Context, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Every planned family's scores of one batch (on the CPU), each timed into ``seconds``."""
+        out: dict[str, torch.Tensor] = {}
+        for family in plan.families:
+            t0 = time.perf_counter()
+            for key, value in family.read(forward, context).items():
+                if key in plan.keep:
+                    out[key] = value.detach().float().cpu()
+            _sync(self.device)
+            key = family.name if family.extra_passes else "shared"
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
     @torch.no_grad()
     def scores(
         self,
@@ -131,74 +164,83 @@ class Runner:
             ``{name: (n,) tensor}`` on the CPU, plus ``lens_ce_by_layer`` (and, with ``gold``,
             ``lens_ce_gold_by_layer``), (n, L+1), when the lens runs.
         """
-        names = self.runnable(names)
-        families = [f for f in registry.FAMILIES if any(n in f.names for n in names)]
-        keep = set(names) | set(LENS_EXTRAS)
-        needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
-        whole_word = "whole_word" in needs or self.config.aggregate != "first"
-        forward_needed = any(f.reads_forward for f in families)
+        plan = self._plan(names)
         gold_ids = None
         if gold is not None:
             gold_ids = [ids[0] if ids else 0 for ids in target_ids(self.tokenizer, list(gold))]
         seconds = {} if seconds is None else seconds
         indices = list(range(start, start + len(prompts))) if indices is None else list(indices)
         done: dict[int, dict[str, torch.Tensor]] = {}
-        with self._bar(len(prompts), "scores") as bar, attention_implementation(
-            self.model, "eager" if "attentions" in needs else None
-        ):
+        with self._bar(len(prompts), "scores") as bar, self._attention(plan):
             for b, part in self.shard.batches(len(prompts), self.config.batch_size):
                 chunk = completions[part]
-                done[b] = {}
-                context = Context(
-                    self.model,
-                    self.module,
-                    self.tokenizer,
-                    self.config,
-                    prompts[part],
-                    chunk,
-                    indices[part],
-                )
+                context = self._context(prompts[part], chunk, indices[part])
                 t0 = time.perf_counter()
-                targets = [list(c.word_ids) if whole_word else [c.first_token] for c in chunk]
-                enc = encode(self.tokenizer, prompts[part], targets, self.device)
+                enc = encode(self.tokenizer, prompts[part], self._targets(plan, chunk), self.device)
                 forward = None
-                if forward_needed:
+                if plan.forward_needed:
                     forward = run_forward(
                         self.model,
                         enc,
-                        hidden_states="hidden_states" in needs,
-                        attentions="attentions" in needs,
-                        cache="cache" in needs,
+                        hidden_states="hidden_states" in plan.needs,
+                        attentions="attentions" in plan.needs,
+                        cache="cache" in plan.needs,
                         gold=None if gold_ids is None else torch.tensor(gold_ids[part], device=self.device),
                     )
-                shared = time.perf_counter() - t0
-                for family in families:
-                    t0 = time.perf_counter()
-                    for key, value in family.read(forward, context).items():
-                        if key in keep:
-                            done[b][key] = value.detach().float().cpu()
-                    _sync(self.device)
-                    spent = time.perf_counter() - t0
-                    if family.extra_passes:
-                        seconds[family.name] = seconds.get(family.name, 0.0) + spent
-                    else:
-                        shared += spent
-                seconds["shared"] = seconds.get("shared", 0.0) + shared
+                seconds["shared"] = seconds.get("shared", 0.0) + time.perf_counter() - t0
+                done[b] = self._read(plan, forward, context, seconds)
                 del forward
                 bar.update(len(chunk) * self.shard.world)
-        parts = self.shard.merge(done)
-        return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+        return _concat(self.shard.merge(done))
 
+    @torch.no_grad()
     def score_prompts(
         self, prompts: list[str], names: Sequence[str], start: int = 0
     ) -> tuple[list[Completion], dict[str, torch.Tensor]]:
         """Completions and scores for bare prompts (no target, so no labels): ``vtrans score``.
 
-        ``start`` is the index of the first prompt in the whole run, so that a run scored in
-        several calls draws as one call would.
+        The completions and the shared forward are one pass: ``generate`` keeps the states the
+        families read (``vtrans.estimators.base.forward_from_generation``), and the scores
+        equal those of :meth:`complete` followed by :meth:`scores`. ``start`` is the index of
+        the first prompt in the whole run, so that a run scored in several calls draws as one
+        call would.
         """
-        completions = self.complete(prompts, start)
-        return completions, self.scores(prompts, completions, names, start=start)
+        cfg, plan = self.config, self._plan(names)
+        completions: dict[int, list[Completion]] = {}
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        seconds: dict[str, float] = {}
+        with self._bar(len(prompts), "scores") as bar, self._attention(plan):
+            for b, part in self.shard.batches(len(prompts), cfg.batch_size):
+                with device_rng(self.device):
+                    torch.manual_seed(item_seed(cfg.seed, start + part.start))
+                    chunk, generation = generate_batch(
+                        self.model,
+                        self.tokenizer,
+                        prompts[part],
+                        cfg.max_new_tokens,
+                        cfg.sample,
+                        cfg.temperature,
+                        hidden_states=plan.forward_needed and "hidden_states" in plan.needs,
+                        attentions=plan.forward_needed and "attentions" in plan.needs,
+                        cache=plan.forward_needed and "cache" in plan.needs,
+                    )
+                forward = None
+                if plan.forward_needed:
+                    enc = encode(self.tokenizer, prompts[part], self._targets(plan, chunk), self.device)
+                    forward = forward_from_generation(self.model, generation, enc, cache="cache" in plan.needs)
+                del generation
+                context = self._context(prompts[part], chunk, list(range(start + part.start, start + part.stop)))
+                completions[b], done[b] = chunk, self._read(plan, forward, context, seconds)
+                del forward
+                bar.update(len(chunk) * self.shard.world)
+        return [c for part in self.shard.merge(completions) for c in part], _concat(self.shard.merge(done))
+
+    def _context(self, prompts: list[str], completions: list[Completion], indices: list[int]) -> Context:
+        return Context(self.model, self.module, self.tokenizer, self.config, prompts, completions, indices)
+
+    def _attention(self, plan: _Plan):
+        """Eager attention while a family reads the attention weights (SDPA returns none)."""
+        return attention_implementation(self.model, "eager" if "attentions" in plan.needs else None)
 
     @torch.no_grad()
     def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
@@ -209,6 +251,21 @@ class Runner:
             self.model(**enc.inputs)
         _sync(self.device)
         return time.perf_counter() - start
+
+
+@dataclass
+class _Plan:
+    """What a set of estimator names runs: its families, the keys kept, what the forward keeps."""
+
+    families: list
+    keep: set[str]
+    needs: set[str]
+    whole_word: bool
+    forward_needed: bool
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
 
 
 def _sync(device: torch.device) -> None:

@@ -89,6 +89,24 @@ def encode(
     return Encoded(ids, mask, position_ids, scored, tgt, tgt_mask).to(device)
 
 
+def shift_positions(x: torch.Tensor, shift: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Move each item's positions along ``dim``: ``out[b, ..., p] = x[b, ..., p + shift[b]]``, 0 where that is out of range.
+
+    Args:
+        x: (B, ...) a batch of per-position values.
+        shift: (B,) how far each item's positions move.
+        length: the positions of the result along ``dim``.
+    """
+    source = torch.arange(length, device=x.device).unsqueeze(0) + shift.to(x.device).unsqueeze(1)  # (B, length)
+    valid = (source >= 0) & (source < x.shape[dim])
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = length
+    size = list(x.shape)
+    size[dim] = length
+    index = source.clamp(0, x.shape[dim] - 1).view(shape).expand(size)
+    return x.gather(dim, index).masked_fill(~valid.view(shape), 0)
+
+
 def slot_positions(x: torch.Tensor, enc: Encoded) -> torch.Tensor:
     """The positions that predict the target slots: (B, T, ...) -> (B, N, ...)."""
     n = enc.targets.shape[1]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vtrans.config import EstimatorConfig
-from vtrans.tokens import Encoded, slot_positions
+from vtrans.tokens import Encoded, shift_positions, slot_positions
 
 # What a family may need from the shared forward or the run:
 NEEDS = {
@@ -158,6 +158,40 @@ def run_forward(
         out.past_key_values if cache else None,
         gold,
     )
+
+
+@torch.no_grad()
+def forward_from_generation(
+    model, generation, enc: Encoded, cache: bool = False, gold: torch.Tensor | None = None
+) -> Forward:
+    """The shared forward read off the completions' own ``generate`` (``vtrans.generate.Generation``): no second pass.
+
+    ``generate`` ran the prompts and fed each generated token but the last, keeping what was
+    asked for; this lays it out as :func:`run_forward` over ``enc`` (the prompts followed by
+    their completion tokens, right-aligned) would have: item b's positions move by
+    W + n_b − T (W the prompts' width in ``generate``, n_b its target tokens, T the width of
+    ``enc``). The last completion token is fed once more when its states are kept but were not
+    computed (a word that used up ``max_new_tokens``). Positions that are padding in ``enc``
+    hold zeros. With ``cache``, the generation's keys and values are laid out in place and kept.
+    """
+    width, (_, length), slots = generation.prompt_width, enc.input_ids.shape, enc.targets.shape[1]
+    n = enc.target_mask.sum(1).clamp(min=1)  # (B,) completion tokens of each item
+    shift = width + n - length
+    if generation.cache is not None and generation.fed < width + int(n.max()):
+        generation.feed_last(model)
+    hidden = generation.hidden_states
+    if hidden is not None:
+        hidden = tuple(shift_positions(h, shift, length, 1) for h in hidden)
+    attentions = generation.attentions
+    if attentions is not None:
+        attentions = tuple(shift_positions(shift_positions(a, shift, length, 2), shift, length, 3) for a in attentions)
+    kv = generation.cache if cache else None
+    if kv is not None:
+        for layer in kv.layers:
+            layer.keys = shift_positions(layer.keys, shift, length, 2)
+            layer.values = shift_positions(layer.values, shift, length, 2)
+    logits = shift_positions(generation.logits, n - slots, slots, 1)  # slot j of item b: step j − (N − n_b)
+    return Forward(enc, logits, hidden, attentions, kv, gold)
 
 
 def context_for(model, config: EstimatorConfig | None = None, module=None, n: int = 0, **more: Any) -> Context:
