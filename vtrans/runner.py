@@ -35,7 +35,14 @@ from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
 from vtrans.distributed import Shard
 from vtrans.estimators import registry
-from vtrans.estimators.base import Context, Forward, device_rng, forward_from_generation, item_seed, run_forward
+from vtrans.estimators.base import (
+    Context,
+    Forward,
+    device_rng,
+    forward_from_generation,
+    item_seed,
+    run_forward,
+)
 from vtrans.generate import Completion, complete, generate_batch, is_correct
 from vtrans.tokens import encode, target_ids
 
