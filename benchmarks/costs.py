@@ -5,7 +5,7 @@ machine hits all paths alike), and the ratio of medians is reported as JSON:
 
     python benchmarks/costs.py                      # the embedded SmolLM2, batch of 32 built-in idioms
     python benchmarks/costs.py --model tiny-gpt2 --rounds 3
-    python benchmarks/costs.py --ckpt CKPT --score-against REV   # + vtrans score, this tree vs git revision REV
+    python benchmarks/costs.py --ckpt CKPT --against REV   # + vtrans score and MC dropout, this tree vs git revision REV
 
 Paths (all through ``vtrans.runner.Runner``, the completions made beforehand):
 
@@ -14,13 +14,16 @@ Paths (all through ``vtrans.runner.Runner``, the completions made beforehand):
 * ``latent_mi_S32``: ``latent_mi`` and ``latent_nll`` at S = 32, their shared forward included, x one forward;
 * ``mc_dropout_T16``: the 16 dropout passes added to the shared forward, x 16 forwards;
 * ``elbo_step``: a training step of the latent, x one full fine-tuning step of the model;
-* ``score`` (with ``--score-against``): prompts per second of ``vtrans score`` with its default
-  estimators, this tree and the other revision run alternately in fresh processes.
+* ``score`` (with ``--against`` and ``--ckpt``): prompts per second of ``vtrans score`` with its
+  default estimators, this tree and the other revision run alternately in fresh processes;
+* ``mc_dropout_T16_against`` (with ``--against``): the 16 dropout passes x 16 forwards, each
+  tree in its own processes, alternately (the same call in both trees).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,7 +45,16 @@ from vtrans.module import LatentLM
 from vtrans.runner import Runner
 from vtrans.tokens import encode
 
-SINGLE_PASS = ("msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl")
+SINGLE_PASS = (
+    "msp",
+    "entropy",
+    "margin",
+    "attention_entropy",
+    "lens_ce",
+    "lens_area",
+    "posterior_var",
+    "latent_kl",
+)
 TARGETS = {
     "single_pass": 1.6,  # x one forward
     "latent_mi_S32": 3.0,  # x one forward
@@ -77,42 +90,127 @@ def load_seconds(model: str) -> dict[str, float]:
     return {"imports": imports, "load": load, "total": imports + load}
 
 
-def score_speed(ckpt: str, against: str, lines: int, rounds: int, device: str) -> dict:
-    """Prompts per second of ``vtrans score --input FILE`` (default estimators), this tree vs revision ``against``.
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """A temporary worktree of git revision ``rev`` (removed afterwards)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), rev], check=True
+        )
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
-    The other revision is checked out into a temporary folder; both run in fresh processes with
-    the same interpreter, alternately, ``rounds`` times; the ratio of median rates is reported.
+
+def alternate(
+    trees: dict[str, Path], rounds: int, command: list[str], cwd: str
+) -> dict[str, list[tuple[str, float]]]:
+    """Run ``command`` with each tree's package on ``PYTHONPATH``, tree after tree, ``rounds`` times:
+    the stdout and the wall-clock seconds of each run."""
+    out: dict[str, list[tuple[str, float]]] = {name: [] for name in trees}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            start = time.perf_counter()
+            done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=cwd)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} tree failed:\n{done.stderr[-2000:]}")
+            out[name].append((done.stdout, time.perf_counter() - start))
+    return out
+
+
+def score_speed(other: Path, ckpt: str, lines: int, rounds: int, device: str) -> dict:
+    """Prompts per second of ``vtrans score --input FILE`` (default estimators), this tree vs ``other``.
+
+    Both run in fresh processes with the same interpreter, alternately, ``rounds`` times; the
+    ratio of median rates is reported. The time is the whole process: imports, loading, scoring.
     """
     prompts = [render_prompt(DEFAULT_TEMPLATE, it.prefix) for it in load_idioms("builtin")][:lines]
     with tempfile.TemporaryDirectory() as tmp:
-        other = Path(tmp) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(other), against], check=True)
-        try:
-            file = Path(tmp) / "prompts.txt"
-            file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-            code = "import sys; from vtrans.cli import main; main(sys.argv[1:])"
-            trees = {"this": ROOT, "against": other}
-            seconds: dict[str, list[float]] = {name: [] for name in trees}
-            for _ in range(rounds):
-                for name, tree in trees.items():
-                    env = {**os.environ, "PYTHONPATH": str(tree)}
-                    start = time.perf_counter()
-                    out = subprocess.run(
-                        [sys.executable, "-c", code, "score", "--ckpt", ckpt, "--input", str(file), "--quiet", "--device", device],
-                        check=True, capture_output=True, env=env, cwd=tmp,
-                    )
-                    seconds[name].append(time.perf_counter() - start)
-                    assert out.stdout.count(b"\n") == len(prompts), out.stderr.decode()[-2000:]
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=False)
+        file = Path(tmp) / "prompts.txt"
+        file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+        code = "import sys; from vtrans.cli import main; main(sys.argv[1:])"
+        command = [
+            sys.executable,
+            "-c",
+            code,
+            "score",
+            "--ckpt",
+            ckpt,
+            "--input",
+            str(file),
+            "--quiet",
+            "--device",
+            device,
+        ]
+        runs = alternate({"this": ROOT, "against": other}, rounds, command, tmp)
+    for name, v in runs.items():
+        assert all(out.count("\n") == len(prompts) for out, _ in v), f"{name}: not one record per prompt"
+    seconds = {name: [t for _, t in v] for name, v in runs.items()}
     rate = {name: len(prompts) / statistics.median(v) for name, v in seconds.items()}
     return {
-        "against": against,
         "prompts": len(prompts),
         "rounds": rounds,
+        "seconds": seconds,
         "prompts_per_second": rate,
         "ratio": rate["this"] / rate["against"],
         "note": "whole process: imports, loading and scoring",
+    }
+
+
+MC_SNIPPET = """
+import statistics, sys, time, torch
+from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
+from vtrans.estimators import mc_dropout
+from vtrans.loading import Backbone
+from vtrans.tokens import encode
+model_name, device, batch, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+backbone = Backbone(model_name, attn_implementation="sdpa").to(device)
+model, tok = backbone.model, backbone.tokenizer
+prompts = [render_prompt(DEFAULT_TEMPLATE, it.prefix) for it in load_split("builtin", "test")[:batch]]
+with torch.no_grad():
+    first = model(**tok(prompts, return_tensors="pt", padding=True).to(device)).logits[:, -1].argmax(-1).tolist()
+enc = encode(tok, prompts, [[t] for t in first], device)
+def sync():
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+def forward():
+    with torch.no_grad():
+        model(**enc.inputs)
+def passes():
+    mc_dropout.sample_logits(model, enc, passes=16, p=0.1)
+seconds = {"forward": [], "passes": []}
+forward(); passes()
+for _ in range(rounds):
+    for name, fn in (("forward", forward), ("passes", passes)):
+        sync(); t = time.perf_counter(); fn(); sync(); seconds[name].append(time.perf_counter() - t)
+med = {k: statistics.median(v) for k, v in seconds.items()}
+print(med["passes"], med["passes"] / (16 * med["forward"]))
+"""
+
+
+def mc_dropout_speed(other: Path, model: str, batch: int, rounds: int, device: str) -> dict:
+    """The 16 dropout passes of ``mc_dropout.sample_logits`` (the same call in both trees), this tree vs ``other``.
+
+    Each tree times the passes and a plain forward interleaved in one process; the processes
+    alternate between the trees. Reported: the median of each tree's passes/(16 forwards).
+    """
+    command = [sys.executable, "-c", MC_SNIPPET, model, device, str(batch), str(rounds)]
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = alternate({"this": ROOT, "against": other}, 2, command, tmp)
+    parsed = {
+        name: [tuple(map(float, out.strip().splitlines()[-1].split())) for out, _ in v]
+        for name, v in runs.items()
+    }
+    ratio = {name: statistics.median(r for _, r in v) for name, v in parsed.items()}
+    return {
+        "rounds_per_process": rounds,
+        "processes_per_tree": 2,
+        "seconds": {name: [s for s, _ in v] for name, v in parsed.items()},
+        "x_16_forwards": ratio,
+        "this_over_against": ratio["this"] / ratio["against"],
     }
 
 
@@ -125,7 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-load", action="store_true", help="skip the fresh-process load timing")
     parser.add_argument("--ckpt", default=None, help="a checkpoint of --model, for the vtrans score row")
-    parser.add_argument("--score-against", default=None, metavar="REV", help="git revision to compare vtrans score with")
+    parser.add_argument(
+        "--against",
+        "--score-against",
+        default=None,
+        metavar="REV",
+        help="git revision to compare vtrans score (needs --ckpt) and the MC dropout passes with",
+    )
     parser.add_argument("--score-lines", type=int, default=128, help="prompts scored per vtrans score run")
     parser.add_argument("--score-rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -183,7 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         n = ft_enc.targets.shape[1]
         logits = out.logits[:, -n - 1 : -1].float()
-        loss = torch.nn.functional.cross_entropy(logits[ft_enc.target_mask], ft_enc.targets[ft_enc.target_mask])
+        loss = torch.nn.functional.cross_entropy(
+            logits[ft_enc.target_mask], ft_enc.targets[ft_enc.target_mask]
+        )
         loss.backward()
         finetune_opt.step()
 
@@ -228,10 +334,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_load:
         result["load_seconds_after_first"] = load_seconds(args.model)
         result["met"]["load"] = result["load_seconds_after_first"]["load"] <= 5.0
-    if args.score_against:
-        if not args.ckpt:
-            parser.error("--score-against needs --ckpt")
-        result["score"] = score_speed(args.ckpt, args.score_against, args.score_lines, args.score_rounds, args.device)
+    if args.against:
+        with checkout(args.against) as other:
+            result["against"] = args.against
+            result["mc_dropout_T16_against"] = mc_dropout_speed(
+                other, args.model, args.batch_size, args.rounds, args.device
+            )
+            if args.ckpt:
+                result["score"] = score_speed(
+                    other, args.ckpt, args.score_lines, args.score_rounds, args.device
+                )
     print(json.dumps(result, indent=2))
     return result
 
