@@ -147,3 +147,11 @@ def test_generate_keeps_its_states_only_when_asked(latent):
     kept, generation = generate_batch(model, tok, PROMPTS, max_new_tokens=2, hidden_states=True, cache=True)
     assert kept == plain
     assert generation.fed == generation.sequences.shape[1] - 1 == generation.hidden_states[0].shape[1]
+
+
+def test_sampled_completions_are_the_same_when_generate_keeps_its_states(latent):
+    config = EstimatorConfig(batch_size=2, sample=True, temperature=1.5, seed=3)
+    runner = Runner(latent.backbone, latent, config, progress=False)
+    completions, _ = runner.score_prompts(PROMPTS, ["lens_ce", "posterior_var"], start=7)
+    assert completions == runner.complete(PROMPTS, start=7)
+    assert completions != Runner(latent.backbone, latent, EstimatorConfig(batch_size=2), progress=False).complete(PROMPTS)
