@@ -24,7 +24,8 @@ import lightning as L
 import torch
 
 from vtrans import metrics
-from vtrans.data import IdiomDataModule, load_split
+from vtrans.data import load_split
+from vtrans.datamodule import IdiomDataModule
 from vtrans.evaluate import EvalConfig, score_items
 from vtrans.frozen import FrozenCache
 from vtrans.loading import Backbone

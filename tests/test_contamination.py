@@ -16,7 +16,8 @@ import torch
 
 from vtrans import checkpoint
 from vtrans.cli import main
-from vtrans.data import IdiomDataModule, idiom_hash, load_split
+from vtrans.data import idiom_hash, load_split
+from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError
 from vtrans.evaluate import EvalConfig, probe_train_items, split_settings
 

@@ -21,12 +21,12 @@ from vtrans.cli import main
 from vtrans.crossval import CrossvalConfig, assign_folds, read_training_config
 from vtrans.data import (
     DEFAULT_TEMPLATE,
-    IdiomDataModule,
     _idiom_key,
     load_idioms,
     normalize_word,
     render_prompt,
 )
+from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError
 from vtrans.estimators import probe
 from vtrans.generate import complete

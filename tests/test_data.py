@@ -12,7 +12,6 @@ from vtrans.data import (
     DEFAULT_TEMPLATE,
     SPLITS,
     DataError,
-    IdiomDataModule,
     IdiomItem,
     first_word,
     load_idioms,
@@ -24,6 +23,7 @@ from vtrans.data import (
     split_items,
     validate_template,
 )
+from vtrans.datamodule import IdiomDataModule
 
 DATA = Path(__file__).parent / "data"
 

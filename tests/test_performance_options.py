@@ -60,7 +60,7 @@ def test_mc_dropout_from_layer(backbone: Backbone) -> None:
 
 
 def test_length_bucketed_batches_are_a_shuffled_partition_with_little_spread() -> None:
-    from vtrans.data import IdiomDataModule
+    from vtrans.datamodule import IdiomDataModule
 
     plain = IdiomDataModule(batch_size=16, seed=3)
     bucketed = IdiomDataModule(batch_size=16, seed=3, length_bucketed=True)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from vtrans import checkpoint
-from vtrans.checkpoint import AtomicCheckpointIO, CheckpointError
+from vtrans.checkpoint import CheckpointError
+from vtrans.checkpoint_io import AtomicCheckpointIO
 from vtrans.cli import main
 from vtrans.scorer import Scorer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vtrans.data import IdiomDataModule
+from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import BackboneError, ConfigError, UserError
 from vtrans.loading import Backbone
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from conftest import CONFIGS, offline_env
 from vtrans import checkpoint
 from vtrans.cli import train_main
 from vtrans.loading import Backbone
+from vtrans.model import LatentModel
+from vtrans.module import LatentLM
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +108,25 @@ def test_reload_in_a_fresh_process_reproduces_the_logits(tiny_ckpt, tmp_path):
         other = module.decode(h, fresh["z"] + 1.0, enc)
     torch.testing.assert_close(fresh["logits"], logits, atol=0, rtol=0)
     assert (other - logits).abs().max() > 0  # the trained latent is not a no-op: z matters
+
+
+def test_a_checkpoint_loads_as_the_plain_model_to_score_and_as_the_lightning_module_to_train(tiny_ckpt, tiny_gpt2):
+    scoring = checkpoint.load(tiny_ckpt, backbone=tiny_gpt2)
+    training = checkpoint.load(tiny_ckpt, backbone=tiny_gpt2, training=True)
+    assert type(scoring) is LatentModel and type(training) is LatentLM and isinstance(training, LatentModel)
+    assert list(scoring.state_dict()) == list(training.state_dict())  # the latent's keys, as written
+    for key, value in scoring.state_dict().items():
+        torch.testing.assert_close(value, training.state_dict()[key], atol=0, rtol=0)
+    assert dict(scoring.hparams) == dict(training.hparams)  # every recorded setting, the training ones too
+    assert scoring.hparams.d_z == training.hparams.d_z == 8 and scoring.device == training.device
+    assert not scoring.training and not training.training
+
+
+def test_the_training_settings_are_latent_lm_s_arguments_beyond_latent_model_s():
+    """``checkpoint.TRAINING_KEYS`` names them so that scoring need not import LatentLM (Lightning)."""
+    model = set(inspect.signature(LatentModel).parameters)
+    lm = set(inspect.signature(LatentLM).parameters)
+    assert model <= lm and lm - model == set(checkpoint.TRAINING_KEYS)
 
 
 # --------------------------------------------------------------------------- configs
@@ -207,7 +229,7 @@ def test_user_error_in_a_real_process(run_train, tmp_path):
 def _bf16_fit_step(accelerator: str, tmp_path) -> None:
     import lightning as L
 
-    from vtrans.data import IdiomDataModule
+    from vtrans.datamodule import IdiomDataModule
     from vtrans.module import LatentLM
 
     L.seed_everything(0)

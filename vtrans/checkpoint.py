@@ -1,11 +1,8 @@
-"""Checkpoints: writing them during training, reading them back safely.
+"""Checkpoints: reading them back safely, and loading the latent they hold.
 
-Writing (``train.py`` uses :class:`AtomicCheckpointIO` by default, ``trainer.plugins``): a
-checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
-``os.replace``d over the target, so a process killed mid-save leaves the previous checkpoint
-whole. A checkpoint whose weights or optimizer state hold NaN or infinite values is refused.
-What is written is the latent only, with a record of its backbone (``LatentLM.state_dict`` and
-``on_save_checkpoint``): never a copy of the base model.
+What a checkpoint holds is the latent only, with a record of its backbone
+(``LatentModel.state_dict`` and ``LatentLM.on_save_checkpoint``): never a copy of the base
+model. Writing it during training is ``vtrans.checkpoint_io``'s job (Lightning's plugin).
 
 Reading: a checkpoint must be the zip archive that ``torch.save`` writes (the legacy
 pickle-stream format, where ``weights_only`` has had holes, is refused unread), every member
@@ -13,128 +10,33 @@ must pass its CRC check (``torch.load`` checks none: a damaged file would load w
 weights), and it is read with ``torch.load(weights_only=True)``: tensors and plain containers
 only, so a file crafted to run code when unpickled is refused and nothing in it runs. The
 checkpoint names its backbone (spec and fingerprint); the backbone is loaded from that spec, or
-checked against the one given, and a mismatch is refused with both named. The resume path
-(``--ckpt_path``) reads through :meth:`AtomicCheckpointIO.load_checkpoint`, with the same rules
-on format and ``weights_only``.
+checked against the one given, and a mismatch is refused with both named. Loading to score
+builds the plain :class:`vtrans.model.LatentModel`: no Lightning, torchmetrics or Pyro is
+imported. The resume path (``--ckpt_path``) reads through
+``vtrans.checkpoint_io.AtomicCheckpointIO.load_checkpoint``, with the same rules on format and
+``weights_only``.
 
 The training callbacks that put state into a checkpoint are in ``vtrans.callbacks``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import inspect
 import pickle
 import re
-import secrets
 import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vtrans.errors import UserError
 from vtrans.loading import Backbone
+from vtrans.model import LatentModel
 
 
 class CheckpointError(UserError):
     """A file that is missing, truncated, unsafe, or not a vtrans checkpoint."""
-
-
-# --------------------------------------------------------------------------- writing
-
-
-CHECKED = ("state_dict", "optimizer_states")  # what training computes (callbacks may hold inf legitimately)
-
-
-class NonFiniteCheckpointError(FloatingPointError):
-    """A checkpoint about to be written holds NaN or infinite values."""
-
-
-def non_finite_tensors(obj: Any, prefix: str = "") -> Iterator[str]:
-    """The names of the floating-point tensors in a nested checkpoint that hold NaN or ±inf."""
-    if isinstance(obj, torch.Tensor):
-        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
-            yield prefix or "<tensor>"
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, list | tuple):
-        for i, value in enumerate(obj):
-            yield from non_finite_tensors(value, f"{prefix}[{i}]")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file beside the target, fsync, then ``os.replace``.
-
-    A failure or a kill at any point before the replace leaves the previous file at ``path``
-    untouched (and at most a hidden ``.NAME.*.tmp`` file behind after a kill). Remote paths
-    (``s3://`` and other fsspec URLs) fall back to Lightning's own transactional write.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` to ``path`` atomically.
-
-        Raises:
-            NonFiniteCheckpointError: when a tensor of the weights (``state_dict``) or of the
-                optimizer state holds NaN or ±inf (nothing is written).
-            TypeError: when ``storage_options`` is given (not supported).
-        """
-        bad = [name for key in CHECKED for name in non_finite_tensors(checkpoint.get(key), key)]
-        if bad:
-            step = checkpoint.get("global_step", "?")
-            raise NonFiniteCheckpointError(
-                f"refusing to write checkpoint {path} at step {step}: non-finite values in {', '.join(bad[:3])}"
-                + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            )
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not support storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open()
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(path.parent)
-
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Read a checkpoint with ``weights_only=True`` unless the caller asks otherwise explicitly.
-
-        A local file must be the zip archive ``torch.save`` writes: the legacy pickle-stream
-        format is refused before anything in it is read.
-        """
-        if "://" not in str(path) and Path(path).is_file() and not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path} is not a checkpoint: not the zip archive that torch.save writes")
-        if map_location is None:
-            map_location = lambda storage, loc: storage  # noqa: E731 (Lightning's default)
-        return super().load_checkpoint(path, map_location, True if weights_only is None else weights_only)
 
 
 # --------------------------------------------------------------------------- reading
@@ -212,21 +114,29 @@ def read(path: str | Path) -> dict:
     return ckpt
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", backbone: Backbone | None = None):
-    """A ``LatentLM`` with the checkpoint's latent weights, on ``device``, in eval mode.
+TRAINING_KEYS = ("beta", "kl_warmup_steps", "free_bits", "elbo", "num_particles", "lr", "weight_decay", "cache_frozen")
+"""The latent settings a checkpoint records that only training reads: ``LatentLM``'s arguments
+beyond ``LatentModel``'s (named here so that scoring reads a checkpoint without importing Lightning)."""
+
+
+def load(
+    path: str | Path, device: str | torch.device = "cpu", backbone: Backbone | None = None, training: bool = False
+) -> LatentModel:
+    """The checkpoint's latent, on ``device``, in eval mode: a ``LatentModel`` to score with,
+    or with ``training`` the ``LatentLM`` that trains it.
 
     Args:
         path: a checkpoint written by ``train.py fit``.
         device: where to put the model.
         backbone: the base model to use; default: load the one the checkpoint names. Either
             way its fingerprint must equal the checkpoint's.
+        training: build the LightningModule (``vtrans.module.LatentLM``), which checks the
+            training settings too; without it those are kept in ``hparams`` unread.
 
     Raises:
         CheckpointError: see :func:`read`; a checkpoint of another base model (both named);
             settings or weights that do not build this version's latent.
     """
-    from vtrans.module import LatentLM
-
     ckpt = read(path)
     record = ckpt["vtrans"]
     spec = {k: record["backbone"][k] for k in BACKBONE_KEYS if k in record["backbone"]}
@@ -240,7 +150,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", backbone: Backbon
         )
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
     try:
-        module = LatentLM(backbone, **hparams)
+        if training:
+            from vtrans.module import LatentLM
+
+            module = LatentLM(backbone, **hparams)
+        else:
+            module = _latent_model(backbone, hparams)
     except (TypeError, ValueError, UserError) as err:
         raise CheckpointError(f"{path} holds latent settings this version cannot build: {err}") from None
     module._fingerprint = actual
@@ -249,6 +164,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", backbone: Backbon
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path} does not fit this latent: {_first_line(err)}") from None
     return module.to(device).eval()
+
+
+def _latent_model(backbone: Backbone, hparams: dict) -> LatentModel:
+    """A ``LatentModel`` from a checkpoint's settings; ``hparams`` keeps the training ones too, for the record."""
+    own = set(inspect.signature(LatentModel).parameters) - {"backbone"}
+    unknown = sorted(set(hparams) - own - set(TRAINING_KEYS))
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}")
+    module = LatentModel(backbone, **{k: v for k, v in hparams.items() if k in own})
+    module.hparams.update(hparams)
+    return module
 
 
 def template_of(path: str | Path) -> str | None:
@@ -265,7 +191,7 @@ def trained_idiom_hashes(path: str | Path) -> set[str] | None:
     Returns:
         The set of hashes; None for a checkpoint written before they were recorded.
     """
-    from vtrans.data import IdiomDataModule
+    from vtrans.datamodule import IdiomDataModule
 
     state = read(path).get(IdiomDataModule.__qualname__)
     hashes = state.get("train_idiom_hashes") if isinstance(state, dict) else None
@@ -279,3 +205,13 @@ def split_settings(path: str | Path) -> dict:
     ``val_fraction`` and ``test_fraction``, those the checkpoint records (none for an older one)."""
     hparams = read(path).get("datamodule_hyper_parameters", {})
     return {k: hparams[k] for k in ("data", *SPLIT_KEYS) if k in hparams}
+
+
+def __getattr__(name: str):
+    """``vtrans.checkpoint.AtomicCheckpointIO``, the ``class_path`` that training configs written
+    before it moved to ``vtrans.checkpoint_io`` name (imported on use: it needs Lightning)."""
+    if name == "AtomicCheckpointIO":
+        from vtrans.checkpoint_io import AtomicCheckpointIO
+
+        return AtomicCheckpointIO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

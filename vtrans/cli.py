@@ -12,6 +12,7 @@ code 2, like every other error a user can cause.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -24,9 +25,7 @@ import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from vtrans.config import EstimatorConfig
-from vtrans.crossval import CrossvalConfig
 from vtrans.errors import ConfigError, UserError
-from vtrans.evaluate import EvalConfig
 
 
 def fail(message: str) -> None:
@@ -65,7 +64,7 @@ def train_main(args: list[str] | None = None, run: bool = True):
     from vtrans.callbacks import NonFiniteGuard, ResumableRNG
 
     guard = NonFiniteGuard()
-    from vtrans.data import IdiomDataModule
+    from vtrans.datamodule import IdiomDataModule
     from vtrans.module import LatentLM
 
     def build():
@@ -77,7 +76,7 @@ def train_main(args: list[str] | None = None, run: bool = True):
                 run=run,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={
-                    "plugins": [{"class_path": "vtrans.checkpoint.AtomicCheckpointIO"}],
+                    "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
                     "callbacks": [ResumableRNG(), guard],
                 },
             )
@@ -102,7 +101,7 @@ def train_main(args: list[str] | None = None, run: bool = True):
 
 
 def evaluate_command(
-    settings: EvalConfig,
+    settings: EvalConfig,  # noqa: F821 (imported with its parser, see Fields)
     out: str,
     ckpt: str | None = None,
     model: str = "smollm2",
@@ -161,7 +160,11 @@ def evaluate_command(
 
 
 def crossval_command(
-    settings: CrossvalConfig, out: str, markdown: str | None = None, device: str = "auto", quiet: bool = False
+    settings: CrossvalConfig,  # noqa: F821 (imported with its parser, see Fields)
+    out: str,
+    markdown: str | None = None,
+    device: str = "auto",
+    quiet: bool = False,
 ) -> None:
     """Cross-fitted comparison: K latents, each scoring the fold it did not train on, over several seeds.
 
@@ -338,11 +341,21 @@ def _estimator_help() -> str:
 
 @dataclass(frozen=True)
 class Fields:
-    """The fields of a settings dataclass that a command takes as top-level options."""
+    """The fields of a settings dataclass that a command takes as top-level options.
 
-    cls: type
+    The dataclass is named by its import path and imported when a parser is built or read: a
+    subcommand imports only its own settings' module (``vtrans score`` does not import
+    ``vtrans.crossval``, and so not Lightning).
+    """
+
+    path: str
     title: str
     skip: frozenset[str] = frozenset()
+
+    @property
+    def cls(self) -> type:
+        module, name = self.path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
 
     @property
     def names(self) -> list[str]:
@@ -353,7 +366,7 @@ class Fields:
         and the lists of :data:`COMMA_LISTS` also take a comma-separated string."""
         hints = get_type_hints(self.cls)
         special = [name for name in self.names if hints[name] is bool or name in COMMA_LISTS]
-        parser.add_class_arguments(self.cls, skip=set(self.skip) | set(special), help=self.title)
+        parser.add_class_arguments(self.cls, skip=set(self.skip) | set(special), help=f"{self.title} ({self.path})")
         group = parser.groups.get(self.cls.__name__, parser)
         for name in special:
             default, help = field_default(self.cls, name), described(self.cls, name)
@@ -377,34 +390,37 @@ class Fields:
                 values[name] = comma_list(name, values[name], item)
         return values
 
+    def build(self, args: Namespace, **more):
+        """The settings dataclass from the parsed values (and ``more`` fields)."""
+        return self.cls(**self.values(args), **more)
 
-EVALUATE = Fields(EvalConfig, "Data, estimator and report settings (vtrans.evaluate.EvalConfig)", frozenset({"template"}))
-SCORE = Fields(EstimatorConfig, "Estimator settings (vtrans.config.EstimatorConfig)")
+
+EVALUATE = Fields("vtrans.evaluate.EvalConfig", "Data, estimator and report settings", frozenset({"template"}))
+SCORE = Fields("vtrans.config.EstimatorConfig", "Estimator settings")
 CROSSVAL = Fields(
-    CrossvalConfig,
-    "Cross-fitting settings (vtrans.crossval.CrossvalConfig)",
+    "vtrans.crossval.CrossvalConfig",
+    "Cross-fitting settings",
     frozenset({"config", "eval"}),  # config: --train_config (--config is this command's own YAML)
 )
 CROSSVAL_EVAL = Fields(
-    EvalConfig,
-    "Estimator and report settings of every fold (vtrans.evaluate.EvalConfig)",
+    "vtrans.evaluate.EvalConfig",
+    "Estimator and report settings of every fold",
     # the data, split and template are the cross-fitting's; each training seed is the estimators' seed
     frozenset({"data", "split", "template", "seed", "keep_seen", "split_seed", "val_fraction", "test_fraction"}),
 )
 
 
 def run_evaluate(args: Namespace) -> None:
-    evaluate_command(EvalConfig(**EVALUATE.values(args)), **_own(evaluate_command, args))
+    evaluate_command(EVALUATE.build(args), **_own(evaluate_command, args))
 
 
 def run_crossval(args: Namespace) -> None:
-    evaluation = EvalConfig(**CROSSVAL_EVAL.values(args))
-    settings = CrossvalConfig(config=args.train_config, eval=evaluation, **CROSSVAL.values(args))
+    settings = CROSSVAL.build(args, config=args.train_config, eval=CROSSVAL_EVAL.build(args))
     crossval_command(settings, **_own(crossval_command, args))
 
 
 def run_score(args: Namespace) -> None:
-    score_command(EstimatorConfig(**SCORE.values(args)), **_own(score_command, args))
+    score_command(SCORE.build(args), **_own(score_command, args))
 
 
 def _own(command: Callable, args: Namespace) -> dict:
@@ -429,7 +445,8 @@ def command_parser(command: Callable, *settings: Fields, skip: set[str] = frozen
     doc = docstring_parser.parse(command.__doc__ or "")
     parser = Parser(description="\n\n".join(filter(None, [doc.short_description, doc.long_description])))
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (--print_config writes one)")
-    flags = [name for name, hint in get_type_hints(command).items() if hint is bool]
+    settings_classes = {group.cls.__name__: group.cls for group in settings}  # imported on demand, not globals here
+    flags = [name for name, hint in get_type_hints(command, localns=settings_classes).items() if hint is bool]
     parser.add_function_arguments(command, as_group=False, skip={"settings", *skip, *flags})
     for name in flags:
         add_flag(parser, name, inspect.signature(command).parameters[name].default, described(command, name))
@@ -438,40 +455,74 @@ def command_parser(command: Callable, *settings: Fields, skip: set[str] = frozen
     return parser
 
 
-def build_parser() -> ArgumentParser:
-    """``vtrans evaluate|crossval|score``: one typed parser per subcommand."""
-    parser = Parser(prog="vtrans", description="How sure is a transformer? Score and compare.")
-    commands = parser.add_subcommands(dest="command")
+def evaluate_parser() -> Parser:
+    return command_parser(evaluate_command, EVALUATE)
 
-    evaluate = command_parser(evaluate_command, EVALUATE)
-    commands.add_subcommand("evaluate", evaluate, help=_summary(evaluate_command))
 
-    crossval = command_parser(crossval_command, CROSSVAL, CROSSVAL_EVAL)
-    crossval.add_argument(
+def crossval_parser() -> Parser:
+    parser = command_parser(crossval_command, CROSSVAL, CROSSVAL_EVAL)
+    parser.add_argument(
         "--train_config",
         type=str,
         required=True,
-        help=described(CrossvalConfig, "config"),
+        help=described(CROSSVAL.cls, "config"),
     )
-    commands.add_subcommand("crossval", crossval, help=_summary(crossval_command))
-
-    score = command_parser(score_command, SCORE, skip={"prompts"})
-    score.add_argument("prompts", nargs="*", type=str, default=SUPPRESS, help="prompts to score (or --input FILE)")
-    commands.add_subcommand("score", score, help=_summary(score_command))
     return parser
+
+
+def score_parser() -> Parser:
+    parser = command_parser(score_command, SCORE, skip={"prompts"})
+    parser.add_argument("prompts", nargs="*", type=str, default=SUPPRESS, help="prompts to score (or --input FILE)")
+    return parser
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A ``vtrans`` subcommand: its command function (whose docstring is its help), its parser, and how it runs."""
+
+    command: Callable
+    parser: Callable[[], Parser]
+    run: Callable[[Namespace], None]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "evaluate": Subcommand(evaluate_command, evaluate_parser, run_evaluate),
+    "crossval": Subcommand(crossval_command, crossval_parser, run_crossval),
+    "score": Subcommand(score_command, score_parser, run_score),
+}
+
+
+def build_parser(command: str | None = None) -> ArgumentParser:
+    """``vtrans evaluate|crossval|score``: one typed parser per subcommand.
+
+    Given ``command``, only its parser is built in full; the others are listed with their help
+    line and no options, so that ``vtrans score`` imports neither ``vtrans.evaluate`` nor
+    ``vtrans.crossval`` (whose imports take seconds: Lightning, torchmetrics, matplotlib).
+    """
+    parser = Parser(prog="vtrans", description="How sure is a transformer? Score and compare.")
+    commands = parser.add_subcommands(dest="command")
+    for name, sub in SUBCOMMANDS.items():
+        built = sub.parser() if command in (None, name) else Parser()
+        commands.add_subcommand(name, built, help=_summary(sub.command))
+    return parser
+
+
+def requested(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names, if it names one: its first word that is not an option
+    (``vtrans`` itself takes no option with a value)."""
+    word = next((arg for arg in argv if not arg.startswith("-")), None)
+    return word if word in SUBCOMMANDS else None
 
 
 def _summary(command: Callable) -> str:
     return docstring_parser.parse(command.__doc__ or "").short_description or ""
 
 
-RUNS: dict[str, Callable[[Namespace], None]] = {"evaluate": run_evaluate, "crossval": run_crossval, "score": run_score}
-
-
 def main(argv: list[str] | None = None) -> None:
     """``vtrans evaluate|crossval|score``."""
-    cfg = build_parser().parse_args(argv)
-    guarded(lambda: RUNS[cfg.command](cfg[cfg.command]))
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = build_parser(requested(argv)).parse_args(argv)
+    guarded(lambda: SUBCOMMANDS[cfg.command].run(cfg[cfg.command]))
 
 
 if __name__ == "__main__":

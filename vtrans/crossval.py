@@ -37,7 +37,8 @@ import torch
 import yaml
 
 from vtrans import checkpoint, metrics, report
-from vtrans.data import IdiomDataModule, IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
+from vtrans.data import IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
+from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
 from vtrans.estimators.registry import NAMES, NEEDS_LATENT, PROBE_FEATURES, family_of
@@ -279,10 +280,7 @@ class CrossFit:
                 f"{path} was not trained on this fold's {len(wanted)} training idioms ({have}): "
                 "use the same --data, --folds, --fold_seed, --extra_train and --self_targets as the run that wrote it"
             )
-        module = checkpoint.load(path, self.device, backbone=self.backbone)
-        if module.hparams.cache_frozen:
-            module.frozen_cache = self.frozen
-        return module.eval()
+        return checkpoint.load(path, self.device, backbone=self.backbone)  # to score with: no training, no frozen cache
 
     # ------------------------------------------------------------------ the run
 

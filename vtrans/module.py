@@ -1,24 +1,24 @@
-"""The LightningModule: a frozen backbone with a trained Gaussian latent after block k.
+"""The LightningModule: the latent model (``vtrans.model``) trained by an ELBO.
 
 The backbone comes in through the constructor and never trains; only the latent's
 parameters reach the optimizer and the checkpoint. The checkpoint records which backbone it
-belongs to (its spec and a fingerprint of its config and weights).
+belongs to (its spec and a fingerprint of its config and weights). What scoring reads (the
+forward pieces, the latent's distributions, the weights a checkpoint holds) is
+:class:`vtrans.model.LatentModel`'s; this module adds the loss, the metrics and the optimizer.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.utils.checkpoint
 from torchmetrics import MeanMetric, Metric
 
-from vtrans import backbones, tokens
+from vtrans.config import check_all
 from vtrans.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
-from vtrans.errors import ConfigError
-from vtrans.frozen import FrozenCache, FrozenPrefix, upper_prefix, upper_suffix
-from vtrans.latent import GaussianLatent, Prior, kl_normal
+from vtrans.frozen import FrozenCache
+from vtrans.latent import Prior, kl_normal
 from vtrans.loading import Backbone
-from vtrans.tokens import Encoded
+from vtrans.model import LatentModel
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
@@ -54,8 +54,17 @@ class LatentStats(Metric):
         }
 
 
-class LatentLM(L.LightningModule):
-    """A causal LM with a Gaussian latent z between block k and block k+1, trained by an ELBO."""
+class LatentLM(LatentModel, L.LightningModule):
+    """A causal LM with a Gaussian latent z between block k and block k+1, trained by an ELBO.
+
+    The forward pieces and the weights a checkpoint holds are :class:`vtrans.model.LatentModel`'s;
+    this class adds the loss, the metrics and the optimizer.
+    """
+
+    # Lightning keeps these itself: the settings of every argument (save_hyperparameters) and the
+    # device the trainer moved the module to
+    hparams = L.LightningModule.hparams
+    device = L.LightningModule.device
 
     def __init__(
         self,
@@ -74,6 +83,8 @@ class LatentLM(L.LightningModule):
         cache_frozen: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
+        # the arguments LatentModel takes are documented again here: LightningCLI (train.py --help)
+        # reads each argument's help from this docstring
         """Build the latent around a frozen backbone.
 
         Args:
@@ -97,98 +108,26 @@ class LatentLM(L.LightningModule):
             gradient_checkpointing: recompute the upper blocks' activations in the backward pass
                 instead of keeping them (less memory for long targets or large batches, more time).
         """
-        super().__init__()
+        super().__init__(backbone, layer, d_z, prior, hidden, gradient_checkpointing)
         self.save_hyperparameters(ignore=["backbone"])
-        layer = backbone.n_layers // 2 if layer is None else layer
-        _check(1 <= layer < backbone.n_layers, f"layer must be in 1..{backbone.n_layers - 1}, got {layer}")
-        _check(d_z >= 1, f"d_z must be >= 1, got {d_z}")
-        _check(hidden >= 1, f"hidden must be >= 1, got {hidden}")
-        _check(prior in ("standard", "conditional"), f"prior must be standard or conditional, got {prior!r}")
-        _check(beta > 0, f"beta must be > 0, got {beta} (use a small value to weaken the KL term)")
-        _check(kl_warmup_steps >= 0, f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
-        _check(free_bits >= 0, f"free_bits must be >= 0 nats, got {free_bits}")
-        _check(elbo in ("meanfield", "trace"), f"elbo must be meanfield or trace, got {elbo!r}")
-        _check(num_particles >= 1, f"num_particles must be >= 1, got {num_particles}")
-        _check(lr > 0, f"lr must be > 0, got {lr}")
-        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        self.hparams.layer = layer
-        self.layer = layer
-        self.backbone = backbone
-        self.latent = GaussianLatent(backbone.d_model, d_z, prior, hidden)
+        self.hparams.layer = self.layer
+        check_all(
+            [
+                (beta > 0, f"beta must be > 0, got {beta} (use a small value to weaken the KL term)"),
+                (kl_warmup_steps >= 0, f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}"),
+                (free_bits >= 0, f"free_bits must be >= 0 nats, got {free_bits}"),
+                (elbo in ("meanfield", "trace"), f"elbo must be meanfield or trace, got {elbo!r}"),
+                (num_particles >= 1, f"num_particles must be >= 1, got {num_particles}"),
+                (lr > 0, f"lr must be > 0, got {lr}"),
+                (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
+            ]
+        )
         self.loss_fn = make_loss(elbo, num_particles)
         self.stats = torch.nn.ModuleDict({f"{s}_latent": LatentStats(d_z) for s in ("train", "val", "test")})
         self.means = torch.nn.ModuleDict(
             {f"{s}_{m}": MeanMetric() for s in ("train", "val", "test") for m in ("nll", "kl", "elbo")}
         )
-        self._fingerprint: str | None = None
         self.frozen_cache = FrozenCache()
-
-    # ------------------------------------------------------------------ inputs
-
-    @property
-    def tokenizer(self):
-        return self.backbone.tokenizer
-
-    def target_ids(self, targets: list[str]) -> list[list[int]]:
-        return tokens.target_ids(self.tokenizer, targets)
-
-    def encode(self, prompts: list[str], targets: list[list[int]] | None = None) -> Encoded:
-        return tokens.encode(self.tokenizer, prompts, targets, self.device)
-
-    # ------------------------------------------------------------------ forward pieces
-
-    @torch.no_grad()
-    def lower(self, enc: Encoded) -> torch.Tensor:
-        """The raw residual stream after block k, (B, T, C); no autograd below the latent."""
-        with backbones.blocks_until(self.backbone.model, self.layer) as body:
-            out = body(
-                **enc.inputs,
-                use_cache=False,
-            )
-        return out.last_hidden_state
-
-    @torch.no_grad()
-    def prefix(self, h: torch.Tensor, enc: Encoded) -> FrozenPrefix:
-        """Keys/values of the upper blocks for the positions before every scored one.
-
-        z enters at the scored position and after, so nothing before it depends on z: these
-        positions run once, without autograd, and every sample of z reuses them.
-        """
-        split = int(enc.scored.min())
-        return upper_prefix(self.backbone.model, self.layer, h, enc.attention_mask, enc.position_ids, split)
-
-    def decode(
-        self, h: torch.Tensor, z: torch.Tensor, enc: Encoded, prefix: FrozenPrefix | None = None
-    ) -> torch.Tensor:
-        """Logits for the target slots given z, (B, N, V): z enters from the scored position on.
-
-        Only the suffix (the scored position and the target tokens) runs through the upper blocks
-        with z; the prefix comes from ``prefix`` (computed here when not given).
-        """
-        prefix = self.prefix(h, enc) if prefix is None else prefix
-        split, n = prefix.length, enc.targets.shape[1]
-        suffix = self.latent.inject(h[:, split:], z, enc.after_scored[:, split:])  # (B, T-split, C)
-
-        def run(stream: torch.Tensor) -> torch.Tensor:
-            return upper_suffix(
-                self.backbone.model, self.layer, stream, enc.attention_mask, enc.position_ids, prefix, logits_to_keep=n + 1
-            )
-
-        if self.hparams.gradient_checkpointing and torch.is_grad_enabled():
-            logits = torch.utils.checkpoint.checkpoint(run, suffix, use_reentrant=False)
-        else:
-            logits = run(suffix)
-        return tokens.slot_positions(logits, enc)  # (B, N, V)
-
-    def states(self, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer-k states at the scored position and at the last token, (B, C) each."""
-        rows = torch.arange(h.shape[0], device=h.device)
-        return h[rows, enc.scored], h[:, -1]
-
-    def distributions(self, h: torch.Tensor, enc: Encoded):
-        """(q_loc, q_scale, p_loc, p_scale), each (B, d_z)."""
-        h_scored, h_last = self.states(h, enc)
-        return (*self.latent.posterior(h_scored, h_last), *self.latent.prior_params(h_scored))
 
     # ------------------------------------------------------------------ training
 
@@ -274,31 +213,8 @@ class LatentLM(L.LightningModule):
         params = [p for p in self.latent.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-    # ------------------------------------------------------------------ checkpoints: the latent only
-
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        return type(state)((k, v) for k, v in state.items() if not k.startswith("backbone."))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        extra = [k for k in state_dict if k.startswith("backbone.")]
-        if extra:
-            raise ValueError(f"checkpoint carries backbone weights ({extra[0]}, ...): it is not a vtrans checkpoint")
-        missing = [k for k in super().state_dict() if k not in state_dict and not k.startswith("backbone.")]
-        if strict and missing:
-            raise KeyError(f"checkpoint lacks {missing}")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = self.backbone.fingerprint()
-        return self._fingerprint
+    # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vtrans"] = {"backbone": self.backbone.spec, "fingerprint": self.fingerprint, "format": 1}
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)

@@ -62,7 +62,7 @@ class Runner:
     ) -> None:
         """Args:
             backbone: the base model (``vtrans.loading.Backbone``).
-            module: a trained ``LatentLM`` on that backbone, or None (no latent estimators).
+            module: a trained ``LatentModel`` on that backbone, or None (no latent estimators).
             config: the estimator settings.
             progress: show progress bars (rank 0 only).
             shard: this process's share of the batches (default: the running process group's,

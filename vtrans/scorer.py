@@ -229,10 +229,10 @@ class Scorer:
         quiet: bool = False,
         **settings: Any,
     ) -> None:
-        """Wrap a loaded ``LatentLM`` (use :meth:`from_checkpoint` to load one).
+        """Wrap a loaded latent model (use :meth:`from_checkpoint` to load one).
 
         Args:
-            module: a ``vtrans.module.LatentLM`` with its backbone, in eval mode.
+            module: a ``vtrans.model.LatentModel`` with its backbone, in eval mode.
             estimators: names from ``vtrans.estimators.NAMES`` (default: :func:`default_estimators`);
                 ``mc_dropout_*`` may be asked for (T = ``passes`` forwards each), ``probe`` may not.
             template: a template with one ``{prefix}`` field applied to every input; ``None``

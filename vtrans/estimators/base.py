@@ -69,7 +69,7 @@ class Context:
 
     Attributes:
         model: the base model (latent off).
-        module: the trained ``LatentLM`` (None without a checkpoint).
+        module: the trained ``LatentModel`` (None without a checkpoint).
         tokenizer: the model's tokenizer.
         config: the estimator settings.
         prompts, completions: the batch's prompts and the base model's completions of them.
