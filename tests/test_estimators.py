@@ -18,12 +18,13 @@ from torch.testing import assert_close
 from vtrans import backbones
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators.common import entropy_of_probs, predictive_stats
+from vtrans.estimators.base import run_forward
+from vtrans.estimators.common import entropy_of_probs, linear_at, log_partition, predictive_stats
 from vtrans.estimators.registry import PROBE_FEATURES
 from vtrans.latent import kl_normal
 from vtrans.loading import Backbone
 from vtrans.metrics import auroc
-from vtrans.tokens import aggregate, encode
+from vtrans.tokens import aggregate, encode, slot_positions
 
 FAMILIES = ["tiny-gpt2", "tiny-llama"]
 # different lengths, so that the batch is left-padded
@@ -154,6 +155,95 @@ def test_lens_gold_trajectory_reads_the_gold_token(models):
     assert_close(out["lens_ce_by_layer"], lens.scores(backbone.model, enc)["lens_ce_by_layer"])
 
 
+def lens_by_hand(model, hidden_states, enc, ids: torch.Tensor) -> torch.Tensor:
+    """−log softmax(W_U·norm_f(h_ℓ))[id] from the full (B, N, V) logits of every layer, (B, L+1, N)."""
+    head, last = model.get_output_embeddings(), len(hidden_states) - 1
+    out = []
+    for i, h in enumerate(hidden_states):
+        h = slot_positions(h, enc)  # (B, N, C)
+        logits = head(h if i == last else norm_by_hand(model, h)).float()  # (B, N, V)
+        out.append(-torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out, 1)
+
+
+def with_head_bias(model):
+    """A copy of ``model`` whose unembedding has a (random) bias."""
+    model = copy.deepcopy(model)
+    head = model.get_output_embeddings()
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        head.bias = torch.nn.Parameter(torch.randn(head.out_features) * 2.0)
+    return model
+
+
+@pytest.mark.parametrize("first_only", [True, False])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lens_trajectory_equals_a_full_log_softmax(models, name, bias, first_only):
+    """The blocked log-partition and the chosen logits read alone give the full log-softmax's numbers
+    (vocabulary 50257: not a multiple of any block), for two id sets, read with or without the final logits."""
+    backbone = models[name]
+    model = with_head_bias(backbone.model) if bias else backbone.model
+    assert model.config.vocab_size % 512 != 0
+    enc = encode(backbone.tokenizer, PROMPTS, [[5], [17, 23], [9, 300, 4000]])  # first slots 2, 1, 0
+    other = torch.randint(0, model.config.vocab_size, enc.targets.shape, generator=torch.Generator().manual_seed(0))
+    fwd = run_forward(model, enc, hidden_states=True)
+    rows = torch.arange(len(PROMPTS))
+    with torch.no_grad():
+        expected = [lens_by_hand(model, fwd.hidden_states, enc, chosen) for chosen in (enc.targets, other)]
+    if first_only:
+        expected = [e[rows, :, enc.first_slot].unsqueeze(-1) for e in expected]  # (B, L+1, 1)
+    for final_logits in (None, fwd.logits):
+        got = lens.trajectory(
+            model, fwd.hidden_states, enc, enc.targets, other, first_only=first_only, final_logits=final_logits
+        )
+        for g, e in zip(got, expected, strict=True):
+            assert g.shape == e.shape == (len(PROMPTS), backbone.n_layers + 1, 1 if first_only else 3)
+            assert_close(g, e, rtol=0, atol=1e-5)
+
+
+def test_log_partition_in_blocks_equals_logsumexp_of_the_full_logits():
+    """Odd vocabulary, a bias, blocks of every width the rule picks and rows run in chunks."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, width = 1999, 48
+    weight, bias = torch.randn(vocab, width, generator=gen), torch.randn(vocab, generator=gen)
+    for rows in (1, 7, 300):
+        h = torch.randn(rows, width, generator=gen)
+        expected = F.linear(h, weight, bias).logsumexp(-1)
+        for per_block, max_logits in ((1 << 21, 1 << 26), (512 * rows, 1 << 26), (1, 1 << 26), (1 << 21, 1000)):
+            got = log_partition(h, weight, bias, max_logits=max_logits, logits_per_block=per_block)
+            assert_close(got, expected, rtol=0, atol=1e-5)
+        assert_close(log_partition(h, weight), F.linear(h, weight).logsumexp(-1), rtol=0, atol=1e-5)
+    ids = torch.tensor([[0, 1998], [7, 7]])
+    h = torch.randn(2, 2, width, generator=gen)
+    assert_close(linear_at(h, weight, bias, ids), F.linear(h, weight, bias).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+
+
+def test_lens_in_bfloat16_matches_its_full_logits(models):
+    """A bf16 model: logits in bf16 as the matrix product rounds them, summed in float32."""
+    backbone = models["tiny-llama"]
+    model = copy.deepcopy(backbone.model).to(torch.bfloat16)
+    enc, _ = encoded_with_own_tokens(backbone)
+    fwd = run_forward(model, enc, hidden_states=True)
+    with torch.no_grad():
+        expected = lens_by_hand(model, fwd.hidden_states, enc, enc.targets)[:, :, -1:]  # (B, L+1, 1)
+    got = lens.trajectory(model, fwd.hidden_states, enc, enc.targets, first_only=True, final_logits=fwd.logits)
+    assert got.dtype == torch.float32
+    assert_close(got, expected, rtol=0, atol=3e-2)
+
+
+def test_chosen_logits_are_rounded_as_the_matrix_product_rounds_them():
+    """In bf16 the chosen logit equals the full product's; summed in float32 without the rounding it
+    would exceed log Z at a confident argmax, and −log p would come out negative."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(5000, 64, generator=gen).bfloat16()
+    h = torch.randn(200, 64, generator=gen).bfloat16()
+    full = F.linear(h, weight).float()  # (200, V)
+    ids = full.argmax(-1)
+    assert torch.equal(linear_at(h, weight, None, ids), full.gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+    assert (log_partition(h, weight) - linear_at(h, weight, None, ids)).min() >= 0
+
+
 # --------------------------------------------------------------------------- 2. baselines
 
 
@@ -265,6 +355,27 @@ def test_mc_dropout_reference_against_passes_by_hand(models):
     assert_close(stats["var"], p_y.var(1, unbiased=False).float(), rtol=1e-4, atol=1e-9)
     assert_close(stats["entropy"], h_mean.float(), rtol=1e-4, atol=1e-5)
     assert_close(stats["mi"], (h_mean - mean_h).clamp_min(0).float(), rtol=1e-3, atol=1e-5)
+
+
+def test_predictive_stats_read_in_chunks_of_items_equal_one_piece_and_a_float64_reference():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, 1001, generator=gen) * 4  # (B, S, V)
+    y = torch.randint(0, 1001, (5,), generator=gen)
+    probs = torch.softmax(logits.double(), -1)
+    mean = probs.mean(1)
+    h_mean = -(mean * mean.log()).sum(-1)
+    expected = {
+        "var": probs[torch.arange(5), :, y].var(1, unbiased=False),
+        "entropy": h_mean,
+        "mi": h_mean + (probs * probs.log()).sum(-1).mean(1),
+        "nll": -probs[torch.arange(5), :, y].mean(1).log(),
+    }
+    whole = predictive_stats(logits, y, logits_per_chunk=1 << 30)
+    for per_chunk in (1, 2 * 3 * 1001):  # an item at a time; two items at a time (the last chunk holds one)
+        chunked = predictive_stats(logits, y, logits_per_chunk=per_chunk)
+        for name, value in expected.items():
+            assert_close(chunked[name], whole[name], rtol=0, atol=1e-5)
+            assert_close(chunked[name], value.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_gpt2_attention_probability_dropout_alone_is_on(models):

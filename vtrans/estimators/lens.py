@@ -10,13 +10,12 @@ measure) and ``lens_area`` the mean over layers (how slowly the stream converges
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from vtrans import backbones
 from vtrans.config import EstimatorConfig
 from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
+from vtrans.estimators.common import linear_at, log_partition
 from vtrans.tokens import Encoded, aggregate, slot_positions
 
 
@@ -39,11 +38,13 @@ def trajectory(
             unembedded once however many sets are asked for); then a tuple, one per set.
         first_only: decode only each item's first slot (the scored position): what
             ``aggregate="first"`` reads, at 1/N of the cost.
-        max_logits: the most logits held at once (64 Mi floats: 256 MiB).
+        max_logits: the most logits held at once (64 Mi floats: 256 MiB); they are far fewer anyway,
+            a vocabulary block at a time (see :func:`~vtrans.estimators.common.log_partition`).
         final_logits: (B, N, V) the model's own logits at the slots, when the forward kept them:
             the last layer is read off them instead of being unembedded again.
     """
     unembed, norm = backbones.unembedding(model), backbones.final_norm(model)
+    weight, bias = unembed.weight, getattr(unembed, "bias", None)
     sets = (ids, *more_ids)
     rows = torch.arange(ids.shape[0], device=ids.device)
     if first_only:
@@ -52,27 +53,19 @@ def trajectory(
     for h in hidden_states:
         h = slot_positions(h, enc)  # (B, N, C)
         states.append(h[rows, enc.first_slot].unsqueeze(1) if first_only else h)
+    # every layer but the last goes through the final norm (the last is normed already); −log p_ℓ(chosen)
+    # = log Z_ℓ − logit_ℓ(chosen), with log Z_ℓ summed over the vocabulary a block at a time and the
+    # chosen logits read alone, so the (B, layers, N, V) logits never exist
     last = len(states) - 1
-    # every layer but the last goes through the final norm (the last is normed already); layers are
-    # unembedded together, as many at a time as keep the logits under ``max_logits`` numbers
-    batch, slots, _ = states[0].shape
-    vocab = unembed.weight.shape[0]
-    step = max(1, max_logits // (batch * slots * vocab))
     decoded = states if final_logits is None else states[:-1]
-    groups = (
-        unembed(torch.stack([h if i == last else norm(h) for i, h in enumerate(decoded[a : a + step], a)], 1))
-        for a in range(0, len(decoded), step)
-    )  # (B, layers, N, V) each
-    if final_logits is not None:
-        final = final_logits[rows, enc.first_slot].unsqueeze(1) if first_only else final_logits  # (B, N, V)
-        groups = itertools.chain(groups, [final.unsqueeze(1)])
-    parts: list[list[torch.Tensor]] = [[] for _ in sets]
-    for logits in groups:
-        logits = logits.float()
-        log_z = torch.logsumexp(logits, -1)  # (B, layers, N)
+    h = torch.stack([state if i == last else norm(state) for i, state in enumerate(decoded)], 1)  # (B, layers, N, C)
+    log_z = log_partition(h.flatten(0, 2), weight, bias, max_logits).view(h.shape[:3])  # (B, layers, N)
+    parts = [[log_z - linear_at(h, weight, bias, chosen.unsqueeze(1).expand(h.shape[:3]))] for chosen in sets]
+    if final_logits is not None:  # the last layer's logits exist already: read them
+        final = (final_logits[rows, enc.first_slot].unsqueeze(1) if first_only else final_logits).float()  # (B, N, V)
+        final_z = final.logsumexp(-1)  # (B, N)
         for acc, chosen in zip(parts, sets, strict=True):
-            picked = logits.gather(-1, chosen[:, None, :, None].expand(-1, logits.shape[1], -1, 1)).squeeze(-1)
-            acc.append(log_z - picked)  # −log p_ℓ(chosen) = log Z_ℓ − logit_ℓ(chosen)
+            acc.append((final_z - final.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)).unsqueeze(1))  # (B, 1, N)
     out = tuple(torch.cat(acc, 1) for acc in parts)  # (B, L+1, N) each
     return out if more_ids else out[0]
 
