@@ -125,14 +125,14 @@ def _multi_token_completion(tokenizer) -> Completion:
     return Completion(" flabbergastingly", "flabbergastingly", ids[0], tuple(ids))
 
 
-def _kl_by_hand(module, targets: list[int]) -> torch.Tensor:
-    enc = encode(module.backbone.tokenizer, [PROMPT], [targets])
+def _kl_by_hand(module, targets: list[int], prompt: str = PROMPT) -> torch.Tensor:
+    enc = encode(module.backbone.tokenizer, [prompt], [targets])
     with torch.no_grad():
         q_loc, q_scale, p_loc, p_scale = module.distributions(module.lower(enc), enc)
     return kl_normal(q_loc, q_scale, p_loc, p_scale).sum(-1)
 
 
-@pytest.mark.parametrize("path", ["score", "score_prompts"])
+@pytest.mark.parametrize("path", ["score", "scores"])
 def test_latent_kl_reads_the_last_token_of_the_whole_word(latent, path, monkeypatch):
     completion = _multi_token_completion(latent.backbone.tokenizer)
     runner = _runner(latent, batch_size=2, samples=2)
@@ -140,20 +140,30 @@ def test_latent_kl_reads_the_last_token_of_the_whole_word(latent, path, monkeypa
     if path == "score":
         got = score_items(runner, [ITEM], ["latent_kl"], DEFAULT_TEMPLATE, gold=False).scores["latent_kl"]
     else:
-        got = runner.score_prompts([PROMPT], ["latent_kl"])[1]["latent_kl"]
+        got = runner.scores([PROMPT], [completion], ["latent_kl"])["latent_kl"]
     whole, first = _kl_by_hand(latent, list(completion.word_ids)), _kl_by_hand(latent, [completion.first_token])
     assert not torch.isclose(whole, first, rtol=1e-3).any()  # the two readings differ here
     assert_close(got, whole, rtol=1e-4, atol=1e-5)
 
 
-def test_prompt_only_latent_scores_do_not_change_with_the_whole_word(latent, monkeypatch):
+def test_latent_kl_of_bare_prompts_reads_the_whole_generated_word(latent):
+    """``score_prompts`` takes the states from ``generate`` itself: the word it generated, whole."""
+    prompt = "spill the"  # the tiny GPT-2 writes a word of 3 tokens here
+    completions, got = _runner(latent, max_new_tokens=4).score_prompts([prompt], ["latent_kl"])
+    word = list(completions[0].word_ids)
+    assert len(word) >= 2
+    whole, first = _kl_by_hand(latent, word, prompt), _kl_by_hand(latent, word[:1], prompt)
+    assert not torch.isclose(whole, first, rtol=1e-3).any()
+    assert_close(got["latent_kl"], whole, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_only_latent_scores_do_not_change_with_the_whole_word(latent):
     """posterior_var and latent_mi read the scored position: causal attention keeps them as they were."""
     from vtrans.estimators import latent as latent_estimators
 
     completion = _multi_token_completion(latent.backbone.tokenizer)
     runner = _runner(latent, batch_size=2, samples=3)
-    monkeypatch.setattr(runner, "complete", lambda prompts, start=0: [completion] * len(prompts))
-    got = runner.score_prompts([PROMPT], ["posterior_var", "latent_mi"])[1]
+    got = runner.scores([PROMPT], [completion], ["posterior_var", "latent_mi", "latent_kl"])  # the whole word encoded
     first = encode(latent.backbone.tokenizer, [PROMPT], [[completion.first_token]])
     expected = latent_estimators.scores(latent, first, samples=3, seed=0)
     for name in ("posterior_var", "latent_mi"):
