@@ -30,14 +30,9 @@ from pathlib import Path
 
 import torch
 
-from vtrans.errors import UserError
+from vtrans.errors import CheckpointError, UserError
 from vtrans.loading import Backbone
 from vtrans.model import LatentModel
-
-
-class CheckpointError(UserError):
-    """A file that is missing, truncated, unsafe, or not a vtrans checkpoint."""
-
 
 # --------------------------------------------------------------------------- reading
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vtrans.checkpoint import CheckpointError
+from vtrans.errors import CheckpointError
 
 CHECKED = ("state_dict", "optimizer_states")  # what training computes (callbacks may hold inf legitimately)
 

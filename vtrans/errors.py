@@ -15,3 +15,11 @@ class BackboneError(UserError, RuntimeError):
     Both ``vtrans.backbones`` (an unknown architecture) and ``vtrans.loading`` (a missing model)
     raise it, so it lives here rather than in either.
     """
+
+
+class CheckpointError(UserError):
+    """A file that is missing, truncated, unsafe, or not a vtrans checkpoint.
+
+    ``vtrans.checkpoint`` (reading) and ``vtrans.checkpoint_io`` (training's writer and resume)
+    both raise it, so it lives here rather than in either.
+    """
