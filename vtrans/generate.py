@@ -43,7 +43,7 @@ class Generation:
     Attributes:
         prompt_mask: (B, W) the prompts' attention mask.
         sequences: (B, W + G) prompts and generated tokens.
-        logits: (B, G, V) the raw logits that chose each generated token.
+        logits: (B, G, V) the raw logits that chose each generated token, when kept.
         hidden_states: the L+1 residual-stream states (B, P, C) of the P positions fed, when kept.
         attentions: the L attention-weight tensors (B, H, P, P), when kept.
         cache: the keys and values of the P positions fed, kept with any of the above (what
@@ -52,7 +52,7 @@ class Generation:
 
     prompt_mask: torch.Tensor
     sequences: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     cache: object = None
@@ -105,6 +105,7 @@ def generate_batch(
     max_new_tokens: int = 6,
     do_sample: bool = False,
     temperature: float = 1.0,
+    logits: bool = False,
     hidden_states: bool = False,
     attentions: bool = False,
     cache: bool = False,
@@ -112,7 +113,7 @@ def generate_batch(
     """One batch of greedy (or sampled, from the global random state) completions, left-padded.
 
     Args:
-        hidden_states, attentions, cache: keep every layer's states, the attention weights
+        logits, hidden_states, attentions, cache: keep the logits of each step, every layer's states, the attention weights
             (the model must run eager attention) or the keys and values of the positions fed
             (kept with either of the others too).
 
@@ -129,7 +130,7 @@ def generate_batch(
         top_k=None,
         top_p=None,
         return_dict_in_generate=True,
-        output_logits=True,
+        output_logits=logits,
         output_hidden_states=hidden_states,
         output_attentions=attentions,
         use_cache=True,
@@ -139,7 +140,7 @@ def generate_batch(
     generation = Generation(
         enc["attention_mask"],
         out.sequences,
-        torch.stack(out.logits, 1),
+        torch.stack(out.logits, 1) if logits else None,
         tuple(torch.cat(layer, 1) for layer in zip(*out.hidden_states, strict=True)) if hidden_states else None,
         _attention_rows(*out.attentions) if attentions else None,
         out.past_key_values if cache or hidden_states or attentions else None,

@@ -118,16 +118,18 @@ class Runner:
 
     # ------------------------------------------------------------------ scores
 
-    def _plan(self, names: Sequence[str], gold: bool = False) -> _Plan:
+    def _plan(self, names: Sequence[str]) -> _Plan:
         names = self.runnable(names)
         families = [f for f in registry.FAMILIES if any(n in f.names for n in names)]
         needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
+        forward_needed = any(f.reads_forward for f in families)
         return _Plan(
             families,
             set(names) | set(LENS_EXTRAS),
             needs,
             "whole_word" in needs or self.config.aggregate != "first",
-            any(f.reads_forward for f in families),
+            forward_needed,
+            {what: forward_needed and what in needs for what in ("hidden_states", "attentions", "cache")},
         )
 
     def _targets(self, plan: _Plan, completions: Sequence[Completion]) -> list[list[int]]:
@@ -186,14 +188,8 @@ class Runner:
                 enc = encode(self.tokenizer, prompts[part], self._targets(plan, chunk), self.device)
                 forward = None
                 if plan.forward_needed:
-                    forward = run_forward(
-                        self.model,
-                        enc,
-                        hidden_states="hidden_states" in plan.needs,
-                        attentions="attentions" in plan.needs,
-                        cache="cache" in plan.needs,
-                        gold=None if gold_ids is None else torch.tensor(gold_ids[part], device=self.device),
-                    )
+                    gold_part = None if gold_ids is None else torch.tensor(gold_ids[part], device=self.device)
+                    forward = run_forward(self.model, enc, **plan.kept, gold=gold_part)
                 seconds["shared"] = seconds.get("shared", 0.0) + time.perf_counter() - t0
                 done[b] = self._read(plan, forward, context, seconds)
                 del forward
@@ -227,14 +223,13 @@ class Runner:
                         cfg.max_new_tokens,
                         cfg.sample,
                         cfg.temperature,
-                        hidden_states=plan.forward_needed and "hidden_states" in plan.needs,
-                        attentions=plan.forward_needed and "attentions" in plan.needs,
-                        cache=plan.forward_needed and "cache" in plan.needs,
+                        logits=plan.forward_needed,
+                        **plan.kept,
                     )
                 forward = None
                 if plan.forward_needed:
                     enc = encode(self.tokenizer, prompts[part], self._targets(plan, chunk), self.device)
-                    forward = forward_from_generation(self.model, generation, enc, cache="cache" in plan.needs)
+                    forward = forward_from_generation(self.model, generation, enc, cache=plan.kept["cache"])
                 del generation
                 context = self._context(prompts[part], chunk, list(range(start + part.start, start + part.stop)))
                 completions[b], done[b] = chunk, self._read(plan, forward, context, seconds)
@@ -262,13 +257,18 @@ class Runner:
 
 @dataclass
 class _Plan:
-    """What a set of estimator names runs: its families, the keys kept, what the forward keeps."""
+    """What a set of estimator names runs: its families, the keys kept, what the forward keeps.
+
+    ``kept``: the forward's ``hidden_states``, ``attentions`` and ``cache`` flags (the keyword
+    arguments of ``run_forward`` and ``generate_batch``).
+    """
 
     families: list
     keep: set[str]
     needs: set[str]
     whole_word: bool
     forward_needed: bool
+    kept: dict[str, bool]
 
 
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -30,9 +30,9 @@ def log_partition(
 
     The (rows, V) logits never exist at once: each block's ``logsumexp`` is folded into a running
     one (``logaddexp``), so only a (rows, block) piece is ever written. On a CPU, writing the whole
-    matrix to memory and reading it back (``logsumexp`` reads it several times) is a third of a full
-    unembedding's time; a piece of about ``logits_per_block`` numbers (8 MiB in float32) stays in cache. Blocks are 512 to 4096 columns
-    wide, the most that keep to that size (SmolLM2's head on 960 rows, 2 CPU cores: 370 ms in blocks
+    matrix to memory and reading it back (``logsumexp`` reads it several times) is a third of a
+    full unembedding's time; a piece of about ``logits_per_block`` numbers (8 MiB in float32)
+    stays in cache. Blocks are 512 to 4096 columns wide, the most that keep to that size (SmolLM2's head on 960 rows, 2 CPU cores: 370 ms in blocks
     of 2048, 530 ms for the full logits; 1024 to 2048 measured best at 960 to 3840 rows, smaller
     blocks suffer most when other processes share the cores). Logits are computed in the head's
     dtype and summed in float32.
