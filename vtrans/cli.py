@@ -24,6 +24,7 @@ from typing import Literal, get_type_hints
 import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
+from vtrans import log
 from vtrans.config import EstimatorConfig
 from vtrans.errors import ConfigError, UserError
 
@@ -63,6 +64,7 @@ def train_main(args: list[str] | None = None, run: bool = True):
 
     from vtrans.callbacks import NonFiniteGuard, ResumableRNG
 
+    log.setup(quiet=False)
     guard = NonFiniteGuard()
     from vtrans.datamodule import IdiomDataModule
     from vtrans.module import LatentLM
@@ -286,8 +288,10 @@ def _on_rank(command: Callable, kwargs: dict) -> None:
     """One rank of a multi-process command: rank 0 speaks, the others keep quiet (they run the same work)."""
     from vtrans import distributed
 
-    if distributed.current().rank != 0:
+    rank = distributed.current().rank
+    if rank != 0:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
+    log.setup(quiet=bool(kwargs.get("quiet")) or rank != 0)  # a spawned process starts unconfigured
     guarded(lambda: command(**kwargs))
 
 
@@ -522,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     """``vtrans evaluate|crossval|score``."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = build_parser(requested(argv)).parse_args(argv)
+    log.setup(quiet=bool(cfg[cfg.command].get("quiet", False)))
     guarded(lambda: SUBCOMMANDS[cfg.command].run(cfg[cfg.command]))
 
 
