@@ -378,6 +378,31 @@ def test_predictive_stats_read_in_chunks_of_items_equal_one_piece_and_a_float64_
             assert_close(chunked[name], value.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_predictive_stats_mi_near_zero_keeps_its_digits():
+    """Samples that barely differ: an MI of about 1e-6 nats beside entropies of several nats.
+
+    Written as H(p̄) − E_s H(p_s) in float32, each entropy (about 5 nats here) carries a rounding
+    error of about 1e-6 that depends on the summation order, as large as the MI itself. The mean
+    KL in float64 has terms of about 1e-3 whose rounding is about 1e-16 each: the MI keeps ~9
+    digits, so 1e-5 relative holds on any CPU, and the order of the vocabulary (a CPU's
+    summation order) does not move it beyond that.
+    """
+    gen = torch.Generator().manual_seed(0)
+    vocab = 1001
+    logits = torch.randn(4, 1, vocab, generator=gen) * 3 + 1e-3 * torch.randn(4, 8, vocab, generator=gen)  # (B, S, V)
+    y = torch.randint(0, vocab, (4,), generator=gen)
+    probs = torch.softmax(logits.double(), -1)
+    mean = probs.mean(1, keepdim=True)
+    reference = (probs * (probs.log() - mean.log())).sum(-1).mean(1)  # E_s KL(p_s ‖ p̄), float64
+    assert (reference > 1e-7).all() and (reference < 1e-5).all()  # the case the test is about
+    stats = predictive_stats(logits, y)
+    assert_close(stats["mi"], reference.float(), rtol=1e-5, atol=0)
+    perm = torch.randperm(vocab, generator=gen)
+    permuted = predictive_stats(logits[..., perm], torch.argsort(perm)[y])
+    assert_close(permuted["mi"], stats["mi"], rtol=1e-5, atol=0)
+    assert_close(permuted["nll"], stats["nll"], rtol=1e-6, atol=0)
+
+
 def test_gpt2_attention_probability_dropout_alone_is_on(models):
     backbone = models["tiny-gpt2"]
     enc, _ = encoded_with_own_tokens(backbone)

@@ -83,7 +83,11 @@ def test_latent_mi_draws_fresh_noise_for_each_item(latent):
     _, other_seed = _runner(latent, batch_size=1, samples=4, seed=1).score_prompts([PROMPT, PROMPT], ["latent_mi"])
     assert not torch.equal(other_seed["latent_mi"], mi)
     _, together = _runner(latent, batch_size=2, samples=4).score_prompts([PROMPT, PROMPT], ["latent_mi"])
-    assert_close(together["latent_mi"], mi, rtol=1e-4, atol=1e-6)  # an item's draws do not depend on its batch
+    # an item's draws do not depend on its batch; what may differ is the float32 rounding of its
+    # logits in a batch of another shape (~1e-6 on logits of order 1 here), which moves latent_mi by
+    # at most max|Δlogit| · E|log p_s/p̄| (about 0.1 at an MI of 3e-3): an absolute 1e-6, whatever
+    # the CPU (the statistic itself is exact to ~1e-15, see predictive_stats)
+    assert_close(together["latent_mi"], mi, rtol=0, atol=1e-6)
     _, later = runner.score_prompts([PROMPT], ["latent_mi"], start=1)
     assert torch.equal(later["latent_mi"], mi[1:])  # a run scored in pieces draws as one call
 
@@ -100,10 +104,11 @@ def test_scorer_draws_fresh_noise_across_its_batches(latent):
     """``vtrans score`` runs the runner once per batch: items go on being numbered from batch to batch."""
     scorer = Scorer(latent, estimators=["latent_mi"], batch_size=1, samples=4, quiet=True)
     a, b = (r["scores"]["latent_mi"] for r in scorer.score([PROMPT, PROMPT]))
-    assert a != pytest.approx(b, rel=1e-4)
+    assert abs(a - b) > 1e-4  # fresh noise for each item: far apart beside the 1e-6 below
     assert [r["scores"]["latent_mi"] for r in scorer.score([PROMPT, PROMPT])] == [a, b]
     together = Scorer(latent, estimators=["latent_mi"], batch_size=2, samples=4, quiet=True)
-    assert [r["scores"]["latent_mi"] for r in together.score([PROMPT, PROMPT])] == pytest.approx([a, b], rel=1e-4)
+    # the same draws in a batch of two: only the logits' float32 rounding differs (see the test above)
+    assert [r["scores"]["latent_mi"] for r in together.score([PROMPT, PROMPT])] == pytest.approx([a, b], rel=0, abs=1e-6)
 
 
 def test_standalone_latent_scores_seed_each_item(latent):
