@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from vtrans import checkpoint
 from vtrans.cli import main
+from vtrans.data import first_word
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES
 from vtrans.module import LatentLM
@@ -38,6 +39,7 @@ from vtrans.scorer import (
 )
 
 PROMPT = "Complete the idiom: the early bird catches the"
+PREFIX = "the early bird catches the"
 DEFAULT = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi", "latent_nll"]
 
 
@@ -60,8 +62,10 @@ def scored(records: list[dict]) -> list[dict]:
 
 def test_records_hold_completion_and_every_default_score(scorer) -> None:
     [record] = list(scorer.score([PROMPT]))
-    assert set(record) == {"prompt", "completion", "scores"}
+    assert set(record) == {"prompt", "template", "completion", "completion_word", "scores"}
     assert record["prompt"] == PROMPT and isinstance(record["completion"], str)
+    assert record["template"] is None  # a Scorer built on a module scores verbatim unless given one
+    assert record["completion_word"] == first_word(record["completion"])
     assert list(record["scores"]) == DEFAULT
     assert all(isinstance(v, float) and math.isfinite(v) for v in record["scores"].values())
 
@@ -195,7 +199,7 @@ def test_txt_lines() -> None:
 def test_jsonl_lines() -> None:
     raw = [b'{"prompt": "ok", "id": 1}', b"{bad", b'{"text": "x"}', b'{"prompt": 3}', b"[1]", b"", b'"s"']
     lines = [parse_jsonl_line(r, i) for i, r in enumerate(raw, 1)]
-    assert lines[0] == Line("ok", None, 1)
+    assert lines[0] == Line("ok", None, 1, {"id": 1})
     assert lines[1].error.startswith("line 2: invalid JSON")
     assert "field 'prompt'" in lines[2].error and lines[2].line == 3
     assert "int, not a string" in lines[3].error
@@ -276,7 +280,7 @@ def run_cli(capsys, *args: str) -> tuple[list[dict], str]:
 
 
 def test_cli_prompts(capsys, tiny_ckpt) -> None:
-    records, err = run_cli(capsys, "--ckpt", str(tiny_ckpt), PROMPT, " ")
+    records, err = run_cli(capsys, "--ckpt", str(tiny_ckpt), PREFIX, " ")
     assert len(records) == 2 and list(records[0]["scores"]) == DEFAULT
     assert records[1] == {"prompt": " ", "error": "blank prompt (only whitespace)"}
     assert "1 of 2 prompts could not be scored" in err
@@ -284,7 +288,7 @@ def test_cli_prompts(capsys, tiny_ckpt) -> None:
 
 def test_cli_txt_file_one_record_per_line(capsys, tmp_path, tiny_ckpt) -> None:
     path = tmp_path / "prompts.txt"
-    path.write_bytes(PROMPT.encode() + b"\n\nhold your \xff horses\n" + ("word " * 300).encode() + b"\nlast")
+    path.write_bytes(PREFIX.encode() + b"\n\nhold your \xff horses\n" + ("word " * 300).encode() + b"\nlast")
     records, _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--input", str(path), "--batch_size", "2")
     assert len(records) == 5
     assert "scores" in records[0] and "scores" in records[4] and records[3]["truncated"] > 0
@@ -295,7 +299,7 @@ def test_cli_txt_file_one_record_per_line(capsys, tmp_path, tiny_ckpt) -> None:
 def test_cli_jsonl_file(capsys, tmp_path, tiny_ckpt) -> None:
     path = tmp_path / "prompts.jsonl"
     path.write_text(
-        json.dumps({"prompt": PROMPT}) + "\n{not json\n" + json.dumps({"text": "x"}) + "\n" + json.dumps({"prompt": "hold your"}) + "\n"
+        json.dumps({"prompt": PREFIX}) + "\n{not json\n" + json.dumps({"text": "x"}) + "\n" + json.dumps({"prompt": "hold your"}) + "\n"
     )
     records, _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--input", str(path))
     assert ["error" in r for r in records] == [False, True, True, False]
@@ -332,13 +336,81 @@ def test_cli_end_to_end_streams_json_lines(tmp_path, tiny_ckpt) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", "from vtrans.cli import main; main()", "score", "--ckpt", str(tiny_ckpt),
          "--input", "-", "--estimators", "msp,lens_ce", "--quiet"],
-        input=f"{PROMPT}\nhold your\n",
+        input=f"{PREFIX}\nhold your\n",
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["prompt"] for r in records] == [PROMPT, "hold your"]
+    assert [r["prompt"] for r in records] == [PREFIX, "hold your"]
     assert all(set(r["scores"]) == {"msp", "lens_ce"} for r in records)
     assert Path(tiny_ckpt).is_file()
+
+
+# --------------------------------------------------------------------------- templates, checks before loading, fields
+
+
+def test_the_checkpoints_template_is_the_default_and_none_scores_verbatim(capsys, tiny_ckpt, module) -> None:
+    recorded = checkpoint.template_of(tiny_ckpt)
+    assert recorded and "{prefix}" in recorded
+    assert Scorer.from_checkpoint(tiny_ckpt, device="cpu", estimators=["msp"]).template == recorded
+    [templated], _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--estimators", "msp", PREFIX)
+    [verbatim], _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--estimators", "msp", "--template", "none", PREFIX)
+    assert templated["template"] == recorded and verbatim["template"] is None
+    assert templated["prompt"] == verbatim["prompt"] == PREFIX
+    # the default is the prompt the latent was trained on: the same record as the rendered prompt scored verbatim
+    [rendered] = list(Scorer(module, estimators=["msp"], quiet=True).score([recorded.format(prefix=PREFIX)]))
+    assert templated["completion"] == rendered["completion"]
+    assert templated["scores"]["msp"] == pytest.approx(rendered["scores"]["msp"], rel=1e-5, abs=1e-7)
+
+
+def test_a_prompt_that_already_holds_the_template_is_warned_about_once(module, capsys) -> None:
+    scorer = Scorer(module, estimators=["msp"], template="Complete the idiom: {prefix}")
+    list(scorer.score([PROMPT, PROMPT, PREFIX]))
+    err = capsys.readouterr().err
+    assert err.count("already begins with the template's 'Complete the idiom:'") == 1 and "--template none" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--estimators", "nope", PREFIX], "unknown estimator"),
+        (["--estimators", "probe", PREFIX], "vtrans evaluate"),
+        (["--template", "{oops}", PREFIX], "template"),
+        (["--input", "EMPTY"], "is empty"),
+        (["--input", "-"], "standard input is empty"),
+    ],
+)
+def test_a_bad_request_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path, tiny_ckpt, args, message) -> None:
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(checkpoint, "load", no_loading)
+    monkeypatch.setattr("vtrans.loading.Backbone.__init__", no_loading)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    with pytest.raises(SystemExit) as info:
+        main(["score", "--ckpt", str(tiny_ckpt), *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_an_unknown_estimator_is_refused_with_what_score_can_run(tiny_ckpt) -> None:
+    with pytest.raises(ConfigError) as info:
+        Scorer.from_checkpoint(tiny_ckpt, device="cpu", estimators=["nope"])
+    offered = str(info.value).split("score can run ")[1].split(", ")
+    assert "probe" not in offered and {"msp", "latent_nll", "mc_dropout_mi"} <= set(offered)
+
+
+def test_jsonl_fields_pass_through_into_records(capsys, tmp_path, tiny_ckpt) -> None:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": 7, "prompt": PREFIX, "meta": {"source": "x"}}, {"id": 8, "prompt": ""}, {"id": 9, "prompt": "hold your"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--estimators", "msp", "--input", str(path))
+    assert [r["id"] for r in records] == [7, 8, 9]
+    assert records[0]["meta"] == {"source": "x"} and "scores" in records[0]
+    assert records[1]["error"] == "line 2: empty prompt"
+    assert records[2]["completion_word"] == first_word(records[2]["completion"])

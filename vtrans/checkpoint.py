@@ -115,7 +115,11 @@ beyond ``LatentModel``'s (named here so that scoring reads a checkpoint without 
 
 
 def load(
-    path: str | Path, device: str | torch.device = "cpu", backbone: Backbone | None = None, training: bool = False
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    backbone: Backbone | None = None,
+    training: bool = False,
+    ckpt: dict | None = None,
 ) -> LatentModel:
     """The checkpoint's latent, on ``device``, in eval mode: a ``LatentModel`` to score with,
     or with ``training`` the ``LatentLM`` that trains it.
@@ -127,12 +131,13 @@ def load(
             way its fingerprint must equal the checkpoint's.
         training: build the LightningModule (``vtrans.module.LatentLM``), which checks the
             training settings too; without it those are kept in ``hparams`` unread.
+        ckpt: the file's contents, where :func:`read` has read them already.
 
     Raises:
         CheckpointError: see :func:`read`; a checkpoint of another base model (both named);
             settings or weights that do not build this version's latent.
     """
-    ckpt = read(path)
+    ckpt = read(path) if ckpt is None else ckpt
     record = ckpt["vtrans"]
     spec = {k: record["backbone"][k] for k in BACKBONE_KEYS if k in record["backbone"]}
     if backbone is None:
@@ -143,7 +148,7 @@ def load(
             f"{path} was trained on backbone {spec['name']!r} (fingerprint {expected}), "
             f"not on {backbone.name!r} (fingerprint {actual}): score it with the base model it was trained on"
         )
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    hparams = hyper_parameters(ckpt)
     try:
         if training:
             from vtrans.module import LatentLM
@@ -172,9 +177,25 @@ def _latent_model(backbone: Backbone, hparams: dict) -> LatentModel:
     return module
 
 
+def hyper_parameters(ckpt: dict) -> dict:
+    """The latent's settings a checkpoint's contents (:func:`read`) record."""
+    return {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+
+
+def prior_in(ckpt: dict) -> str:
+    """The prior of the latent in a checkpoint's contents (:func:`read`): ``standard`` or ``conditional``."""
+    return hyper_parameters(ckpt).get("prior", inspect.signature(LatentModel).parameters["prior"].default)
+
+
+def template_in(ckpt: dict) -> str | None:
+    """The prompt template recorded in a checkpoint's contents (:func:`read`), if any."""
+    template = ckpt.get("datamodule_hyper_parameters", {}).get("template")
+    return template if isinstance(template, str) else None
+
+
 def template_of(path: str | Path) -> str | None:
     """The prompt template the latent was trained with, if the checkpoint records one."""
-    return read(path).get("datamodule_hyper_parameters", {}).get("template")
+    return template_in(read(path))
 
 
 SPLIT_KEYS = ("seed", "val_fraction", "test_fraction")

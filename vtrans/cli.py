@@ -198,7 +198,7 @@ def score_command(
     prompts: list[str] | None = None,
     input: str | None = None,
     estimators: list[str] | str | None = None,
-    template: str | None = None,
+    template: str = "ckpt",
     long_prompts: Literal["truncate", "refuse"] = "truncate",
     device: str = "auto",
     devices: int = 1,
@@ -206,10 +206,12 @@ def score_command(
 ) -> None:
     """Score prompts with a trained checkpoint: one JSON line per prompt.
 
-    One JSON line per prompt on stdout: {prompt, completion, scores}; a prompt that cannot be
-    scored gives {prompt, error} and the others are scored. Prompts longer than the model's
-    context are truncated from the left with a warning (``--long_prompts refuse`` makes them
-    errors). The input is checked before the model loads.
+    One JSON line per prompt on stdout: {prompt, template, completion, completion_word, scores};
+    a prompt that cannot be scored gives {prompt, error} and the others are scored. A prompt is
+    an idiom's beginning ("spill the"): the checkpoint's template makes it the prompt the latent
+    was trained on (``--template none`` scores prompts verbatim). Prompts longer than the
+    model's context are truncated from the left with a warning (``--long_prompts refuse`` makes
+    them errors). The input, the estimators and the template are checked before the model loads.
 
     Args:
         settings: the estimator settings (the options after these).
@@ -219,8 +221,8 @@ def score_command(
         estimators: estimator names, a list or one comma-separated string; null: every single-pass
             and latent one the checkpoint supports (``mc_dropout_*`` may be asked for, ``probe`` not).
             The names are those of ``vtrans evaluate --help``.
-        template: a ``{prefix}`` template applied to every prompt; ``ckpt`` for the checkpoint's;
-            null: prompts verbatim.
+        template: ``ckpt``: the template the latent was trained with (the built-in one if it
+            records none); ``none``: prompts verbatim; or a template with one ``{prefix}`` field.
         long_prompts: prompts longer than the context: ``truncate`` (from the left) or ``refuse``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         devices: processes to share the batches (one GPU each on CUDA, gloo on CPUs); the records
@@ -240,7 +242,12 @@ def score_command(
         lines, total = (Line(p) for p in prompts), len(prompts)
     else:
         fail("nothing to score: give prompts or --input FILE")
+    estimators = None if estimators is None else comma_list("estimators", estimators)
     if devices > 1:
+        from vtrans import checkpoint
+        from vtrans.scorer import check_request
+
+        check_request(checkpoint.read(ckpt), estimators, template, settings)  # before any process starts
         own = dict(ckpt=ckpt, prompts=prompts, input=input, estimators=estimators, template=template)
         own.update(long_prompts=long_prompts, device=device, quiet=quiet)
         from vtrans.loading import resolve_device
@@ -250,7 +257,7 @@ def score_command(
     scorer = Scorer.from_checkpoint(
         ckpt,
         device=device,
-        estimators=None if estimators is None else comma_list("estimators", estimators),
+        estimators=estimators,
         template=template,
         config=settings,
         long_prompts=long_prompts,

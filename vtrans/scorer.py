@@ -9,10 +9,19 @@ scores that completion, exactly as in ``vtrans evaluate`` (through the same
 :class:`vtrans.runner.Runner`); there is no target, so no label.
 
 **Records.** One per input, in input order:
-``{"prompt": str, "completion": str, "scores": {NAME: float | None}}`` (``None`` where a score
-is not finite), with ``"truncated": N`` added when N tokens were cut from the prompt's left.
-An input that cannot be scored gives ``{"prompt": ..., "error": "..."}`` (plus ``"line": N``
-when it came from a file) and the other inputs are scored as usual.
+``{"prompt": str, "template": str | None, "completion": str, "completion_word": str,
+"scores": {NAME: float | None}}`` (``None`` where a score is not finite; ``template`` the one
+applied, ``None`` for a prompt scored verbatim; ``completion_word`` the first word of the
+completion, normalised as ``vtrans evaluate`` writes it), with ``"truncated": N`` added when N
+tokens were cut from the prompt's left. An input that cannot be scored gives
+``{"prompt": ..., "error": "..."}`` (plus ``"line": N`` when it came from a file) and the other
+inputs are scored as usual. The other fields of a JSONL input line (an ``"id"``, say) are
+passed through unchanged into its record, error or not.
+
+**Templates.** A checkpoint's latent was trained on prompts made by a template from an
+idiom's beginning (``"Complete the idiom: {prefix}"``): :meth:`Scorer.from_checkpoint` applies
+that template to every input by default (``template="ckpt"``), so an input is an idiom's
+beginning, as in training. ``template=None`` scores the inputs verbatim.
 
 **Prompt policy.**
 
@@ -43,6 +52,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -51,14 +61,15 @@ from typing import IO, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from vtrans import distributed
+from vtrans import distributed, log
 from vtrans.config import EstimatorConfig
 from vtrans.data import validate_template
 from vtrans.distributed import Shard
 from vtrans.errors import ConfigError, UserError
-from vtrans.estimators.registry import NAMES, SCORE_DEFAULTS, why_not
+from vtrans.estimators.registry import NAMES, SCORABLE, SCORE_DEFAULTS, why_not
 
 MAX_LINE_BYTES = 1 << 20
+SETTINGS = frozenset(f.name for f in fields(EstimatorConfig))
 LongPrompts = Literal["truncate", "refuse"]
 
 
@@ -74,11 +85,13 @@ class Line:
         prompt: the prompt as given (``None`` when none could be read from the line).
         error: why the input cannot be scored (``None`` when it can, so far).
         line: its line number in an input file (``None`` for prompts given directly).
+        fields: the input line's other JSON fields, passed through into its record.
     """
 
     prompt: Any
     error: str | None = None
     line: int | None = None
+    fields: dict | None = None
 
 
 # --------------------------------------------------------------------------- input files
@@ -112,11 +125,12 @@ def parse_jsonl_line(raw: bytes, number: int) -> Line:
     except (ValueError, RecursionError) as err:  # e.g. an integer of 5,000 digits, or nesting 10,000 deep
         return Line(None, f"line {number}: invalid JSON: {type(err).__name__}", number)
     if not isinstance(record, dict) or "prompt" not in record:
-        return Line(None, f"line {number}: {expected}", number)
+        return Line(None, f"line {number}: {expected}", number, record if isinstance(record, dict) else None)
+    others = {k: v for k, v in record.items() if k != "prompt"} or None
     prompt = record["prompt"]
     if not isinstance(prompt, str):
-        return Line(None, f"line {number}: field 'prompt' is {type(prompt).__name__}, not a string", number)
-    return Line(prompt, None, number)
+        return Line(None, f"line {number}: field 'prompt' is {type(prompt).__name__}, not a string", number, others)
+    return Line(prompt, None, number, others)
 
 
 def _raw_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
@@ -152,11 +166,14 @@ def open_input(path: str) -> tuple[Iterator[Line], int | None]:
     """The lines of an input file, read lazily, and how many there are (``None`` for stdin).
 
     Raises:
-        InputError: the file is missing, a folder, unreadable, or binary; checked before
-            anything is scored.
+        InputError: the file (or standard input) is missing, a folder, unreadable, binary or
+            empty; checked before anything is scored.
     """
     if path == "-":
-        return parse_lines(sys.stdin.buffer, "txt"), None
+        first = sys.stdin.buffer.readline(MAX_LINE_BYTES + 1)  # an empty input is refused before the model loads
+        if not first:
+            raise InputError("standard input is empty: nothing to score")
+        return parse_lines(_Chained(first, sys.stdin.buffer), "txt"), None
     file = Path(path)
     if not file.exists():
         raise InputError(f"input file not found: {file}")
@@ -173,6 +190,8 @@ def open_input(path: str) -> tuple[Iterator[Line], int | None]:
     if b"\x00" in head or head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise InputError(f"{file} is not a UTF-8 text file (it holds NUL bytes: binary, or UTF-16?); save it as UTF-8")
     total += bool(last) and not last.endswith(b"\n")
+    if total == 0:
+        raise InputError(f"input file {file} is empty: nothing to score")
 
     def lines() -> Iterator[Line]:
         with file.open("rb") as f:
@@ -181,27 +200,90 @@ def open_input(path: str) -> tuple[Iterator[Line], int | None]:
     return lines(), total
 
 
-# --------------------------------------------------------------------------- the scorer
+class _Chained:
+    """The lines of a binary stream whose first line was already read: ``first``, then the rest."""
+
+    def __init__(self, first: bytes, stream: IO[bytes]) -> None:
+        self.first, self.stream = first, stream
+
+    def readline(self, size: int = -1) -> bytes:
+        if self.first:
+            line, self.first = self.first, b""
+            return line
+        return self.stream.readline(size)
 
 
-def default_estimators(module) -> list[str]:
-    """Every single-pass and latent estimator that applies to the checkpoint (no MC dropout, no sampling, no probe)."""
-    return [n for n in SCORE_DEFAULTS if why_not(n, module) is None]
+# --------------------------------------------------------------------------- the request
 
 
-def _check_estimators(names: list[str], module) -> list[str]:
+def prior_of(module) -> str | None:
+    """The prior of a latent (``standard`` or ``conditional``), or None without one."""
+    return None if module is None else module.latent.prior
+
+
+def default_estimators(prior: str | None, aggregate: str = "first") -> list[str]:
+    """Every single-pass and latent estimator that applies to a latent with this prior (no MC
+    dropout, no sampling, no fitted one)."""
+    return [n for n in SCORE_DEFAULTS if why_not(n, prior, aggregate) is None]
+
+
+def check_estimators(names: list[str] | None, prior: str | None, aggregate: str = "first") -> list[str]:
+    """The estimators to score with (the defaults for ``None``), each one ``score`` can run with a
+    latent of this prior; checked before any model loads.
+
+    Raises:
+        ConfigError: an unknown name (the message lists those ``score`` can run), a fitted one
+            (the probe), one the latent or the aggregate does not allow, or none at all.
+    """
+    if names is None:
+        names = default_estimators(prior, aggregate)
     unknown = [n for n in names if n not in NAMES]
     if unknown:
-        raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
-    if "probe" in names:
-        raise ConfigError("probe is fitted on labelled training items: use vtrans evaluate, not score")
+        raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: score can run {', '.join(SCORABLE)}")
+    fitted = [n for n in names if n not in SCORABLE]
+    if fitted:
+        raise ConfigError(
+            f"{', '.join(fitted)} is fitted on labelled items: use vtrans evaluate; score can run {', '.join(SCORABLE)}"
+        )
     for name in names:
-        why = why_not(name, module)
+        why = why_not(name, prior, aggregate)
         if why is not None:
             raise ConfigError(f"{name} {why}")
     if not names:
         raise ConfigError("no estimators asked for: name at least one")
     return list(dict.fromkeys(names))
+
+
+def check_request(
+    ckpt: dict, estimators: list[str] | None, template: str | None, config: EstimatorConfig
+) -> tuple[list[str], str | None]:
+    """The estimators and the template a request to score with a checkpoint comes to, from the
+    checkpoint's contents (``vtrans.checkpoint.read``) alone: nothing loads.
+
+    Raises:
+        ConfigError, DataError: see :func:`check_estimators` and :func:`resolve_template`.
+    """
+    from vtrans import checkpoint
+
+    names = check_estimators(None if estimators is None else list(estimators), checkpoint.prior_in(ckpt), config.aggregate)
+    return names, resolve_template(template, checkpoint.template_in(ckpt))
+
+
+def resolve_template(template: str | None, recorded: str | None) -> str | None:
+    """The template to apply: ``ckpt`` gives the checkpoint's (``recorded``; the built-in one when
+    it records none), ``None`` or ``none`` none at all (prompts verbatim), anything else itself.
+
+    Raises:
+        DataError: a template without exactly one ``{prefix}`` field.
+    """
+    from vtrans.data import DEFAULT_TEMPLATE
+
+    if template is None or template == "none":
+        return None
+    if template == "ckpt":
+        template = recorded or DEFAULT_TEMPLATE
+    validate_template(template)
+    return template
 
 
 def _batched(iterable: Iterable, n: int) -> Iterator[list]:
@@ -233,10 +315,11 @@ class Scorer:
 
         Args:
             module: a ``vtrans.model.LatentModel`` with its backbone, in eval mode.
-            estimators: names from ``vtrans.estimators.NAMES`` (default: :func:`default_estimators`);
-                ``mc_dropout_*`` may be asked for (T = ``passes`` forwards each), ``probe`` may not.
+            estimators: names from ``vtrans.estimators.registry.SCORABLE`` (default:
+                :func:`default_estimators`); ``mc_dropout_*`` may be asked for (T = ``passes``
+                forwards each), ``probe`` may not.
             template: a template with one ``{prefix}`` field applied to every input; ``None``
-                scores the inputs verbatim.
+                scores the inputs verbatim (:meth:`from_checkpoint` applies the checkpoint's).
             config: the estimator settings (batch size, samples of z, MC dropout passes, seed, ...).
             long_prompts: ``truncate`` (from the left, with a warning) or ``refuse`` (an error record).
             quiet: no progress bar and no warnings on stderr.
@@ -245,16 +328,18 @@ class Scorer:
         """
         from vtrans.runner import Runner
 
-        names = _check_estimators(list(estimators) if estimators is not None else default_estimators(module), module)
+        unknown = sorted(set(settings) - SETTINGS)
+        if unknown:
+            raise TypeError(f"Scorer got unknown setting(s) {', '.join(unknown)}")
+        self.config = replace(config or EstimatorConfig(), **settings)
+        names = check_estimators(None if estimators is None else list(estimators), prior_of(module), self.config.aggregate)
         if template is not None:
             validate_template(template)
         if long_prompts not in ("truncate", "refuse"):
             raise ConfigError(f"long_prompts must be truncate or refuse, got {long_prompts!r}")
-        unknown = sorted(set(settings) - {f.name for f in fields(EstimatorConfig)})
-        if unknown:
-            raise TypeError(f"Scorer got unknown setting(s) {', '.join(unknown)}")
-        self.config = replace(config or EstimatorConfig(), **settings)
         self.module, self.names, self.template = module, names, template
+        self._template_head = "" if template is None else template.split("{prefix}")[0].strip()
+        self._warned_template = False
         self.batch_size, self.long_prompts, self.quiet = self.config.batch_size, long_prompts, quiet
         self.shard = distributed.current()  # the scorer deals out whole batches; each runs in one process
         self.runner = Runner(module.backbone, module, self.config, progress=False, shard=Shard())
@@ -274,17 +359,22 @@ class Scorer:
         path: str | Path,
         device: str = "auto",
         estimators: list[str] | None = None,
-        template: str | None = None,
+        template: str | None = "ckpt",
         backbone=None,
         **options: Any,
     ) -> Scorer:
         """Load a checkpoint written by ``train.py fit`` (safely: see ``vtrans.checkpoint``).
 
+        The request (estimators, template, settings) is checked against what the checkpoint
+        records before the base model loads.
+
         Args:
             path: the checkpoint file.
             device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-            estimators, template: see :class:`Scorer`; ``template="ckpt"`` uses the
-                template the latent was trained with.
+            estimators: see :class:`Scorer`.
+            template: ``ckpt`` (default): the template the latent was trained with, so that an
+                input is an idiom's beginning as in training; ``None`` (or ``"none"``): inputs
+                verbatim; or a template with one ``{prefix}`` field.
             backbone: a loaded ``Backbone`` to check the checkpoint against (default: load the
                 one it names).
             options: the other keyword arguments of :class:`Scorer`.
@@ -292,16 +382,20 @@ class Scorer:
         Raises:
             vtrans.checkpoint.CheckpointError: a missing, truncated, unsafe or foreign file, or
                 a checkpoint of another base model.
+            vtrans.errors.ConfigError: an estimator or setting the checkpoint cannot score with.
         """
         from vtrans import checkpoint
-        from vtrans.data import DEFAULT_TEMPLATE
         from vtrans.loading import resolve_device
 
+        ckpt = checkpoint.read(path)
+        settings = {name: options.pop(name) for name in list(options) if name in SETTINGS}
+        config = replace(options.pop("config", None) or EstimatorConfig(), **settings)
+        estimators, template = check_request(ckpt, estimators, template, config)
         device = distributed.rank_device(resolve_device(device), distributed.current())
-        module = checkpoint.load(path, device=device, backbone=backbone)
-        if template == "ckpt":
-            template = checkpoint.template_of(path) or DEFAULT_TEMPLATE
-        return cls(module, estimators, template, **options)
+        with log.phase("loaded {path} and its base model {model}") as info:
+            module = checkpoint.load(path, device=device, backbone=backbone, ckpt=ckpt)
+            info.update(path=path, model=module.backbone.name)
+        return cls(module, estimators, template, config=config, **options)
 
     # ------------------------------------------------------------------ scoring
 
@@ -332,9 +426,10 @@ class Scorer:
             unit="prompt",
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=self.quiet or shard.rank != 0 or (total is not None and total <= self.batch_size),
+            disable=not log.bars_enabled(not self.quiet) or shard.rank != 0 or (total is not None and total <= self.batch_size),
         )
         scored = 0  # prompts scored so far: the index of the next one in the run (the seed of its draws)
+        start = time.perf_counter()
         try:
             for batches in _batched(_batched(lines, self.batch_size), shard.world):
                 done = {}
@@ -348,10 +443,21 @@ class Scorer:
                 bar.update(sum(len(batch) for batch in batches))
         finally:
             bar.close()
+        log.log.info(f"scored {scored} prompts with {len(self.names)} estimators ({time.perf_counter() - start:.1f} s)")
 
     def _warn(self, message: str) -> None:
         if not self.quiet:
             tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    def _warn_template(self, line: Line) -> None:
+        """Once per scorer: an input that already begins as the template does gets the template twice."""
+        if not self._warned_template:
+            self._warned_template = True
+            where = f"line {line.line}" if line.line is not None else f"prompt {line.prompt[:40]!r}"
+            self._warn(
+                f"{where} already begins with the template's {self._template_head!r}, which is applied again; "
+                "give idioms' beginnings, or --template none to score prompts verbatim"
+            )
 
     def _problem(self, prompt: Any) -> str | None:
         if not isinstance(prompt, str):
@@ -391,7 +497,7 @@ class Scorer:
         def error(i: int, message: str) -> None:
             line = lines[i]
             where = f"line {line.line}: " if line.line is not None and not message.startswith("line ") else ""
-            records[i] = {"prompt": line.prompt, "error": where + message}
+            records[i] = _with_fields({"prompt": line.prompt, "error": where + message}, line.fields)
             if line.line is not None:
                 records[i]["line"] = line.line
 
@@ -401,6 +507,8 @@ class Scorer:
             if problem:
                 error(i, problem)
             else:
+                if warn and self._template_head and line.prompt.lstrip().startswith(self._template_head):
+                    self._warn_template(line)
                 text = line.prompt if self.template is None else self.template.format(prefix=line.prompt)
                 todo.append((i, text))
         ready: list[tuple[int, str]] = []
@@ -437,13 +545,20 @@ class Scorer:
             for j, (i, _) in enumerate(ready):
                 record = {
                     "prompt": lines[i].prompt,
+                    "template": self.template,
                     "completion": completions[j].text.strip(),
+                    "completion_word": completions[j].word,
                     "scores": {n: _number(scores[n][j]) for n in self.names if n in scores},
                 }
                 if i in truncated:
                     record["truncated"] = truncated[i]
-                records[i] = record
+                records[i] = _with_fields(record, lines[i].fields)
         return records  # type: ignore[return-value]
+
+
+def _with_fields(record: dict, fields: dict | None) -> dict:
+    """The input line's other fields, then the record's own (which win where a name is taken by both)."""
+    return record if not fields else {**fields, **record}
 
 
 # --------------------------------------------------------------------------- output

@@ -28,6 +28,8 @@ NEEDS_LATENT = frozenset(n for f in FAMILIES for n in f.names if "latent" in f.n
 FIRST_TOKEN_ONLY = frozenset(n for f in FAMILIES if f.first_token_only for n in f.names)
 PROBE_FEATURES: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.probe_features)
 SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.default_score for n in f.names)
+SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.names if "labels" not in f.needs_of(n))
+"""What ``vtrans score`` can run: every name that needs no labelled items to be fitted on."""
 
 
 def family_of(name: str) -> Family:
@@ -38,12 +40,19 @@ def family_of(name: str) -> Family:
 
 
 def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
-    """Why ``name`` cannot run with this latent (None: no checkpoint) and aggregate, or None when it can."""
+    """Why ``name`` cannot run with this latent and aggregate, or None when it can.
+
+    Args:
+        module: the trained latent (a ``LatentModel``), or only its prior's name (``standard``,
+            ``conditional``: what a checkpoint records, so that a request is checked before
+            anything loads); None without a checkpoint.
+    """
     family = family_of(name)
     needs = family.needs_of(name)
-    if "latent" in needs and module is None:
+    prior = module if module is None or isinstance(module, str) else module.latent.prior
+    if "latent" in needs and prior is None:
         return "needs a trained latent (--ckpt)"
-    if "conditional_prior" in needs and module.latent.prior != "conditional":
+    if "conditional_prior" in needs and prior != "conditional":
         return "needs a latent trained with prior: conditional"
     if family.first_token_only and aggregate != "first":
         return "reads the first completion token only: run it with --aggregate first"
@@ -55,4 +64,14 @@ def help_text(names: tuple[str, ...] = NAMES) -> str:
     return "; ".join(f"{n}: {family_of(n).help[n]}" for n in names)
 
 
-__all__ = ["BY_NAME", "FAMILIES", "FIRST_TOKEN_ONLY", "NAMES", "NEEDS", "NEEDS_LATENT", "PROBE_FEATURES", "family_of"]
+__all__ = [
+    "BY_NAME",
+    "FAMILIES",
+    "FIRST_TOKEN_ONLY",
+    "NAMES",
+    "NEEDS",
+    "NEEDS_LATENT",
+    "PROBE_FEATURES",
+    "SCORABLE",
+    "family_of",
+]
