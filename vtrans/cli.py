@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 from argparse import SUPPRESS
 from collections.abc import Callable
@@ -440,15 +441,59 @@ def _own(command: Callable, args: Namespace) -> dict:
 
 
 class Parser(ArgumentParser):
-    """jsonargparse's parser, whose errors are the message and a pointer to ``--help``, not the whole usage."""
+    """jsonargparse's parser, whose errors are one line (:func:`plain_error`) and a pointer to
+    ``--help``, not the whole usage."""
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
             super().error(message, ex)  # raises, for the parser of a subcommand
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        print(f"error: {message.strip()}\n(see: {prog} --help)", file=sys.stderr)
+        sub = re.search(r"required: (\w+)\.", message)  # a subcommand's missing option is reported by the top parser
+        if sub and sub.group(1) in SUBCOMMANDS and not prog.endswith(sub.group(1)):
+            prog = f"{prog} {sub.group(1)}"
+        print(f"error: {plain_error(message)} (see: {prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _option(key: str) -> str:
+    """A parser key as the user types it: ``evaluate.out`` -> ``--out``."""
+    return "--" + key.strip().split(".")[-1]
+
+
+def _type_name(text: str) -> str:
+    """``<class 'int'>`` -> ``int``, ``<class 'NoneType'>`` -> ``null``, ``typing.Literal['a', 'b']`` -> ``one of a, b``."""
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text.strip())
+    if literal:
+        return "one of " + ", ".join(v.strip().strip("'\"") for v in literal.group(1).split(","))
+    name = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text.strip())
+    return "null" if name == "NoneType" else name
+
+
+def plain_error(message: str) -> str:
+    """jsonargparse's message for a bad command line, as one line that names the option as typed.
+
+    ``the following arguments are required: evaluate.out`` -> ``--out is required``;
+    ``Parser key "split": Expected a typing.Literal[...]. Got value: bogus`` ->
+    ``--split: expected one of train, val, test, all; got 'bogus'``.
+    """
+    message = message.strip()
+    required = re.match(r"the following arguments are required: (.*)", message)
+    if required:
+        names = [_option(k) for k in required.group(1).split(",")]
+        return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required"
+    keyed = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if not keyed:
+        return " ".join(message.split())
+    option, detail = _option(keyed.group(1)), keyed.group(2)
+    expected = re.match(r"Expected a (.*?)\. Got value: (.*)", detail)
+    if expected:
+        return f"{option}: expected {_type_name(expected.group(1))}, got {expected.group(2).strip()!r}"
+    union = re.search(r"Subtypes: \[(.*?)\].*Given value: (.*)", detail, re.S)
+    if union:
+        types = " or ".join(_type_name(t) for t in re.findall(r"<class '[\w.]+'>|typing\.Literal\[[^\]]*\]", union.group(1)))
+        return f"{option}: expected {types}, got {union.group(2).strip()!r}"
+    return f"{option}: {' '.join(detail.split())}"
 
 
 def command_parser(command: Callable, *settings: Fields, skip: set[str] = frozenset()) -> Parser:
