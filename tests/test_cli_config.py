@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import vtrans.cli as cli
 from vtrans.cli import main
 from vtrans.config import EstimatorConfig
 from vtrans.crossval import CrossvalConfig
+from vtrans.estimators.registry import NAMES
 from vtrans.evaluate import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +117,9 @@ def test_the_defaults_the_parsers_show_are_the_dataclass_defaults(capsys):
     _, evaluate = printed(capsys, "evaluate", *REQUIRED["evaluate"])
     for f in fields(EvalConfig):
         if f.name != "template":  # --template null: the checkpoint's, else EvalConfig's
-            assert evaluate[f.name] == getattr(EvalConfig(), f.name), f.name
+            assert evaluate[f.name] == cli.field_default(EvalConfig, f.name), f.name
     assert evaluate["template"] is None
+    assert EvalConfig().estimators == list(NAMES)  # null: every estimator
 
     _, score = printed(capsys, "score", *REQUIRED["score"])
     for f in fields(EstimatorConfig):
@@ -129,7 +133,7 @@ def test_the_defaults_the_parsers_show_are_the_dataclass_defaults(capsys):
     not_crossval = {"data", "split", "template", "seed", "keep_seen", "split_seed", "val_fraction", "test_fraction"}
     for f in fields(EvalConfig):
         if f.name not in not_crossval:  # the cross-fitting's own, or each training seed
-            assert crossval[f.name] == getattr(default.eval, f.name), f.name
+            assert crossval[f.name] == cli.field_default(EvalConfig, f.name), f.name
         elif f.name not in {"data", "template"}:
             assert f.name not in crossval, f.name
 
@@ -236,3 +240,46 @@ def test_evaluate_runs_from_a_config_file_with_an_override(tmp_path, capsys):
     assert results["config"]["batch_size"] == 2 and results["config"]["estimators"] == ["msp", "lens_ce"]
     assert not (tmp_path / "elsewhere").exists()
     assert "msp" in capsys.readouterr().out
+
+
+def test_help_of_every_subcommand_imports_no_torch() -> None:
+    """``--help`` answers at once: building every parser and its help imports neither torch nor
+    an estimator (torch alone takes over a second to import)."""
+    code = (
+        "import sys\n"
+        "from vtrans.cli import SUBCOMMANDS, build_parser\n"
+        "for name in [None, *SUBCOMMANDS]:\n"
+        "    build_parser(name).format_help()\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'lightning', 'vtrans.estimators') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["evaluate", "--ckpt", "x"], "error: --out is required (see: vtrans evaluate --help)"),
+        (["score"], "error: --ckpt is required (see: vtrans score --help)"),
+        (["evaluate", "--out", "x", "--split", "bogus"], "error: --split: expected one of train, val, test, all, got 'bogus'"),
+        (["score", "--ckpt", "x", "--batch_size", "abc", "y"], "error: --batch_size: expected int, got 'abc'"),
+        (["evaluate", "--out", "x", "--max_items", "1.5"], "error: --max_items: expected int or null, got '1.5'"),
+    ],
+)
+def test_parser_errors_are_one_line_naming_the_option_as_typed(capsys, argv, expected) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_estimators_lists_every_name_with_its_help(capsys) -> None:
+    from vtrans.estimators.registry import NAMES, SCORE_DEFAULTS
+
+    main(["estimators"])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == list(NAMES)
+    assert {row.split()[0] for row in rows if "  default  " in row} == set(SCORE_DEFAULTS)

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, REPO, offline_env
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]

@@ -3,7 +3,7 @@
 Each ``vtrans`` subcommand is built with jsonargparse from typed signatures, as ``train.py`` is
 with LightningCLI: the command function's own parameters (``--out``, ``--ckpt``, ``--device``,
 ``--quiet``, ...) and the fields of its settings dataclasses (:class:`vtrans.config.EstimatorConfig`,
-:class:`vtrans.evaluate.EvalConfig`, :class:`vtrans.crossval.CrossvalConfig`) become top-level
+:class:`vtrans.config.EvalConfig`, :class:`vtrans.config.CrossvalConfig`) become top-level
 options with the types, defaults and docstrings written there, once. So every subcommand takes
 ``--config FILE.yaml`` and ``--print_config``, and an option given after ``--config`` overrides
 the file. The dataclasses check their values: one out of range is one line on stderr and exit
@@ -220,8 +220,8 @@ def score_command(
         prompts: prompts to score.
         input: a .jsonl/.ndjson file (field ``prompt``), any other file one prompt a line, ``-`` for stdin.
         estimators: estimator names, a list or one comma-separated string; null: every single-pass
-            and latent one the checkpoint supports (``mc_dropout_*`` may be asked for, ``probe`` not).
-            The names are those of ``vtrans evaluate --help``.
+            and latent one the checkpoint supports (``mc_dropout_*`` may be asked for, ``probe``
+            not). ``vtrans estimators`` lists them.
         template: ``ckpt``: the template the latent was trained with (the built-in one if it
             records none); ``none``: prompts verbatim; or a template with one ``{prefix}`` field.
         long_prompts: prompts longer than the context: ``truncate`` (from the left) or ``refuse``.
@@ -279,6 +279,17 @@ def score_command(
     return None
 
 
+def estimators_command() -> None:
+    """List the estimators: each name, what it needs, and what it measures.
+
+    Higher always means more uncertain. ``score`` runs the names marked as its defaults when
+    none are asked for; ``evaluate`` and ``crossval`` run every one that applies.
+    """
+    from vtrans.estimators import registry
+
+    print(registry.table())
+
+
 def on_devices(command: Callable, devices: int, device: str, kwargs: dict) -> None:
     """Run ``command(**kwargs)`` in ``devices`` processes of one process group (``vtrans.distributed``) on ``device``."""
     import torch
@@ -309,9 +320,10 @@ COMMA_LISTS: dict[str, type] = {"estimators": str, "seeds": int}
 """List fields that also take one comma-separated string: ``--estimators msp,entropy``, ``--seeds 0,1,2``."""
 
 
-def comma_list(name: str, value: list | str | int, item: type = str) -> list:
-    """A list option's value as a list: ``"msp,entropy"`` -> ``["msp", "entropy"]``, ``0`` -> ``[0]``."""
-    if isinstance(value, list):
+def comma_list(name: str, value: list | str | int | None, item: type = str) -> list | None:
+    """A list option's value as a list: ``"msp,entropy"`` -> ``["msp", "entropy"]``, ``0`` -> ``[0]``
+    (``None``, the default of some, stays ``None``)."""
+    if value is None or isinstance(value, list):
         return value
     if not isinstance(value, str):
         return [value]
@@ -342,13 +354,6 @@ def add_flag(target, name: str, default: bool, help: str) -> None:
     """A boolean option as a flag: ``--quiet`` alone is true (and never takes the prompt after it as
     its value), ``--no_quiet`` false; a config file says ``quiet: true``."""
     target.add_argument(f"--{name}", action=ActionYesNo, default=default, help=help)
-
-
-def _estimator_help() -> str:
-    """The estimator names, each with its line of help from the registry."""
-    from vtrans.estimators import registry
-
-    return registry.help_text()
 
 
 @dataclass(frozen=True)
@@ -386,12 +391,11 @@ class Fields:
                 add_flag(group, name, default, help)
                 continue
             item = COMMA_LISTS[name]
-            extra = f": {_estimator_help()}" if name == "estimators" else ""
             group.add_argument(
                 f"--{name}",
                 type=list[item] | item | str,
                 default=default,
-                help=f"{help.rstrip('.')}; a list, or one comma-separated string{extra}.",
+                help=f"{help.rstrip('.')}; a list, or one comma-separated string.",
             )
 
     def values(self, args: Namespace) -> dict:
@@ -407,15 +411,15 @@ class Fields:
         return self.cls(**self.values(args), **more)
 
 
-EVALUATE = Fields("vtrans.evaluate.EvalConfig", "Data, estimator and report settings", frozenset({"template"}))
+EVALUATE = Fields("vtrans.config.EvalConfig", "Data, estimator and report settings", frozenset({"template"}))
 SCORE = Fields("vtrans.config.EstimatorConfig", "Estimator settings")
 CROSSVAL = Fields(
-    "vtrans.crossval.CrossvalConfig",
+    "vtrans.config.CrossvalConfig",
     "Cross-fitting settings",
     frozenset({"config", "eval"}),  # config: --train_config (--config is this command's own YAML)
 )
 CROSSVAL_EVAL = Fields(
-    "vtrans.evaluate.EvalConfig",
+    "vtrans.config.EvalConfig",
     "Estimator and report settings of every fold",
     # the data, split and template are the cross-fitting's; each training seed is the estimators' seed
     frozenset({"data", "split", "template", "seed", "keep_seen", "split_seed", "val_fraction", "test_fraction"}),
@@ -545,6 +549,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "evaluate": Subcommand(evaluate_command, evaluate_parser, run_evaluate),
     "crossval": Subcommand(crossval_command, crossval_parser, run_crossval),
     "score": Subcommand(score_command, score_parser, run_score),
+    "estimators": Subcommand(estimators_command, lambda: command_parser(estimators_command), lambda args: estimators_command()),
 }
 
 

@@ -1,15 +1,18 @@
-"""The estimator settings: one dataclass, each default written once.
+"""The settings of the commands: one dataclass each, each default written once.
 
 ``vtrans evaluate``, ``vtrans score`` and ``vtrans crossval`` take these settings from their
 typed signatures (jsonargparse), so ``--config FILE`` and ``--print_config`` work for all
-three; :class:`vtrans.evaluate.EvalConfig` adds the data and the report's settings.
+three: :class:`EstimatorConfig` (how the estimators run), :class:`EvalConfig` (adds the data
+and the report's), :class:`CrossvalConfig` (the cross-fitting's). This module imports neither
+torch nor the estimators, so that building a parser (``--help``) takes a fraction of a second.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from vtrans.data import DEFAULT_TEMPLATE, validate_template
 from vtrans.errors import ConfigError
 
 Aggregate = Literal["first", "mean", "max"]
@@ -78,6 +81,108 @@ class EstimatorConfig:
                 ),
             ]
         )
+
+
+@dataclass
+class EvalConfig(EstimatorConfig):
+    """Settings of a comparative run: the estimators' (:class:`vtrans.config.EstimatorConfig`),
+    plus the data and the report's.
+
+    Attributes:
+        data: data spec (``builtin``, ``builtin:test``, ``txt:PATH``, ...).
+        split: split to evaluate when the spec names none (``train``, ``val``, ``test``, ``all``).
+        template: prompt template with one ``{prefix}`` field.
+        estimators: names to run; null: every one that applies (``vtrans estimators`` lists them).
+        n_boot: bootstrap resamples.
+        max_items: evaluate at most this many items (None = all).
+        keep_seen: keep items whose idiom the checkpoint's latent was trained on (default: leave them out).
+        split_seed: seed of the idiom split; None: the checkpoint's (else 0). One that differs from
+            the checkpoint's is refused: its train split would leak into the evaluated one.
+        val_fraction: fraction of idioms in the validation split; None: the checkpoint's (else 0.15).
+        test_fraction: fraction of idioms in the test split; None: the checkpoint's (else 0.15).
+    """
+
+    data: str = "builtin"
+    split: Literal["train", "val", "test", "all"] = "test"
+    template: str = DEFAULT_TEMPLATE
+    estimators: list[str] | None = None
+    n_boot: int = 1000
+    max_items: int | None = None
+    keep_seen: bool = False
+    split_seed: int | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from vtrans.estimators.registry import NAMES  # noqa: I001 (here: a parser reads this class without torch)
+
+        if self.estimators is None:
+            self.estimators = list(NAMES)
+        unknown = [n for n in self.estimators if n not in NAMES]
+        if unknown:
+            raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+        validate_template(self.template)
+        check_all(
+            [
+                (self.n_boot >= 100, f"n_boot must be >= 100, got {self.n_boot}"),
+                (self.max_items is None or self.max_items >= 1, f"max_items must be >= 1, got {self.max_items}"),
+            ]
+        )
+
+
+@dataclass
+class CrossvalConfig:
+    """Settings of a cross-fitted run.
+
+    Attributes:
+        config: the training YAML (``configs/NAME.yaml``): backbone, latent settings, batch
+            size, template and epochs come from it.
+        data: the idioms to cross-fit and score (a data spec); default: the config's data.
+        extra_train: a data spec whose idioms are added to every fold's training set (never
+            scored; any idiom also in ``data`` is left out of it). With ``folds=1`` the latent
+            trains on these alone and scores all of ``data``.
+        folds: K, the number of folds (1 only with ``extra_train``).
+        seeds: training seeds; each also seeds the z draws, dropout masks and sampled completions.
+        fold_seed: seed of the fold assignment (the same for every training seed).
+        epochs: training epochs per fold (default: the config's ``trainer.max_epochs``).
+        save_checkpoints: keep each fold's latent as ``OUT/checkpoints/seed{s}-fold{f}.ckpt``.
+        from_checkpoints: a folder of such checkpoints (an earlier run's ``OUT/checkpoints``):
+            each fold's latent is loaded instead of trained, to score new estimators without
+            retraining. Each must have been trained on exactly this fold's training idioms.
+        template: prompt template (default: the training config's).
+        self_targets: also train on the base model's own completion word as a second target of
+            every training prompt whose completion differs from the idiom's last word, so that
+            the latent must cover both answers where the model goes wrong (training idioms only:
+            no scored item's completion or label enters its latent).
+        eval: estimator settings (estimators, passes, samples, batch size, ...); its ``seed``
+            is replaced by each training seed and its ``data``, ``split`` and ``template`` are not used.
+    """
+
+    config: str
+    data: str | None = None
+    extra_train: str | None = None
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fold_seed: int = 0
+    epochs: int | None = None
+    save_checkpoints: bool = False
+    from_checkpoints: str | None = None
+    template: str | None = None
+    self_targets: bool = False
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.folds < 1:
+            raise ConfigError(f"folds must be >= 1, got {self.folds}")
+        if self.folds == 1 and self.extra_train is None:
+            raise ConfigError("folds=1 trains on nothing but --extra_train: give --extra_train SPEC or use folds >= 2")
+        if not self.seeds:
+            raise ConfigError("give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
 
 
 def check_all(checks: list[tuple[bool, str]]) -> None:

@@ -28,7 +28,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -37,12 +37,13 @@ import torch
 import yaml
 
 from vtrans import checkpoint, metrics, report
+from vtrans.config import CrossvalConfig, EvalConfig
 from vtrans.data import IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import probe
 from vtrans.estimators.registry import NAMES, NEEDS_LATENT, PROBE_FEATURES, family_of
-from vtrans.evaluate import CHEAP_BASELINES, EvalConfig, costs
+from vtrans.evaluate import CHEAP_BASELINES, costs
 from vtrans.frozen import FrozenCache
 from vtrans.runner import Runner
 
@@ -51,60 +52,6 @@ def _seed_free(name: str) -> bool:
     """Read off the shared forward alone, with no latent: the same for every seed, so run once."""
     family = family_of(name)
     return not family.extra_passes and name not in NEEDS_LATENT
-
-
-@dataclass
-class CrossvalConfig:
-    """Settings of a cross-fitted run.
-
-    Attributes:
-        config: the training YAML (``configs/NAME.yaml``): backbone, latent settings, batch
-            size, template and epochs come from it.
-        data: the idioms to cross-fit and score (a data spec); default: the config's data.
-        extra_train: a data spec whose idioms are added to every fold's training set (never
-            scored; any idiom also in ``data`` is left out of it). With ``folds=1`` the latent
-            trains on these alone and scores all of ``data``.
-        folds: K, the number of folds (1 only with ``extra_train``).
-        seeds: training seeds; each also seeds the z draws, dropout masks and sampled completions.
-        fold_seed: seed of the fold assignment (the same for every training seed).
-        epochs: training epochs per fold (default: the config's ``trainer.max_epochs``).
-        save_checkpoints: keep each fold's latent as ``OUT/checkpoints/seed{s}-fold{f}.ckpt``.
-        from_checkpoints: a folder of such checkpoints (an earlier run's ``OUT/checkpoints``):
-            each fold's latent is loaded instead of trained, to score new estimators without
-            retraining. Each must have been trained on exactly this fold's training idioms.
-        template: prompt template (default: the training config's).
-        self_targets: also train on the base model's own completion word as a second target of
-            every training prompt whose completion differs from the idiom's last word, so that
-            the latent must cover both answers where the model goes wrong (training idioms only:
-            no scored item's completion or label enters its latent).
-        eval: estimator settings (estimators, passes, samples, batch size, ...); its ``seed``
-            is replaced by each training seed and its ``data``, ``split`` and ``template`` are not used.
-    """
-
-    config: str
-    data: str | None = None
-    extra_train: str | None = None
-    folds: int = 5
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    fold_seed: int = 0
-    epochs: int | None = None
-    save_checkpoints: bool = False
-    from_checkpoints: str | None = None
-    template: str | None = None
-    self_targets: bool = False
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        if self.folds < 1:
-            raise ConfigError(f"folds must be >= 1, got {self.folds}")
-        if self.folds == 1 and self.extra_train is None:
-            raise ConfigError("folds=1 trains on nothing but --extra_train: give --extra_train SPEC or use folds >= 2")
-        if not self.seeds:
-            raise ConfigError("give at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
 
 
 @dataclass

@@ -13,26 +13,23 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from vtrans import distributed, report
-from vtrans.config import EstimatorConfig, check_all
+from vtrans.config import EvalConfig
 from vtrans.data import (
-    DEFAULT_TEMPLATE,
     DataError,
     IdiomItem,
     _idiom_key,
     idiom_hash,
     load_split,
-    validate_template,
 )
 from vtrans.errors import ConfigError
 from vtrans.estimators import probe
-from vtrans.estimators.registry import NAMES, PROBE_FEATURES, family_of, why_not
+from vtrans.estimators.registry import PROBE_FEATURES, family_of, why_not
 from vtrans.generate import Completion
 from vtrans.runner import Runner
 
@@ -42,50 +39,6 @@ CHEAP_BASELINES = ("msp", "entropy", "margin", "sample_disagreement", "sample_wo
 
 class ProbeUnfittable(ValueError):
     """The probe has nothing to learn from: no training items, or all of one class."""
-
-
-@dataclass
-class EvalConfig(EstimatorConfig):
-    """Settings of a comparative run: the estimators' (:class:`vtrans.config.EstimatorConfig`),
-    plus the data and the report's.
-
-    Attributes:
-        data: data spec (``builtin``, ``builtin:test``, ``txt:PATH``, ...).
-        split: split to evaluate when the spec names none (``train``, ``val``, ``test``, ``all``).
-        template: prompt template with one ``{prefix}`` field.
-        estimators: names to run (default: all that apply).
-        n_boot: bootstrap resamples.
-        max_items: evaluate at most this many items (None = all).
-        keep_seen: keep items whose idiom the checkpoint's latent was trained on (default: leave them out).
-        split_seed: seed of the idiom split; None: the checkpoint's (else 0). One that differs from
-            the checkpoint's is refused: its train split would leak into the evaluated one.
-        val_fraction: fraction of idioms in the validation split; None: the checkpoint's (else 0.15).
-        test_fraction: fraction of idioms in the test split; None: the checkpoint's (else 0.15).
-    """
-
-    data: str = "builtin"
-    split: Literal["train", "val", "test", "all"] = "test"
-    template: str = DEFAULT_TEMPLATE
-    estimators: list[str] = field(default_factory=lambda: list(NAMES))
-    n_boot: int = 1000
-    max_items: int | None = None
-    keep_seen: bool = False
-    split_seed: int | None = None
-    val_fraction: float | None = None
-    test_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        unknown = [n for n in self.estimators if n not in NAMES]
-        if unknown:
-            raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
-        validate_template(self.template)
-        check_all(
-            [
-                (self.n_boot >= 100, f"n_boot must be >= 100, got {self.n_boot}"),
-                (self.max_items is None or self.max_items >= 1, f"max_items must be >= 1, got {self.max_items}"),
-            ]
-        )
 
 
 @dataclass

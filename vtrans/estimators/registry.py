@@ -60,8 +60,22 @@ def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
 
 
 def help_text(names: tuple[str, ...] = NAMES) -> str:
-    """One line per estimator, for the command line's help."""
+    """Every estimator with its line of help, on one line."""
     return "; ".join(f"{n}: {family_of(n).help[n]}" for n in names)
+
+
+def table() -> str:
+    """A plain-text table of every estimator: its family, what it needs, whether ``score`` runs
+    it by default, and its line of help."""
+    rows = [("name", "family", "needs", "score", "what it measures (higher = more uncertain)")]
+    for family in FAMILIES:
+        for name in family.names:
+            needs = sorted(family.needs_of(name) & {"latent", "conditional_prior", "labels"})
+            passes = ["extra passes"] if family.extra_passes else []
+            default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")
+            rows.append((name, family.name, ", ".join(needs + passes) or "-", default, family.help[name]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows)
 
 
 __all__ = [
