@@ -82,7 +82,12 @@ class GaussianLatent(nn.Module):
 
 
 def kl_normal(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
-    """KL(N(q) || N(p)) per dimension, (B, d_z)."""
-    var_ratio = (q_scale / p_scale).pow(2)
-    t1 = ((q_loc - p_loc) / p_scale).pow(2)
-    return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
+    """KL(N(q) || N(p)) per dimension, (B, d_z), in the dtype of ``q_loc``.
+
+    ½(r − 1 − log r + ((μ_q − μ_p)/σ_p)²) with r = σ_q²/σ_p², its first part taken as
+    expm1(u) − u, u = log r, in float64: near q = p the naive r − 1 − log r subtracts numbers
+    of order 1 to leave one of order u², and in float32 kept no digit of it once |u| < 1e-3.
+    """
+    u = 2 * (q_scale.double().log() - p_scale.double().log())  # log r
+    shift = ((q_loc.double() - p_loc.double()) / p_scale.double()).pow(2)
+    return (0.5 * (torch.expm1(u) - u + shift)).to(q_loc.dtype)
