@@ -125,7 +125,8 @@ def evaluate_command(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         devices: processes to share the batches (one GPU each on CUDA, gloo on CPUs); the results
             are those of one process.
-        quiet: no progress bars.
+        quiet: no progress bars and none of the run's notices (what it evaluates, its phases, a small n);
+            the estimators not run are still named.
     """
     from vtrans import checkpoint, distributed
     from vtrans.data import DEFAULT_TEMPLATE
