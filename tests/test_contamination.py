@@ -25,8 +25,9 @@ TRAIN_ITEMS = 64  # configs/tiny.yaml: data.max_items
 ESTIMATORS = "msp,posterior_var"
 
 
-def run_cli(args: list, capsys) -> tuple[str, str]:
-    main(["evaluate", *map(str, args), "--quiet", "--n_boot", "100", "--estimators", ESTIMATORS])
+def run_cli(args: list, capsys, quiet: bool = True) -> tuple[str, str]:
+    """``vtrans evaluate ARGS``; ``quiet=False`` for a test that reads what it says on stderr."""
+    main(["evaluate", *map(str, args), *(["--quiet"] if quiet else []), "--n_boot", "100", "--estimators", ESTIMATORS])
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -101,17 +102,17 @@ def test_evaluate_leaves_out_trained_idioms_and_says_how_many(tiny_ckpt, trained
     seen = trained[:5]
     data.write_text("\n".join([*seen, *unseen[:7]]).upper() + "\n")  # written otherwise: still matched
     out = tmp_path / "run"
-    _, stderr = run_cli(["--ckpt", tiny_ckpt, "--data", f"txt:{data}", "--split", "all", "--out", out], capsys)
+    _, stderr = run_cli(["--ckpt", tiny_ckpt, "--data", f"txt:{data}", "--split", "all", "--out", out], capsys, quiet=False)
     results, rows, report = read_outputs(out)
     assert {r["idiom"].lower() for r in rows} == set(unseen[:7])
     assert results["n"] == 7
     assert (results["seen"], results["seen_left_out"], results["seen_of"], results["keep_seen"]) == (5, 5, 12, False)
-    assert "warning: left out 5 of 12 idioms the latent was trained on (--keep_seen keeps them)" in stderr
+    assert "left out 5 of 12 idioms the latent was trained on (--keep_seen keeps them); n = 7 to evaluate" in stderr
     assert "5 items whose idiom the latent was trained on were left out" in report
 
     out = tmp_path / "kept"
     _, stderr = run_cli(
-        ["--ckpt", tiny_ckpt, "--data", f"txt:{data}", "--split", "all", "--keep_seen", "--out", out], capsys
+        ["--ckpt", tiny_ckpt, "--data", f"txt:{data}", "--split", "all", "--keep_seen", "--out", out], capsys, quiet=False
     )
     results, rows, report = read_outputs(out)
     assert len(rows) == results["n"] == 12
@@ -156,7 +157,7 @@ def test_an_older_checkpoint_is_split_its_way_and_warns_it_cannot_check(tiny_ckp
     ckpt = write_ckpt(tiny_ckpt, tmp_path / "old.ckpt", seed=1, drop_record=True)
     assert checkpoint.trained_idiom_hashes(ckpt) is None
     out = tmp_path / "run"
-    _, stderr = run_cli(["--ckpt", ckpt, "--data", "builtin:test", "--max_items", "8", "--out", out], capsys)
+    _, stderr = run_cli(["--ckpt", ckpt, "--data", "builtin:test", "--max_items", "8", "--out", out], capsys, quiet=False)
     results, rows, report = read_outputs(out)
     assert {r["idiom"] for r in rows} <= {it.idiom for it in load_split("builtin", "test", seed=1)}
     assert results["seen"] is None and results["seen_left_out"] is None

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from torch.testing import assert_close
 
 import vtrans.evaluate as evaluate_module
+from vtrans import log
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
 from vtrans.estimators.registry import PROBE_FEATURES
-from vtrans.evaluate import EvalConfig, probe_train_items, score_items
+from vtrans.evaluate import EvalConfig, auroc_half_width, probe_train_items, score_items
 from vtrans.generate import complete
 from vtrans.loading import Backbone
 from vtrans.runner import Runner
@@ -317,6 +322,139 @@ def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
         assert model.config._attn_implementation == "sdpa"
     finally:
         model.set_attn_implementation("eager")
+
+
+# --------------------------------------------------------------------------- what the run says, and when
+
+
+@pytest.fixture
+def stderr(capsys):
+    """The vtrans logger set up as the command line sets it, its stderr captured; put back after."""
+    saved = log.log.handlers[:], log.log.level, log.log.propagate, dict(log._state)
+    log.setup(quiet=False)
+    yield capsys
+    log.log.handlers[:], log.log.level, log.log.propagate = saved[:3]
+    log._state.update(saved[3])
+
+
+def _marking(monkeypatch, owner, name: str, mark: str) -> None:
+    """``owner.name`` writes ``mark`` (with its first argument's length, if a list) on stderr, then runs."""
+    real = getattr(owner, name)
+
+    def marked(*args, **kwargs):
+        sized = [a for a in args if isinstance(a, list)]
+        print(f"<{mark}{' ' + str(len(sized[0])) if sized else ''}>", file=sys.stderr)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, marked)
+
+
+def _in_order(text: str, *parts: str) -> None:
+    at = [text.index(part) for part in parts]
+    assert at == sorted(at), list(zip(parts, at, strict=True))
+
+
+def test_auroc_half_width_matches_the_bootstrap_on_synthetic_data():
+    """Scores N(0, 1) for correct items and N(d, 1) for errors, with d set for AUROC 0.75.
+
+    Hanley-McNeil's half-width against (a) 1.96 x the spread of the AUROC over 300 fresh draws and
+    (b) the mean half-width of vtrans.metrics' percentile bootstrap over 20 draws. Tolerance 15%:
+    (a) carries ~4% sampling error (1/sqrt(2 x 299)), (b) ~2%, and Hanley-McNeil's closed forms,
+    exact for exponential scores, run up to ~10% wide of normal scores when the classes are unequal.
+    """
+    from vtrans import metrics
+
+    shift = math.sqrt(2) * NormalDist().inv_cdf(0.75)  # P(N(d,1) > N(0,1)) = Φ(d / √2) = 0.75
+    rng = np.random.default_rng(0)
+    for n, rate in ((86, 0.5), (200, 0.3)):
+        n_wrong = round(rate * n)
+        errors = np.repeat([1, 0], [n_wrong, n - n_wrong])
+        draws = [rng.normal(size=n) + shift * errors for _ in range(300)]
+        aurocs = np.array([metrics.auroc(s, errors) for s in draws])
+        boot = [metrics.bootstrap_ci(metrics.auroc, s, errors, n_boot=500, seed=i) for i, s in enumerate(draws[:20])]
+        expected = auroc_half_width(n, n_wrong / n)
+        assert aurocs.mean() == pytest.approx(0.75, abs=0.01)
+        assert 1.96 * aurocs.std(ddof=1) == pytest.approx(expected, rel=0.15)
+        assert np.mean([(hi - lo) / 2 for lo, hi in boot]) == pytest.approx(expected, rel=0.15)
+
+
+def test_auroc_half_width_at_the_sizes_users_meet():
+    assert auroc_half_width(86) == pytest.approx(0.10, abs=0.01)  # design.md: "about ±0.1" on 86 items
+    assert auroc_half_width(10) > 0.25  # the 10 items left of a 40-item file: no ranking survives
+    assert auroc_half_width(724, 0.55) < evaluate_module.SEPARATING_HALF_WIDTH  # the cross-fitted run
+    assert auroc_half_width(400) < auroc_half_width(100) < auroc_half_width(25)
+    assert auroc_half_width(400) == pytest.approx(auroc_half_width(100) / 2, rel=0.05)  # 1/√n
+    assert auroc_half_width(100, 0.1) > auroc_half_width(100, 0.5)  # few errors: wider
+    assert math.isinf(auroc_half_width(12, 0.0)) and math.isinf(auroc_half_width(12, 1.0))
+
+
+@pytest.mark.slow
+def test_evaluate_says_what_it_evaluates_before_the_work(idiom_files, tmp_path, stderr, monkeypatch):
+    """The items and n, and the warning with its half-width, before the first completion; a line per
+    phase with its seconds; the probe's second pass named before it starts; nothing said twice."""
+    _marking(monkeypatch, Runner, "label", "completing")
+    _marking(monkeypatch, Backbone, "__init__", "loading")
+    data = f"txt:{idiom_files['mixed']}"
+    n = len(load_split(data, "test"))
+    n_fit = len(probe_train_items(load_split(data, "test"))[0])
+    main(["evaluate", "--model", "tiny-gpt2", "--data", data, "--split", "test", "--n_boot", "100",
+          "--estimators", "msp,lens_ce,probe", "--out", str(tmp_path / "run")])
+    err = stderr.readouterr().err
+    announced = f"loaded {n} items of {data} (split test); n = {n} to evaluate"
+    warned = f"warning: n = {n} is too small for the AUROC intervals to separate estimators"
+    fitting = f"fitting the probe on {n_fit} items of builtin:train+val"
+    _in_order(
+        err, announced, warned, "<loading>", "loaded tiny-gpt2 (", f"<completing {n}>",
+        f"completed {n} prompts: 6 wrong (", f"scored {n} items (", fitting, f"<completing {n_fit}>",
+        f"completed {n_fit} prompts", "fitted the probe (",
+    )
+    half = float(re.search(r"a 95% interval is about ±([0-9.]+) wide", err).group(1))
+    assert half == pytest.approx(auroc_half_width(n), abs=0.005)
+    for line in ("loaded tiny-gpt2", f"completed {n} prompts", f"scored {n} items", "fitted the probe"):
+        assert re.search(re.escape(line) + r"[^\n]* \(\d+\.\d s\)\n", err), line
+    assert err.count("too small") == 1 and err.count("95% interval") == 1  # not again once completed
+
+
+def test_evaluate_announces_the_seen_idioms_before_loading_the_model(gpt2, idiom_files, tmp_path, stderr, monkeypatch):
+    """A checkpoint trained on most of a file: how many are left out, and the n that remains, before
+    the checkpoint's model is loaded; with --keep_seen, a warning that they are in-sample."""
+    from vtrans import checkpoint
+    from vtrans.data import idiom_hash
+    from vtrans.evaluate import evaluate
+    from vtrans.module import LatentLM
+
+    data = f"txt:{idiom_files['mixed']}"
+    items = load_split(data, "all")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": module)
+    _marking(monkeypatch, checkpoint, "load", "loading")
+    monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})
+    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: {idiom_hash(it.idiom) for it in items[5:]})
+    config = EvalConfig(data=data, split="all", estimators=["msp", "posterior_var"], n_boot=100)
+    results = evaluate(config, tmp_path / "run", ckpt="mine.ckpt", progress=False)
+    err = stderr.readouterr().err
+    left = len(items) - 5
+    _in_order(
+        err,
+        f"loaded {len(items)} items of {data} (split all); left out {left} of {len(items)} idioms the latent was "
+        "trained on (--keep_seen keeps them); n = 5 to evaluate",
+        "warning: n = 5 is too small",
+        "<loading>",
+        "loaded tiny-gpt2 and the latent of mine.ckpt (",
+    )
+    assert (results["n"], results["seen"], results["seen_left_out"], results["seen_of"]) == (5, left, left, len(items))
+
+    results = evaluate(replace(config, keep_seen=True), tmp_path / "kept", ckpt="mine.ckpt", progress=False)
+    err = stderr.readouterr().err
+    _in_order(
+        err,
+        f"n = {len(items)} to evaluate",
+        f"warning: kept {left} idioms the latent was trained on (--keep_seen): their latent scores are in-sample",
+        "<loading>",
+    )
+    assert "left out" not in err and results["seen_left_out"] == 0
 
 
 # --------------------------------------------------------------------------- the probe's data

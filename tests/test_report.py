@@ -211,3 +211,113 @@ def test_plot_all_skips_the_lens_plot_without_lens_data(
     written = report.plot_all(tmp_path, rows, results)
     assert written == ["roc.png", "histograms.png", "risk_coverage.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+
+
+# --------------------------------------------------------------------------- plots that read well
+
+
+def _drawn(fig):
+    """The figure laid out as when saved; returns its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _lines(fig) -> dict[str, Any]:
+    return {line.get_label().split()[0]: line for line in fig.axes[0].get_lines()}
+
+
+@pytest.mark.parametrize("plot", ["_plot_roc", "_plot_risk_coverage"])
+def test_curves_that_coincide_are_both_drawn_and_said_to(rows: list[dict[str, Any]], plot: str) -> None:
+    for row in rows:  # the same ranking through a monotone map, as lens_ce = -log p is msp = 1 - p
+        row["scores"]["twin"] = 3.0 * row["scores"]["msp"] + 1.0
+    results = report.build_results("m", rows, {}, n_boot=100, reference=("msp",))
+    fig = getattr(report, plot)(rows, results, report._by_auroc(results))
+    lines = _lines(fig)
+    msp, twin, entropy = lines["msp"], lines["twin"], lines["entropy"]
+    assert np.array_equal(msp.get_xydata(), twin.get_xydata())  # one curve ...
+    assert msp.get_linestyle() == "-" and twin.get_linestyle() == "--"  # ... drawn dashed over the other
+    assert twin.get_zorder() > msp.get_zorder()
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("twin (") and t.endswith(", same ranking as msp)") for t in legend)
+    assert not any("same ranking" in t for t in legend if not t.startswith("twin"))
+    assert entropy.get_linestyle() == "-"
+
+
+def test_same_ranking_allows_rounding_and_nothing_more() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=400)
+    order = np.argsort(a)
+    swapped = a.copy()  # one pair of neighbours swapped, as float32 rounding does
+    swapped[order[[100, 101]]] = swapped[order[[101, 100]]]
+    assert report._same_ranking(a, np.exp(a))
+    assert report._same_ranking(a, swapped)
+    assert not report._same_ranking(a, a + rng.normal(0, 0.3, a.size))  # a correlated, distinct score
+    assert not report._same_ranking(a, np.round(a, 1))  # a coarse version ties where a does not
+    with_nan = a.copy()
+    with_nan[0] = np.nan
+    assert not report._same_ranking(a, with_nan)  # not the same items
+
+
+def test_the_lens_plot_keeps_the_layers_after_a_high_embedding_layer_readable(
+    rows: list[dict[str, Any]], results: dict[str, Any]
+) -> None:
+    """An embedding layer at ~110 nats and blocks from 30 down to 1 (SmolLM2's shape): the blocks'
+    curves span most of the axis' height, not the bottom quarter a linear axis leaves them."""
+    rng = np.random.default_rng(1)
+    for row in rows:
+        row["lens_ce_by_layer"] = np.array([110.0, *np.geomspace(30.0, 1.0, 8)]) * rng.uniform(0.9, 1.1)
+    fig = report._plot_lens_by_layer(rows, results, [])
+    _drawn(fig)
+    ax = fig.axes[0]
+    to_axes = ax.transData + ax.transAxes.inverted()
+    heights = [to_axes.transform(line.get_xydata())[1:, 1] for line in ax.get_lines()]  # layers >= 1
+    span = max(h.max() for h in heights) - min(h.min() for h in heights)
+    assert span > 0.5, span
+    assert all(0 <= h.min() and h.max() <= 1 for h in heights)
+
+
+def test_the_lens_plot_of_a_narrow_range_keeps_a_linear_axis_with_labels(
+    rows: list[dict[str, Any]], results: dict[str, Any]
+) -> None:
+    """A random model's ~10 nats at every layer: a log axis would label at most one tick."""
+    for i, row in enumerate(rows):
+        row["lens_ce_by_layer"] = list(10.0 + 0.01 * np.arange(N_LAYERS) + 0.001 * i)
+    fig = report._plot_lens_by_layer(rows, results, [])
+    _drawn(fig)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    shown = [t for t, v in zip(ax.get_yticklabels(), ax.get_yticks(), strict=True) if low <= v <= high]
+    assert ax.get_yscale() == "linear" and len([t for t in shown if t.get_text()]) >= 3
+
+
+def _labels_in_view(ax, axis: str) -> list:
+    low, high = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    labels = ax.get_xticklabels() if axis == "x" else ax.get_yticklabels()
+    ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
+    return [t for t, v in zip(labels, ticks, strict=True) if low <= v <= high and t.get_text()]
+
+
+def test_histogram_tick_labels_never_run_into_each_other(rows: list[dict[str, Any]]) -> None:
+    """Scores of 1e-5 (mc_dropout_var), of 1e3 with a small spread, of 1e5: every panel's labels
+    stand apart (seven-character labels like 0.00002 used to overprint)."""
+    rng = np.random.default_rng(2)
+    for row in rows:
+        row["scores"].update(
+            mc_dropout_var=float(rng.exponential(2e-5)),
+            offset=float(1000 + rng.uniform(0, 0.01)),
+            large=float(rng.exponential(1e5)),
+        )
+    results = report.build_results("m", rows, {}, n_boot=100)
+    fig = report._plot_histograms(rows, results, report._by_auroc(results))
+    renderer = _drawn(fig)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == len(results["estimators"])
+    for ax in panels:
+        for axis in ("x", "y"):
+            boxes = [t.get_window_extent(renderer) for t in _labels_in_view(ax, axis)]
+            assert len(boxes) >= 2, (ax.get_title(), axis)
+            overlapping = any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+            assert not overlapping, (ax.get_title(), axis)

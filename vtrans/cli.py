@@ -126,7 +126,8 @@ def evaluate_command(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         devices: processes to share the batches (one GPU each on CUDA, gloo on CPUs); the results
             are those of one process.
-        quiet: no progress bars.
+        quiet: no progress bars and none of the run's notices (what it evaluates, its phases, a small n);
+            the estimators not run are still named.
     """
     from vtrans import checkpoint, distributed
     from vtrans.data import DEFAULT_TEMPLATE
@@ -147,16 +148,6 @@ def evaluate_command(
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
         print(f"warning: not run: {', '.join(names)}: {why}", file=sys.stderr)
-    if ckpt and results["seen"] is None:
-        print("warning: the checkpoint does not record its training idioms: cannot leave them out", file=sys.stderr)
-    elif results["seen_left_out"]:
-        print(
-            f"warning: left out {results['seen_left_out']} of {results['seen_of']} idioms the latent was trained on "
-            "(--keep_seen keeps them)",
-            file=sys.stderr,
-        )
-    elif results["seen"]:
-        print(f"warning: kept {results['seen']} idioms the latent was trained on (--keep_seen)", file=sys.stderr)
     print(format_table(results))
     print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots")
     return None

@@ -8,10 +8,15 @@
    same batches is the unit of cost.
 3. Metrics with bootstrap intervals, a paired comparison against the best cheap baseline, the
    files of the contract (results.json, scores.jsonl, report.md) and the plots.
+
+Before any work, the run says on stderr (``vtrans.log``) what it will evaluate: the items loaded,
+those left out as seen in the latent's training, the n that remains, and a warning when n is too
+small for the AUROC intervals to separate estimators (:func:`auroc_half_width`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,15 +31,23 @@ from vtrans.data import (
     _idiom_key,
     idiom_hash,
     load_split,
+    parse_spec,
 )
 from vtrans.errors import ConfigError
 from vtrans.estimators import probe
 from vtrans.estimators.registry import PROBE_FEATURES, family_of, why_not
 from vtrans.generate import Completion
+from vtrans.log import log, phase
 from vtrans.runner import Runner
 
 # "ahead of the baselines" means ahead of the best of these (the paired reference of every report)
 CHEAP_BASELINES = ("msp", "entropy", "margin", "sample_disagreement", "sample_word_entropy")
+
+# A 95% AUROC interval narrower than ±0.05 keeps two estimators 0.1 apart from overlapping; a
+# wider one cannot separate even that (a large gap: cheap baselines usually lie closer).
+SEPARATING_HALF_WIDTH = 0.05
+# the AUROC at which the expected interval is quoted: a useful estimator, far from perfect
+TYPICAL_AUROC = 0.75
 
 
 class ProbeUnfittable(ValueError):
@@ -55,18 +68,38 @@ class Scored:
     seconds: dict[str, float]
 
 
+def complete_items(
+    runner: Runner, items: list[IdiomItem], template: str
+) -> tuple[list[str], list[Completion], list[bool]]:
+    """``runner.label``: prompts, completions and whether each is correct, as one phase on stderr."""
+    with phase("completing", "completed {n} prompts: {wrong} wrong") as said:
+        prompts, completions, correct = runner.label(items, template)
+        said.update(n=len(correct), wrong=len(correct) - sum(correct))
+    return prompts, completions, correct
+
+
 def score_items(
-    runner: Runner, items: list[IdiomItem], names: list[str], template: str, gold: bool = True
+    runner: Runner,
+    items: list[IdiomItem],
+    names: list[str],
+    template: str,
+    gold: bool = True,
+    labelled: tuple[list[str], list[Completion], list[bool]] | None = None,
 ) -> Scored:
     """Completions, labels and the scores of ``names`` (the probe's features for ``probe``), timed.
 
     ``seconds`` holds ``forward`` (a plain forward over the same batches: the unit of cost),
     ``shared`` (the one forward every single-pass estimator reads, with their reads) and the
-    seconds of each family that adds passes.
+    seconds of each family that adds passes. ``labelled``: the items' :func:`complete_items`,
+    when already done.
     """
-    prompts, completions, correct = runner.label(items, template)
-    seconds = {"forward": runner.plain_forward_seconds(prompts, completions)}
-    tensors = runner.scores(prompts, completions, names, gold=[it.target for it in items] if gold else None, seconds=seconds)
+    prompts, completions, correct = labelled or complete_items(runner, items, template)
+    with phase("scoring", "scored {n} items") as said:
+        said["n"] = len(items)
+        seconds = {"forward": runner.plain_forward_seconds(prompts, completions)}
+        tensors = runner.scores(
+            prompts, completions, names, gold=[it.target for it in items] if gold else None, seconds=seconds
+        )
     lens_by_layer = tensors.pop("lens_ce_by_layer", None)
     lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
     return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
@@ -108,7 +141,7 @@ def fit_probe(runner: Runner, train_items: list[IdiomItem], evaluated: Scored, t
     Raises:
         ProbeUnfittable: the base model's completions of the training items are all right or all wrong.
     """
-    prompts, completions, correct = runner.label(train_items, template)
+    prompts, completions, correct = complete_items(runner, train_items, template)
     n_right = sum(correct)
     if n_right in (0, len(correct)):
         raise ProbeUnfittable(
@@ -228,6 +261,95 @@ def leave_out_seen(
     return unseen, seen
 
 
+def auroc_half_width(n: int, error_rate: float = 0.5, auroc: float = TYPICAL_AUROC, z: float = 1.96) -> float:
+    """The expected half-width of a 95% interval of an AUROC measured on ``n`` items.
+
+    Hanley and McNeil (1982, Radiology 143:29-36) give the sampling variance of an AUROC ``A``
+    measured on ``n1`` errors and ``n0`` correct items::
+
+        Var(A) = (A (1 - A) + (n1 - 1)(Q1 - A**2) + (n0 - 1)(Q2 - A**2)) / (n1 n0)
+        Q1 = A / (2 - A),   Q2 = 2 A**2 / (1 + A)
+
+    (``Q1``, ``Q2``: the chance that two random errors both outscore one correct item, and one
+    error two correct items; the closed forms hold for exponentially distributed scores and are
+    close for others). Here ``n1 = error_rate * n``, ``n0 = n - n1``, and the half-width is
+    ``z * sqrt(Var)``. At a given n it is within a few percent of its smallest near
+    ``error_rate = 0.5`` (the smallest lies a little above), so the default is close to the best
+    case before any completion is known. It shrinks as ``A`` nears 1 and as ``1/sqrt(n)``. The
+    percentile-bootstrap intervals of :func:`vtrans.metrics.bootstrap_ci` come out close to it
+    (``tests/test_evaluate.py`` checks both against synthetic data).
+
+    Args:
+        n: items scored.
+        error_rate: fraction of them the model completes wrongly.
+        auroc: the AUROC at which to quote the width.
+        z: the normal quantile of the interval (1.96: 95%).
+
+    Returns:
+        The half-width; ``inf`` when either class has fewer than one item (no AUROC at all).
+    """
+    n1 = error_rate * n
+    n0 = n - n1
+    if n1 < 1 or n0 < 1:
+        return math.inf
+    a = auroc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
+    return z * math.sqrt(variance)
+
+
+def _announce(config: EvalConfig, ckpt: str | None, loaded: int, seen: int | None, n: int) -> bool:
+    """Say on stderr what will be evaluated, before any work; returns whether n was too small.
+
+    One line: the items loaded, those left out as seen in the latent's training, the n that
+    remains; warnings when the checkpoint cannot be checked for them, when they are kept, and
+    when even a balanced n gives AUROC intervals too wide to separate estimators.
+    """
+    kind, arg = parse_spec(config.data)
+    split = (arg if kind == "builtin" else None) or config.split
+    parts = [f"loaded {loaded} items of {config.data} (split {split})"]
+    left_out = seen if seen and not config.keep_seen else 0
+    if left_out:
+        parts.append(
+            f"left out {left_out} of {loaded} idioms the latent was trained on (--keep_seen keeps them)"
+        )
+    if n < loaded - left_out:
+        parts.append(f"the first {n} kept (--max_items)")
+    log.info("; ".join([*parts, f"n = {n} to evaluate"]))
+    if ckpt is not None and seen is None:
+        log.warning("warning: the checkpoint does not record its training idioms: cannot leave them out")
+    elif seen and config.keep_seen:
+        log.warning(
+            f"warning: kept {seen} idioms the latent was trained on (--keep_seen): "
+            "their latent scores are in-sample"
+        )
+    width = auroc_half_width(n)
+    if width > SEPARATING_HALF_WIDTH:
+        log.warning(
+            f"warning: n = {n} is too small for the AUROC intervals to separate estimators: "
+            f"at AUROC {TYPICAL_AUROC} a 95% interval is about ±{width:.2f} wide even with half "
+            f"the completions wrong (±{SEPARATING_HALF_WIDTH} would separate two estimators 0.1 apart)"
+        )
+        return True
+    return False
+
+
+def _warn_if_wide(correct: list[bool], warned: bool) -> None:
+    """Warn when the completions leave no AUROC to measure (one class only), or, unless ``warned``
+    already of a small n, when their error rate makes the AUROC intervals too wide."""
+    n, wrong = len(correct), len(correct) - sum(correct)
+    width = auroc_half_width(n, wrong / n)
+    if math.isinf(width):
+        which = "wrong" if wrong else "right"
+        log.warning(f"warning: all {n} completions are {which}: no AUROC can be measured")
+    elif width > SEPARATING_HALF_WIDTH and not warned:
+        log.warning(
+            f"warning: {wrong} of {n} completions are wrong: at AUROC {TYPICAL_AUROC} a 95% interval "
+            f"is about ±{width:.2f} wide, too wide to separate estimators "
+            f"(±{SEPARATING_HALF_WIDTH} would separate two 0.1 apart)"
+        )
+
+
 def evaluate(
     config: EvalConfig,
     out_dir: str | Path,
@@ -252,12 +374,15 @@ def evaluate(
         items = items[: config.max_items]
     if len(items) < 2:
         raise ConfigError(f"{config.data} ({config.split}) has {len(items)} item(s): need at least 2 to evaluate")
-    if ckpt is not None:
-        module = checkpoint.load(ckpt, device=device)
-        backbone = module.backbone
-        model_name = backbone.name
-    else:
-        module, backbone, model_name = None, Backbone(model).to(device), model
+    too_few = _announce(config, ckpt, checked, seen, len(items))
+    with phase("loading the model", "loaded {model}") as said:
+        if ckpt is not None:
+            module = checkpoint.load(ckpt, device=device)
+            backbone = module.backbone
+            model_name = backbone.name
+        else:
+            module, backbone, model_name = None, Backbone(model).to(device), model
+        said["model"] = model_name if ckpt is None else f"{model_name} and the latent of {Path(ckpt).name}"
     dropped: dict[str, str] = {}  # estimators asked for but not run, and why
     for name in config.estimators:
         why = why_not(name, module, config.aggregate)
@@ -265,8 +390,11 @@ def evaluate(
             dropped[name] = why
     names = [n for n in config.estimators if n not in dropped]
     runner = Runner(backbone, module, config, progress)
+    labelled = complete_items(runner, items, config.template)
+    _warn_if_wide(labelled[2], warned=too_few)
     # the lens always runs: every row of scores.jsonl carries its trajectory (read off the shared forward)
-    scored = score_items(runner, items, names if "lens_ce" in names else [*names, "lens_ce"], config.template)
+    names_and_lens = names if "lens_ce" in names else [*names, "lens_ce"]
+    scored = score_items(runner, items, names_and_lens, config.template, labelled=labelled)
     probe_fit = None  # which items the probe was fitted on
     if "probe" in names:
         start = time.perf_counter()
@@ -276,7 +404,9 @@ def evaluate(
             probe_fit = {"source": source, "n": len(train_items)}
             if not train_items:
                 raise ProbeUnfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
-            scored.scores["probe"] = fit_probe(runner, train_items, scored, config.template)
+            log.info(f"fitting the probe on {len(train_items)} items of {source}: completing them first")
+            with phase("fitting the probe", "fitted the probe"):
+                scored.scores["probe"] = fit_probe(runner, train_items, scored, config.template)
         except ProbeUnfittable as err:
             names.remove("probe")
             dropped["probe"] = f"cannot be fitted: {err}"

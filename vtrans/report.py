@@ -389,6 +389,74 @@ def _styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _same_ranking(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two score columns rank the items alike, and so draw the same ROC and risk-coverage
+    curves: the same items scored, and at no more than one step in 200 of the items sorted by
+    both columns does one column rise while the other does not (a swap, or a tie the other breaks).
+
+    The allowance is for float32 rounding, which disturbs a few neighbours: ``lens_ce`` = -log p(ŷ)
+    and ``msp`` = 1 - p(ŷ) are computed apart and disagree at 2 of 723 steps on SmolLM2's 724
+    items. Each such step moves the AUROC by at most 1 / (errors x correct items), so columns alike
+    by this rule agree far beyond the three decimals a legend shows. Distinct estimators disagree
+    at a third of the steps or more, and a coarse score against a finer one at every step where
+    the coarse one ties (the two sampled-word scores: 1 in 13).
+    """
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return False
+    keep = ~np.isnan(a)
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        return False
+
+    def disagreements(x: np.ndarray, y: np.ndarray) -> int:
+        order = np.lexsort((y, x))  # by x, ties by y
+        return int(np.count_nonzero(np.sign(np.diff(x[order])) != np.sign(np.diff(y[order]))))
+
+    return max(disagreements(a, b), disagreements(b, a)) <= (a.size - 1) // 200
+
+
+def _alike(rows: Sequence[dict[str, Any]], names: Sequence[str], first: str | None = None) -> dict[str, str]:
+    """Each estimator that ranks the items as an earlier one does, mapped to that one.
+
+    ``names`` in drawing order; ``first`` (the reference) leads its group wherever it stands.
+    """
+    order = sorted(names, key=lambda n: n != first)  # stable: the reference first, the rest as given
+    columns = {name: _score_column(rows, name) for name in order}
+    leaders: list[str] = []
+    alike: dict[str, str] = {}
+    for name in order:
+        leader = next((lead for lead in leaders if _same_ranking(columns[lead], columns[name])), None)
+        if leader is None:
+            leaders.append(name)
+        else:
+            alike[name] = leader
+    return alike
+
+
+# dash patterns of curves drawn over an identical one: its colour shows in their gaps
+_OVER_DASHES = ((0, (2, 2.5)), (0, (6, 3, 1.5, 3)), (0, (1, 4)))
+
+
+def _curve_styles(
+    rows: Sequence[dict[str, Any]], results: dict[str, Any], names: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Line styles for curves of every estimator (``_styles``), and the estimators whose curve is
+    another's (:func:`_alike`): those are drawn dashed over it, so that both can be seen."""
+    styles = {name: {**style, "lw": 1.6, "zorder": 2} for name, style in _styles(names).items()}
+    alike = _alike(rows, names, results.get("reference"))
+    over: dict[str, int] = {}
+    for name, leader in alike.items():
+        k = over[leader] = over.get(leader, -1) + 1
+        styles[name].update(ls=_OVER_DASHES[k % len(_OVER_DASHES)], lw=2.0, zorder=3 + k)
+    return styles, alike
+
+
+def _curve_label(name: str, value: Any, alike: dict[str, str]) -> str:
+    """A legend entry: the estimator, its figure, and whose ranking it repeats."""
+    same = f", same ranking as {alike[name]}" if name in alike else ""
+    return f"{name} ({_fmt(value)}{same})"
+
+
 def _scored(rows: Sequence[dict[str, Any]], name: str, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An estimator's scores and the matching errors, NaN-scored items dropped."""
     return metrics.scored(_score_column(rows, name), errors)
@@ -400,9 +468,12 @@ def _legend_outside(ax: Axes) -> None:
 
 
 def _plot_roc(rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]) -> Figure | None:
-    """ROC curves of every estimator, the chance diagonal, AUROC in the legend."""
+    """ROC curves of every estimator, the chance diagonal, AUROC in the legend.
+
+    A curve that repeats another's (the same ranking of the items) is drawn dashed over it.
+    """
     errors = _errors(rows)
-    styles = _styles(names)
+    styles, alike = _curve_styles(rows, results, names)
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     drawn = 0
@@ -410,7 +481,7 @@ def _plot_roc(rows: Sequence[dict[str, Any]], results: dict[str, Any], names: li
         fpr, tpr = metrics.roc_curve(*_scored(rows, name, errors))
         if fpr.size:
             auc = results["estimators"][name].get("auroc")
-            ax.plot(fpr, tpr, **styles[name], lw=1.6, label=f"{name} ({_fmt(auc)})")
+            ax.plot(fpr, tpr, **styles[name], label=_curve_label(name, auc, alike))
             drawn += 1
     if not drawn:
         return None
@@ -459,29 +530,61 @@ def _mean_and_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _plot_lens_by_layer(
     rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]
 ) -> Figure | None:
-    """Mean lens cross-entropy per layer for correct vs incorrect items, ±1 s.e. band."""
+    """Mean lens cross-entropy per layer for correct vs incorrect items, ±1 s.e. band.
+
+    The y-axis is logarithmic when the means span more than a factor of 4: the embedding layer
+    (0) can sit several times above the blocks (about 110 nats against 20-35 on SmolLM2), which
+    on a linear axis flattens every other layer and merges the last layers' few nats into the
+    axis. A narrower span (a random model's ~10 nats at every layer) keeps a linear axis.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     data = _lens_matrix(rows)
     if data is None:
         return None
     matrix, errors = data
     layers = np.arange(matrix.shape[1])
+    groups = [
+        (label, matrix[errors == is_error], color)
+        for label, is_error, color in (("correct", 0, _CORRECT_COLOR), ("incorrect", 1, _INCORRECT_COLOR))
+        if np.any(errors == is_error)
+    ]
+    curves = [(label, group.shape[0], *_mean_and_se(group), color) for label, group, color in groups]
+    means = np.concatenate([mean for _, _, mean, _, _ in curves])
+    means = means[np.isfinite(means)]
+    log_scale = means.size > 0 and means.min() > 0 and means.max() > 4 * means.min()
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    for label, is_error, color in (("correct", 0, _CORRECT_COLOR), ("incorrect", 1, _INCORRECT_COLOR)):
-        group = matrix[errors == is_error]
-        if group.shape[0] == 0:
-            continue
-        mean, se = _mean_and_se(group)
-        ax.plot(layers, mean, color=color, lw=1.8, marker="o", ms=3, label=f"{label} (n={group.shape[0]})")
-        ax.fill_between(layers, mean - se, mean + se, color=color, alpha=0.25, lw=0)
+    for label, count, mean, se, color in curves:
+        ax.plot(layers, mean, color=color, lw=1.8, marker="o", ms=3, label=f"{label} (n={count})")
+        # on a log axis a band reaching 0 would stretch it: there its floor is half the mean
+        low = np.maximum(mean - se, mean / 2) if log_scale else mean - se
+        ax.fill_between(layers, low, mean + se, color=color, alpha=0.25, lw=0)
+    if log_scale:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
-        xlabel="layer",
-        ylabel="cross-entropy vs generated token (nats)",
+        xlabel="layer (0: the embeddings)",
+        ylabel="cross-entropy vs generated token (nats" + (", log scale)" if log_scale else ")"),
         title=f"Logit-lens cross-entropy by layer (mean ± 1 s.e.) — {results.get('model', '')}",
     )
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
+
+
+def _readable_ticks(ax: Axes) -> None:
+    """At most five short tick labels per axis of a small panel: scores of 1e-5 (``mc_dropout_var``)
+    or 1e4 get a power of ten at the axis end, not seven-character labels that run into each other."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+    ax.ticklabel_format(style="sci", scilimits=(-3, 4))
+    ax.tick_params(labelsize="small")
 
 
 def _plot_histograms(
@@ -504,7 +607,7 @@ def _plot_histograms(
             if group.size:
                 ax.hist(group, bins=bins, density=True, color=color, alpha=0.5, label=label)
         ax.set_title(f"{name} (AUROC {_fmt(results['estimators'][name].get('auroc'))})", fontsize="medium")
-        ax.tick_params(labelsize="small")
+        _readable_ticks(ax)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -518,18 +621,21 @@ def _plot_histograms(
 def _plot_risk_coverage(
     rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]
 ) -> Figure | None:
-    """Risk vs coverage per estimator, with the oracle and random references."""
+    """Risk vs coverage per estimator, with the oracle and random references.
+
+    A curve that repeats another's (the same ranking of the items) is drawn dashed over it.
+    """
     if not rows:
         return None
     errors = _errors(rows)
-    styles = _styles(names)
+    styles, alike = _curve_styles(rows, results, names)
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     for name in names:
         coverage, risk = metrics.risk_coverage_curve(*_scored(rows, name, errors))
         if coverage.size:
             aurc = results["estimators"][name].get("aurc")
-            ax.plot(coverage, risk, **styles[name], lw=1.4, label=f"{name} ({_fmt(aurc)})")
+            ax.plot(coverage, risk, **styles[name], label=_curve_label(name, aurc, alike))
     coverage, risk = metrics.risk_coverage_curve(errors.astype(np.float64), errors)  # errors ranked last
     oracle = metrics.aurc(errors, errors)
     ax.plot(coverage, risk, color="black", ls="-.", lw=1.4, label=f"oracle ({_fmt(oracle)})")
