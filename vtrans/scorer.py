@@ -51,7 +51,7 @@ from typing import IO, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from vtrans import distributed
+from vtrans import distributed, log
 from vtrans.config import EstimatorConfig
 from vtrans.data import validate_template
 from vtrans.distributed import Shard
@@ -332,7 +332,7 @@ class Scorer:
             unit="prompt",
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=self.quiet or shard.rank != 0 or (total is not None and total <= self.batch_size),
+            disable=not log.bars_enabled(not self.quiet) or shard.rank != 0 or (total is not None and total <= self.batch_size),
         )
         scored = 0  # prompts scored so far: the index of the next one in the run (the seed of its draws)
         try:
