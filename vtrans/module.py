@@ -165,7 +165,8 @@ class LatentLM(LatentModel, L.LightningModule):
         for name, value in (("nll", nll), ("kl", kl.mean()), ("elbo", -(nll + kl.mean()))):
             metric = self.means[f"{stage}_{name}"]
             metric.update(value.detach(), weight=n_items)
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n_items)
+            shown = name == "kl" and stage != "train"  # the KL per item, in the progress bar after validation
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=shown, batch_size=n_items)
         self.log(
             f"{stage}/loss",
             loss,
@@ -193,11 +194,8 @@ class LatentLM(LatentModel, L.LightningModule):
         if stats.count == 0:
             return
         values = stats.compute()
-        kl_dim = values.pop("kl_dim")
+        values.pop("kl_dim")  # a vector; its sum over dimensions is the KL per item, {stage}/kl
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
-        if stage != "train":
-            self.log(f"{stage}/kl_item", kl_dim.sum(), prog_bar=True, sync_dist=True)
-            self.log(f"{stage}_kl_item", kl_dim.sum(), sync_dist=True)  # a name usable in checkpoint file names
         stats.reset()
 
     def on_train_epoch_end(self) -> None:
