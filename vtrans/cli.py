@@ -60,18 +60,28 @@ def train_main(args: list[str] | None = None, run: bool = True):
     ``LightningCLI`` is returned without running a subcommand (``args`` then holds no subcommand).
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
     from lightning.pytorch.cli import LightningCLI
 
-    from vtrans.callbacks import NonFiniteGuard, ResumableRNG
+    from vtrans.callbacks import NonFiniteGuard, ResumableRNG, Summary
 
     log.setup(quiet=False)
     guard = NonFiniteGuard()
     from vtrans.datamodule import IdiomDataModule
     from vtrans.module import LatentLM
 
+    class CLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            """The trainer, its default model summary (on unless ``enable_model_summary`` is false)
+            replaced by :class:`vtrans.callbacks.Summary`, which says what trains."""
+            trainer = super().instantiate_trainer(**kwargs)
+            defaults = (ModelSummary, RichModelSummary)
+            trainer.callbacks = [Summary() if type(cb) in defaults else cb for cb in trainer.callbacks]
+            return trainer
+
     def build():
         try:
-            return LightningCLI(
+            return CLI(
                 LatentLM,
                 IdiomDataModule,
                 args=args,

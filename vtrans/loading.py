@@ -296,7 +296,7 @@ class Backbone(nn.Module):
         self.attn_implementation = attn_implementation
         self.model, self.tokenizer = load(name, dtype, attn_implementation)
         self.model.requires_grad_(False)
-        self.model.eval()
+        self.eval()
         self.family = family(self.model)
         self.n_layers = n_layers(self.model)
         self.d_model = d_model(self.model)

@@ -9,8 +9,12 @@ forward pieces, the latent's distributions, the weights a checkpoint holds) is
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torchmetrics import MeanMetric, Metric
 
 from vtrans.config import check_all
@@ -130,6 +134,21 @@ class LatentLM(LatentModel, L.LightningModule):
         self.frozen_cache = FrozenCache()
 
     # ------------------------------------------------------------------ training
+
+    def on_fit_start(self) -> None:
+        """Tell Lightning that the backbone's modules are in eval mode on purpose.
+
+        The frozen backbone computes the same function in every step, so its dropout stays off
+        (``Backbone.train`` keeps it in eval mode). Lightning warns about every module in eval
+        mode at the start of training, for parts that should train and were left in eval mode
+        (a Hugging Face model loads in it); it has no switch for parts that should not. So its
+        warning is silenced for exactly the backbone's modules: any other module in eval mode
+        changes the count, and the warning stands.
+        """
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if in_eval and all(name == "backbone" or name.startswith("backbone.") for name in in_eval):
+            expected = f"Found {len(in_eval)} module(s) in eval mode at the start of training"
+            warnings.filterwarnings("ignore", message=re.escape(expected), category=PossibleUserWarning)
 
     def current_beta(self) -> float:
         beta, warmup = self.hparams.beta, self.hparams.kl_warmup_steps
