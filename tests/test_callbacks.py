@@ -50,3 +50,11 @@ def test_train_py_summarises_with_summary_unless_told_not_to(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     cli = train_main(["--config", str(CONFIGS / "tiny.yaml"), *flag], run=False)
     assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, ModelSummary)] == summaries
+
+
+def test_a_configured_summary_keeps_its_depth(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    depth = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelSummary", "--trainer.callbacks.max_depth=2"]
+    cli = train_main(["--config", str(CONFIGS / "tiny.yaml"), *depth], run=False)
+    (summary,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelSummary)]
+    assert type(summary) is Summary and summary._max_depth == 2

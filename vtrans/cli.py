@@ -72,11 +72,12 @@ def train_main(args: list[str] | None = None, run: bool = True):
 
     class CLI(LightningCLI):
         def instantiate_trainer(self, **kwargs):
-            """The trainer, its default model summary (on unless ``enable_model_summary`` is false)
-            replaced by :class:`vtrans.callbacks.Summary`, which says what trains."""
+            """The trainer, its model summary (Lightning's default, on unless ``enable_model_summary``
+            is false, or one a config names) replaced by :class:`vtrans.callbacks.Summary` of the
+            same depth, which says what trains."""
             trainer = super().instantiate_trainer(**kwargs)
-            defaults = (ModelSummary, RichModelSummary)
-            trainer.callbacks = [Summary() if type(cb) in defaults else cb for cb in trainer.callbacks]
+            lightnings = (ModelSummary, RichModelSummary)
+            trainer.callbacks = [Summary(cb._max_depth) if type(cb) in lightnings else cb for cb in trainer.callbacks]
             return trainer
 
     def build():
