@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         best = max(entry["estimators"].items(), key=lambda kv: _nan_low(kv[1]["auroc"]))
         print(
             f"[{i + 1}/{len(variants)}] {hp} -> best on val {best[0]} AUROC {best[1]['auroc']:.3f} "
-            f"(val KL {logged.get('val/kl_item', float('nan')):.2f}, active {logged.get('val/active_units', 0):.0f}) "
+            f"(val KL {logged.get('val/kl', float('nan')):.2f}, active {logged.get('val/active_units', 0):.0f}) "
             f"in {entry['seconds']:.0f}s",
             flush=True,
         )
@@ -210,7 +210,7 @@ def markdown(summary: dict, command: str) -> str:
         cells = ["—" if e["estimators"].get(name) is None else _ci(e["estimators"][name]) for name in LATENT]
         lines.append(
             f"| {v['prior']} | {v['layer']} | {v['d_z']} | {v['beta']} | {v['free_bits']} | "
-            f"{val.get('val/kl_item', float('nan')):.2f} | {val.get('val/active_units', float('nan')):.0f} | "
+            f"{val.get('val/kl', float('nan')):.2f} | {val.get('val/active_units', float('nan')):.0f} | "
             + " | ".join(cells)
             + " |"
         )

@@ -41,11 +41,11 @@ def test_tiny_fit_runs_and_writes_checkpoint_and_metrics(tiny_fit):
     assert tiny_fit.ckpt.stat().st_size < 1_000_000  # the latent only, no copy of the backbone
     with tiny_fit.metrics.open() as f:
         rows = list(csv.DictReader(f))
-    for column in ("val/elbo", "val/kl_item", "val/active_units", "val/nll", "train/loss_step"):
+    for column in ("val/elbo", "val/kl", "val/active_units", "val/nll", "train/loss_step"):
         assert column in rows[0], f"metrics.csv lacks {column}"
     val = [r for r in rows if r["val/elbo"]]
     assert len(val) == 1  # one epoch, one validation
-    elbo, kl_item, active = (float(val[0][k]) for k in ("val/elbo", "val/kl_item", "val/active_units"))
+    elbo, kl_item, active = (float(val[0][k]) for k in ("val/elbo", "val/kl", "val/active_units"))
     assert math.isfinite(elbo) and elbo < 0
     assert kl_item >= 0 and 0 <= active <= 8 and active == int(active)
 

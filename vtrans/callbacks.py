@@ -1,13 +1,16 @@
-"""Training callbacks: resumable random state and a stop at the first non-finite value.
+"""Training callbacks: resumable random state, a stop at the first non-finite value, a summary of what trains.
 
 * :class:`ResumableRNG` stores the random-number generators' states in every checkpoint and
   puts them back on resume, so that a run resumed from an epoch-end checkpoint draws the same
   z samples as an uninterrupted one.
 * :class:`NonFiniteGuard` stops training at the first non-finite weight or gradient of what
   trains, naming the step (the LightningModule checks the loss itself).
+* :class:`Summary` is the model summary at the start of training: per module, its parameters,
+  how many of them train and its mode, so the frozen backbone reads as frozen.
 
-``train.py`` (``vtrans.cli.train_main``) uses both, always; checkpoints themselves are written
-and read by ``vtrans.checkpoint``.
+``train.py`` (``vtrans.cli.train_main``) uses all three (the summary unless
+``--trainer.enable_model_summary false``); checkpoints themselves are written and read by
+``vtrans.checkpoint``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from torch import nn
+
+from vtrans.log import log
 
 
 class ResumableRNG(L.Callback):
@@ -96,3 +104,44 @@ class NonFiniteGuard(L.Callback):
                 f"non-finite gradient of {bad} at train step {trainer.global_step}: "
                 "lower lr, clip gradients (trainer.gradient_clip_val) or check the data"
             )
+
+
+class Summary(ModelSummary):
+    """The model summary at the start of training, on the ``vtrans`` logger: what trains and what is frozen.
+
+    Lightning's own summary has no column for trainable parameters, and its FLOPs column and
+    total read 0 for a module without an ``example_input_array`` (this one has none: a step of
+    the latent is not one forward). This table gives, per module to ``max_depth``, its
+    parameters, those that train and its mode; then the totals.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._max_depth and trainer.is_global_zero:
+            log.info(summary_table(pl_module, self._max_depth))
+
+
+def summary_table(module: nn.Module, max_depth: int = 1) -> str:
+    """Name, type, parameters, trainable parameters and mode of each submodule down to ``max_depth``
+    (-1: all), then the totals."""
+
+    def count(m: nn.Module, trainable: bool = False) -> str:
+        return get_human_readable_count(sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable))
+
+    shown = [(name, m) for name, m in module.named_modules() if name and (max_depth < 0 or name.count(".") < max_depth)]
+    cells = [("", "Name", "Type", "Params", "Trainable", "Mode")]
+    for i, (name, m) in enumerate(shown):
+        cells.append((str(i), name, type(m).__name__, count(m), count(m, trainable=True), "train" if m.training else "eval"))
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cells[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    rule = "-" * max(len(line) for line in lines)
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    modes = [m.training for m in module.modules()][1:]  # the module itself left out, as Lightning counts
+    totals = [
+        (get_human_readable_count(trainable), "Trainable params"),
+        (get_human_readable_count(total - trainable), "Frozen params"),
+        (get_human_readable_count(total), "Total params"),
+        (str(modes.count(True)), "Modules in train mode"),
+        (str(modes.count(False)), "Modules in eval mode"),
+    ]
+    return "\n".join([lines[0], rule, *lines[1:], rule, *(f"{value:<10}{what}" for value, what in totals)])

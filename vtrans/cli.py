@@ -61,18 +61,29 @@ def train_main(args: list[str] | None = None, run: bool = True):
     ``LightningCLI`` is returned without running a subcommand (``args`` then holds no subcommand).
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
     from lightning.pytorch.cli import LightningCLI
 
-    from vtrans.callbacks import NonFiniteGuard, ResumableRNG
+    from vtrans.callbacks import NonFiniteGuard, ResumableRNG, Summary
 
     log.setup(quiet=False)
     guard = NonFiniteGuard()
     from vtrans.datamodule import IdiomDataModule
     from vtrans.module import LatentLM
 
+    class CLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            """The trainer, its model summary (Lightning's default, on unless ``enable_model_summary``
+            is false, or one a config names) replaced by :class:`vtrans.callbacks.Summary` of the
+            same depth, which says what trains."""
+            trainer = super().instantiate_trainer(**kwargs)
+            lightnings = (ModelSummary, RichModelSummary)
+            trainer.callbacks = [Summary(cb._max_depth) if type(cb) in lightnings else cb for cb in trainer.callbacks]
+            return trainer
+
     def build():
         try:
-            return LightningCLI(
+            return CLI(
                 LatentLM,
                 IdiomDataModule,
                 args=args,

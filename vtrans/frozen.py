@@ -86,8 +86,13 @@ def upper_prefix(model, start: int, h: torch.Tensor, attention_mask, position_id
     if split > 0:
         mask = additive_mask(attention_mask, 0, split, h.dtype)
         with backbones.blocks_from(model, start) as m:
-            backbones.trunk(m)(inputs_embeds=h[:, :split], attention_mask=mask, position_ids=position_ids[:, :split],
-                     past_key_values=recorder, use_cache=False)
+            backbones.trunk(m)(
+                inputs_embeds=h[:, :split],
+                attention_mask=mask,
+                position_ids=position_ids[:, :split],
+                cache=recorder,
+                use_cache=False,
+            )
     return FrozenPrefix(recorder.kv, split)
 
 
@@ -102,7 +107,7 @@ def upper_suffix(
             inputs_embeds=h,
             attention_mask=mask,
             position_ids=position_ids[:, split:],
-            past_key_values=prefix if split > 0 else None,
+            cache=prefix if split > 0 else None,
             use_cache=False,
             logits_to_keep=logits_to_keep,
         )

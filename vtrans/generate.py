@@ -74,7 +74,7 @@ class Generation:
             input_ids=self.sequences[:, -1:],
             attention_mask=mask,
             position_ids=mask.sum(1, keepdim=True) - 1,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             output_hidden_states=self.hidden_states is not None,
             output_attentions=self.attentions is not None,
@@ -83,7 +83,7 @@ class Generation:
             self.hidden_states = tuple(torch.cat(pair, 1) for pair in zip(self.hidden_states, out.hidden_states, strict=True))
         if self.attentions is not None:
             self.attentions = _attention_rows(self.attentions, out.attentions)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.sequences = torch.cat([self.sequences, self.sequences[:, -1:]], 1)  # one more position fed
 
 
@@ -143,7 +143,7 @@ def generate_batch(
         torch.stack(out.logits, 1) if logits else None,
         tuple(torch.cat(layer, 1) for layer in zip(*out.hidden_states, strict=True)) if hidden_states else None,
         _attention_rows(*out.attentions) if attentions else None,
-        out.past_key_values if cache or hidden_states or attentions else None,
+        out.cache if cache or hidden_states or attentions else None,
     )
     return [_completion(tokenizer, row) for row in out.sequences[:, width:].tolist()], generation
 

@@ -17,8 +17,10 @@ Nothing is downloaded: a model that is not available offline fails at once with 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 from pathlib import Path
@@ -28,11 +30,13 @@ from torch import nn
 
 from vtrans.backbones import d_model, family, family_of_type, n_layers, unembedding
 from vtrans.errors import BackboneError, ConfigError
+from vtrans.log import bars_enabled, log
 
 ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")  # eager is the one that returns attention weights
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_MB = 540  # its 134.5 M weights as float32, with the tokenizer files
 FINGERPRINT_IGNORES = (
     "_name_or_path",
     "_commit_hash",
@@ -108,7 +112,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
 
     kw = dict(gguf_file=path.name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, attn_implementation=attn, **kw)
+    # transformers draws its dequantisation bar with tqdm itself, past its own progress-bar switch
+    bar = contextlib.nullcontext() if bars_enabled() else contextlib.redirect_stderr(io.StringIO())
+    with bar:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, attn_implementation=attn, **kw)
     return model, tokenizer
 
 
@@ -119,6 +126,7 @@ def _load_smollm2(dtype: torch.dtype, attn: str):
     gguf = smollm2_gguf()
     folder = cache_dir() / "smollm2-135m-instruct"
     if not (folder / "model.safetensors").is_file():
+        log.info(dequantise_notice(folder))
         model, tokenizer = _load_gguf(gguf, torch.float32, attn)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -135,6 +143,14 @@ def _load_smollm2(dtype: torch.dtype, attn: str):
         else:
             tmp.rename(folder)
     return _load_folder(folder, dtype, attn)
+
+
+def dequantise_notice(folder: Path) -> str:
+    """What the first use of ``smollm2`` tells its user before the dequantisation starts."""
+    return (
+        f"smollm2: dequantising the embedded GGUF once into {folder} (about {SMOLLM2_CACHE_MB} MB; "
+        "set VTRANS_CACHE to put it elsewhere); later runs load it from there"
+    )
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
@@ -296,7 +312,7 @@ class Backbone(nn.Module):
         self.attn_implementation = attn_implementation
         self.model, self.tokenizer = load(name, dtype, attn_implementation)
         self.model.requires_grad_(False)
-        self.model.eval()
+        self.eval()
         self.family = family(self.model)
         self.n_layers = n_layers(self.model)
         self.d_model = d_model(self.model)

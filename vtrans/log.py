@@ -29,7 +29,6 @@ _state = {"quiet": False, "configured": False}
 # messages of the libraries that say nothing a user of vtrans can act on
 _LIBRARY_NOISE = (
     r".*does not have many workers.*",
-    r".*module\(s\) in eval mode.*",
     r".*LeafSpec.*",
     r".*`resume_download` is deprecated.*",
     r".*torch_dtype.*is deprecated.*",

@@ -9,8 +9,12 @@ forward pieces, the latent's distributions, the weights a checkpoint holds) is
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torchmetrics import MeanMetric, Metric
 
 from vtrans.config import check_all
@@ -131,6 +135,21 @@ class LatentLM(LatentModel, L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    def on_fit_start(self) -> None:
+        """Tell Lightning that the backbone's modules are in eval mode on purpose.
+
+        The frozen backbone computes the same function in every step, so its dropout stays off
+        (``Backbone.train`` keeps it in eval mode). Lightning warns about every module in eval
+        mode at the start of training, for parts that should train and were left in eval mode
+        (a Hugging Face model loads in it); it has no switch for parts that should not. So its
+        warning is silenced for exactly the backbone's modules: any other module in eval mode
+        changes the count, and the warning stands.
+        """
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if in_eval and all(name == "backbone" or name.startswith("backbone.") for name in in_eval):
+            expected = f"Found {len(in_eval)} module(s) in eval mode at the start of training"
+            warnings.filterwarnings("ignore", message=re.escape(expected), category=PossibleUserWarning)
+
     def current_beta(self) -> float:
         beta, warmup = self.hparams.beta, self.hparams.kl_warmup_steps
         if not self.training or warmup == 0:
@@ -165,7 +184,8 @@ class LatentLM(LatentModel, L.LightningModule):
         for name, value in (("nll", nll), ("kl", kl.mean()), ("elbo", -(nll + kl.mean()))):
             metric = self.means[f"{stage}_{name}"]
             metric.update(value.detach(), weight=n_items)
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n_items)
+            shown = name == "kl" and stage != "train"  # the KL per item, in the progress bar after validation
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=shown, batch_size=n_items)
         self.log(
             f"{stage}/loss",
             loss,
@@ -193,11 +213,8 @@ class LatentLM(LatentModel, L.LightningModule):
         if stats.count == 0:
             return
         values = stats.compute()
-        kl_dim = values.pop("kl_dim")
+        values.pop("kl_dim")  # a vector; its sum over dimensions is the KL per item, {stage}/kl
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
-        if stage != "train":
-            self.log(f"{stage}/kl_item", kl_dim.sum(), prog_bar=True, sync_dist=True)
-            self.log(f"{stage}_kl_item", kl_dim.sum(), sync_dist=True)  # a name usable in checkpoint file names
         stats.reset()
 
     def on_train_epoch_end(self) -> None:

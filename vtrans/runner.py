@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from vtrans import distributed
+from vtrans import distributed, log
 from vtrans.backbones import attention_implementation
 from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
@@ -88,7 +88,7 @@ class Runner:
     # ------------------------------------------------------------------ completions
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="item", disable=not self.progress, leave=False)
+        return tqdm(total=total, desc=desc, unit="item", disable=not log.bars_enabled(self.progress), leave=False)
 
     def complete(self, prompts: list[str], start: int = 0) -> list[Completion]:
         """The base model's completions, batch by batch; a sampled batch is seeded by its first item's index."""

@@ -155,7 +155,7 @@ def run_forward(
         slot_positions(out.logits, enc),
         out.hidden_states if hidden_states else None,
         out.attentions if attentions else None,
-        out.past_key_values if cache else None,
+        out.cache if cache else None,
         gold,
     )
 

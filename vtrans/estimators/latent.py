@@ -157,7 +157,7 @@ def sample_chunks(
                 inputs_embeds=stream,
                 attention_mask=mask,
                 position_ids=position[part].unsqueeze(1).expand(n, samples),
-                past_key_values=prefix,
+                cache=prefix,
                 use_cache=False,
             ).logits  # (n, S, V)
         yield part, logits.float()
