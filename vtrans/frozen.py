@@ -133,7 +133,14 @@ class ItemState:
 
 
 class FrozenCache:
-    """Per-item frozen states, keyed by (prompt, target ids)."""
+    """Per-item frozen states, keyed by (prompt, target ids).
+
+    Each item's states are computed on their own, in a batch of one: in a batch with others they
+    would carry float rounding that depends on which items share it (its padding, its matrix
+    shapes), and so on the order in which a run first met them. Computed alone, an item's states
+    are the same in a run resumed mid-epoch, in every fold of a cross-fitted run and in a run of
+    ``train.py``, which is what makes those trainings equal to the bit.
+    """
 
     def __init__(self) -> None:
         self.items: dict[tuple[str, tuple[int, ...]], ItemState] = {}
@@ -163,9 +170,8 @@ class FrozenCache:
         if self.items and next(iter(self.items.values())).h.device != module.device:
             self.clear()  # the module moved: states computed elsewhere are stale
         keys = [(p, tuple(t)) for p, t in zip(prompts, targets, strict=True)]
-        todo = [k for k in dict.fromkeys(keys) if k not in self.items]
-        if todo:
-            self._fill(module, [p for p, _ in todo], [list(t) for _, t in todo])
+        for prompt, target in (k for k in dict.fromkeys(keys) if k not in self.items):
+            self._fill(module, [prompt], [list(target)])  # one item at a time: see the class docstring
         states = [self.items[k] for k in keys]
         return assemble(states, module.tokenizer.pad_token_id)
 
