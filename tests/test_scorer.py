@@ -283,7 +283,9 @@ def test_cli_prompts(capsys, tiny_ckpt) -> None:
     records, err = run_cli(capsys, "--ckpt", str(tiny_ckpt), PREFIX, " ")
     assert len(records) == 2 and list(records[0]["scores"]) == DEFAULT
     assert records[1] == {"prompt": " ", "error": "blank prompt (only whitespace)"}
-    assert "1 of 2 prompts could not be scored" in err
+    assert err == ""  # --quiet: the error record says it
+    main(["score", "--samples", "2", "--ckpt", str(tiny_ckpt), PREFIX, " "])
+    assert "warning: 1 of 2 prompts could not be scored" in capsys.readouterr().err
 
 
 def test_cli_txt_file_one_record_per_line(capsys, tmp_path, tiny_ckpt) -> None:

@@ -158,7 +158,7 @@ def evaluate_command(
     for name, why in results.get("dropped", {}).items():
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
-        print(f"warning: not run: {', '.join(names)}: {why}", file=sys.stderr)
+        log.log.warning(f"not run: {', '.join(names)}: {why}")
     print(format_table(results))
     print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots")
     return None
@@ -190,7 +190,7 @@ def crossval_command(
 
     results = crossval(settings, out, markdown, device=resolve_device(device), progress=not quiet)
     for name, why in results.get("dropped", {}).items():
-        print(f"warning: not run: {name}: {why}", file=sys.stderr)
+        log.log.warning(f"not run: {name}: {why}")
     print(format_table(results))
     print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots ({results['seconds_total'] / 60:.1f} min)")
 
@@ -277,7 +277,7 @@ def score_command(
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0) from None
     if errors:
-        print(f"warning: {errors} of {written} prompts could not be scored (see their 'error' fields)", file=sys.stderr)
+        log.log.warning(f"{errors} of {written} prompts could not be scored (see their 'error' fields)")
     return None
 
 

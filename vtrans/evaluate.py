@@ -317,16 +317,16 @@ def _announce(config: EvalConfig, ckpt: str | None, loaded: int, seen: int | Non
         parts.append(f"the first {n} kept (--max_items)")
     log.info("; ".join([*parts, f"n = {n} to evaluate"]))
     if ckpt is not None and seen is None:
-        log.warning("warning: the checkpoint does not record its training idioms: cannot leave them out")
+        log.warning("the checkpoint does not record its training idioms: cannot leave them out")
     elif seen and config.keep_seen:
         log.warning(
-            f"warning: kept {seen} idioms the latent was trained on (--keep_seen): "
+            f"kept {seen} idioms the latent was trained on (--keep_seen): "
             "their latent scores are in-sample"
         )
     width = auroc_half_width(n)
     if width > SEPARATING_HALF_WIDTH:
         log.warning(
-            f"warning: n = {n} is too small for the AUROC intervals to separate estimators: "
+            f"n = {n} is too small for the AUROC intervals to separate estimators: "
             f"at AUROC {TYPICAL_AUROC} a 95% interval is about ±{width:.2f} wide even with half "
             f"the completions wrong (±{SEPARATING_HALF_WIDTH} would separate two estimators 0.1 apart)"
         )
@@ -341,10 +341,10 @@ def _warn_if_wide(correct: list[bool], warned: bool) -> None:
     width = auroc_half_width(n, wrong / n)
     if math.isinf(width):
         which = "wrong" if wrong else "right"
-        log.warning(f"warning: all {n} completions are {which}: no AUROC can be measured")
+        log.warning(f"all {n} completions are {which}: no AUROC can be measured")
     elif width > SEPARATING_HALF_WIDTH and not warned:
         log.warning(
-            f"warning: {wrong} of {n} completions are wrong: at AUROC {TYPICAL_AUROC} a 95% interval "
+            f"{wrong} of {n} completions are wrong: at AUROC {TYPICAL_AUROC} a 95% interval "
             f"is about ±{width:.2f} wide, too wide to separate estimators "
             f"(±{SEPARATING_HALF_WIDTH} would separate two 0.1 apart)"
         )

@@ -39,11 +39,21 @@ def setup(quiet: bool = False) -> None:
     """Route the package's messages to stderr and silence the libraries' (see the module docstring)."""
     _state["quiet"], _state["configured"] = quiet, True
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.INFO)
     quiet_libraries()
+
+
+class _Formatter(logging.Formatter):
+    """The message alone; a warning's begins ``warning: ``, an error's ``error: ``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {message}"
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
 
 
 def quiet_libraries() -> None:
