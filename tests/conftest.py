@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from vtrans import log
 from vtrans.loading import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,14 @@ def _run_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log():
+    """Every test starts with the logger a command line sets up without ``--quiet``: one that ran
+    a command with ``--quiet`` leaves nothing behind for the next."""
+    log.setup(quiet=False)
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

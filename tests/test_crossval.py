@@ -59,8 +59,8 @@ def mixed_file(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(args: list, capsys) -> tuple[str, str]:
-    main(["crossval", *map(str, args), "--quiet"])
+def run_cli(args: list, capsys, quiet: bool = True) -> tuple[str, str]:
+    main(["crossval", *map(str, args), *(["--quiet"] if quiet else [])])
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -188,6 +188,7 @@ def test_one_fold_trains_on_the_extra_idioms_without_the_scored_ones(mixed_file,
          "--seeds", "0", "--epochs", "1", "--samples", "4", "--n_boot", "100",
          "--estimators", "msp,posterior_var,probe", "--out", out],
         capsys,
+        quiet=False,
     )
     results = json.loads((out / "results.json").read_text())
     assert len(trained_on) == 1

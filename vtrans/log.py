@@ -38,12 +38,25 @@ _LIBRARY_NOISE = (
 def setup(quiet: bool = False) -> None:
     """Route the package's messages to stderr and silence the libraries' (see the module docstring)."""
     _state["quiet"], _state["configured"] = quiet, True
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.INFO)
     quiet_libraries()
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a message comes (a process that
+    redirects it later, or a test that captures it, gets the messages)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class _Formatter(logging.Formatter):
