@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vtrans import checkpoint, metrics
-from vtrans.crossval import read_training_config
+from vtrans.training import read_training_config
 from vtrans.data import load_idioms
 from vtrans.estimators import latent as latent_estimators
 from vtrans.evaluate import EvalConfig

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vtrans.crossval import extra_training_items
+from vtrans.folds import extra_training_items
 from vtrans.data import DataError, IdiomItem, load_idioms, split_idiom
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by  \n"

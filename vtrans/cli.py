@@ -27,7 +27,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 
 from vtrans import log
 from vtrans.config import EstimatorConfig
-from vtrans.errors import ConfigError, UserError
+from vtrans.errors import ConfigError, TrainingStopped, UserError
 
 
 def fail(message: str) -> None:
@@ -42,6 +42,9 @@ def guarded(fn: Callable[[], object]) -> object:
         return fn()
     except UserError as err:
         fail(str(err))
+    except TrainingStopped as err:
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except FileNotFoundError as err:
         fail(f"file not found: {err.filename or err}")
     except KeyboardInterrupt:
@@ -60,44 +63,17 @@ def train_main(args: list[str] | None = None, run: bool = True):
     trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured
     ``LightningCLI`` is returned without running a subcommand (``args`` then holds no subcommand).
     """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.cli import LightningCLI
-
-    from vtrans.callbacks import NonFiniteGuard, ResumableRNG
+    from vtrans.callbacks import NonFiniteGuard
+    from vtrans.training import TrainingCLI, stopping
 
     log.setup(quiet=False)
     guard = NonFiniteGuard()
-    from vtrans.datamodule import IdiomDataModule
-    from vtrans.module import LatentLM
 
     def build():
-        try:
-            return LightningCLI(
-                LatentLM,
-                IdiomDataModule,
-                args=args,
-                run=run,
-                save_config_kwargs={"overwrite": True},
-                trainer_defaults={
-                    "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
-                    "callbacks": [ResumableRNG(), guard],
-                },
-            )
-        except MisconfigurationException as err:  # a trainer setting Lightning cannot use (devices, max_epochs, ...)
-            lines = str(err).strip().splitlines()
-            raise ConfigError(f"trainer: {lines[0] if lines else type(err).__name__}") from None
+        with stopping(guard):
+            return TrainingCLI(args=args, run=run, guard=guard)
 
-    try:
-        return guarded(build)
-    except FloatingPointError as err:
-        print(f"error: training stopped: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except ValueError as err:  # a distribution's validation: NaN or inf among its parameters
-        if "invalid values" not in str(err):
-            raise
-        first = str(err).strip().splitlines()[0]
-        print(f"error: training stopped: non-finite values at {guard.where()}: {first}", file=sys.stderr)
-        raise SystemExit(1) from None
+    return guarded(build)
 
 
 # --------------------------------------------------------------------------- the commands
@@ -173,20 +149,24 @@ def crossval_command(
 
     Trains the latent K times, each time on the idioms outside one fold, and scores that fold with
     every estimator, so that every idiom gets an out-of-fold score; repeats over seeds. Writes
-    results.json, scores.jsonl, report.md and plots into ``out``.
+    results.json, scores.jsonl, report.md and plots into ``out``. Each finished unit (a seed's
+    fold: its latent and its scores) is recorded in ``out/units`` as it finishes: the same
+    command run again on the same ``out`` resumes from them, and one with other settings is refused.
 
     Args:
         settings: the cross-fitting and estimator settings (the options after these).
         out: output folder.
         markdown: also write the report here (e.g. docs/results.md), its images linked relative to it.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        device: ``auto``: where the training config's trainer trains (``trainer.accelerator``,
+            ``trainer.devices``); ``cpu``, ``cuda`` or ``cuda:N``: train and score there instead.
         quiet: no progress output.
     """
     from vtrans.crossval import crossval
     from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
-    results = crossval(settings, out, markdown, device=resolve_device(device), progress=not quiet)
+    device = device if device == "auto" else resolve_device(device)
+    results = crossval(settings, out, markdown, device=device, progress=not quiet)
     for name, why in results.get("dropped", {}).items():
         print(f"warning: not run: {name}: {why}", file=sys.stderr)
     print(format_table(results))
