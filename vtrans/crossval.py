@@ -131,7 +131,10 @@ class CrossFit:
         sto = units.record(f"seed{seed}", lambda: self._stochastic(seed, stochastic, labels))
         scores, seconds, fold_log = {**fixed, **_unpack(sto["scores"])}, dict(sto["seconds"]), []
         for fold in range(self.cfg.folds) if latent_names else ():
-            unit = units.record(f"seed{seed}-fold{fold}", lambda f=fold: self._fold(seed, f, latent_names, labels))
+            name, train = f"seed{seed}-fold{fold}", self._training_items(fold, labels)
+            unit = units.record(name, lambda f=fold, t=train: self._fold(seed, f, t, latent_names, labels))
+            if name not in units.computed:
+                self.latents.trained_earlier(seed, train)
             for key, values in unit["scores"].items():
                 column = scores.setdefault(key, torch.full((len(labels.prompts),), float("nan")))
                 column[unit["indices"]] = torch.tensor(values)
@@ -167,13 +170,19 @@ class CrossFit:
         scores = runner.scores(labels.prompts, labels.completions, names, seconds=seconds) if names else {}
         return {"scores": _pack(scores), "seconds": seconds}
 
-    def _fold(self, seed: int, fold: int, names: list[str], labels: Labels) -> dict:
-        """The unit ``seed{s}-fold{f}``: the latent trained without fold f, and its scores of fold f."""
+    def _training_items(self, fold: int, labels: Labels) -> list[IdiomItem]:
+        """What fold f's latent trains on: the items outside f, the extra idioms (all of it with one
+        fold) and, with ``self_targets``, the base model's own wrong answers to the prompts outside f."""
         plan, outside = self.plan, self.plan.outside(fold)
-        train = [plan.items[i] for i in outside] + plan.extra  # one fold: nothing outside it, the extra idioms alone
-        if self.cfg.self_targets:  # the base model's own wrong answers as second targets of the training prompts
+        train = [plan.items[i] for i in outside] + plan.extra
+        if self.cfg.self_targets:
             own = [(plan.items[i].prefix, labels.completions[i].word) for i in outside if not labels.correct[i]]
             train += [IdiomItem(f"{prefix} {word}", prefix, word) for prefix, word in own if word]
+        return train
+
+    def _fold(self, seed: int, fold: int, train: list[IdiomItem], names: list[str], labels: Labels) -> dict:
+        """The unit ``seed{s}-fold{f}``: the latent trained without fold f, and its scores of fold f."""
+        plan = self.plan
         start = time.perf_counter()
         module, stats = self.latents.latent(seed, fold, train)
         trained = time.perf_counter() - start

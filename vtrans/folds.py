@@ -132,6 +132,12 @@ class FoldLatents:
     ``trainer.devices``); a device named overrides them. Either way one device, in this process:
     the backbone and its frozen states (one :class:`vtrans.frozen.FrozenCache` for every fold and
     seed) are shared by every latent.
+
+    An item's frozen states are computed in the batch that first needs them, so their last bits
+    depend on which folds trained before. A run that resumes tells which folds trained in an
+    earlier process (:meth:`trained_earlier`); before it trains the next one, their first epochs'
+    batches fill the states as they did then (:meth:`_replay`, no training), and every latent
+    trains on the states it would have in an uninterrupted run.
     """
 
     def __init__(
@@ -149,6 +155,12 @@ class FoldLatents:
             )
         self.device = str(trainer.strategy.root_device)
         self.backbone.to(self.device)
+        self.unreplayed: list[tuple[int, list[IdiomItem]]] = []
+
+    def trained_earlier(self, seed: int, train: list[IdiomItem]) -> None:
+        """A fold with this seed and these training idioms trained in an earlier process of the run."""
+        if not self.cfg.from_checkpoints:
+            self.unreplayed.append((seed, train))
 
     def overrides(self, seed: int) -> dict:
         """What a fold changes in the training YAML: its seed, epochs, template and device, and no
@@ -184,6 +196,9 @@ class FoldLatents:
         if self.cfg.from_checkpoints:
             return self._load(seed, fold, train), {}
         with training.quiet():
+            for earlier in self.unreplayed:
+                self._replay(*earlier)
+            self.unreplayed.clear()
             built = training.build(self.cfg.config, self.overrides(seed), train, self.backbone, self.frozen)
             try:
                 training.fit(built)
@@ -195,6 +210,19 @@ class FoldLatents:
         for folder in ("units", "checkpoints") if self.cfg.save_checkpoints else ("units",):
             built.trainer.save_checkpoint(self.out / folder / name, weights_only=True)
         return built.module.eval(), stats
+
+    def _replay(self, seed: int, train: list[IdiomItem]) -> None:
+        """Fill the shared frozen states as training with ``seed`` on ``train`` did: its first epoch's
+        batches, in their order, under the trainer's precision (every item is filled in epoch one)."""
+        module, datamodule, trainer = training.build(self.cfg.config, self.overrides(seed), train, self.backbone, self.frozen)
+        if not module.hparams.cache_frozen:
+            return
+        module.to(trainer.strategy.root_device)
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(0)
+        with trainer.precision_plugin.train_step_context():
+            for batch in loader:
+                self.frozen.batch(module, batch["prompt"], module.target_ids(batch["target"]))
 
     def _load(self, seed: int, fold: int, train: list[IdiomItem]):
         """The latent of (seed, fold) from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""

@@ -46,6 +46,10 @@ def differences(recorded: Any, wanted: Any, prefix: str = "") -> list[str]:
 class Units:
     """The finished units of one run, in ``folder``, under a manifest of the run's settings.
 
+    Attributes:
+        seconds: the recorded seconds of every unit :meth:`record` has returned.
+        computed: the names of the units computed by this process (the others were read back).
+
     Raises:
         ConfigError: (on creation) the folder holds the units of a run whose manifest differs.
     """
@@ -68,6 +72,7 @@ class Units:
         else:
             write_atomic(path, json.dumps(manifest, indent=1) + "\n")
         self.seconds = 0.0
+        self.computed: set[str] = set()
 
     def finished(self) -> list[str]:
         """The names of the units recorded so far."""
@@ -90,6 +95,7 @@ class Units:
             text = json.dumps(unit)
             write_atomic(path, text + "\n")
             unit = json.loads(text)
+            self.computed.add(name)
         self.seconds += unit["seconds"]
         return unit["record"]
 
