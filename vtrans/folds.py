@@ -212,17 +212,10 @@ class FoldLatents:
         return built.module.eval(), stats
 
     def _replay(self, seed: int, train: list[IdiomItem]) -> None:
-        """Fill the shared frozen states as training with ``seed`` on ``train`` did: its first epoch's
-        batches, in their order, under the trainer's precision (every item is filled in epoch one)."""
+        """Fill the shared frozen states as training with ``seed`` on ``train`` did (its first epoch), without training."""
         module, datamodule, trainer = training.build(self.cfg.config, self.overrides(seed), train, self.backbone, self.frozen)
-        if not module.hparams.cache_frozen:
-            return
         module.to(trainer.strategy.root_device)
-        loader = datamodule.train_dataloader()
-        loader.sampler.set_epoch(0)
-        with trainer.precision_plugin.train_step_context():
-            for batch in loader:
-                self.frozen.batch(module, batch["prompt"], module.target_ids(batch["target"]))
+        training.replay_first_epoch(module, datamodule.train_dataloader(), trainer.precision_plugin)
 
     def _load(self, seed: int, fold: int, train: list[IdiomItem]):
         """The latent of (seed, fold) from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""

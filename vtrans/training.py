@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
+import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Checkpoint
@@ -46,11 +47,38 @@ from vtrans.module import LatentLM
 
 def trainer_defaults(guard: NonFiniteGuard | None = None) -> dict[str, Any]:
     """The Trainer settings every training run gets: the atomic checkpoint writer, the saved
-    random states and the non-finite guard (``guard``, where the caller wants to ask it where it stopped)."""
+    random states, the non-finite guard (``guard``, where the caller wants to ask it where it
+    stopped) and the frozen states of a resumed run filled as its first epoch filled them."""
     return {
         "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
-        "callbacks": [ResumableRNG(), guard or NonFiniteGuard()],
+        "callbacks": [ResumableRNG(), guard or NonFiniteGuard(), FrozenStatesOnResume()],
     }
+
+
+def replay_first_epoch(module: LatentLM, loader, precision) -> None:
+    """Fill the module's frozen states (``module.frozen_cache``) as its first training epoch did:
+    that epoch's batches of ``loader``, in their order, under the Trainer's ``precision`` plugin;
+    nothing trains.
+
+    An item's frozen states are computed in the first batch that holds it, and their last bits
+    depend on that batch's padding; every training item is in the first epoch. The random state
+    is left as it was (a loader's iterator draws its seed from it).
+    """
+    if not module.hparams.cache_frozen:
+        return
+    loader.sampler.set_epoch(0)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), precision.train_step_context():
+        for batch in loader:
+            module.frozen_cache.batch(module, batch["prompt"], module.target_ids(batch["target"]))
+
+
+class FrozenStatesOnResume(L.Callback):
+    """A run resumed from a later epoch (``--ckpt_path``) fills its frozen states as the first epoch
+    did (:func:`replay_first_epoch`) before it trains on: the states an uninterrupted run has."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: LatentLM) -> None:
+        if trainer.current_epoch > 0:  # only what is missing is computed: the sanity check's validation items are kept
+            replay_first_epoch(pl_module, trainer.train_dataloader, trainer.precision_plugin)
 
 
 class TrainingCLI(LightningCLI):
