@@ -55,9 +55,10 @@ def guarded(fn: Callable[[], object]) -> object:
 def train_main(args: list[str] | None = None, run: bool = True):
     """``python train.py fit|validate|test --config configs/NAME.yaml``.
 
-    Checkpoints are written atomically and refuse non-finite tensors (``AtomicCheckpointIO``,
-    the default ``trainer.plugins``), and they carry the random states so that ``--ckpt_path``
-    resumes an epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or
+    Built by :class:`vtrans.training.TrainingCLI`, as every training run is. Checkpoints are
+    written atomically and refuse non-finite tensors (``AtomicCheckpointIO``, the default
+    ``trainer.plugins``), and they carry the random states so that ``--ckpt_path`` resumes an
+    epoch exactly (``ResumableRNG`` and ``FrozenStatesOnResume``, always on). A non-finite loss, weight or
     gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
     step and exit code 1. A setting out of range (the data's, the latent's, the backbone's or the
     trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -181,9 +182,7 @@ def build(
                 settings, run=False, backbone=backbone, save_config=False, parser_kwargs={"exit_on_error": False}
             )
     except argparse.ArgumentError as err:  # the parser's: a key it does not know, a value of the wrong type
-        from vtrans.cli import plain_error
-
-        raise ConfigError(f"{_name(config)}: {plain_error(str(err))}") from None
+        raise ConfigError(f"{_name(config)}: {_parser_error(str(err))}") from None
     module, datamodule = cli.model, cli.datamodule
     if items is not None:
         hp = datamodule.hparams
@@ -312,6 +311,17 @@ def _set(settings: dict, key: str, value: Any) -> None:
             settings[part] = {}
         settings = settings[part]
     settings[last] = value
+
+
+def _parser_error(message: str) -> str:
+    """jsonargparse's message as one line: ``trainer.max_epochs: Expected a <class 'int'>, given 'x'``."""
+    keyed = re.match(r'Parser key "([^"]+)":\s*(.*)', message.strip(), re.S)
+    if not keyed:
+        return " ".join(message.split())
+    key, detail = keyed.groups()
+    given = re.search(r"(?:Given|Got) value: (.*)", detail)
+    first = detail.strip().splitlines()[0].split(". Got value:")[0] if detail.strip() else "not accepted"
+    return f"{key}: {first}" + (f", given {given.group(1).strip()!r}" if given else "")
 
 
 def _name(config: str | Path | dict) -> str:
