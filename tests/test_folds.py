@@ -56,7 +56,8 @@ def test_a_fold_trains_where_the_config_says_unless_a_device_is_named(tmp_path, 
     assert settings["trainer.limit_val_batches"] == 0 and settings["trainer.default_root_dir"] == str(tmp_path)
     assert not any(key in settings for key in ("trainer.accelerator", "trainer.devices", "trainer.precision"))
     latents.asked = "cuda:1"  # the mapping alone (no GPU here to build on)
-    assert (latents.overrides(0)["trainer.accelerator"], latents.overrides(0)["trainer.devices"]) == ("gpu", [1])
+    named = latents.overrides(0)
+    assert (named["trainer.accelerator"], named["trainer.devices"], named["trainer.strategy"]) == ("gpu", [1], "auto")
     latents.asked = "cpu"
     assert (latents.overrides(0)["trainer.accelerator"], latents.overrides(0)["trainer.devices"]) == ("cpu", 1)
 

@@ -178,10 +178,11 @@ class FoldLatents:
             "trainer.limit_val_batches": 0,
             "trainer.num_sanity_val_steps": 0,
         }
-        if self.asked != "auto":
+        if self.asked != "auto":  # one device named: the config's accelerator, devices and strategy give way
             kind, _, index = self.asked.partition(":")
             settings["trainer.accelerator"] = "gpu" if kind == "cuda" else kind
             settings["trainer.devices"] = [int(index)] if index else 1
+            settings["trainer.strategy"] = "auto"
         return settings
 
     def latent(self, seed: int, fold: int, train: list[IdiomItem]) -> tuple[torch.nn.Module, dict[str, float]]:
@@ -204,8 +205,8 @@ class FoldLatents:
                 training.fit(built)
             except TrainingStopped as err:
                 raise TrainingStopped(f"seed {seed}, fold {fold + 1}/{self.cfg.folds}: {err}") from None
-        metrics_ = built.trainer.callback_metrics
-        stats = {k.removeprefix("train/"): float(v) for k, v in metrics_.items() if k.startswith("train/")}
+        logged = built.trainer.callback_metrics
+        stats = {k.removeprefix("train/"): float(v) for k, v in logged.items() if k.startswith("train/")}
         name = f"seed{seed}-fold{fold}.ckpt"
         for folder in ("units", "checkpoints") if self.cfg.save_checkpoints else ("units",):
             built.trainer.save_checkpoint(self.out / folder / name, weights_only=True)
@@ -213,7 +214,8 @@ class FoldLatents:
 
     def _replay(self, seed: int, train: list[IdiomItem]) -> None:
         """Fill the shared frozen states as training with ``seed`` on ``train`` did (its first epoch), without training."""
-        module, datamodule, trainer = training.build(self.cfg.config, self.overrides(seed), train, self.backbone, self.frozen)
+        built = training.build(self.cfg.config, self.overrides(seed), train, self.backbone, self.frozen)
+        module, datamodule, trainer = built
         module.to(trainer.strategy.root_device)
         training.replay_first_epoch(module, datamodule.train_dataloader(), trainer.precision_plugin)
 
@@ -221,7 +223,10 @@ class FoldLatents:
         """The latent of (seed, fold) from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""
         path = Path(self.cfg.from_checkpoints) / f"seed{seed}-fold{fold}.ckpt"
         if not path.is_file():
-            raise ConfigError(f"{path} not found: --from_checkpoints needs seed{seed}-fold{fold}.ckpt (written by --save_checkpoints)")
+            raise ConfigError(
+                f"{path} not found: --from_checkpoints needs seed{seed}-fold{fold}.ckpt "
+                "(an earlier run's OUT/units, or its OUT/checkpoints with --save_checkpoints)"
+            )
         recorded = checkpoint.trained_idiom_hashes(path)
         wanted = {idiom_hash(it.idiom) for it in train}
         if recorded != wanted:

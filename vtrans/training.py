@@ -4,10 +4,11 @@
 latent per seed and fold) and ``experiments/sweep.py`` (a latent per variant) all build them
 with :class:`TrainingCLI`: LightningCLI over :class:`vtrans.module.LatentLM` and
 :class:`vtrans.datamodule.IdiomDataModule`, the YAML's trainer settings as written (accelerator,
-devices, precision, callbacks, loggers, ...), and three safeguards always on: checkpoints written
+devices, precision, callbacks, loggers, ...), and the safeguards always on: checkpoints written
 atomically and never with non-finite values (:class:`vtrans.checkpoint_io.AtomicCheckpointIO`),
-the random states saved in every checkpoint (:class:`vtrans.callbacks.ResumableRNG`), and a stop
-at the first non-finite weight or gradient (:class:`vtrans.callbacks.NonFiniteGuard`).
+the random states saved in every checkpoint (:class:`vtrans.callbacks.ResumableRNG`), a stop at
+the first non-finite weight or gradient (:class:`vtrans.callbacks.NonFiniteGuard`), and a resumed
+run's frozen states filled as its first epoch filled them (:class:`FrozenStatesOnResume`).
 
 :func:`build` is the entry for code: a YAML (a path or its content), overrides as dotted keys
 the way the command line spells them (``{"trainer.max_epochs": 1}``), and optionally a backbone
@@ -36,6 +37,8 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.precision import Precision
+from torch.utils.data import DataLoader
 
 from vtrans.callbacks import NonFiniteGuard, ResumableRNG
 from vtrans.data import IdiomItem
@@ -56,7 +59,7 @@ def trainer_defaults(guard: NonFiniteGuard | None = None) -> dict[str, Any]:
     }
 
 
-def replay_first_epoch(module: LatentLM, loader, precision) -> None:
+def replay_first_epoch(module: LatentLM, loader: DataLoader, precision: Precision) -> None:
     """Fill the module's frozen states (``module.frozen_cache``) as its first training epoch did:
     that epoch's batches of ``loader``, in their order, under the Trainer's ``precision`` plugin;
     nothing trains.
