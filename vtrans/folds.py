@@ -146,8 +146,12 @@ class FoldLatents:
         self.cfg, self.spec, self.template, self.out, self.asked = cfg, spec, template, out, device
         self.backbone = Backbone(**self.spec.backbone)
         self.frozen = FrozenCache()
-        with training.quiet():  # the whole config checked before any work, and its device read
-            trainer = training.build(cfg.config, self.overrides(cfg.seeds[0]), backbone=self.backbone).trainer
+        try:
+            with training.quiet():  # the whole config checked before any work, and its device read
+                trainer = training.build(cfg.config, self.overrides(cfg.seeds[0]), backbone=self.backbone).trainer
+        except ConfigError as err:
+            hint = " (--device names another device to train on)" if device == "auto" and "trainer" in str(err) else ""
+            raise ConfigError(f"{err}{hint}") from None
         if trainer.world_size > 1:
             raise ConfigError(
                 f"{cfg.config} trains in {trainer.world_size} processes (trainer.devices, num_nodes): "
