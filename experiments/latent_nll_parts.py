@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from vtrans import checkpoint, metrics
-from vtrans.crossval import read_training_config
 from vtrans.data import load_idioms
 from vtrans.estimators import latent as latent_estimators
 from vtrans.evaluate import EvalConfig
 from vtrans.loading import Backbone
 from vtrans.runner import Runner
+from vtrans.training import read_training_config
 
 
 def _no_noise(indices: list[int], samples: int, d_z: int, seed: int, draws: str = "random") -> torch.Tensor:

@@ -8,6 +8,11 @@ variant then trains only its latent and scores the evaluated items with the late
     python experiments/sweep.py --out docs/sweep           # the built-in grid on SmolLM2
     python experiments/sweep.py --model tiny-gpt2 --epochs 1 --max-variants 2 --out /tmp/sweep
 
+Every variant is trained as ``train.py fit --config CONFIG`` would train it (``--config``, by
+default ``configs/smollm2.yaml``: its trainer, data and latent settings; :func:`vtrans.training.build`)
+with the variant's latent settings, ``--epochs`` and ``--seed`` in place of the config's, a CSV log
+under ``OUT/logs`` and no checkpoints.
+
 The setting and the estimator are chosen by validation AUROC (the latents train on the train
 split); the test split is scored once, for the chosen one. Writes ``OUT/sweep.json`` and
 ``OUT/sweep.md`` (the validation table, sorted by the best latent AUROC, and the chosen test figure).
@@ -20,17 +25,17 @@ import json
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from vtrans import metrics
+from vtrans import metrics, training
 from vtrans.data import load_split
-from vtrans.datamodule import IdiomDataModule
 from vtrans.evaluate import EvalConfig, score_items
 from vtrans.frozen import FrozenCache
 from vtrans.loading import Backbone
 from vtrans.module import LatentLM
 from vtrans.runner import Runner
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
 
 LATENT = ("posterior_var", "latent_mi", "latent_kl")
 REFERENCE = ("lens_ce", "msp", "entropy", "lens_area")
@@ -55,25 +60,29 @@ def grid(n_layers: int) -> list[dict]:
     return variants
 
 
-def train_variant(backbone, caches: dict, hp: dict, epochs: int, seed: int, log_dir: Path) -> tuple[LatentLM, dict]:
-    L.seed_everything(seed, workers=True)
-    module = LatentLM(backbone, hidden=256, kl_warmup_steps=50, lr=2e-3, **hp)
-    module.frozen_cache = caches.setdefault(module.layer, FrozenCache())  # shared by variants of one layer
-    data = IdiomDataModule(data="builtin", batch_size=32, seed=0)
-    logger = L.pytorch.loggers.CSVLogger(log_dir, name="sweep")
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="auto",
-        devices=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=data)
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return module.eval(), logged
+def train_variant(
+    config: Path, backbone: Backbone, caches: dict, hp: dict, epochs: int, seed: int, log_dir: Path
+) -> tuple[LatentLM, dict]:
+    """The latent of one variant, trained from ``config`` with the variant's settings, and its last validation metrics."""
+    overrides = {
+        "seed_everything": seed,
+        "model.backbone.init_args.name": backbone.name,
+        **{f"model.{key}": value for key, value in hp.items()},
+        "trainer.max_epochs": epochs,
+        "trainer.logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(log_dir), "name": "sweep"},
+        },
+        "trainer.enable_checkpointing": False,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "trainer.num_sanity_val_steps": 0,
+    }
+    frozen = caches.setdefault(hp["layer"], FrozenCache())  # shared by the variants of one layer
+    built = training.build(config, overrides, backbone=backbone, frozen=frozen)
+    training.fit(built)
+    logged = {k: float(v) for k, v in built.trainer.callback_metrics.items() if k.startswith("val/")}
+    return built.module.eval(), logged
 
 
 def _latent_summaries(backbone, module, config, scored, errors, n_boot, seed) -> dict:
@@ -85,7 +94,8 @@ def _latent_summaries(backbone, module, config, scored, errors, n_boot, seed) ->
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the training YAML every variant starts from")
+    parser.add_argument("--model", default=None, help="the backbone (default: the config's)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -96,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    backbone = Backbone(args.model, attn_implementation="sdpa")
+    backbone_spec = training.read_training_config(args.config).backbone
+    backbone = Backbone(**{**backbone_spec, "name": args.model or backbone_spec["name"]})
     config = EvalConfig(data="builtin", samples=args.samples, n_boot=args.n_boot, seed=args.seed)
     base = Runner(backbone, None, config, progress=False)
     splits = {}
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = grid(backbone.n_layers)[: args.max_variants]
     for i, hp in enumerate(variants):
         start = time.perf_counter()
-        module, logged = train_variant(backbone, caches, hp, args.epochs, args.seed, out / "logs")
+        module, logged = train_variant(args.config, backbone, caches, hp, args.epochs, args.seed, out / "logs")
         summaries = _latent_summaries(backbone, module, config, val, val_errors, args.n_boot, args.seed)
         entry = {
             "variant": hp,
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         **metrics.paired_bootstrap(metrics.auroc, chosen_scores, test.scores[cheap], test_errors, args.n_boot, args.seed),
     }
     summary = {
-        "model": args.model,
+        "model": backbone.name,
+        "training_config": str(args.config),
         "selected_on": "val",
         "n_val": len(val.items),
         "n_test": len(test.items),

@@ -6,7 +6,10 @@ Used with ``--trainer.callbacks+=helpers_kill.KillAtStep`` (``tests/`` on PYTHON
   given global step: an abrupt death, no cleanup, no exception handling;
 * :class:`NaNAtStep` sets a latent weight to NaN at a given global step;
 * :class:`NaNActivationsAtStep` makes the latent's encoder output NaN from a given global step
-  on (the weights stay finite: the NaN appears in the forward only).
+  on (the weights stay finite: the NaN appears in the forward only);
+* :class:`KillInRun` sends SIGKILL at a step of the N-th training run of a process that trains
+  several (``vtrans crossval``), when the environment asks for it: a training YAML that names it
+  trains normally everywhere else.
 """
 
 from __future__ import annotations
@@ -50,3 +53,18 @@ class NaNActivationsAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             pl_module.latent.posterior_head.register_forward_hook(lambda m, args, out: (out[0] * float("nan"), out[1]))
+
+
+class KillInRun(L.Callback):
+    """SIGKILL this process at global step ``step`` of its ``run``-th training run (counted from 1),
+    where the environment variable ``VTRANS_KILL_IN_RUN`` is ``"run:step"``; without it, nothing."""
+
+    runs = 0  # training runs started in this process, by every instance
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        type(self).runs += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        wanted = os.environ.get("VTRANS_KILL_IN_RUN")
+        if wanted and tuple(map(int, wanted.split(":"))) == (type(self).runs, trainer.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)

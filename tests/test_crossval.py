@@ -1,4 +1,4 @@
-"""``vtrans crossval``: folds, out-of-fold training, the cross-fitted probe, seeds, the files.
+"""``vtrans crossval``: out-of-fold training, the cross-fitted probe, seeds, the files, resuming.
 
 A random tiny model almost never completes an idiom, so the data file here ends half of its
 idioms with the tiny model's own greedy completion word: both classes exist and AUROC is
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-import vtrans.crossval as crossval_module
 from vtrans.cli import main
-from vtrans.crossval import CrossvalConfig, assign_folds, read_training_config
+from vtrans.crossval import cross_fitted_probe
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     _idiom_key,
@@ -27,12 +29,13 @@ from vtrans.data import (
     render_prompt,
 )
 from vtrans.datamodule import IdiomDataModule
-from vtrans.errors import ConfigError
 from vtrans.estimators import probe
+from vtrans.folds import FoldLatents
 from vtrans.generate import complete
 from vtrans.loading import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 TINY = REPO / "configs" / "tiny.yaml"
 
 
@@ -65,31 +68,7 @@ def run_cli(args: list, capsys, quiet: bool = True) -> tuple[str, str]:
     return captured.out, captured.err
 
 
-# --------------------------------------------------------------------------- folds
-
-
-def test_folds_are_balanced_deterministic_and_independent_of_file_order():
-    items = load_idioms("builtin")[:103]
-    folds = assign_folds(items, 5, seed=0)
-    sizes = [folds.count(f) for f in range(5)]
-    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 103
-    shuffled = items[:]
-    random.Random(1).shuffle(shuffled)
-    by_idiom = dict(zip((it.idiom for it in items), folds, strict=True))
-    assert [by_idiom[it.idiom] for it in shuffled] == assign_folds(shuffled, 5, seed=0)
-    assert assign_folds(items, 5, seed=1) != folds
-
-
-def test_training_config_is_read_and_checked(tmp_path):
-    spec = read_training_config(TINY)
-    assert spec.backbone == {"name": "tiny-gpt2"} and spec.model["d_z"] == 8 and spec.max_epochs == 3
-    bad = yaml.safe_load(TINY.read_text())
-    bad["model"]["not_a_setting"] = 1
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match="not_a_setting"):
-        read_training_config(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="not found"):
-        read_training_config(tmp_path / "missing.yaml")
+# --------------------------------------------------------------------------- user errors
 
 
 @pytest.mark.parametrize(
@@ -200,11 +179,7 @@ def test_one_fold_trains_on_the_extra_idioms_without_the_scored_ones(mixed_file,
 
 def test_the_probe_is_cross_fitted(monkeypatch):
     """Fold f's probe never sees fold f's rows: a feature that leaks fold f's labels would betray it."""
-
-    class Fake:
-        folds = [0, 1, 0, 1, 0, 1, 0, 1]
-        cfg = CrossvalConfig(config=str(TINY), folds=2, seeds=[0])
-
+    folds = [0, 1, 0, 1, 0, 1, 0, 1]
     correct = [True, False, False, True, True, True, False, False]
     seen: list[torch.Tensor] = []
     real_fit = probe.fit
@@ -216,7 +191,7 @@ def test_the_probe_is_cross_fitted(monkeypatch):
     monkeypatch.setattr(probe, "fit", recording)
     lens = torch.arange(8, dtype=torch.float32).view(8, 1) * torch.ones(1, 3)
     scores = {"msp": torch.rand(8), "entropy": torch.rand(8)}
-    out = crossval_module.CrossFit._probe(Fake(), scores, lens, correct)
+    out = cross_fitted_probe(scores, lens, correct, folds, 2)
     assert out.shape == (8,) and torch.isfinite(out).all()
     assert [sorted(s.tolist()) for s in seen] == [[1.0, 3.0, 5.0, 7.0], [0.0, 2.0, 4.0, 6.0]]
 
@@ -293,3 +268,113 @@ def test_a_checkpoint_of_other_folds_is_refused(mixed_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was not trained on this fold's" in err and "fold_seed" in err.replace("-", "_")
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+# --------------------------------------------------------------------------- training faults and resuming
+
+
+def _tiny_with_callback(path: Path, class_path: str, **init_args) -> Path:
+    """tiny.yaml with one more training callback; a fold trains with the YAML's callbacks, as train.py does."""
+    config = yaml.safe_load(TINY.read_text())
+    config["trainer"]["callbacks"].append({"class_path": class_path, "init_args": init_args})
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_nan_in_a_fold_stops_the_run_with_one_line_naming_the_seed_and_fold(mixed_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    config = _tiny_with_callback(tmp_path / "nan.yaml", "helpers_kill.NaNAtStep", step=1)  # in epoch 2
+    out = tmp_path / "cv"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--train_config", config, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "2",
+                 "--samples", "4", "--n_boot", "100", "--estimators", "msp,posterior_var", "--out", out], capsys)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: training stopped: seed 0, fold 1/2: non-finite"), err
+    assert "train step 1" in err and "Traceback" not in err
+    assert not (out / "results.json").exists()
+    assert sorted(p.name for p in (out / "units").iterdir()) == ["base.json", "manifest.json", "seed0.json"]
+
+
+def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cv"
+    common = ["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0,1", "--epochs", "1",
+              "--n_boot", "100", "--estimators", "msp,posterior_var,latent_kl,latent_mi,probe", "--out", out]
+    run_cli([*common, "--samples", "4"], capsys)
+    units = sorted(p.name for p in (out / "units").iterdir())
+    assert units == sorted(
+        ["manifest.json", "base.json", "seed0.json", "seed1.json", "seed0-probe.json", "seed1-probe.json"]
+        + [f"seed{s}-fold{f}.{ext}" for s in (0, 1) for f in (0, 1) for ext in ("json", "ckpt")]
+    )
+    first = {name: (out / name).read_bytes() for name in ("results.json", "scores.jsonl", "report.md")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished unit was computed again")
+
+    monkeypatch.setattr(FoldLatents, "latent", no_training)
+    run_cli([*common, "--samples", "4"], capsys)  # every unit read back: the same files, timings included
+    assert {name: (out / name).read_bytes() for name in first} == first
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli([*common, "--samples", "8"], capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "eval.samples (4 there, 8 here)" in err and "another --out" in err
+    assert {name: (out / name).read_bytes() for name in first} == first
+
+
+# the clock of the runs below: every reading one tick after the last, in the modules whose
+# readings become the recorded seconds, so that a duration is the same in every run and the
+# byte comparison covers the timing fields too (a resumed run must take them from its units)
+TICKING = textwrap.dedent(
+    """
+    import itertools, sys, types
+    import vtrans.crossval, vtrans.runner, vtrans.units
+    from vtrans.cli import main
+
+    ticks = itertools.count()
+    clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+    for module in (vtrans.crossval, vtrans.runner, vtrans.units):
+        module.time = clock
+    main(sys.argv[1:])
+    """
+)
+
+
+def _crossval(config: Path, data: Path, out: Path, kill_in_run: str | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    env.pop("VTRANS_KILL_IN_RUN", None)
+    if kill_in_run:
+        env["VTRANS_KILL_IN_RUN"] = kill_in_run
+    args = ["crossval", "--train_config", str(config), "--data", f"txt:{data}", "--folds", "3", "--seeds", "0,1",
+            "--epochs", "2", "--samples", "4", "--passes", "2", "--n_boot", "100", "--out", str(out), "--quiet",
+            "--estimators", "msp,lens_ce,mc_dropout_mi,posterior_var,latent_kl,latent_mi,probe"]
+    return subprocess.Popen([sys.executable, "-c", TICKING, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_fold_resumes_and_writes_the_files_of_an_uninterrupted_run(mixed_file, tmp_path):
+    """SIGKILL while seed 1's first fold trains (the 4th training run, step 2 of 4); the same command
+    again finishes from the recorded units: results.json and scores.jsonl byte for byte those of a
+    run that was never interrupted."""
+    config = _tiny_with_callback(tmp_path / "tiny.yaml", "helpers_kill.KillInRun")
+    straight = _crossval(config, mixed_file, tmp_path / "straight")
+    killed = _crossval(config, mixed_file, tmp_path / "killed", kill_in_run="4:2")
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode == -9, f"the run was not killed (exit {killed.returncode}):\n{err[-3000:]}"
+    units = tmp_path / "killed" / "units"
+    assert sorted(p.name for p in units.glob("*.json")) == [
+        "base.json", "manifest.json", "seed0-fold0.json", "seed0-fold1.json", "seed0-fold2.json", "seed0-probe.json",
+        "seed0.json", "seed1.json",
+    ]
+    assert not (tmp_path / "killed" / "results.json").exists()
+    resumed = _crossval(config, mixed_file, tmp_path / "killed")
+    for proc in (resumed, straight):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    for name in ("results.json", "scores.jsonl", "report.md"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert len(results["fold_training"]) == 6 and results["estimators"]["latent_mi"]["n"] == 30
+

@@ -1,4 +1,5 @@
-"""``python train.py``: a tiny fit end to end, what its checkpoint holds, reload, configs, user errors."""
+"""``python train.py`` and ``vtrans.training``: a tiny fit end to end, what its checkpoint holds,
+reload, configs, user errors, and the one training path that crossval's folds and the sweep share."""
 
 from __future__ import annotations
 
@@ -13,12 +14,22 @@ import pytest
 import torch
 import yaml
 from conftest import CONFIGS, offline_env
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 
-from vtrans import checkpoint
+from vtrans import checkpoint, training
+from vtrans.callbacks import NonFiniteGuard
+from vtrans.checkpoint_io import AtomicCheckpointIO
 from vtrans.cli import train_main
+from vtrans.config import CrossvalConfig
+from vtrans.data import DEFAULT_TEMPLATE, load_idioms
+from vtrans.datamodule import IdiomDataModule
+from vtrans.errors import ConfigError, TrainingStopped
+from vtrans.folds import FoldLatents
 from vtrans.loading import Backbone
 from vtrans.model import LatentModel
 from vtrans.module import LatentLM
+from vtrans.training import read_training_config
 
 
 @pytest.fixture(autouse=True)
@@ -221,6 +232,102 @@ def test_user_error_in_a_real_process(run_train, tmp_path):
     proc = run_train("fit", "--config", CONFIGS / "tiny.yaml", "--model.backbone.init_args.name", "nope", cwd=tmp_path)
     assert proc.returncode == 2
     _stderr_contract(proc.stderr, "unknown model or missing folder 'nope'")
+
+
+# --------------------------------------------------------------------------- one training path
+
+
+def test_build_makes_the_module_data_and_trainer_train_py_makes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = train_main(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.logger", "false"], run=False)
+    built = training.build(CONFIGS / "tiny.yaml", {"trainer.logger": False})
+
+    def callbacks(trainer):
+        return sorted(type(cb).__name__ for cb in trainer.callbacks if not isinstance(cb, SaveConfigCallback))
+
+    assert callbacks(built.trainer) == callbacks(cli.trainer)
+    assert {"ModelCheckpoint", "ResumableRNG", "NonFiniteGuard"} <= set(callbacks(built.trainer))
+    assert type(built.trainer.strategy.checkpoint_io) is type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    assert type(built.trainer.accelerator) is type(cli.trainer.accelerator)
+    for setting in ("precision", "num_devices", "max_epochs", "log_every_n_steps", "world_size"):
+        assert getattr(built.trainer, setting) == getattr(cli.trainer, setting), setting
+    assert dict(built.module.hparams) == dict(cli.model.hparams)
+    assert dict(built.datamodule.hparams) == dict(cli.datamodule.hparams)
+    assert not list(tmp_path.rglob("*.yaml"))  # building writes nothing
+
+
+def test_build_takes_overrides_a_loaded_backbone_and_a_fold_s_items(tiny_gpt2):
+    items = load_idioms("builtin")[:20]
+    overrides = {"trainer.enable_checkpointing": False, "trainer.logger": False, "model.d_z": 4, "data.seed": 5}
+    built = training.build(CONFIGS / "tiny.yaml", overrides, items=items, backbone=tiny_gpt2)
+    assert built.module.backbone is tiny_gpt2 and built.module.hparams.d_z == 4
+    assert not any(isinstance(cb, ModelCheckpoint) for cb in built.trainer.callbacks)  # the config's is left out
+    assert built.datamodule.items["train"] == items and built.datamodule.items["val"] == []
+    assert (built.datamodule.hparams.batch_size, built.datamodule.hparams.seed) == (16, 5)
+    for bad, named in (({"model.backbone.init_args.name": "tiny-llama"}, "tiny-llama"), ({"model.d_zz": 4}, "d_zz")):
+        with pytest.raises(ConfigError, match=named) as err:
+            training.build(CONFIGS / "tiny.yaml", bad, backbone=tiny_gpt2)
+        assert "\n" not in str(err.value)
+
+
+def _seeded_tiny(tmp_path) -> str:
+    """tiny.yaml seeded 3 (generators, split and shuffle), two epochs, no validation or logger,
+    its checkpoints in ``tmp_path/checkpoints``."""
+    config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    config["seed_everything"] = 3
+    config["data"]["seed"] = 3
+    config["trainer"].update(max_epochs=2, logger=False, limit_val_batches=0, num_sanity_val_steps=0)
+    config["trainer"].update(enable_progress_bar=False, enable_model_summary=False)
+    config["trainer"]["callbacks"][0]["init_args"].update(dirpath=str(tmp_path / "checkpoints"), monitor=None)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_fold_latent_is_the_latent_train_py_trains_from_the_same_config_seed_and_items(tmp_path, monkeypatch):
+    """One path: the same computations in the same order, so the same latent to the last bit."""
+    monkeypatch.chdir(tmp_path)
+    config = _seeded_tiny(tmp_path)
+    train_main(["fit", "--config", config])
+    data = IdiomDataModule(data="builtin", batch_size=16, seed=3, max_items=64)  # tiny.yaml's, seeded 3
+    data.setup("fit")
+    latents = FoldLatents(CrossvalConfig(config=config, folds=2, seeds=[3]), read_training_config(config),
+                          DEFAULT_TEMPLATE, tmp_path / "cv")
+    latents.latent(3, 0, data.items["train"])
+    fitted = checkpoint.read(tmp_path / "checkpoints" / "last.ckpt")
+    fold = checkpoint.read(tmp_path / "cv" / "units" / "seed3-fold0.ckpt")
+    assert fitted["global_step"] == fold["global_step"] == 2 * 4  # 64 idioms, 16 a batch, two epochs
+    assert fitted["state_dict"].keys() == fold["state_dict"].keys()
+    for key, value in fitted["state_dict"].items():
+        assert torch.equal(value, fold["state_dict"][key]), key
+    assert fitted["IdiomDataModule"] == fold["IdiomDataModule"]  # the training idioms each records
+    assert checkpoint.hyper_parameters(fitted) == checkpoint.hyper_parameters(fold)
+
+
+def test_a_non_finite_stop_becomes_training_stopped_naming_the_step():
+    guard = NonFiniteGuard()
+    guard.stage, guard.step = "train", 5
+    with pytest.raises(TrainingStopped, match="^non-finite gradient of w at train step 5$"):
+        with training.stopping(guard):
+            raise FloatingPointError("non-finite gradient of w at train step 5")
+    with pytest.raises(TrainingStopped, match="^non-finite values at train step 5: Expected parameter loc"):
+        with training.stopping(guard):
+            raise ValueError("Expected parameter loc (Tensor of shape (2,)) to satisfy ... but found invalid values:\nnan")
+    with pytest.raises(ConfigError):  # a user's error is not a stop, whatever it says
+        with training.stopping(guard):
+            raise ConfigError("lr has invalid values")
+
+
+def test_training_config_is_read_and_checked(tmp_path):
+    spec = read_training_config(CONFIGS / "tiny.yaml")
+    assert spec.backbone == {"name": "tiny-gpt2"} and spec.model["d_z"] == 8 and spec.max_epochs == 3
+    bad = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    bad["model"]["not_a_setting"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="not_a_setting"):
+        read_training_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        read_training_config(tmp_path / "missing.yaml")
 
 
 # --------------------------------------------------------------------------- bf16

@@ -27,7 +27,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 
 from vtrans import log
 from vtrans.config import EstimatorConfig
-from vtrans.errors import ConfigError, UserError
+from vtrans.errors import ConfigError, TrainingStopped, UserError
 
 
 def fail(message: str) -> None:
@@ -42,6 +42,9 @@ def guarded(fn: Callable[[], object]) -> object:
         return fn()
     except UserError as err:
         fail(str(err))
+    except TrainingStopped as err:
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except FileNotFoundError as err:
         fail(f"file not found: {err.filename or err}")
     except KeyboardInterrupt:
@@ -52,63 +55,25 @@ def guarded(fn: Callable[[], object]) -> object:
 def train_main(args: list[str] | None = None, run: bool = True):
     """``python train.py fit|validate|test --config configs/NAME.yaml``.
 
-    Checkpoints are written atomically and refuse non-finite tensors (``AtomicCheckpointIO``,
-    the default ``trainer.plugins``), and they carry the random states so that ``--ckpt_path``
-    resumes an epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or
-    gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
+    Built by :class:`vtrans.training.TrainingCLI`, as every training run is. Checkpoints are
+    written atomically and refuse non-finite tensors (``AtomicCheckpointIO``, the default
+    ``trainer.plugins``), and they carry the random states so that ``--ckpt_path`` resumes an
+    epoch exactly (``ResumableRNG``, always on). A non-finite loss, weight or gradient (``NonFiniteGuard``, always on) ends the run with one line on stderr naming the
     step and exit code 1. A setting out of range (the data's, the latent's, the backbone's or the
     trainer's) ends it with one line on stderr and exit code 2. With ``run=False`` the configured
     ``LightningCLI`` is returned without running a subcommand (``args`` then holds no subcommand).
     """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
-    from lightning.pytorch.cli import LightningCLI
-
-    from vtrans.callbacks import NonFiniteGuard, ResumableRNG, Summary
+    from vtrans.callbacks import NonFiniteGuard
+    from vtrans.training import TrainingCLI, stopping
 
     log.setup(quiet=False)
     guard = NonFiniteGuard()
-    from vtrans.datamodule import IdiomDataModule
-    from vtrans.module import LatentLM
-
-    class CLI(LightningCLI):
-        def instantiate_trainer(self, **kwargs):
-            """The trainer, its model summary (Lightning's default, on unless ``enable_model_summary``
-            is false, or one a config names) replaced by :class:`vtrans.callbacks.Summary` of the
-            same depth, which says what trains."""
-            trainer = super().instantiate_trainer(**kwargs)
-            lightnings = (ModelSummary, RichModelSummary)
-            trainer.callbacks = [Summary(cb._max_depth) if type(cb) in lightnings else cb for cb in trainer.callbacks]
-            return trainer
 
     def build():
-        try:
-            return CLI(
-                LatentLM,
-                IdiomDataModule,
-                args=args,
-                run=run,
-                save_config_kwargs={"overwrite": True},
-                trainer_defaults={
-                    "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
-                    "callbacks": [ResumableRNG(), guard],
-                },
-            )
-        except MisconfigurationException as err:  # a trainer setting Lightning cannot use (devices, max_epochs, ...)
-            lines = str(err).strip().splitlines()
-            raise ConfigError(f"trainer: {lines[0] if lines else type(err).__name__}") from None
+        with stopping(guard):
+            return TrainingCLI(args=args, run=run, guard=guard)
 
-    try:
-        return guarded(build)
-    except FloatingPointError as err:
-        print(f"error: training stopped: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except ValueError as err:  # a distribution's validation: NaN or inf among its parameters
-        if "invalid values" not in str(err):
-            raise
-        first = str(err).strip().splitlines()[0]
-        print(f"error: training stopped: non-finite values at {guard.where()}: {first}", file=sys.stderr)
-        raise SystemExit(1) from None
+    return guarded(build)
 
 
 # --------------------------------------------------------------------------- the commands
@@ -175,20 +140,24 @@ def crossval_command(
 
     Trains the latent K times, each time on the idioms outside one fold, and scores that fold with
     every estimator, so that every idiom gets an out-of-fold score; repeats over seeds. Writes
-    results.json, scores.jsonl, report.md and plots into ``out``.
+    results.json, scores.jsonl, report.md and plots into ``out``. Each finished unit (a seed's
+    fold: its latent and its scores) is recorded in ``out/units`` as it finishes: the same
+    command run again on the same ``out`` resumes from them, and one with other settings is refused.
 
     Args:
         settings: the cross-fitting and estimator settings (the options after these).
         out: output folder.
         markdown: also write the report here (e.g. docs/results.md), its images linked relative to it.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        device: ``auto``: where the training config's trainer trains (``trainer.accelerator``,
+            ``trainer.devices``); ``cpu``, ``cuda`` or ``cuda:N``: train and score there instead.
         quiet: no progress output.
     """
     from vtrans.crossval import crossval
     from vtrans.loading import resolve_device
     from vtrans.report import format_table
 
-    results = crossval(settings, out, markdown, device=resolve_device(device), progress=not quiet)
+    device = device if device == "auto" else resolve_device(device)
+    results = crossval(settings, out, markdown, device=device, progress=not quiet)
     for name, why in results.get("dropped", {}).items():
         log.log.warning(f"not run: {name}: {why}")
     print(format_table(results))

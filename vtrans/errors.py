@@ -23,3 +23,10 @@ class CheckpointError(UserError):
     ``vtrans.checkpoint`` (reading) and ``vtrans.checkpoint_io`` (training's writer and resume)
     both raise it, so it lives here rather than in either.
     """
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped at a non-finite loss, weight or gradient; the message names the step.
+
+    Not a user error: the command line ends with one line on stderr and exit code 1.
+    """
