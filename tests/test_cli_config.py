@@ -21,7 +21,7 @@ import vtrans.cli as cli
 from vtrans.cli import main
 from vtrans.config import EstimatorConfig
 from vtrans.crossval import CrossvalConfig
-from vtrans.estimators.registry import NAMES
+from vtrans.estimators.registry import NAMES, chosen
 from vtrans.evaluate import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_the_defaults_the_parsers_show_are_the_dataclass_defaults(capsys):
         if f.name != "template":  # --template null: the checkpoint's, else EvalConfig's
             assert evaluate[f.name] == cli.field_default(EvalConfig, f.name), f.name
     assert evaluate["template"] is None
-    assert EvalConfig().estimators == list(NAMES)  # null: every estimator
+    assert EvalConfig().estimators is None and chosen(None) == list(NAMES)  # null: every estimator
 
     _, score = printed(capsys, "score", *REQUIRED["score"])
     for f in fields(EstimatorConfig):

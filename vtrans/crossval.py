@@ -47,7 +47,7 @@ from vtrans.config import CrossvalConfig, EvalConfig
 from vtrans.data import IdiomItem
 from vtrans.errors import UserError
 from vtrans.estimators import probe
-from vtrans.estimators.registry import NAMES, NEEDS_LATENT, PROBE_FEATURES, family_of
+from vtrans.estimators.registry import NAMES, NEEDS_LATENT, PROBE_FEATURES, chosen, family_of
 from vtrans.evaluate import CHEAP_BASELINES, costs
 from vtrans.folds import FoldLatents, FoldPlan
 from vtrans.generate import Completion
@@ -72,7 +72,7 @@ class CrossFit:
         data = cfg.data or spec.data.get("data", "builtin")
         self.plan = FoldPlan.load(data, cfg.folds, cfg.fold_seed, cfg.eval.max_items, cfg.extra_train)
         template = cfg.template or spec.data.get("template") or cfg.eval.template
-        self.eval = EvalConfig(**{**asdict(cfg.eval), "template": template})
+        self.eval = EvalConfig(**{**asdict(cfg.eval), "template": template, "estimators": chosen(cfg.eval.estimators)})
         self.latents = FoldLatents(cfg, spec, template, self.out, device)
         self.backbone = self.latents.backbone
 

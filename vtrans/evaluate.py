@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from vtrans.data import (
 )
 from vtrans.errors import ConfigError
 from vtrans.estimators import probe
-from vtrans.estimators.registry import PROBE_FEATURES, family_of, why_not
+from vtrans.estimators.registry import PROBE_FEATURES, chosen, family_of, why_not
 from vtrans.generate import Completion
 from vtrans.log import log, phase
 from vtrans.runner import Runner
@@ -365,6 +365,7 @@ def evaluate(
     device = distributed.rank_device(device, distributed.current())
 
     out = Path(out_dir)
+    config = replace(config, estimators=chosen(config.estimators))
     split = split_settings(config, checkpoint.split_settings(ckpt) if ckpt is not None else None)
     items = load_split(config.data, config.split, **split)
     trained = checkpoint.trained_idiom_hashes(ckpt) if ckpt is not None else None

@@ -8,6 +8,7 @@ other tools read them.
 
 from __future__ import annotations
 
+from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, latent, lens, margin, mc_dropout, probe, sampling
 from vtrans.estimators.base import NEEDS, Family
 
@@ -30,6 +31,20 @@ PROBE_FEATURES: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.probe_fea
 SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.default_score for n in f.names)
 SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.names if "labels" not in f.needs_of(n))
 """What ``vtrans score`` can run: every name that needs no labelled items to be fitted on."""
+
+
+def chosen(names: list[str] | None) -> list[str]:
+    """The estimators a run asks for: ``names``, or every one for ``None``.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the known ones).
+    """
+    if names is None:
+        return list(NAMES)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+    return list(names)
 
 
 def family_of(name: str) -> Family:
@@ -87,5 +102,6 @@ __all__ = [
     "NEEDS_LATENT",
     "PROBE_FEATURES",
     "SCORABLE",
+    "chosen",
     "family_of",
 ]
