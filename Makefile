@@ -1,5 +1,5 @@
 # make main   install, train the latent on the embedded SmolLM2, compare every estimator on the built-in test split
-# make test   install and run the test suite (what CI runs)
+# make test   install, lint (ruff) and run the test suite (what CI runs)
 # make bench  cost of each estimator as a ratio to one forward pass
 # make crossval  the cross-fitted comparison on all 724 built-in idioms, 5 folds x 3 seeds (docs/results.md)
 PYTHON ?= python3
@@ -26,6 +26,7 @@ main: $(STAMP)
 # that holds for one summation order only, or a test that leans on what an earlier one left
 # behind, fails here rather than on the next machine
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 	VTRANS_TEST_ORDER=reverse OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 

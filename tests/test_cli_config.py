@@ -283,3 +283,28 @@ def test_estimators_lists_every_name_with_its_help(capsys) -> None:
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [row.split()[0] for row in rows] == list(NAMES)
     assert {row.split()[0] for row in rows if "  default  " in row} == set(SCORE_DEFAULTS)
+
+
+def test_vtrans_fit_trains_as_train_py_does(tmp_path, monkeypatch) -> None:
+    """An installed package trains without train.py: ``vtrans fit`` is LightningCLI's ``fit``."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(TINY), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.logger", "false"])
+    from vtrans import checkpoint
+
+    ckpt = checkpoint.read(tmp_path / "checkpoints" / "tiny" / "last.ckpt")
+    assert ckpt["epoch"] == 0 and ckpt["vtrans"]["backbone"]["name"] == "tiny-gpt2"
+
+
+def test_the_package_root_exports_the_api_without_importing_torch() -> None:
+    code = (
+        "import sys, vtrans\n"
+        "light = 'torch' not in sys.modules\n"
+        "from vtrans import Backbone, CrossvalConfig, EstimatorConfig, EvalConfig, Scorer\n"
+        "from vtrans.scorer import Scorer as S\n"
+        "print(light, Scorer is S, vtrans.__version__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    light, same, version = proc.stdout.split()
+    assert light == "True" and same == "True" and version[0].isdigit()

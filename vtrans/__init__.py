@@ -1,0 +1,36 @@
+"""vtrans: how sure is a transformer of its answer?
+
+The public API, imported on first use (so that ``import vtrans`` and the command line's
+``--help`` stay light):
+
+* :class:`Scorer`: completions and uncertainty scores for prompts, from a trained checkpoint;
+* :class:`Backbone`: a frozen causal LM the latent is built around;
+* :class:`EstimatorConfig`: how the estimators run; :class:`EvalConfig`, the settings of a
+  comparative run (``vtrans.evaluate.evaluate``); :class:`CrossvalConfig`, those of the
+  cross-fitted one (``vtrans.crossval.crossval``).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("vtrans")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+_EXPORTS = {
+    "Scorer": "vtrans.scorer",
+    "Backbone": "vtrans.loading",
+    "EstimatorConfig": "vtrans.config",
+    "EvalConfig": "vtrans.config",
+    "CrossvalConfig": "vtrans.config",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vtrans' has no attribute {name!r}")

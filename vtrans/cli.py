@@ -531,7 +531,11 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     line and no options, so that ``vtrans score`` imports neither ``vtrans.evaluate`` nor
     ``vtrans.crossval`` (whose imports take seconds: Lightning, torchmetrics, matplotlib).
     """
-    parser = Parser(prog="vtrans", description="How sure is a transformer? Score and compare.")
+    parser = Parser(
+        prog="vtrans",
+        description="How sure is a transformer? Train, score and compare. "
+        "Training: vtrans fit|validate|test|predict --config configs/NAME.yaml (LightningCLI: vtrans fit --help).",
+    )
     commands = parser.add_subcommands(dest="command")
     for name, sub in SUBCOMMANDS.items():
         built = sub.parser() if command in (None, name) else Parser()
@@ -550,9 +554,16 @@ def _summary(command: Callable) -> str:
     return docstring_parser.parse(command.__doc__ or "").short_description or ""
 
 
+TRAINING = ("fit", "validate", "test", "predict")
+"""``vtrans fit|validate|test|predict``: LightningCLI's subcommands, as ``python train.py`` runs them."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``vtrans evaluate|crossval|score``."""
+    """``vtrans fit|evaluate|crossval|score|estimators``."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINING:
+        train_main(argv)
+        return
     cfg = build_parser(requested(argv)).parse_args(argv)
     log.setup(quiet=bool(cfg[cfg.command].get("quiet", False)))
     guarded(lambda: SUBCOMMANDS[cfg.command].run(cfg[cfg.command]))
