@@ -92,3 +92,21 @@ def test_the_dequantisation_bar_follows_quiet(tmp_path, monkeypatch, capsys, qui
     monkeypatch.setitem(vlog._state, "quiet", quiet)
     assert loading._load_gguf(tmp_path / "model.gguf", None, "eager") == ("model", "tokenizer")
     assert ("de-quantizing" in capsys.readouterr().err) is not quiet
+
+
+def test_loading_a_model_draws_no_weight_bar_and_leaves_transformers_as_it_was(tmp_path, capfd) -> None:
+    """A folder written by save_pretrained loads without transformers' "Loading weights" bar, and a
+    program's own progress-bar setting is put back after."""
+    from transformers.utils import logging as hf_logging
+
+    from vtrans.loading import Backbone
+
+    tiny = Backbone("tiny-gpt2")
+    tiny.model.save_pretrained(tmp_path / "folder")
+    tiny.tokenizer.save_pretrained(tmp_path / "folder")
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    loaded = Backbone(str(tmp_path / "folder"))
+    assert loaded.model.config.n_layer == 4
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -233,13 +233,29 @@ def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
             "(eager returns attention weights, sdpa is faster)"
         )
     try:
-        model, tokenizer = _load(name, DTYPES[dtype], attn_implementation)
+        with _no_weight_loading_bar():
+            model, tokenizer = _load(name, DTYPES[dtype], attn_implementation)
     except ImportError as err:  # a package that the format or the attention implementation needs is missing
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(f"cannot load {name!r} (attn_implementation={attn_implementation!r}): {first}") from None
     family(model)  # fail loudly on an unsupported architecture
     _contiguous_unembedding_input(model)
     return model.eval(), _prepare_tokenizer(tokenizer)
+
+
+@contextlib.contextmanager
+def _no_weight_loading_bar():
+    """transformers' "Loading weights" bar off while a model loads (a second or two, nothing to
+    act on), and put back as it was after, for a program that imports vtrans as a library."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _load(name: str, torch_dtype: torch.dtype, attn_implementation: str):
