@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from vtrans.cli import main
-from vtrans.crossval import cross_fitted_probe
+from vtrans.crossval import cross_fitted
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     _idiom_key,
@@ -191,7 +191,7 @@ def test_the_probe_is_cross_fitted(monkeypatch):
     monkeypatch.setattr(probe, "fit", recording)
     lens = torch.arange(8, dtype=torch.float32).view(8, 1) * torch.ones(1, 3)
     scores = {"msp": torch.rand(8), "entropy": torch.rand(8)}
-    out = cross_fitted_probe(scores, lens, correct, folds, 2)
+    out = cross_fitted(probe.FAMILY, {**scores, "lens_ce_by_layer": lens}, correct, folds, 2)
     assert out.shape == (8,) and torch.isfinite(out).all()
     assert [sorted(s.tolist()) for s in seen] == [[1.0, 3.0, 5.0, 7.0], [0.0, 2.0, 4.0, 6.0]]
 

@@ -58,7 +58,7 @@ def results(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "lens_ce": {"cost_forward_equiv": 1.0, "seconds": 0.25},
         "msp": {"cost_forward_equiv": 1.0, "seconds": 0.1},
     }
-    return report.build_results("tiny-gpt2", rows, costs, n_boot=200, extra={"latent_accuracy": 0.5})
+    return report.build_results("tiny-gpt2", rows, costs, n_boot=200, reference="lens_ce", extra={"latent_accuracy": 0.5})
 
 
 def test_build_results_schema(results: dict[str, Any]) -> None:

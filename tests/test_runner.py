@@ -113,7 +113,7 @@ def test_eligibility_comes_from_the_registry(latent):
     assert registry.why_not("margin", None, "max") is None
     runner = Runner(latent.backbone, None, EstimatorConfig(aggregate="mean"), progress=False)
     assert runner.runnable(["msp", "latent_mi", "attention_entropy", "probe"]) == [
-        "msp", "entropy", "lens_ce",  # the probe's features that apply here: no latent, no first-token-only ones
+        "msp", "lens_ce", "entropy",  # the probe's features that apply here: no latent, no first-token-only ones
     ]
     assert all(line.count(":") >= 1 for line in registry.help_text().split("; "))
 

@@ -23,9 +23,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from vtrans import metrics
+from vtrans.estimators import registry
 
 __all__ = [
     "build_results",
+    "item_row",
     "format_table",
     "plot_all",
     "plot_seed_forest",
@@ -54,6 +56,46 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     return obj
+
+
+def item_row(
+    item: Any,
+    prompt: str,
+    completion: Any,
+    correct: bool,
+    scores: dict[str, float],
+    fields: dict[str, list[float]],
+    fold: int | None = None,
+    scores_by_seed: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """One item's row of scores.jsonl.
+
+    Args:
+        item: the idiom (a ``vtrans.data.IdiomItem``).
+        prompt: its prompt.
+        completion: the base model's completion of it (a ``vtrans.generate.Completion``).
+        correct: whether the completion word is the idiom's last word.
+        scores: ``{NAME: float}``, the estimators' scores (the first seed's in a cross-fitted run).
+        fields: the per-item fields the families write besides their scores
+            (``Family.fields``: ``lens_ce_by_layer``, ...), in order.
+        fold: the item's fold in a cross-fitted run.
+        scores_by_seed: ``{SEED: {NAME: float}}``, the other seeds' scores in a cross-fitted run.
+    """
+    row: dict[str, Any] = {
+        "idiom": item.idiom,
+        "prompt": prompt,
+        "target": item.target,
+        "completion": completion.text.strip(),
+        "completion_word": completion.word,
+        "correct": bool(correct),
+    }
+    if fold is not None:
+        row["fold"] = fold
+    row["scores"] = scores
+    if scores_by_seed is not None:
+        row["scores_by_seed"] = scores_by_seed
+    row.update(fields)
+    return row
 
 
 def write_scores_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -137,7 +179,7 @@ def build_results(
     costs: dict[str, dict[str, float]],
     n_boot: int = 1000,
     seed: int = 0,
-    reference: str | Sequence[str] = "lens_ce",
+    reference: str | Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute every estimator's metrics and its AUROC difference to the reference.
@@ -150,7 +192,8 @@ def build_results(
         n_boot: bootstrap resamples for the confidence intervals.
         seed: bootstrap seed.
         reference: estimator that the others are compared with (paired bootstrap); given
-            several, the one of them with the highest AUROC here (the best baseline).
+            several, the one of them with the highest AUROC here (the best baseline); None:
+            the best of the registry's references (``registry.reference_of``).
         extra: more top-level keys to add (e.g. the latent model's accuracy).
 
     Returns:
@@ -168,8 +211,7 @@ def build_results(
         for name, column in scores.items()
     }
     if not isinstance(reference, str):
-        present = [r for r in reference if r in estimators]
-        reference = max(present, key=lambda r: np.nan_to_num(estimators[r]["auroc"], nan=-1.0)) if present else ""
+        reference = registry.reference_of({name: entry["auroc"] for name, entry in estimators.items()}, reference)
     paired = {}
     if reference in scores:
         paired = {
@@ -358,12 +400,13 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
     if partial:
         listed = ", ".join(f"`{name}` (n={k})" for name, k in partial.items())
         parts.append(f"Scored on fewer items (undefined scores dropped): {listed}.")
-    if results.get("probe_fit") and "probe" in results["estimators"]:
-        fit = results["probe_fit"]
-        parts.append(
-            f"The probe was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
-            "and the learned features are out-of-sample on them as on the evaluated items."
-        )
+    for name in registry.fitted(list(results["estimators"])):
+        fit = results.get(f"{registry.family_of(name).name}_fit")
+        if fit:
+            parts.append(
+                f"The {name} was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
+                "and the learned features are out-of-sample on them as on the evaluated items."
+            )
     parts.append(_WHAT_THE_NUMBERS_ARE.rstrip())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:

@@ -198,7 +198,6 @@ ENCODERS = Family(
     read_encoders,
     needs=frozenset({"latent", "hidden_states"}),
     name_needs={"latent_kl": frozenset({"conditional_prior", "whole_word"})},
-    probe_features=("posterior_var", "latent_kl"),
 )
 SAMPLES = Family(
     "latent_mi",

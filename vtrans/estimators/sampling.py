@@ -122,4 +122,5 @@ FAMILY = Family(
     extra_passes=True,
     reads_forward=False,
     default_score=False,
+    reference=True,
 )
