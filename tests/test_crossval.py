@@ -196,6 +196,27 @@ def test_the_probe_is_cross_fitted(monkeypatch):
     assert [sorted(s.tolist()) for s in seen] == [[1.0, 3.0, 5.0, 7.0], [0.0, 2.0, 4.0, 6.0]]
 
 
+def test_any_fitted_family_is_cross_fitted_on_its_features():
+    """A fitted family's fit sees its own features of the other folds only; a fold whose outside
+    is all of one class gets NaN."""
+    from vtrans.estimators.base import Family
+
+    seen: list[tuple[list[str], list[float]]] = []
+
+    def fit(features, errors):
+        seen.append((sorted(features), features["msp"].tolist()))
+        if errors.min() == errors.max():
+            raise ValueError("one class")
+        return lambda other: other["msp"] + 1
+
+    family = Family("plus", {"msp_plus": "msp + 1"}, None, fitted="items", fit=fit, features=("msp",))
+    scores = {"msp": torch.arange(6, dtype=torch.float32), "entropy": torch.zeros(6)}
+    folds, correct = [0, 1, 2, 0, 1, 2], [True, False, True, True, True, True]
+    out = cross_fitted(family, scores, correct, folds, 3)
+    assert seen == [(["msp"], [1.0, 2.0, 4.0, 5.0]), (["msp"], [0.0, 2.0, 3.0, 5.0]), (["msp"], [0.0, 1.0, 3.0, 4.0])]
+    assert out[[0, 2, 3, 5]].tolist() == [1.0, 3.0, 4.0, 6.0] and out[[1, 4]].isnan().all()
+
+
 @pytest.mark.slow
 def test_self_targets_add_the_models_own_wrong_answers_of_training_prompts_only(mixed_file, tmp_path, capsys, monkeypatch):
     trained_on: list[list] = []
