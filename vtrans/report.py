@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -407,7 +408,7 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
                 f"The {name} was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
                 "and the learned features are out-of-sample on them as on the evaluated items."
             )
-    parts.append(_WHAT_THE_NUMBERS_ARE.rstrip())
+    parts.append(_what_the_numbers_are())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{_PLOT_TITLES.get(p, p)}]({p})" for p in plots))
@@ -777,24 +778,38 @@ def plot_seed_forest(out_dir: str | Path, results: dict[str, Any]) -> list[str]:
 
 _PLOT_TITLES["auroc_forest.png"] = "AUROC by estimator: bootstrap interval and each seed"
 
-_WHAT_THE_NUMBERS_ARE = """\
-## What the numbers are
+def _and(parts: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
 
-- **`lens_ce` at the last layer is −log p(ŷ)** and ranks items as `msp` (1 − p(ŷ)) does, up
-  to float32 rounding of −log p near 0: under greedy decoding the paper's output
-  cross-entropy is the max-probability baseline. The lens adds information only through the
-  intermediate layers (`lens_area`, the by-layer curve).
-- **The reference** is the best cheap baseline: of `msp`, `entropy`, `margin` and the sampled-word
-  agreement (`sample_disagreement`, `sample_word_entropy`), the one with the highest AUROC
-  (mean over seeds in a cross-fitted run). This choice looks at the scored items, which only
-  raises the bar for the others.
-- **Cost** is in plain forwards over the same items. The single-pass estimators (`msp`,
-  `entropy`, `margin`, `attention_entropy`, the lens, `posterior_var`, `latent_kl`) share one
-  forward, and each is charged that whole forward with every read off it; MC dropout, `latent_mi`
-  and `latent_nll` (the z samples of the scored position) and the sampled completions are
-  charged it plus their own passes; the probe is the shared forward plus its fit. Training the
-  latents is not in the cost.
-"""
+
+def _bullet(text: str) -> str:
+    return textwrap.fill(text, width=96, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _what_the_numbers_are() -> str:
+    """What the numbers are, each estimator named as its family's ``prose`` says (``registry.FAMILIES``)."""
+    families = registry.FAMILIES
+    references = [f.words("reference") for f in families if f.reference]
+    single = [f.words("cost") for f in families if f.reads_forward and not f.extra_passes and f.fit is None]
+    passes = [f.words("cost") for f in families if f.extra_passes]
+    fitted = ""
+    for family in (f for f in families if f.fit is not None):
+        passes_of_its_own = any(registry.family_of(registry.writer_of(key)).extra_passes for key in family.features)
+        what = "what its features cost" if passes_of_its_own else "the shared forward"
+        fitted += f"; {family.words('cost')} is {what} plus its fit"
+    bullets = [
+        "**`lens_ce` at the last layer is −log p(ŷ)** and ranks items as `msp` (1 − p(ŷ)) does, up to float32 "
+        "rounding of −log p near 0: under greedy decoding the paper's output cross-entropy is the max-probability "
+        "baseline. The lens adds information only through the intermediate layers (`lens_area`, the by-layer curve).",
+        f"**The reference** is the best cheap baseline: of {_and(references)}, the one with the highest AUROC "
+        "(mean over seeds in a cross-fitted run). This choice looks at the scored items, which only raises the bar "
+        "for the others.",
+        f"**Cost** is in plain forwards over the same items. The single-pass estimators ({', '.join(single)}) share "
+        "one forward, and each is charged that whole forward with every read off it; "
+        f"{_and(passes)} are charged it plus their own passes{fitted}. Training the latents is not in the cost.",
+    ]
+    return "## What the numbers are\n\n" + "\n".join(_bullet(b) for b in bullets)
 
 
 def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
@@ -857,7 +872,7 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     total = results.get("seconds_total")
     if total:
         parts.append(f"The whole run took {total / 60:.1f} min.")
-    parts.append(_WHAT_THE_NUMBERS_ARE.rstrip())
+    parts.append(_what_the_numbers_are())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append(

@@ -117,6 +117,8 @@ class Family:
         fit: fits the family's one name (:data:`Fit`); with ``fitted``.
         features: what ``fit`` reads: other families' names or ``fields``, in order; a run
             that asks for the family computes them (those that apply there).
+        prose: how the report's bullets name the family's estimators, by bullet (``cost``,
+            ``reference``); a bullet not given names them in backticks.
     """
 
     name: str
@@ -133,10 +135,15 @@ class Family:
     fitted: str | None = None
     fit: Fit | None = None
     features: tuple[str, ...] = ()
+    prose: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.help)
+
+    def words(self, bullet: str) -> str:
+        """The family's estimators in the report's ``bullet``: its ``prose`` there, or its names in backticks."""
+        return self.prose.get(bullet) or ", ".join(f"`{n}`" for n in self.names)
 
     def needs_of(self, name: str) -> frozenset[str]:
         return self.needs | self.name_needs.get(name, frozenset())

@@ -209,4 +209,5 @@ SAMPLES = Family(
     needs=frozenset({"latent", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
+    prose={"cost": "`latent_mi` and `latent_nll` (the z samples of the scored position)"},
 )

@@ -111,4 +111,5 @@ FAMILY = Family(
     fitted="labelled items held out from the scored ones",
     fit=fit_on,
     features=FEATURES,
+    prose={"cost": "the probe"},
 )

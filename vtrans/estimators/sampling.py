@@ -123,4 +123,8 @@ FAMILY = Family(
     reads_forward=False,
     default_score=False,
     reference=True,
+    prose={
+        "cost": "the sampled completions",
+        "reference": "the sampled-word agreement (`sample_disagreement`, `sample_word_entropy`)",
+    },
 )
