@@ -19,7 +19,7 @@ from vtrans.cli import main
 from vtrans.data import idiom_hash, load_split
 from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError
-from vtrans.evaluate import EvalConfig, probe_train_items, split_settings
+from vtrans.evaluate import EvalConfig, fit_items, split_settings
 
 TRAIN_ITEMS = 64  # configs/tiny.yaml: data.max_items
 ESTIMATORS = "msp,posterior_var"
@@ -179,11 +179,11 @@ def test_split_settings_come_from_the_checkpoint_and_conflicts_are_refused():
 def test_the_probe_fits_on_the_checkpoints_val_split_of_its_own_settings_less_its_recorded_idioms():
     recorded = {"data": "builtin", "seed": 1, "val_fraction": 0.15, "test_fraction": 0.15}
     evaluated = load_split("builtin", "test", seed=1)
-    got, _ = probe_train_items(evaluated, recorded)
+    got, _ = fit_items(evaluated, recorded)
     assert got == load_split("builtin", "val", seed=1)
     # a latent trained on chosen items records a spec that does not describe them: its hashes rule
     trained = {idiom_hash(it.idiom) for it in got[:10]}
-    fewer, _ = probe_train_items(evaluated, recorded, trained)
+    fewer, _ = fit_items(evaluated, recorded, trained)
     assert fewer == got[10:]
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from vtrans.cli import main
-from vtrans.crossval import cross_fitted_probe
+from vtrans.crossval import cross_fitted
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     _idiom_key,
@@ -191,9 +191,30 @@ def test_the_probe_is_cross_fitted(monkeypatch):
     monkeypatch.setattr(probe, "fit", recording)
     lens = torch.arange(8, dtype=torch.float32).view(8, 1) * torch.ones(1, 3)
     scores = {"msp": torch.rand(8), "entropy": torch.rand(8)}
-    out = cross_fitted_probe(scores, lens, correct, folds, 2)
+    out = cross_fitted(probe.FAMILY, {**scores, "lens_ce_by_layer": lens}, correct, folds, 2)
     assert out.shape == (8,) and torch.isfinite(out).all()
     assert [sorted(s.tolist()) for s in seen] == [[1.0, 3.0, 5.0, 7.0], [0.0, 2.0, 4.0, 6.0]]
+
+
+def test_any_fitted_family_is_cross_fitted_on_its_features():
+    """A fitted family's fit sees its own features of the other folds only; a fold whose outside
+    is all of one class gets NaN."""
+    from vtrans.estimators.base import Family
+
+    seen: list[tuple[list[str], list[float]]] = []
+
+    def fit(features, errors):
+        seen.append((sorted(features), features["msp"].tolist()))
+        if errors.min() == errors.max():
+            raise ValueError("one class")
+        return lambda other: other["msp"] + 1
+
+    family = Family("plus", {"msp_plus": "msp + 1"}, None, fitted="items", fit=fit, features=("msp",))
+    scores = {"msp": torch.arange(6, dtype=torch.float32), "entropy": torch.zeros(6)}
+    folds, correct = [0, 1, 2, 0, 1, 2], [True, False, True, True, True, True]
+    out = cross_fitted(family, scores, correct, folds, 3)
+    assert seen == [(["msp"], [1.0, 2.0, 4.0, 5.0]), (["msp"], [0.0, 2.0, 3.0, 5.0]), (["msp"], [0.0, 1.0, 3.0, 4.0])]
+    assert out[[0, 2, 3, 5]].tolist() == [1.0, 3.0, 4.0, 6.0] and out[[1, 4]].isnan().all()
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.base import run_forward
 from vtrans.estimators.common import entropy_of_probs, linear_at, log_partition, predictive_stats
-from vtrans.estimators.registry import PROBE_FEATURES
 from vtrans.latent import kl_normal
 from vtrans.loading import Backbone
 from vtrans.metrics import auroc
@@ -661,7 +660,7 @@ def test_probe_refuses_one_class():
 def test_probe_features_are_the_lens_trajectory_then_the_known_scalars():
     lens_by_layer = torch.arange(6.0).view(2, 3)
     scores = {"msp": torch.tensor([0.1, 0.2]), "lens_ce": torch.tensor([5.0, 6.0]), "entropy": torch.tensor([1.0, 2.0])}
-    x, names = probe.features(scores, lens_by_layer, PROBE_FEATURES)
+    x, names = probe.features({**scores, "lens_ce_by_layer": lens_by_layer})
     assert names == ["lens_ce_L0", "lens_ce_L1", "lens_ce_L2", "entropy", "msp"]
     assert_close(x, torch.tensor([[0.0, 1.0, 2.0, 1.0, 0.1], [3.0, 4.0, 5.0, 2.0, 0.2]]))
 

@@ -26,8 +26,7 @@ import vtrans.evaluate as evaluate_module
 from vtrans import log
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
-from vtrans.estimators.registry import PROBE_FEATURES
-from vtrans.evaluate import EvalConfig, auroc_half_width, probe_train_items, score_items
+from vtrans.evaluate import EvalConfig, auroc_half_width, fit_items, score_items
 from vtrans.generate import complete
 from vtrans.loading import Backbone
 from vtrans.runner import Runner
@@ -224,8 +223,8 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
 
     monkeypatch.setattr(Runner, "label", counting("label", Runner.label))
     monkeypatch.setattr(Runner, "plain_forward_seconds", counting("forward", Runner.plain_forward_seconds))
-    features = evaluate_module.probe_features
-    monkeypatch.setattr(evaluate_module, "probe_features", lambda *a, **k: (calls.__setitem__("features", calls["features"] + 1), features(*a, **k))[1])
+    features = evaluate_module.fit_features
+    monkeypatch.setattr(evaluate_module, "fit_features", lambda *a, **k: (calls.__setitem__("features", calls["features"] + 1), features(*a, **k))[1])
     names = ["msp", "lens_ce", "mc_dropout_mi", "probe"]
     out = tmp_path / "run"
     _, stderr = run_cli(
@@ -269,9 +268,9 @@ def test_evaluate_latent_checkpoint_with_an_unfittable_probe(tiny_checkpoint, id
     evaluated = load_split(f"txt:{idiom_files['wrong']}", "test")
     results, rows = check_contract(out, names, len(evaluated))
     # fitted on the checkpoint's held-out idioms (the built-in val split), all completed wrongly
-    fit_items, _ = probe_train_items(evaluated, checkpoint.read(tiny_checkpoint)["datamodule_hyper_parameters"])
-    assert results["probe_fit"]["n"] == len(fit_items) > 0
-    assert results["dropped"]["probe"].startswith(f"cannot be fitted: the base model completes 0 of its {len(fit_items)}")
+    held_out, _ = fit_items(evaluated, checkpoint.read(tiny_checkpoint)["datamodule_hyper_parameters"])
+    assert results["probe_fit"]["n"] == len(held_out) > 0
+    assert results["dropped"]["probe"].startswith(f"cannot be fitted: the base model completes 0 of its {len(held_out)}")
     assert len(not_run(stderr)) == 1 and "probe" in not_run(stderr)[0]
     assert results["ckpt"] == str(tiny_checkpoint) and results["latent"]["prior"] == "conditional"
     assert all(r["scores"]["posterior_var"] > 0 and r["scores"]["latent_kl"] >= 0 for r in rows)
@@ -284,8 +283,8 @@ def test_probe_features_equal_the_families_run_one_by_one(gpt2, idiom_files):
     items = load_split(f"txt:{idiom_files['mixed']}", "all")[:10]
     runner = Runner(gpt2, None, EvalConfig(batch_size=4, n_boot=100), progress=False)
     scored = score_items(runner, items, ["probe"], DEFAULT_TEMPLATE, gold=False)
-    x, names = probe.features(scored.scores, scored.lens_by_layer, PROBE_FEATURES)
-    fused, fused_names = evaluate_module.probe_features(runner, scored.prompts, scored.completions)
+    x, names = probe.features(scored.scores)
+    fused, fused_names = probe.features(evaluate_module.fit_features(runner, probe.FAMILY, scored.prompts, scored.completions))
     assert fused_names == names == [f"lens_ce_L{i}" for i in range(N_LAYERS + 1)] + ["entropy", "msp", "attention_entropy"]
     assert_close(fused, x, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(x).all()
@@ -404,21 +403,21 @@ def test_evaluate_says_what_it_evaluates_before_the_work(idiom_files, tmp_path, 
     _marking(monkeypatch, Backbone, "__init__", "loading")
     data = f"txt:{idiom_files['mixed']}"
     n = len(load_split(data, "test"))
-    n_fit = len(probe_train_items(load_split(data, "test"))[0])
+    n_fit = len(fit_items(load_split(data, "test"))[0])
     main(["evaluate", "--model", "tiny-gpt2", "--data", data, "--split", "test", "--n_boot", "100",
           "--estimators", "msp,lens_ce,probe", "--out", str(tmp_path / "run")])
     err = stderr.readouterr().err
     announced = f"loaded {n} items of {data} (split test); n = {n} to evaluate"
     warned = f"warning: n = {n} is too small for the AUROC intervals to separate estimators"
-    fitting = f"fitting the probe on {n_fit} items of builtin:train+val"
+    fitting = f"fitting probe on {n_fit} items of builtin:train+val"
     _in_order(
         err, announced, warned, "<loading>", "loaded tiny-gpt2 (", f"<completing {n}>",
         f"completed {n} prompts: 6 wrong (", f"scored {n} items (", fitting, f"<completing {n_fit}>",
-        f"completed {n_fit} prompts", "fitted the probe (",
+        f"completed {n_fit} prompts", "fitted probe (",
     )
     half = float(re.search(r"a 95% interval is about ±([0-9.]+) wide", err).group(1))
     assert half == pytest.approx(auroc_half_width(n), abs=0.005)
-    for line in ("loaded tiny-gpt2", f"completed {n} prompts", f"scored {n} items", "fitted the probe"):
+    for line in ("loaded tiny-gpt2", f"completed {n} prompts", f"scored {n} items", "fitted probe"):
         assert re.search(re.escape(line) + r"[^\n]* \(\d+\.\d s\)\n", err), line
     assert err.count("too small") == 1 and err.count("95% interval") == 1  # not again once completed
 
@@ -506,3 +505,45 @@ def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: unknown estimator(s) nope") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_new_fitted_family_is_one_entry(idiom_files, tmp_path, monkeypatch):
+    """A fitted family added to the registry runs in evaluate like the probe, with no module naming
+    it: its features are computed on held-out items, it is fitted there, scores the evaluated items,
+    is costed, written and described in the report."""
+    from vtrans.estimators import registry
+    from vtrans.estimators.base import Family
+    from vtrans.evaluate import evaluate
+
+    fits: list[tuple[list[str], int]] = []
+
+    def fit(features, errors):
+        """The margin, turned round when the training items' errors have the lower margin."""
+        fits.append((sorted(features), len(errors)))
+        wrong, right = features["margin"][errors == 1].mean(), features["margin"][errors == 0].mean()
+        sign = 1.0 if wrong >= right else -1.0
+        return lambda other: sign * other["margin"]
+
+    family = Family(
+        "signed", {"signed_margin": "the margin, signed on labelled items"}, None,
+        reads_forward=False, default_score=False, fitted="held-out labelled items", fit=fit,
+        features=("margin", "lens_ce_by_layer"),
+    )
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, family))
+    data = f"txt:{idiom_files['mixed']}"
+    out = tmp_path / "run"
+    config = EvalConfig(data=data, split="test", n_boot=100, estimators=["msp", "signed_margin"])
+    results = evaluate(config, out, model="tiny-gpt2", progress=False)
+
+    n_fit = len(fit_items(load_split(data, "test"))[0])
+    assert fits == [(["lens_ce_by_layer", "margin"], n_fit)]  # fitted once, on the held-out items, on its features
+    assert results["signed_fit"] == {"source": "builtin:train+val", "n": n_fit}
+    assert list(results["estimators"]) == ["msp", "signed_margin"] and results["dropped"] == {}
+    assert results["reference"] == "msp"  # the one cheap baseline run
+    cost = results["estimators"]["signed_margin"]
+    assert cost["seconds"] == pytest.approx(results["seconds"]["shared"] + results["seconds"]["signed_fit"])
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert all(set(r["scores"]) == {"msp", "signed_margin"} and r["lens_ce_by_layer"] for r in rows)
+    scores = np.array([r["scores"]["signed_margin"] for r in rows])
+    assert np.all(scores <= 1) and np.all(scores >= -1)  # ± a margin
+    assert f"The signed_margin was fitted on {n_fit} items of builtin:train+val" in (out / "report.md").read_text()

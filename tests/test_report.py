@@ -58,7 +58,7 @@ def results(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "lens_ce": {"cost_forward_equiv": 1.0, "seconds": 0.25},
         "msp": {"cost_forward_equiv": 1.0, "seconds": 0.1},
     }
-    return report.build_results("tiny-gpt2", rows, costs, n_boot=200, extra={"latent_accuracy": 0.5})
+    return report.build_results("tiny-gpt2", rows, costs, n_boot=200, reference="lens_ce", extra={"latent_accuracy": 0.5})
 
 
 def test_build_results_schema(results: dict[str, Any]) -> None:
@@ -321,3 +321,25 @@ def test_histogram_tick_labels_never_run_into_each_other(rows: list[dict[str, An
             assert len(boxes) >= 2, (ax.get_title(), axis)
             overlapping = any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
             assert not overlapping, (ax.get_title(), axis)
+
+
+def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
+    """A family added to the registry is named in the report's bullets as it declares: among the
+    references, the single-pass estimators, and with its fit."""
+    from vtrans.estimators import registry
+    from vtrans.estimators.base import Family
+
+    before = " ".join(report._what_the_numbers_are().split())
+    assert "of `msp`, `entropy`, `margin` and the sampled-word agreement" in before
+    assert "the probe is the shared forward plus its fit" in before
+    cheap = Family("cheap", {"top2": "p(top-2)"}, lambda forward, context: {}, reference=True)
+    fitted = Family(
+        "signed", {"signed_margin": "the margin, signed"}, None, fitted="items",
+        fit=lambda features, errors: lambda other: other["margin"], features=("margin",),
+        prose={"cost": "the signed margin"},
+    )
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, cheap, fitted))
+    after = " ".join(report._what_the_numbers_are().split())
+    assert "of `msp`, `entropy`, `margin`, the sampled-word agreement" in after and "and `top2`, the one" in after
+    assert "`posterior_var`, `latent_kl`, `top2`) share one forward" in after
+    assert "the probe is the shared forward plus its fit; the signed margin is the shared forward plus its fit." in after

@@ -32,7 +32,7 @@ from vtrans.data import (
     split_items,
 )
 from vtrans.estimators import baselines
-from vtrans.evaluate import EvalConfig, ProbeUnfittable, evaluate, probe_train_items, score_items
+from vtrans.evaluate import EvalConfig, Unfittable, evaluate, fit_items, score_items
 from vtrans.generate import Completion, complete
 from vtrans.latent import kl_normal
 from vtrans.runner import Runner
@@ -264,13 +264,13 @@ def _rewritten(idiom: str) -> str:
 def test_probe_fit_items_of_a_checkpoint_are_its_val_split_less_the_evaluated():
     val, test = load_split("builtin", "val"), load_split("builtin", "test")
     evaluated = [split_idiom(_rewritten(it.idiom)) for it in val[:5]] + test[:3]
-    items, source = probe_train_items(evaluated, BUILTIN_SPLIT)
+    items, source = fit_items(evaluated, BUILTIN_SPLIT)
     assert _keys(items) == _keys(val) - _keys(val[:5]) and len(items) == len(val) - 5
     assert not _keys(items) & _keys(evaluated)
     assert not _keys(items) & _keys(load_split("builtin", "train"))  # in-sample for the latent: never
     assert "val split of builtin" in source and "checkpoint" in source
     # the split the latent was trained with, not the default one
-    items, _ = probe_train_items(evaluated, {**BUILTIN_SPLIT, "seed": 1})
+    items, _ = fit_items(evaluated, {**BUILTIN_SPLIT, "seed": 1})
     assert _keys(items) == _keys(load_split("builtin", "val", seed=1)) - _keys(evaluated)
     assert _keys(items) != _keys(val) - _keys(evaluated)
 
@@ -278,7 +278,7 @@ def test_probe_fit_items_of_a_checkpoint_are_its_val_split_less_the_evaluated():
 def test_probe_fit_items_without_a_checkpoint_are_the_builtin_train_and_val_less_the_evaluated():
     train, val, test = (load_split("builtin", s) for s in ("train", "val", "test"))
     evaluated = train[:4] + val[:2] + test[:2]
-    items, source = probe_train_items(evaluated)
+    items, source = fit_items(evaluated)
     assert source == "builtin:train+val"
     assert _keys(items) == (_keys(train) | _keys(val)) - _keys(evaluated)
     assert len(items) == len(train) + len(val) - 6
@@ -286,11 +286,11 @@ def test_probe_fit_items_without_a_checkpoint_are_the_builtin_train_and_val_less
 
 def test_probe_fit_items_refuse_what_is_not_out_of_sample(tmp_path):
     """A spec that serves one split to every stage leaves nothing held out; an unknown one is refused."""
-    assert probe_train_items(load_split("builtin", "test")[:2], {**BUILTIN_SPLIT, "data": "builtin:train"})[0] == []
-    with pytest.raises(ProbeUnfittable, match="does not record the data"):
-        probe_train_items([], {"template": DEFAULT_TEMPLATE})
-    with pytest.raises(ProbeUnfittable, match="training data cannot be read"):
-        probe_train_items([], {**BUILTIN_SPLIT, "data": f"txt:{tmp_path / 'gone.txt'}"})
+    assert fit_items(load_split("builtin", "test")[:2], {**BUILTIN_SPLIT, "data": "builtin:train"})[0] == []
+    with pytest.raises(Unfittable, match="does not record the data"):
+        fit_items([], {"template": DEFAULT_TEMPLATE})
+    with pytest.raises(Unfittable, match="training data cannot be read"):
+        fit_items([], {**BUILTIN_SPLIT, "data": f"txt:{tmp_path / 'gone.txt'}"})
 
 
 def _split_of(idiom: str) -> str:
@@ -337,14 +337,14 @@ def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
     from vtrans import evaluate as evaluate_module
 
     seen_features: list[list[str]] = []
-    features = evaluate_module.probe_features
+    features = evaluate_module.fit_features
 
     def spy(*args, **kwargs):
-        x, names = features(*args, **kwargs)
-        seen_features.append(names)
-        return x, names
+        got = features(*args, **kwargs)
+        seen_features.append(list(got))
+        return got
 
-    monkeypatch.setattr(evaluate_module, "probe_features", spy)
+    monkeypatch.setattr(evaluate_module, "fit_features", spy)
 
     data, ckpt = file_checkpoint
     assert checkpoint.read(ckpt)["datamodule_hyper_parameters"]["data"] == f"txt:{data}"

@@ -113,7 +113,7 @@ def test_eligibility_comes_from_the_registry(latent):
     assert registry.why_not("margin", None, "max") is None
     runner = Runner(latent.backbone, None, EstimatorConfig(aggregate="mean"), progress=False)
     assert runner.runnable(["msp", "latent_mi", "attention_entropy", "probe"]) == [
-        "msp", "entropy", "lens_ce",  # the probe's features that apply here: no latent, no first-token-only ones
+        "msp", "lens_ce", "entropy",  # the probe's features that apply here: no latent, no first-token-only ones
     ]
     assert all(line.count(":") >= 1 for line in registry.help_text().split("; "))
 
@@ -155,3 +155,44 @@ def test_sampled_completions_are_the_same_when_generate_keeps_its_states(latent)
     completions, _ = runner.score_prompts(PROMPTS, ["lens_ce", "posterior_var"], start=7)
     assert completions == runner.complete(PROMPTS, start=7)
     assert completions != Runner(latent.backbone, latent, EstimatorConfig(batch_size=2), progress=False).complete(PROMPTS)
+
+
+def test_the_reference_is_chosen_in_the_registry():
+    """The best AUROC among the families declared references, in registry order on a tie; an
+    undefined AUROC counts lowest; none when no reference ran."""
+    assert registry.references() == ("msp", "entropy", "margin", "sample_disagreement", "sample_word_entropy")
+    assert registry.reference_of({"msp": 0.6, "entropy": 0.7, "latent_mi": 0.9}) == "entropy"
+    assert registry.reference_of({"margin": 0.7, "entropy": 0.7}) == "entropy"
+    assert registry.reference_of({"msp": float("nan"), "margin": 0.2}) == "margin"
+    assert registry.reference_of({"latent_mi": 0.9}) == ""
+    assert registry.reference_of({"msp": 0.6, "latent_mi": 0.9}, among=("latent_mi",)) == "latent_mi"
+
+
+def test_a_fitted_family_is_planned_through_its_features(latent, monkeypatch):
+    """A fitted name runs as the estimators that give its features; a family that writes per-item
+    fields runs in every run that asks for them."""
+    family = Family(
+        "fitted_kl", {"kl_fitted": "latent_kl, fitted"}, None, reads_forward=False,
+        fitted="held-out labelled items", fit=lambda features, errors: lambda other: other["latent_kl"],
+        features=("latent_kl", "lens_ce_by_layer"),
+    )
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, family))
+    assert registry.fitted(["msp", "kl_fitted", "probe", "unknown"]) == ["kl_fitted", "probe"]
+    assert registry.computed(["msp", "kl_fitted"]) == ["msp", "latent_kl", "lens_ce"]
+    assert registry.with_fields(["msp"]) == ["msp", "lens_ce"] and registry.with_fields(["lens_area"]) == ["lens_area"]
+    assert registry.writer_of("lens_ce_gold_by_layer") == "lens_ce"
+    runner = Runner(latent.backbone, latent, EstimatorConfig(batch_size=2), progress=False)
+    got = runner.scores(PROMPTS, _completions(latent.backbone.tokenizer), ["kl_fitted"])
+    assert set(got) == {"latent_kl", "lens_ce", "lens_ce_by_layer"}
+
+
+def test_a_family_either_reads_or_is_fitted():
+    def fit(features, errors):
+        return lambda other: other["msp"]
+
+    with pytest.raises(ValueError, match="either a read, or a fit"):
+        Family("both", {"x": "x"}, lambda forward, context: {}, fitted="items", fit=fit)
+    with pytest.raises(ValueError, match="either a read, or a fit"):
+        Family("unsaid", {"x": "x"}, None, fit=fit)
+    with pytest.raises(ValueError, match="one name"):
+        Family("two", {"x": "x", "y": "y"}, None, fitted="items", fit=fit)

@@ -191,8 +191,8 @@ def score_command(
         prompts: prompts to score.
         input: a .jsonl/.ndjson file (field ``prompt``), any other file one prompt a line, ``-`` for stdin.
         estimators: estimator names, a list or one comma-separated string; null: every single-pass
-            and latent one the checkpoint supports (``mc_dropout_*`` may be asked for, ``probe``
-            not). ``vtrans estimators`` lists them.
+            and latent one the checkpoint supports (``mc_dropout_*`` may be asked for, a fitted one
+            such as ``probe`` not). ``vtrans estimators`` lists them.
         template: ``ckpt``: the template the latent was trained with (the built-in one if it
             records none); ``none``: prompts verbatim; or a template with one ``{prefix}`` field.
         long_prompts: prompts longer than the context: ``truncate`` (from the left) or ``refuse``.

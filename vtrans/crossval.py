@@ -14,18 +14,19 @@ so seed-free) and the deterministic single-pass families. The stochastic familie
 sampled completions, the z draws) are repeated per seed, so the spread across seeds covers
 training and sampling noise; folds stay fixed across seeds.
 
-The probe is cross-fitted too: for fold f it is fitted on the items outside f, each with the
-latent features of its *own* fold's latent (out-of-sample for that latent), and it scores the
-items of f with the features of f's latent. Every feature row the probe sees, in fitting or in
-scoring, is thus out-of-sample for the latent that produced it, so fitting and scoring see the
-same feature distribution; no error label of fold f enters its probe.
+A fitted estimator (the registry's fitted families: the probe) is cross-fitted too: for fold f
+it is fitted on the items outside f, each with the latent features of its *own* fold's latent
+(out-of-sample for that latent), and it scores the items of f with the features of f's latent.
+Every feature row it sees, in fitting or in scoring, is thus out-of-sample for the latent that
+produced it, so fitting and scoring see the same feature distribution; no error label of fold f
+enters its fit.
 
 A run resumes. Its units are recorded under ``OUT/units/`` as each finishes
 (:class:`vtrans.units.Units`): ``base`` (the completions, labels and seed-free scores),
 ``seed{s}`` (that seed's stochastic scores), ``seed{s}-fold{f}`` (the latent trained without
-fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, and its scores of fold f) and
-``seed{s}-probe``. The same command on the same ``--out`` reads the finished units and computes
-the others; one with other settings is refused. The files are assembled from the units alone,
+fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, and its scores of fold f) and, for each
+fitted family, ``seed{s}-{family}`` (``seed{s}-probe``). The same command on the same ``--out``
+reads the finished units and computes the others; one with other settings is refused. The files are assembled from the units alone,
 each unit's recorded seconds included, so a resumed run writes the results an uninterrupted one does.
 """
 
@@ -46,9 +47,10 @@ from vtrans import metrics, report
 from vtrans.config import CrossvalConfig, EvalConfig
 from vtrans.data import IdiomItem
 from vtrans.errors import UserError
-from vtrans.estimators import probe
-from vtrans.estimators.registry import NAMES, NEEDS_LATENT, PROBE_FEATURES, chosen, family_of
-from vtrans.evaluate import CHEAP_BASELINES, costs
+from vtrans.estimators import registry
+from vtrans.estimators.base import Family
+from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
+from vtrans.evaluate import costs, features_of
 from vtrans.folds import FoldLatents, FoldPlan
 from vtrans.generate import Completion
 from vtrans.log import log
@@ -92,9 +94,9 @@ class CrossFit:
         cfg, plan = self.cfg, self.plan
         units = Units(self.out / "units", self.manifest())
         names, dropped = list(self.eval.estimators), {}
-        if cfg.folds == 1 and "probe" in names:
-            names.remove("probe")
-            dropped["probe"] = "with one fold no scored item has out-of-fold latent features to fit it on"
+        for name in registry.fitted(names) if cfg.folds == 1 else ():
+            names.remove(name)
+            dropped[name] = "with one fold no scored item has out-of-fold latent features to fit it on"
         runnable = Runner(self.backbone, None, self.eval, self.progress).runnable(names)  # no latent's names: no module
         extra = f", +{len(plan.extra)} extra training idioms" if plan.extra else ""
         log.info(f"cross-fitting {len(plan.items)} idioms of {plan.data} in {cfg.folds} fold(s) x {len(cfg.seeds)} seed(s){extra}")
@@ -103,11 +105,10 @@ class CrossFit:
         base = units.record("base", lambda: self._base(runnable))
         completions = [Completion(**{**c, "word_ids": tuple(c["word_ids"])}) for c in base["completions"]]
         labels = Labels(base["prompts"], completions, base["correct"])
-        fixed = _unpack(base["scores"])
-        lens, lens_gold = fixed.pop("lens_ce_by_layer"), fixed.pop("lens_ce_gold_by_layer", None)
+        fixed = _unpack(base["scores"])  # the seed-free scores and the per-item fields
         by_seed, seconds, fold_log = {}, dict(base["seconds"]), []
         for seed in cfg.seeds:
-            scores, seed_seconds, log_entries = self._seed(units, seed, names, runnable, labels, fixed, lens)
+            scores, seed_seconds, log_entries = self._seed(units, seed, names, runnable, labels, fixed)
             by_seed[seed] = scores
             fold_log += log_entries
             if seed == cfg.seeds[0]:
@@ -116,18 +117,17 @@ class CrossFit:
         for nm in self.eval.estimators:
             if nm not in names and nm not in dropped:
                 dropped[nm] = "not computed on this model" if nm not in NEEDS_LATENT else "the latent's prior gives none"
-        results, rows = _results(self, names, by_seed, labels, lens, lens_gold, seconds)
+        fields = {key: fixed[key] for key in registry.fields() if key in fixed}
+        results, rows = _results(self, names, by_seed, labels, fields, seconds)
         results.update(dropped=dropped, fold_training=fold_log, seconds_total=units.seconds)
         _write(self.out, results, rows, markdown)
         return results
 
-    def _seed(self, units: Units, seed: int, names: list[str], runnable: list[str], labels: Labels, fixed: dict, lens):
+    def _seed(self, units: Units, seed: int, names: list[str], runnable: list[str], labels: Labels, fixed: dict):
         """Every item's scores under one training seed (its units, read back or computed), the
         seconds they took (the shared forward left out: the base unit's), and a log entry per fold."""
         stochastic = [nm for nm in runnable if not _seed_free(nm)]
-        latent_names = [nm for nm in names if nm in NEEDS_LATENT]
-        if "probe" in names:
-            latent_names = sorted(set(latent_names) | (set(PROBE_FEATURES) & NEEDS_LATENT))
+        latent_names = [nm for nm in registry.computed(names) if nm in NEEDS_LATENT]  # a fitted one's features too
         sto = units.record(f"seed{seed}", lambda: self._stochastic(seed, stochastic, labels))
         scores, seconds, fold_log = {**fixed, **_unpack(sto["scores"])}, dict(sto["seconds"]), []
         for fold in range(self.cfg.folds) if latent_names else ():
@@ -139,22 +139,21 @@ class CrossFit:
             for key, value in unit["seconds"].items():
                 seconds[key] = seconds.get(key, 0.0) + value
             fold_log.append(unit["log"])
-        if "probe" in names:
-            fitted = units.record(f"seed{seed}-probe", lambda: self._probe(scores, lens, labels))
-            scores["probe"] = torch.tensor(fitted["scores"])
-            seconds["probe_fit"] = fitted["seconds"]
+        for nm in registry.fitted(names):
+            family = family_of(nm)
+            fitted = units.record(f"seed{seed}-{family.name}", lambda f=family: self._fit(f, scores, labels))
+            scores[nm] = torch.tensor(fitted["scores"])
+            seconds[f"{family.name}_fit"] = fitted["seconds"]
         seconds.pop("shared", None)
         return scores, seconds, fold_log
 
     def _base(self, runnable: list[str]) -> dict:
         """The unit ``base``: prompts, the base model's completions and labels, the seed-free scores
-        (and the lens by layer)."""
+        (and the per-item fields: the lens by layer)."""
         base = Runner(self.backbone, None, self.eval, self.progress)
         prompts, completions, correct = base.label(self.plan.items, self.eval.template)
         seconds = {"forward": base.plain_forward_seconds(prompts, completions)}
-        fixed_names = [nm for nm in runnable if _seed_free(nm)]
-        if "lens_ce" not in fixed_names:
-            fixed_names.append("lens_ce")  # every row carries its lens trajectory
+        fixed_names = registry.with_fields([nm for nm in runnable if _seed_free(nm)])  # every row carries the fields
         gold = [it.target for it in self.plan.items]
         fixed = base.scores(prompts, completions, fixed_names, gold=gold, seconds=seconds)
         completions = [asdict(c) for c in completions]
@@ -198,10 +197,10 @@ class CrossFit:
         log.info(f"  seed {seed} fold {fold + 1}/{self.cfg.folds}: {how}, scored {len(idx)}")
         return {"indices": idx, "scores": _pack(scores), "seconds": seconds, "log": entry}
 
-    def _probe(self, scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor, labels: Labels) -> dict:
-        """The unit ``seed{s}-probe``: the cross-fitted probe's scores and the seconds its fits took."""
+    def _fit(self, family: Family, scores: dict[str, torch.Tensor], labels: Labels) -> dict:
+        """The unit ``seed{s}-{family}``: a fitted family's cross-fitted scores and the seconds its fits took."""
         start = time.perf_counter()
-        fitted = cross_fitted_probe(scores, lens_by_layer, labels.correct, self.plan.folds, self.cfg.folds)
+        fitted = cross_fitted(family, scores, labels.correct, self.plan.folds, self.cfg.folds)
         return {"scores": fitted.tolist(), "seconds": time.perf_counter() - start}
 
 
@@ -213,29 +212,31 @@ class Labels(NamedTuple):
     correct: list[bool]
 
 
-def cross_fitted_probe(
-    scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor, correct: list[bool], folds: list[int], k: int
+def cross_fitted(
+    family: Family, scores: dict[str, torch.Tensor], correct: list[bool], folds: list[int], k: int
 ) -> torch.Tensor:
-    """Probe scores: fold f's probe is fitted on the other folds' items (their own out-of-fold features)."""
-    x, names = probe.features(scores, lens_by_layer, PROBE_FEATURES)
+    """A fitted family's scores: fold f's fit is on the other folds' items (their own out-of-fold
+    features), NaN for a fold whose outside is all of one class."""
+    features = features_of(family, scores)
     errors = torch.tensor([not c for c in correct], dtype=torch.float32)
     assigned = torch.tensor(folds)
     result = torch.full((len(correct),), float("nan"))
     for fold in range(k):
         inside = assigned == fold
         try:
-            fitted = probe.fit(x[~inside], errors[~inside], names)
-        except ValueError:  # all of one class outside this fold: no probe for it
+            predict = family.fit({key: value[~inside] for key, value in features.items()}, errors[~inside])
+        except ValueError:  # all of one class outside this fold: nothing fitted for it
             continue
-        result[inside] = fitted.predict(x[inside])
+        result[inside] = predict({key: value[inside] for key, value in features.items()})
     return result
 
 
 # --------------------------------------------------------------------------- results
 
 
-def _results(fit: CrossFit, names, by_seed, labels: Labels, lens_by_layer, lens_gold, seconds):
-    """results.json's content and scores.jsonl's rows, from every seed's scores of every item."""
+def _results(fit: CrossFit, names, by_seed, labels: Labels, fields: dict[str, torch.Tensor], seconds):
+    """results.json's content and scores.jsonl's rows, from every seed's scores of every item and
+    the per-item fields (seed-free)."""
     cfg, plan, spec = fit.cfg, fit.plan, fit.latents.spec
     errors = np.array([0.0 if c else 1.0 for c in labels.correct])
     first = cfg.seeds[0]
@@ -244,25 +245,20 @@ def _results(fit: CrossFit, names, by_seed, labels: Labels, lens_by_layer, lens_
         seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
     }
     aurocs = {nm: [metrics.auroc(*metrics.scored(per_seed[s][nm], errors)) for s in cfg.seeds] for nm in names}
-    cheap = [nm for nm in CHEAP_BASELINES if nm in names]
-    reference = max(cheap, key=lambda nm: np.nan_to_num(metrics.spread(aurocs[nm])["mean"], nan=-1.0)) if cheap else names[0]
-    rows = []
-    for i, item in enumerate(plan.items):
-        row = {
-            "idiom": item.idiom,
-            "prompt": labels.prompts[i],
-            "target": item.target,
-            "completion": labels.completions[i].text.strip(),
-            "completion_word": labels.completions[i].word,
-            "correct": bool(labels.correct[i]),
-            "fold": plan.folds[i],
-            "scores": {nm: float(per_seed[first][nm][i]) for nm in names},
-            "scores_by_seed": {str(s): {nm: float(per_seed[s][nm][i]) for nm in names} for s in cfg.seeds[1:]},
-            "lens_ce_by_layer": lens_by_layer[i].tolist(),
-        }
-        if lens_gold is not None:
-            row["lens_ce_gold_by_layer"] = lens_gold[i].tolist()
-        rows.append(row)
+    reference = registry.reference_of({nm: metrics.spread(aurocs[nm])["mean"] for nm in names})  # mean over seeds
+    rows = [
+        report.item_row(
+            item,
+            labels.prompts[i],
+            labels.completions[i],
+            labels.correct[i],
+            {nm: float(per_seed[first][nm][i]) for nm in names},
+            {key: value[i].tolist() for key, value in fields.items()},
+            fold=plan.folds[i],
+            scores_by_seed={str(s): {nm: float(per_seed[s][nm][i]) for nm in names} for s in cfg.seeds[1:]},
+        )
+        for i, item in enumerate(plan.items)
+    ]
     protocol = {
         "kind": "cross-fitted",
         "folds": cfg.folds,

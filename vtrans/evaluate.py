@@ -34,14 +34,12 @@ from vtrans.data import (
     parse_spec,
 )
 from vtrans.errors import ConfigError
-from vtrans.estimators import probe
-from vtrans.estimators.registry import PROBE_FEATURES, chosen, family_of, why_not
+from vtrans.estimators import registry
+from vtrans.estimators.base import Family
+from vtrans.estimators.registry import chosen, family_of, why_not
 from vtrans.generate import Completion
 from vtrans.log import log, phase
 from vtrans.runner import Runner
-
-# "ahead of the baselines" means ahead of the best of these (the paired reference of every report)
-CHEAP_BASELINES = ("msp", "entropy", "margin", "sample_disagreement", "sample_word_entropy")
 
 # A 95% AUROC interval narrower than ±0.05 keeps two estimators 0.1 apart from overlapping; a
 # wider one cannot separate even that (a large gap: cheap baselines usually lie closer).
@@ -50,8 +48,8 @@ SEPARATING_HALF_WIDTH = 0.05
 TYPICAL_AUROC = 0.75
 
 
-class ProbeUnfittable(ValueError):
-    """The probe has nothing to learn from: no training items, or all of one class."""
+class Unfittable(ValueError):
+    """A fitted estimator has nothing to learn from: no training items, or all of one class."""
 
 
 @dataclass
@@ -63,8 +61,6 @@ class Scored:
     completions: list[Completion]
     correct: list[bool]
     scores: dict[str, torch.Tensor]
-    lens_by_layer: torch.Tensor | None
-    lens_gold_by_layer: torch.Tensor | None
     seconds: dict[str, float]
 
 
@@ -86,7 +82,10 @@ def score_items(
     gold: bool = True,
     labelled: tuple[list[str], list[Completion], list[bool]] | None = None,
 ) -> Scored:
-    """Completions, labels and the scores of ``names`` (the probe's features for ``probe``), timed.
+    """Completions, labels and the scores of ``names`` (a fitted one's features for it), timed.
+
+    ``scores`` holds each name's (n,) scores and the per-item fields of the families that ran
+    (``lens_ce_by_layer``, ...).
 
     ``seconds`` holds ``forward`` (a plain forward over the same batches: the unit of cost),
     ``shared`` (the one forward every single-pass estimator reads, with their reads) and the
@@ -100,71 +99,81 @@ def score_items(
         tensors = runner.scores(
             prompts, completions, names, gold=[it.target for it in items] if gold else None, seconds=seconds
         )
-    lens_by_layer = tensors.pop("lens_ce_by_layer", None)
-    lens_gold = tensors.pop("lens_ce_gold_by_layer", None)
-    return Scored(items, prompts, completions, correct, tensors, lens_by_layer, lens_gold, seconds)
+    return Scored(items, prompts, completions, correct, tensors, seconds)
 
 
-def probe_features(runner: Runner, prompts: list[str], completions: list[Completion]) -> tuple[torch.Tensor, list[str]]:
-    """The probe's (n, F) features and their names: one shared forward per batch (nothing here is timed)."""
-    tensors = runner.scores(prompts, completions, ["probe"])
-    return probe.features(tensors, tensors.pop("lens_ce_by_layer"), PROBE_FEATURES)
+def features_of(family: Family, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of ``scores`` that a fitted family reads (its ``features`` that were computed)."""
+    return {key: scores[key] for key in family.features if key in scores}
+
+
+def fit_features(runner: Runner, family: Family, prompts: list[str], completions: list[Completion]) -> dict[str, torch.Tensor]:
+    """A fitted family's features of items: one shared forward per batch (nothing here is timed)."""
+    return features_of(family, runner.scores(prompts, completions, [family.names[0]]))
+
+
+def _seconds_of(families: list[Family], seconds: dict[str, float]) -> float:
+    """The shared forward once if any of ``families`` reads it, plus the passes each adds."""
+    total = seconds.get("shared", float("nan")) if any(f.reads_forward for f in families) else 0.0
+    for family in families:
+        if family.extra_passes:
+            total += seconds.get(family.name, float("nan"))
+    return total
 
 
 def costs(seconds: dict[str, float], names: list[str]) -> dict[str, dict[str, float]]:
     """What each estimator costs alone, in seconds and in plain forwards over the same items.
 
     An estimator is charged the shared forward when it reads it, plus its family's own passes;
-    the probe the shared forward (its features) plus its fit (``probe_fit``: its training
-    items' completions, features and the regression).
+    a fitted one what the families of its features cost plus its fit (``{family}_fit``: its
+    training items' completions, features and the fit itself).
     """
     forward = max(seconds["forward"], 1e-9)
     result = {}
     for name in names:
         family = family_of(name)
-        if name == "probe":
-            total = seconds.get("shared", float("nan")) + seconds.get("probe_fit", float("nan"))
+        if family.fit is None:
+            total = _seconds_of([family], seconds)
         else:
-            total = seconds.get("shared", float("nan")) if family.reads_forward else 0.0
-            if family.extra_passes:
-                total += seconds.get(family.name, float("nan"))
+            sources = list({id(f): f for f in (family_of(registry.writer_of(k)) for k in family.features)}.values())
+            total = _seconds_of(sources, seconds) + seconds.get(f"{family.name}_fit", float("nan"))
         result[name] = {"seconds": total, "cost_forward_equiv": total / forward}
     return result
 
 
-def fit_probe(runner: Runner, train_items: list[IdiomItem], evaluated: Scored, template: str) -> torch.Tensor:
-    """Probe scores for the evaluated items, from a probe fitted on ``train_items`` only.
+def fit_scores(runner: Runner, family: Family, train_items: list[IdiomItem], evaluated: Scored, template: str) -> torch.Tensor:
+    """A fitted family's scores of the evaluated items, fitted on ``train_items`` only.
 
     The training items are completed and labelled first; their features are computed only when
     both classes are present.
 
     Raises:
-        ProbeUnfittable: the base model's completions of the training items are all right or all wrong.
+        Unfittable: the base model's completions of the training items are all right or all
+            wrong, or the family's ``fit`` finds nothing to learn.
     """
     prompts, completions, correct = complete_items(runner, train_items, template)
     n_right = sum(correct)
     if n_right in (0, len(correct)):
-        raise ProbeUnfittable(
+        raise Unfittable(
             f"the base model completes {n_right} of its {len(correct)} training items correctly: "
-            "a probe needs both right and wrong ones"
+            f"{family.name} needs both right and wrong ones"
         )
-    x_train, feature_names = probe_features(runner, prompts, completions)
     errors = torch.tensor([not c for c in correct], dtype=torch.float32)
-    fitted = probe.fit(x_train, errors, feature_names)
-    x_eval, eval_names = probe.features(evaluated.scores, evaluated.lens_by_layer, PROBE_FEATURES)
-    if eval_names != feature_names:
-        raise RuntimeError(f"probe features differ between splits: {feature_names} vs {eval_names}")
-    return fitted.predict(x_eval)
+    try:
+        predict = family.fit(fit_features(runner, family, prompts, completions), errors)
+    except ValueError as err:
+        raise Unfittable(str(err)) from None
+    return predict(features_of(family, evaluated.scores))
 
 
-def probe_train_items(
+def fit_items(
     evaluated: list[IdiomItem], trained_with: dict | None = None, trained: set[str] | None = None
 ) -> tuple[list[IdiomItem], str]:
-    """The items the probe is fitted on, and where they come from.
+    """The items a fitted estimator is fitted on, and where they come from.
 
     The rule: items (a) disjoint from the evaluated ones (normalised idioms) and (b) out-of-sample
-    for every learned part that produces the probe's features, so that its features behave at
-    fitting as they do on the evaluated items.
+    for every learned part that produces its features, so that its features behave at fitting as
+    they do on the evaluated items.
 
     * With a checkpoint (``trained_with``: its ``datamodule_hyper_parameters``): the validation
       split of the data the latent was trained on, split with the seed and fractions it was
@@ -173,7 +182,7 @@ def probe_train_items(
       Not the train split: there posterior_var and latent_kl are in-sample for the latent.
     * Without one (no learned features): the built-in train and val splits less any evaluated idiom.
 
-    So the probe runs on any data, a user's file included. ``trained`` (the checkpoint's recorded
+    So a fitted estimator runs on any data, a user's file included. ``trained`` (the checkpoint's recorded
     training idioms, as hashes) is left out too, whatever its data spec says: a latent trained on
     chosen items (``vtrans crossval``) records a spec that does not describe them.
 
@@ -181,7 +190,7 @@ def probe_train_items(
         The items (possibly none) and a short description of their source.
 
     Raises:
-        ProbeUnfittable: the checkpoint does not record its training data, or it cannot be read.
+        Unfittable: the checkpoint does not record its training data, or it cannot be read.
     """
     evaluated_keys = {_idiom_key(it.idiom) for it in evaluated}
     if trained_with is None:
@@ -190,7 +199,7 @@ def probe_train_items(
         excluded: set[str] = set()
     else:
         if not isinstance(trained_with.get("data"), str):
-            raise ProbeUnfittable("the checkpoint does not record the data its latent was trained on")
+            raise Unfittable("the checkpoint does not record the data its latent was trained on")
         spec = trained_with["data"]
         split = {k: trained_with[k] for k in ("seed", "val_fraction", "test_fraction") if k in trained_with}
         source = f"the val split of {spec} (seed {split.get('seed', 0)}), held out from the checkpoint's training"
@@ -198,7 +207,7 @@ def probe_train_items(
             candidates = load_split(spec, "val", **split)
             excluded = {_idiom_key(it.idiom) for it in load_split(spec, "train", **split)}
         except DataError as err:
-            raise ProbeUnfittable(f"the checkpoint's training data cannot be read: {err}") from None
+            raise Unfittable(f"the checkpoint's training data cannot be read: {err}") from None
     trained = trained or set()
     items = [
         it
@@ -393,25 +402,24 @@ def evaluate(
     runner = Runner(backbone, module, config, progress)
     labelled = complete_items(runner, items, config.template)
     _warn_if_wide(labelled[2], warned=too_few)
-    # the lens always runs: every row of scores.jsonl carries its trajectory (read off the shared forward)
-    names_and_lens = names if "lens_ce" in names else [*names, "lens_ce"]
-    scored = score_items(runner, items, names_and_lens, config.template, labelled=labelled)
-    probe_fit = None  # which items the probe was fitted on
-    if "probe" in names:
-        start = time.perf_counter()
+    # every row of scores.jsonl carries the families' per-item fields (the lens's trajectory)
+    scored = score_items(runner, items, registry.with_fields(names), config.template, labelled=labelled)
+    fits = {}  # which items each fitted family was fitted on
+    for name in registry.fitted(names):
+        family, start = family_of(name), time.perf_counter()
         try:
             trained_with = None if ckpt is None else checkpoint.read(ckpt).get("datamodule_hyper_parameters", {})
-            train_items, source = probe_train_items(items, trained_with, trained)
-            probe_fit = {"source": source, "n": len(train_items)}
+            train_items, source = fit_items(items, trained_with, trained)
+            fits[f"{family.name}_fit"] = {"source": source, "n": len(train_items)}
             if not train_items:
-                raise ProbeUnfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
-            log.info(f"fitting the probe on {len(train_items)} items of {source}: completing them first")
-            with phase("fitting the probe", "fitted the probe"):
-                scored.scores["probe"] = fit_probe(runner, train_items, scored, config.template)
-        except ProbeUnfittable as err:
-            names.remove("probe")
-            dropped["probe"] = f"cannot be fitted: {err}"
-        scored.seconds["probe_fit"] = time.perf_counter() - start
+                raise Unfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
+            log.info(f"fitting {name} on {len(train_items)} items of {source}: completing them first")
+            with phase(f"fitting {name}", f"fitted {name}"):
+                scored.scores[name] = fit_scores(runner, family, train_items, scored, config.template)
+        except Unfittable as err:
+            names.remove(name)
+            dropped[name] = f"cannot be fitted: {err}"
+        scored.seconds[f"{family.name}_fit"] = time.perf_counter() - start
     rows = _rows(scored, names)
     cost = costs(scored.seconds, names)
     extra = {
@@ -426,11 +434,8 @@ def evaluate(
         "seen_left_out": None if seen is None else (0 if config.keep_seen else seen),
         "keep_seen": config.keep_seen,
     }
-    if probe_fit is not None:
-        extra["probe_fit"] = probe_fit
-    results = report.build_results(
-        model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, reference=CHEAP_BASELINES, extra=extra
-    )
+    extra.update(fits)
+    results = report.build_results(model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, extra=extra)
     if runner.shard.rank == 0:  # under a process group every rank holds the results; one writes them
         out.mkdir(parents=True, exist_ok=True)
         report.write_scores_jsonl(out / "scores.jsonl", rows)
@@ -441,21 +446,17 @@ def evaluate(
 
 
 def _rows(scored: Scored, names: list[str]) -> list[dict]:
-    rows = []
-    for i, (item, prompt, comp, ok) in enumerate(
-        zip(scored.items, scored.prompts, scored.completions, scored.correct, strict=True)
-    ):
-        row = {
-            "idiom": item.idiom,
-            "prompt": prompt,
-            "target": item.target,
-            "completion": comp.text.strip(),
-            "completion_word": comp.word,
-            "correct": ok,
-            "scores": {n: float(scored.scores[n][i]) for n in names if n in scored.scores},
-            "lens_ce_by_layer": [] if scored.lens_by_layer is None else scored.lens_by_layer[i].tolist(),
-        }
-        if scored.lens_gold_by_layer is not None:
-            row["lens_ce_gold_by_layer"] = scored.lens_gold_by_layer[i].tolist()
-        rows.append(row)
-    return rows
+    fields = [key for key in registry.fields() if key in scored.scores]
+    return [
+        report.item_row(
+            item,
+            prompt,
+            comp,
+            ok,
+            {n: float(scored.scores[n][i]) for n in names if n in scored.scores},
+            {key: scored.scores[key][i].tolist() for key in fields},
+        )
+        for i, (item, prompt, comp, ok) in enumerate(
+            zip(scored.items, scored.prompts, scored.completions, scored.correct, strict=True)
+        )
+    ]

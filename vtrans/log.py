@@ -4,7 +4,7 @@ Library code reports through the ``vtrans`` logger (``log.info``, ``log.warning`
 ``print``; a command line calls :func:`setup` once, which decides what reaches stderr:
 
 * by default, the package's warnings and one line per phase (:func:`phase`: loading,
-  completing, scoring, fitting the probe), and nothing from the libraries that a user cannot
+  completing, scoring, fitting each fitted estimator), and nothing from the libraries that a user cannot
   act on (transformers' weight-loading bars and deprecation notes, Lightning's tips);
 * with ``quiet``, only errors: a successful run writes nothing to stderr.
 

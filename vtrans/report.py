@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,9 +24,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from vtrans import metrics
+from vtrans.estimators import registry
 
 __all__ = [
     "build_results",
+    "item_row",
     "format_table",
     "plot_all",
     "plot_seed_forest",
@@ -54,6 +57,46 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     return obj
+
+
+def item_row(
+    item: Any,
+    prompt: str,
+    completion: Any,
+    correct: bool,
+    scores: dict[str, float],
+    fields: dict[str, list[float]],
+    fold: int | None = None,
+    scores_by_seed: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """One item's row of scores.jsonl.
+
+    Args:
+        item: the idiom (a ``vtrans.data.IdiomItem``).
+        prompt: its prompt.
+        completion: the base model's completion of it (a ``vtrans.generate.Completion``).
+        correct: whether the completion word is the idiom's last word.
+        scores: ``{NAME: float}``, the estimators' scores (the first seed's in a cross-fitted run).
+        fields: the per-item fields the families write besides their scores
+            (``Family.fields``: ``lens_ce_by_layer``, ...), in order.
+        fold: the item's fold in a cross-fitted run.
+        scores_by_seed: ``{SEED: {NAME: float}}``, the other seeds' scores in a cross-fitted run.
+    """
+    row: dict[str, Any] = {
+        "idiom": item.idiom,
+        "prompt": prompt,
+        "target": item.target,
+        "completion": completion.text.strip(),
+        "completion_word": completion.word,
+        "correct": bool(correct),
+    }
+    if fold is not None:
+        row["fold"] = fold
+    row["scores"] = scores
+    if scores_by_seed is not None:
+        row["scores_by_seed"] = scores_by_seed
+    row.update(fields)
+    return row
 
 
 def write_scores_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -137,7 +180,7 @@ def build_results(
     costs: dict[str, dict[str, float]],
     n_boot: int = 1000,
     seed: int = 0,
-    reference: str | Sequence[str] = "lens_ce",
+    reference: str | Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute every estimator's metrics and its AUROC difference to the reference.
@@ -150,7 +193,8 @@ def build_results(
         n_boot: bootstrap resamples for the confidence intervals.
         seed: bootstrap seed.
         reference: estimator that the others are compared with (paired bootstrap); given
-            several, the one of them with the highest AUROC here (the best baseline).
+            several, the one of them with the highest AUROC here (the best baseline); None:
+            the best of the registry's references (``registry.reference_of``).
         extra: more top-level keys to add (e.g. the latent model's accuracy).
 
     Returns:
@@ -168,8 +212,7 @@ def build_results(
         for name, column in scores.items()
     }
     if not isinstance(reference, str):
-        present = [r for r in reference if r in estimators]
-        reference = max(present, key=lambda r: np.nan_to_num(estimators[r]["auroc"], nan=-1.0)) if present else ""
+        reference = registry.reference_of({name: entry["auroc"] for name, entry in estimators.items()}, reference)
     paired = {}
     if reference in scores:
         paired = {
@@ -358,13 +401,14 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
     if partial:
         listed = ", ".join(f"`{name}` (n={k})" for name, k in partial.items())
         parts.append(f"Scored on fewer items (undefined scores dropped): {listed}.")
-    if results.get("probe_fit") and "probe" in results["estimators"]:
-        fit = results["probe_fit"]
-        parts.append(
-            f"The probe was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
-            "and the learned features are out-of-sample on them as on the evaluated items."
-        )
-    parts.append(_WHAT_THE_NUMBERS_ARE.rstrip())
+    for name in registry.fitted(list(results["estimators"])):
+        fit = results.get(f"{registry.family_of(name).name}_fit")
+        if fit:
+            parts.append(
+                f"The {name} was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
+                "and the learned features are out-of-sample on them as on the evaluated items."
+            )
+    parts.append(_what_the_numbers_are())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{_PLOT_TITLES.get(p, p)}]({p})" for p in plots))
@@ -734,24 +778,38 @@ def plot_seed_forest(out_dir: str | Path, results: dict[str, Any]) -> list[str]:
 
 _PLOT_TITLES["auroc_forest.png"] = "AUROC by estimator: bootstrap interval and each seed"
 
-_WHAT_THE_NUMBERS_ARE = """\
-## What the numbers are
+def _and(parts: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
 
-- **`lens_ce` at the last layer is −log p(ŷ)** and ranks items as `msp` (1 − p(ŷ)) does, up
-  to float32 rounding of −log p near 0: under greedy decoding the paper's output
-  cross-entropy is the max-probability baseline. The lens adds information only through the
-  intermediate layers (`lens_area`, the by-layer curve).
-- **The reference** is the best cheap baseline: of `msp`, `entropy`, `margin` and the sampled-word
-  agreement (`sample_disagreement`, `sample_word_entropy`), the one with the highest AUROC
-  (mean over seeds in a cross-fitted run). This choice looks at the scored items, which only
-  raises the bar for the others.
-- **Cost** is in plain forwards over the same items. The single-pass estimators (`msp`,
-  `entropy`, `margin`, `attention_entropy`, the lens, `posterior_var`, `latent_kl`) share one
-  forward, and each is charged that whole forward with every read off it; MC dropout, `latent_mi`
-  and `latent_nll` (the z samples of the scored position) and the sampled completions are
-  charged it plus their own passes; the probe is the shared forward plus its fit. Training the
-  latents is not in the cost.
-"""
+
+def _bullet(text: str) -> str:
+    return textwrap.fill(text, width=96, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _what_the_numbers_are() -> str:
+    """What the numbers are, each estimator named as its family's ``prose`` says (``registry.FAMILIES``)."""
+    families = registry.FAMILIES
+    references = [f.words("reference") for f in families if f.reference]
+    single = [f.words("cost") for f in families if f.reads_forward and not f.extra_passes and f.fit is None]
+    passes = [f.words("cost") for f in families if f.extra_passes]
+    fitted = ""
+    for family in (f for f in families if f.fit is not None):
+        passes_of_its_own = any(registry.family_of(registry.writer_of(key)).extra_passes for key in family.features)
+        what = "what its features cost" if passes_of_its_own else "the shared forward"
+        fitted += f"; {family.words('cost')} is {what} plus its fit"
+    bullets = [
+        "**`lens_ce` at the last layer is −log p(ŷ)** and ranks items as `msp` (1 − p(ŷ)) does, up to float32 "
+        "rounding of −log p near 0: under greedy decoding the paper's output cross-entropy is the max-probability "
+        "baseline. The lens adds information only through the intermediate layers (`lens_area`, the by-layer curve).",
+        f"**The reference** is the best cheap baseline: of {_and(references)}, the one with the highest AUROC "
+        "(mean over seeds in a cross-fitted run). This choice looks at the scored items, which only raises the bar "
+        "for the others.",
+        f"**Cost** is in plain forwards over the same items. The single-pass estimators ({', '.join(single)}) share "
+        "one forward, and each is charged that whole forward with every read off it; "
+        f"{_and(passes)} are charged it plus their own passes{fitted}. Training the latents is not in the cost.",
+    ]
+    return "## What the numbers are\n\n" + "\n".join(_bullet(b) for b in bullets)
 
 
 def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str]) -> None:
@@ -814,7 +872,7 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
     total = results.get("seconds_total")
     if total:
         parts.append(f"The whole run took {total / 60:.1f} min.")
-    parts.append(_WHAT_THE_NUMBERS_ARE.rstrip())
+    parts.append(_what_the_numbers_are())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append(

@@ -46,8 +46,6 @@ from vtrans.estimators.base import (
 from vtrans.generate import Completion, complete, generate_batch, is_correct
 from vtrans.tokens import encode, target_ids
 
-LENS_EXTRAS = ("lens_ce_by_layer", "lens_ce_gold_by_layer")  # per-layer trajectories the lens gives besides its scores
-
 
 class Runner:
     """Runs the base model's completions and any set of estimators on a backbone, with or without a latent."""
@@ -78,12 +76,10 @@ class Runner:
     # ------------------------------------------------------------------ what runs
 
     def runnable(self, names: Sequence[str]) -> list[str]:
-        """``names`` that apply here (latent, prior, aggregate), with the probe replaced by its features."""
-        wanted = list(names)
-        if "probe" in wanted:
-            wanted += [*registry.PROBE_FEATURES, "lens_ce"]
+        """``names`` that apply here (latent, prior, aggregate), a fitted one replaced by the
+        estimators that give its features (``registry.computed``)."""
         agg = self.config.aggregate
-        return [n for n in dict.fromkeys(wanted) if n != "probe" and registry.why_not(n, self.module, agg) is None]
+        return [n for n in registry.computed(names) if registry.why_not(n, self.module, agg) is None]
 
     # ------------------------------------------------------------------ completions
 
@@ -125,7 +121,7 @@ class Runner:
         forward_needed = any(f.reads_forward for f in families)
         return _Plan(
             families,
-            set(names) | set(LENS_EXTRAS),
+            set(names) | set(registry.fields()),
             needs,
             "whole_word" in needs or self.config.aggregate != "first",
             forward_needed,
@@ -170,8 +166,9 @@ class Runner:
                 each family that adds passes (its name).
 
         Returns:
-            ``{name: (n,) tensor}`` on the CPU, plus ``lens_ce_by_layer`` (and, with ``gold``,
-            ``lens_ce_gold_by_layer``), (n, L+1), when the lens runs.
+            ``{name: (n,) tensor}`` on the CPU, plus the per-item fields of the families that ran
+            (``Family.fields``: the lens's ``lens_ce_by_layer`` and, with ``gold``,
+            ``lens_ce_gold_by_layer``, (n, L+1)).
         """
         plan = self._plan(names)
         gold_ids = None

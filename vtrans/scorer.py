@@ -233,7 +233,7 @@ def check_estimators(names: list[str] | None, prior: str | None, aggregate: str 
 
     Raises:
         ConfigError: an unknown name (the message lists those ``score`` can run), a fitted one
-            (the probe), one the latent or the aggregate does not allow, or none at all.
+            (``registry.fitted``), one the latent or the aggregate does not allow, or none at all.
     """
     if names is None:
         names = default_estimators(prior, aggregate)
@@ -317,7 +317,7 @@ class Scorer:
             module: a ``vtrans.model.LatentModel`` with its backbone, in eval mode.
             estimators: names from ``vtrans.estimators.registry.SCORABLE`` (default:
                 :func:`default_estimators`); ``mc_dropout_*`` may be asked for (T = ``passes``
-                forwards each), ``probe`` may not.
+                forwards each), a fitted one may not.
             template: a template with one ``{prefix}`` field applied to every input; ``None``
                 scores the inputs verbatim (:meth:`from_checkpoint` applies the checkpoint's).
             config: the estimator settings (batch size, samples of z, MC dropout passes, seed, ...).

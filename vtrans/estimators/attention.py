@@ -37,5 +37,4 @@ FAMILY = Family(
     read,
     needs=frozenset({"attentions"}),
     first_token_only=True,
-    probe_features=("attention_entropy",),
 )

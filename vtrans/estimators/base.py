@@ -2,7 +2,8 @@
 
 A *family* is a few estimator names computed together. It declares what it needs (see
 ``NEEDS``) and a ``read(forward, context)`` that turns the batch's :class:`Forward` into
-``{name: (B,) tensor}``. The runner (``vtrans.runner``) makes one forward of the base model per
+``{name: (B,) tensor}``; a *fitted* family has no ``read`` but a ``fit`` on other families'
+scores of labelled items (:data:`Fit`). The runner (``vtrans.runner``) makes one forward of the base model per
 batch that yields everything the asked-for families need, then calls each family's ``read``:
 single-pass families only read it; families with ``extra_passes`` add passes of their own,
 starting from the forward's states rather than from the tokens.
@@ -10,7 +11,7 @@ starting from the forward's states rather than from the tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,6 @@ NEEDS = {
     "whole_word": "the whole completion word after the prompt, not only its first token",
     "latent": "a trained latent (--ckpt)",
     "conditional_prior": "a latent trained with prior: conditional",
-    "labels": "labelled training items (fitted, not read)",
 }
 
 
@@ -87,6 +87,12 @@ class Context:
 
 
 Read = Callable[[Forward, Context], dict[str, torch.Tensor]]
+Predict = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+Fit = Callable[[dict[str, torch.Tensor], torch.Tensor], Predict]
+"""``fit(features, errors)``: fitted on labelled items, ``features`` the keys of the family's
+``features`` that were computed (``{key: (n,) or (n, k) tensor}``) and ``errors`` (n,) 0/1;
+returns ``predict``, which scores other items from the same keys: (m,), higher = more likely
+wrong. Raises ``ValueError`` when the items leave nothing to fit (all of one class)."""
 
 
 @dataclass(frozen=True)
@@ -96,14 +102,23 @@ class Family:
     Attributes:
         name: the family's name (the key of its seconds in a report).
         help: one line per estimator name, oriented so that higher = more uncertain.
-        read: the scores of a batch from its :class:`Forward`; None for a fitted estimator.
+        read: the scores of a batch from its :class:`Forward`; None for a fitted family.
         needs: keys of ``NEEDS`` that every name of the family needs.
         name_needs: further needs of single names.
         extra_passes: adds passes of the model beyond the shared forward (timed on its own).
         reads_forward: reads the shared forward (charged its cost).
         first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
-        probe_features: its names that the probe takes as features.
         default_score: in ``vtrans score``'s default estimators.
+        reference: its names may serve as the reference baseline that every other estimator is
+            paired against (cheap ones: the best of them is the bar to clear).
+        fields: per-item values its ``read`` returns besides its scores (a (B, k) tensor each),
+            written into every row of scores.jsonl; a run computes them whatever it asks for.
+        fitted: what a fitted family is fitted on, in words; None for one that only reads.
+        fit: fits the family's one name (:data:`Fit`); with ``fitted``.
+        features: what ``fit`` reads: other families' names or ``fields``, in order; a run
+            that asks for the family computes them (those that apply there).
+        prose: how the report's bullets name the family's estimators, by bullet (``cost``,
+            ``reference``); a bullet not given names them in backticks.
     """
 
     name: str
@@ -114,12 +129,21 @@ class Family:
     extra_passes: bool = False
     reads_forward: bool = True
     first_token_only: bool = False
-    probe_features: Sequence[str] = ()
     default_score: bool = True
+    reference: bool = False
+    fields: tuple[str, ...] = ()
+    fitted: str | None = None
+    fit: Fit | None = None
+    features: tuple[str, ...] = ()
+    prose: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.help)
+
+    def words(self, bullet: str) -> str:
+        """The family's estimators in the report's ``bullet``: its ``prose`` there, or its names in backticks."""
+        return self.prose.get(bullet) or ", ".join(f"`{n}`" for n in self.names)
 
     def needs_of(self, name: str) -> frozenset[str]:
         return self.needs | self.name_needs.get(name, frozenset())
@@ -128,6 +152,10 @@ class Family:
         unknown = set(self.needs).union(*self.name_needs.values()) - set(NEEDS)
         if unknown:
             raise ValueError(f"family {self.name}: unknown needs {sorted(unknown)}")
+        if (self.fit is None) != (self.fitted is None) or (self.fit is None) == (self.read is None):
+            raise ValueError(f"family {self.name}: either a read, or a fit with what it is fitted on")
+        if self.fit is not None and len(self.help) != 1:
+            raise ValueError(f"family {self.name}: a fitted family has one name, got {list(self.help)}")
 
 
 @torch.no_grad()

@@ -42,5 +42,5 @@ FAMILY = Family(
     "baselines",
     {"msp": "1 − p(ŷ), the model's own doubt about its answer", "entropy": "entropy of the next-token distribution"},
     read,
-    probe_features=("entropy", "msp"),
+    reference=True,
 )

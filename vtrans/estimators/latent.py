@@ -198,7 +198,6 @@ ENCODERS = Family(
     read_encoders,
     needs=frozenset({"latent", "hidden_states"}),
     name_needs={"latent_kl": frozenset({"conditional_prior", "whole_word"})},
-    probe_features=("posterior_var", "latent_kl"),
 )
 SAMPLES = Family(
     "latent_mi",
@@ -210,4 +209,5 @@ SAMPLES = Family(
     needs=frozenset({"latent", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
+    prose={"cost": "`latent_mi` and `latent_nll` (the z samples of the scored position)"},
 )

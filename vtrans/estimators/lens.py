@@ -120,4 +120,6 @@ FAMILY = Family(
     },
     read,
     needs=frozenset({"hidden_states"}),
+    fields=("lens_ce_by_layer", "lens_ce_gold_by_layer"),
+    prose={"cost": "the lens"},
 )

@@ -13,4 +13,4 @@ def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     return {"margin": aggregate(1 - (top[..., 0] - top[..., 1]), forward.enc, context.config.aggregate)}
 
 
-FAMILY = Family("margin", {"margin": "1 − (p(top-1) − p(top-2)): a close runner-up"}, read)
+FAMILY = Family("margin", {"margin": "1 − (p(top-1) − p(top-2)): a close runner-up"}, read, reference=True)

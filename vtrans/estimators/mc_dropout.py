@@ -146,4 +146,5 @@ FAMILY = Family(
     extra_passes=True,
     first_token_only=True,
     default_score=False,
+    prose={"cost": "MC dropout"},
 )

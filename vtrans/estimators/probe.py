@@ -1,12 +1,13 @@
-"""``probe``: logistic regression on single-pass features, fitted on items disjoint from the evaluated ones.
+"""``probe``: logistic regression on single-pass features, fitted on labelled items disjoint from the scored ones.
 
-Which items, so that the latent's features are out-of-sample there as on the evaluated items,
-is decided by ``vtrans.evaluate.probe_train_items``.
+Which items, so that the latent's features are out-of-sample there as on the scored items, is
+decided where the family is fitted (``vtrans.evaluate.fit_items``, ``vtrans.crossval``).
 
-Features per item: the lens trajectory (−log p_ℓ(ŷ) for every layer), ``entropy``, ``msp``,
-``attention_entropy`` and, with a latent, ``posterior_var`` and ``latent_kl``: everything that
-one forward (plus the latent's encoders) gives. Features are standardised with the training
-items' mean and deviation; the weights are fitted by L-BFGS with an L2 penalty.
+Features per item (:data:`FEATURES`): the lens trajectory (−log p_ℓ(ŷ) for every layer),
+``entropy``, ``msp``, ``attention_entropy`` and, with a latent, ``posterior_var`` and
+``latent_kl``: everything that one forward (plus the latent's encoders) gives. Features are
+standardised with the training items' mean and deviation; the weights are fitted by L-BFGS with
+an L2 penalty.
 """
 
 from __future__ import annotations
@@ -16,24 +17,30 @@ from dataclasses import dataclass
 
 import torch
 
-from vtrans.estimators.base import Family
+from vtrans.estimators.base import Family, Predict
+
+FEATURES = ("lens_ce_by_layer", "entropy", "msp", "attention_entropy", "posterior_var", "latent_kl")
 
 
-def features(
-    scores: dict[str, torch.Tensor], lens_by_layer: torch.Tensor, scalars: Sequence[str]
-) -> tuple[torch.Tensor, list[str]]:
-    """(n, F) feature matrix and the feature names, from per-item scores and the lens trajectory.
+def features(scores: dict[str, torch.Tensor], keys: Sequence[str] = FEATURES) -> tuple[torch.Tensor, list[str]]:
+    """(n, F) feature matrix and the feature names, from per-item scores and per-layer values.
 
     Args:
-        scalars: the scalar features, in order (the registry's ``PROBE_FEATURES``); those
-            missing from ``scores`` are left out.
+        scores: ``{key: (n,) or (n, k) tensor}``; a (n, k) one gives k columns ``{key}_L{i}``
+            (``_by_layer`` dropped from the key).
+        keys: the features, in order; those missing from ``scores`` are left out.
     """
-    cols = [lens_by_layer.float()]
-    names = [f"lens_ce_L{i}" for i in range(lens_by_layer.shape[1])]
-    for name in scalars:
-        if name in scores:
-            cols.append(scores[name].float().view(-1, 1))
-            names.append(name)
+    cols, names = [], []
+    for key in keys:
+        if key not in scores:
+            continue
+        value = scores[key].float()
+        if value.dim() == 2:
+            cols.append(value)
+            names += [f"{key.removesuffix('_by_layer')}_L{i}" for i in range(value.shape[1])]
+        else:
+            cols.append(value.view(-1, 1))
+            names.append(key)
     return torch.cat(cols, 1), names
 
 
@@ -80,11 +87,29 @@ def fit(x: torch.Tensor, errors: torch.Tensor, names: list[str], l2: float = 1.0
     return LogisticProbe(mean, std, weight.detach(), bias.detach(), names)
 
 
+def fit_on(scores: dict[str, torch.Tensor], errors: torch.Tensor) -> Predict:
+    """The family's ``fit``: the probe fitted on these items' :func:`features`, as a ``predict``
+    of other items' probability of being wrong (from the same features)."""
+    x, names = features(scores)
+    fitted = fit(x, errors, names)
+
+    def predict(other: dict[str, torch.Tensor]) -> torch.Tensor:
+        x_other, other_names = features(other)
+        if other_names != names:
+            raise RuntimeError(f"probe features differ between fitted and scored items: {names} vs {other_names}")
+        return fitted.predict(x_other)
+
+    return predict
+
+
 FAMILY = Family(
     "probe",
     {"probe": "logistic regression on the single-pass features, fitted on held-out labelled items"},
     None,
-    needs=frozenset({"labels"}),
     reads_forward=False,
     default_score=False,
+    fitted="labelled items held out from the scored ones",
+    fit=fit_on,
+    features=FEATURES,
+    prose={"cost": "the probe"},
 )

@@ -1,12 +1,19 @@
-"""Every estimator family, in report order: the one list the runner, the probe and the CLI read.
+"""Every estimator family, in report order: the one list the runner, the runs, the report and the CLI read.
 
 Adding an estimator is one new file in this package that defines a ``Family`` (its names with
-one line of help each, what it needs, and how it reads the shared forward; see
-``vtrans.estimators.base``) and one entry in ``FAMILIES`` below. The names are a contract:
-other tools read them.
+one line of help each, what it needs, and how it reads the shared forward, or for a fitted one
+what it is fitted on, its ``fit`` and the features it reads; see ``vtrans.estimators.base``) and
+one entry in ``FAMILIES`` below. The names are a contract: other tools read them.
+
+The functions below read ``FAMILIES`` when called (a family added at run time takes part); the
+constants are the families as imported.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from vtrans.errors import ConfigError
 from vtrans.estimators import attention, baselines, latent, lens, margin, mc_dropout, probe, sampling
@@ -27,10 +34,9 @@ BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
 NEEDS_LATENT = frozenset(n for f in FAMILIES for n in f.names if "latent" in f.needs_of(n))
 FIRST_TOKEN_ONLY = frozenset(n for f in FAMILIES if f.first_token_only for n in f.names)
-PROBE_FEATURES: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.probe_features)
 SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.default_score for n in f.names)
-SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES for n in f.names if "labels" not in f.needs_of(n))
-"""What ``vtrans score`` can run: every name that needs no labelled items to be fitted on."""
+SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES if f.fit is None for n in f.names)
+"""What ``vtrans score`` can run: every name that is not fitted on labelled items."""
 
 
 def chosen(names: list[str] | None) -> list[str]:
@@ -39,11 +45,12 @@ def chosen(names: list[str] | None) -> list[str]:
     Raises:
         ConfigError: an unknown name (the message lists the known ones).
     """
+    known = [n for f in FAMILIES for n in f.names]
     if names is None:
-        return list(NAMES)
-    unknown = [n for n in names if n not in NAMES]
+        return known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+        raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     return list(names)
 
 
@@ -52,6 +59,58 @@ def family_of(name: str) -> Family:
         if name in family.names:
             return family
     raise KeyError(name)
+
+
+def fitted(names: Sequence[str]) -> list[str]:
+    """The fitted ones of ``names`` (their family has a ``fit``), in order; unknown names are not."""
+    fit = {n for f in FAMILIES if f.fit is not None for n in f.names}
+    return [n for n in names if n in fit]
+
+
+def fields() -> tuple[str, ...]:
+    """Every per-item field a family writes into the rows besides its scores, in report order."""
+    return tuple(key for f in FAMILIES for key in f.fields)
+
+
+def writer_of(key: str) -> str:
+    """The estimator whose run yields ``key``: the name itself, or for a field its family's first name."""
+    for family in FAMILIES:
+        if key in family.names:
+            return key
+        if key in family.fields:
+            return family.names[0]
+    raise KeyError(key)
+
+
+def with_fields(names: Sequence[str]) -> list[str]:
+    """``names`` and, for every family that writes per-item fields, one of its names: what a run
+    computes so that each row carries every field."""
+    writers = [f.names[0] for f in FAMILIES if f.fields and not any(n in f.names for n in names)]
+    return [*names, *writers]
+
+
+def computed(names: Sequence[str]) -> list[str]:
+    """What the runner computes for ``names``: each one that reads, and for a fitted one the
+    estimators that give its features; once each, fitted ones left out."""
+    wanted = list(names)
+    for name in fitted(names):
+        wanted += [writer_of(key) for key in family_of(name).features]
+    return [n for n in dict.fromkeys(wanted) if family_of(n).fit is None]
+
+
+def references() -> tuple[str, ...]:
+    """The names that may serve as the reference baseline, in report order."""
+    return tuple(n for f in FAMILIES if f.reference for n in f.names)
+
+
+def reference_of(aurocs: Mapping[str, float], among: Sequence[str] | None = None) -> str:
+    """The reference every estimator is paired against: of ``among`` (default :func:`references`),
+    the one in ``aurocs`` with the highest AUROC (an undefined one lowest; on a tie the first);
+    ``""`` when none is there."""
+    present = [n for n in (references() if among is None else among) if n in aurocs]
+    if not present:
+        return ""
+    return max(present, key=lambda n: np.nan_to_num(aurocs[n], nan=-1.0))
 
 
 def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
@@ -85,7 +144,7 @@ def table() -> str:
     rows = [("name", "family", "needs", "score", "what it measures (higher = more uncertain)")]
     for family in FAMILIES:
         for name in family.names:
-            needs = sorted(family.needs_of(name) & {"latent", "conditional_prior", "labels"})
+            needs = sorted(family.needs_of(name) & {"latent", "conditional_prior"}) + (["labels"] if family.fit else [])
             passes = ["extra passes"] if family.extra_passes else []
             default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")
             rows.append((name, family.name, ", ".join(needs + passes) or "-", default, family.help[name]))
@@ -100,8 +159,15 @@ __all__ = [
     "NAMES",
     "NEEDS",
     "NEEDS_LATENT",
-    "PROBE_FEATURES",
     "SCORABLE",
     "chosen",
+    "computed",
     "family_of",
+    "fields",
+    "fitted",
+    "reference_of",
+    "references",
+    "why_not",
+    "with_fields",
+    "writer_of",
 ]

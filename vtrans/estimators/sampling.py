@@ -122,4 +122,9 @@ FAMILY = Family(
     extra_passes=True,
     reads_forward=False,
     default_score=False,
+    reference=True,
+    prose={
+        "cost": "the sampled completions",
+        "reference": "the sampled-word agreement (`sample_disagreement`, `sample_word_entropy`)",
+    },
 )
