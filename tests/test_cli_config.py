@@ -288,6 +288,7 @@ def test_estimators_lists_every_name_with_its_help(capsys) -> None:
 def test_vtrans_fit_trains_as_train_py_does(tmp_path, monkeypatch) -> None:
     """An installed package trains without train.py: ``vtrans fit`` is LightningCLI's ``fit``."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["vtrans"])  # the arguments come from here, not from pytest's command line
     main(["fit", "--config", str(TINY), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.logger", "false"])
     from vtrans import checkpoint

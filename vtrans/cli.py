@@ -560,9 +560,10 @@ TRAINING = ("fit", "validate", "test", "predict")
 
 def main(argv: list[str] | None = None) -> None:
     """``vtrans fit|evaluate|crossval|score|estimators``."""
+    given = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINING:
-        train_main(argv)
+        train_main(given)  # None: LightningCLI reads the command line itself
         return
     cfg = build_parser(requested(argv)).parse_args(argv)
     log.setup(quiet=bool(cfg[cfg.command].get("quiet", False)))
