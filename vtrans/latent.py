@@ -86,7 +86,7 @@ def kl_normal(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
 
     ½(r − 1 − log r + ((μ_q − μ_p)/σ_p)²) with r = σ_q²/σ_p², its first part taken as
     expm1(u) − u, u = log r, in float64: near q = p the naive r − 1 − log r subtracts numbers
-    of order 1 to leave one of order u², and in float32 kept no digit of it once |u| < 1e-3.
+    of order 1 to leave one of order u², and in float32 it was 0.9% off at u = 2e-5 (σ_q/σ_p = 1 + 1e-5).
     """
     u = 2 * (q_scale.double().log() - p_scale.double().log())  # log r
     shift = ((q_loc.double() - p_loc.double()) / p_scale.double()).pow(2)
