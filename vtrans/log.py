@@ -87,11 +87,6 @@ def quiet_libraries() -> None:
         hub_utils.disable_progress_bars()
 
 
-def quiet() -> bool:
-    """Whether the command line asked for silence."""
-    return _state["quiet"]
-
-
 def bars_enabled(wanted: bool = True) -> bool:
     """Whether a progress bar may be drawn: asked for, and not silenced by ``--quiet``."""
     return wanted and not _state["quiet"]

@@ -133,11 +133,6 @@ def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
     return None
 
 
-def help_text(names: tuple[str, ...] = NAMES) -> str:
-    """Every estimator with its line of help, on one line."""
-    return "; ".join(f"{n}: {family_of(n).help[n]}" for n in names)
-
-
 def table() -> str:
     """A plain-text table of every estimator: its family, what it needs, whether ``score`` runs
     it by default, and its line of help."""
