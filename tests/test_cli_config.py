@@ -242,6 +242,13 @@ def test_evaluate_runs_from_a_config_file_with_an_override(tmp_path, capsys):
     assert "msp" in capsys.readouterr().out
 
 
+def _in_fresh_python(code: str) -> str:
+    """What ``code`` prints when run in a new interpreter (nothing imported before it)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_help_of_every_subcommand_imports_no_torch() -> None:
     """``--help`` answers at once: building every parser and its help imports neither torch nor
     an estimator (torch alone takes over a second to import)."""
@@ -253,9 +260,7 @@ def test_help_of_every_subcommand_imports_no_torch() -> None:
         "heavy = sorted(m for m in ('torch', 'transformers', 'lightning', 'vtrans.estimators') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == ""
+    assert _in_fresh_python(code).strip() == ""
 
 
 @pytest.mark.parametrize(
@@ -305,7 +310,5 @@ def test_the_package_root_exports_the_api_without_importing_torch() -> None:
         "from vtrans.scorer import Scorer as S\n"
         "print(light, Scorer is S, vtrans.__version__)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    light, same, version = proc.stdout.split()
+    light, same, version = _in_fresh_python(code).split()
     assert light == "True" and same == "True" and version[0].isdigit()
