@@ -126,6 +126,9 @@ class EvalConfig(EstimatorConfig):
         )
 
 
+MEMBER_SEED_STRIDE = 1000
+
+
 @dataclass
 class CrossvalConfig:
     """Settings of a cross-fitted run.
@@ -150,6 +153,9 @@ class CrossvalConfig:
             every training prompt whose completion differs from the idiom's last word, so that
             the latent must cover both answers where the model goes wrong (training idioms only:
             no scored item's completion or label enters its latent).
+        ensemble: M, the latents trained per seed and fold from their own seeds (member m of
+            seed s trains with seed s + 1000·m; member 0 is the seed's own latent, which every
+            other latent estimator reads); M >= 2 adds the ensemble's estimators (``ensemble_*``).
         eval: estimator settings (estimators, passes, samples, batch size, ...); its ``seed``
             is replaced by each training seed and its ``data``, ``split`` and ``template`` are not used.
     """
@@ -165,7 +171,12 @@ class CrossvalConfig:
     from_checkpoints: str | None = None
     template: str | None = None
     self_targets: bool = False
+    ensemble: int = 1
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def member_seed(self, seed: int, member: int) -> int:
+        """The training seed of ensemble member ``member`` of training seed ``seed``."""
+        return seed + MEMBER_SEED_STRIDE * member
 
     def __post_init__(self) -> None:
         if self.folds < 1:
@@ -178,6 +189,14 @@ class CrossvalConfig:
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.ensemble < 1:
+            raise ConfigError(f"ensemble must be >= 1 latent per seed and fold, got {self.ensemble}")
+        members = {self.member_seed(s, m) for s in self.seeds for m in range(self.ensemble)}
+        if len(members) != len(self.seeds) * self.ensemble:
+            raise ConfigError(
+                f"with ensemble={self.ensemble} the seeds must differ by less than {MEMBER_SEED_STRIDE} "
+                f"(member m of seed s trains with seed s + {MEMBER_SEED_STRIDE}·m), got {self.seeds}"
+            )
 
 
 def check_all(checks: list[tuple[bool, str]]) -> None:

@@ -24,7 +24,8 @@ enters its fit.
 A run resumes. Its units are recorded under ``OUT/units/`` as each finishes
 (:class:`vtrans.units.Units`): ``base`` (the completions, labels and seed-free scores),
 ``seed{s}`` (that seed's stochastic scores), ``seed{s}-fold{f}`` (the latent trained without
-fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, and its scores of fold f) and, for each
+fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, with ``--ensemble M`` the M − 1 other members
+as ``seed{s}-fold{f}-member{m}.ckpt``, and its scores of fold f) and, for each
 fitted family, ``seed{s}-{family}`` (``seed{s}-probe``). The same command on the same ``--out``
 reads the finished units and computes the others; one with other settings is refused. The files are assembled from the units alone,
 each unit's recorded seconds included, so a resumed run writes the results an uninterrupted one does.
@@ -114,9 +115,11 @@ class CrossFit:
             if seed == cfg.seeds[0]:
                 seconds.update(seed_seconds)
         names = [nm for nm in names if nm in by_seed[cfg.seeds[0]]]
+        prior = self.latents.spec.model.get("prior", "conditional")
         for nm in self.eval.estimators:
             if nm not in names and nm not in dropped:
-                dropped[nm] = "not computed on this model" if nm not in NEEDS_LATENT else "the latent's prior gives none"
+                why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if nm in NEEDS_LATENT else None
+                dropped[nm] = why or "not computed on this model"
         fields = {key: fixed[key] for key in registry.fields() if key in fixed}
         results, rows = _results(self, names, by_seed, labels, fields, seconds)
         results.update(dropped=dropped, fold_training=fold_log, seconds_total=units.seconds)
@@ -182,17 +185,22 @@ class CrossFit:
         plan = self.plan
         start = time.perf_counter()
         module, stats = self.latents.latent(seed, fold, train)
+        members = [module]
+        if self.cfg.ensemble > 1 and any("ensemble" in family_of(nm).needs for nm in names):
+            members += [self.latents.latent(seed, fold, train, m)[0] for m in range(1, self.cfg.ensemble)]
         trained = time.perf_counter() - start
         idx, seconds = plan.inside(fold), {}
-        runner = Runner(self.backbone, module, replace(self.eval, seed=seed), progress=False)
+        runner = Runner(self.backbone, module, replace(self.eval, seed=seed), progress=False, members=members)
         prompts, completions = [labels.prompts[i] for i in idx], [labels.completions[i] for i in idx]
         scores = runner.scores(prompts, completions, names, seconds=seconds, indices=idx)
-        entry = {"seed": seed, "fold": fold, "n_train": len(train), "n_scored": len(idx), "train_seconds": trained}
+        entry = {"seed": seed, "fold": fold, "n_train": len(train), "n_scored": len(idx), "train_seconds": trained,
+                 "latents": len(members)}
         entry.update({k: stats[k] for k in ("kl", "nll", "active_units") if k in stats})
         if self.cfg.from_checkpoints:
             how = f"loaded the latent trained on its {len(train)} idioms"
         else:
-            how = (f"trained on {len(train)} idioms in {trained:.0f} s (KL {stats.get('kl', math.nan):.2f} nats/item, "
+            what = f"{len(members)} latents" if len(members) > 1 else "trained"
+            how = (f"{what} on {len(train)} idioms in {trained:.0f} s (KL {stats.get('kl', math.nan):.2f} nats/item, "
                    f"{stats.get('active_units', math.nan):.0f} active units)")
         log.info(f"  seed {seed} fold {fold + 1}/{self.cfg.folds}: {how}, scored {len(idx)}")
         return {"indices": idx, "scores": _pack(scores), "seconds": seconds, "log": entry}

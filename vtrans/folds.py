@@ -125,6 +125,11 @@ class FoldPlan:
         return digest.hexdigest()[:16]
 
 
+def latent_file(seed: int, fold: int, member: int = 0) -> str:
+    """The file name of the latent of (seed, fold), and of its ensemble's member m >= 1."""
+    return f"seed{seed}-fold{fold}.ckpt" if member == 0 else f"seed{seed}-fold{fold}-member{member}.ckpt"
+
+
 class FoldLatents:
     """The backbone, and the latent of each (seed, fold): trained from the training YAML, or loaded.
 
@@ -178,36 +183,41 @@ class FoldLatents:
             settings["trainer.strategy"] = "auto"
         return settings
 
-    def latent(self, seed: int, fold: int, train: list[IdiomItem]) -> tuple[torch.nn.Module, dict[str, float]]:
-        """The latent of (seed, fold), in eval mode, and its last training epoch's statistics.
+    def latent(
+        self, seed: int, fold: int, train: list[IdiomItem], member: int = 0
+    ) -> tuple[torch.nn.Module, dict[str, float]]:
+        """The latent of (seed, fold), in eval mode, and its last training epoch's statistics;
+        ``member`` m >= 1: the ensemble's m-th latent, trained from seed s + 1000·m.
 
-        A latent it trains is written to ``OUT/units/seed{s}-fold{f}.ckpt`` (and to
+        A latent it trains is written to ``OUT/units/`` as :func:`latent_file` names it (and to
         ``OUT/checkpoints/`` with ``save_checkpoints``).
 
         Raises:
             TrainingStopped: a non-finite value stopped the training (the message names the seed and fold).
         """
+        name = latent_file(seed, fold, member)
         if self.cfg.from_checkpoints:
-            return self._load(seed, fold, train), {}
+            return self._load(name, train), {}
         with training.quiet():
-            built = training.build(self.cfg.config, self.overrides(seed), train, self.backbone, self.frozen)
+            overrides = self.overrides(self.cfg.member_seed(seed, member))
+            built = training.build(self.cfg.config, overrides, train, self.backbone, self.frozen)
             try:
                 training.fit(built)
             except TrainingStopped as err:
-                raise TrainingStopped(f"seed {seed}, fold {fold + 1}/{self.cfg.folds}: {err}") from None
+                which = f", member {member}" if member else ""
+                raise TrainingStopped(f"seed {seed}, fold {fold + 1}/{self.cfg.folds}{which}: {err}") from None
         logged = built.trainer.callback_metrics
         stats = {k.removeprefix("train/"): float(v) for k, v in logged.items() if k.startswith("train/")}
-        name = f"seed{seed}-fold{fold}.ckpt"
         for folder in ("units", "checkpoints") if self.cfg.save_checkpoints else ("units",):
             built.trainer.save_checkpoint(self.out / folder / name, weights_only=True)
         return built.module.eval(), stats
 
-    def _load(self, seed: int, fold: int, train: list[IdiomItem]):
-        """The latent of (seed, fold) from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""
-        path = Path(self.cfg.from_checkpoints) / f"seed{seed}-fold{fold}.ckpt"
+    def _load(self, name: str, train: list[IdiomItem]):
+        """The latent ``name`` from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""
+        path = Path(self.cfg.from_checkpoints) / name
         if not path.is_file():
             raise ConfigError(
-                f"{path} not found: --from_checkpoints needs seed{seed}-fold{fold}.ckpt "
+                f"{path} not found: --from_checkpoints needs {name} "
                 "(an earlier run's OUT/units, or its OUT/checkpoints with --save_checkpoints)"
             )
         recorded = checkpoint.trained_idiom_hashes(path)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Prior = Literal["standard", "conditional"]
+Prior = Literal["standard", "conditional", "deterministic"]
+PRIORS = ("standard", "conditional", "deterministic")
 
 
 class GaussianHead(nn.Module):
@@ -41,21 +42,26 @@ class GaussianLatent(nn.Module):
     ``prior="standard"``: q(z|prompt) from the layer-k state at the scored position, p(z) = N(0, I).
     ``prior="conditional"``: q(z|prompt, target) from the scored state and the state of the last
     target token (which has attended to the whole target); p(z|prompt) from the scored state.
+    ``prior="deterministic"``: the variational latent's deterministic twin: the conditional
+    prior's network alone, z its mean (no noise, no posterior network, no KL), trained by
+    maximum likelihood; an adapter of the same size at the same place.
     """
 
     def __init__(self, d_model: int, d_z: int = 16, prior: Prior = "conditional", hidden: int = 256) -> None:
         super().__init__()
-        if prior not in ("standard", "conditional"):
-            raise ValueError(f"prior must be 'standard' or 'conditional', got {prior!r}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
         self.d_z, self.prior = d_z, prior
         n_in = 2 if prior == "conditional" else 1
-        self.posterior_head = GaussianHead(n_in * d_model, d_z, hidden)
-        self.prior_head = GaussianHead(d_model, d_z, hidden) if prior == "conditional" else None
+        self.posterior_head = GaussianHead(n_in * d_model, d_z, hidden) if prior != "deterministic" else None
+        self.prior_head = GaussianHead(d_model, d_z, hidden) if prior != "standard" else None
         self.proj = nn.Linear(d_z, d_model, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def posterior(self, h_scored: torch.Tensor, h_last: torch.Tensor | None = None):
         """q(z|.) parameters. h_scored, h_last: (B, C) layer-k states. Returns (loc, scale), each (B, d_z)."""
+        if self.posterior_head is None:
+            raise ValueError("the deterministic twin has no posterior: z is the prior network's mean")
         if self.prior == "conditional":
             if h_last is None:
                 raise ValueError("the conditional posterior needs the state of the last target token")
@@ -68,6 +74,12 @@ class GaussianLatent(nn.Module):
             zeros = h_scored.new_zeros(h_scored.shape[0], self.d_z, dtype=torch.float32)
             return zeros, torch.ones_like(zeros)
         return self.prior_head(h_scored)
+
+    def mean(self, h_scored: torch.Tensor) -> torch.Tensor:
+        """z's value at inference without noise, (B, d_z): the mean of q(z|prompt) (standard prior),
+        of p(z|prompt) (conditional) or the twin's z (deterministic)."""
+        loc, _ = self.posterior(h_scored) if self.prior == "standard" else self.prior_params(h_scored)
+        return loc
 
     def inject(self, h: torch.Tensor, z: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Add proj(z) to the stream at the positions ``where``.

@@ -17,7 +17,7 @@ from torch import nn
 from vtrans import backbones, tokens
 from vtrans.config import check_all
 from vtrans.frozen import FrozenPrefix, upper_prefix, upper_suffix
-from vtrans.latent import GaussianLatent, Prior
+from vtrans.latent import PRIORS, GaussianLatent, Prior
 from vtrans.loading import Backbone
 from vtrans.tokens import Encoded
 
@@ -44,8 +44,9 @@ class LatentModel(nn.Module):
         layer: number of blocks below the latent (z enters after block ``layer``);
             1 ≤ layer ≤ n_layers − 1; default the middle, n_layers // 2.
         d_z: latent dimension.
-        prior: ``standard`` (p(z) = N(0, I), q(z|prompt)) or ``conditional``
-            (q(z|prompt, target), learned prior p(z|prompt)).
+        prior: ``standard`` (p(z) = N(0, I), q(z|prompt)), ``conditional``
+            (q(z|prompt, target), learned prior p(z|prompt)) or ``deterministic`` (the twin:
+            z = the prior network's mean, trained by maximum likelihood, no KL).
         hidden: width of the encoder MLPs.
         gradient_checkpointing: recompute the upper blocks' activations in the backward pass
             instead of keeping them (less memory for long targets or large batches, more time).
@@ -67,7 +68,7 @@ class LatentModel(nn.Module):
                 (1 <= layer < backbone.n_layers, f"layer must be in 1..{backbone.n_layers - 1}, got {layer}"),
                 (d_z >= 1, f"d_z must be >= 1, got {d_z}"),
                 (hidden >= 1, f"hidden must be >= 1, got {hidden}"),
-                (prior in ("standard", "conditional"), f"prior must be standard or conditional, got {prior!r}"),
+                (prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {prior!r}"),
             ]
         )
         self.layer = layer

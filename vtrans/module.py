@@ -14,6 +14,7 @@ import warnings
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torchmetrics import MeanMetric, Metric
 
@@ -25,6 +26,15 @@ from vtrans.loading import Backbone
 from vtrans.model import LatentModel
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
+
+
+def completion_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """−log p(target) per item, (B,): the target slots' cross-entropies summed over the real ones.
+
+    logits: (B, N, V); targets, mask: (B, N) (padding wherever ``mask`` is False).
+    """
+    per_slot = F.cross_entropy(logits.float().transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
+    return (per_slot * mask).sum(-1)
 
 
 class LatentStats(Metric):
@@ -96,8 +106,10 @@ class LatentLM(LatentModel, L.LightningModule):
             layer: number of blocks below the latent (z enters after block ``layer``);
                 1 ≤ layer ≤ n_layers − 1; default the middle, n_layers // 2.
             d_z: latent dimension.
-            prior: ``standard`` (p(z) = N(0, I), q(z|prompt)) or ``conditional``
-                (q(z|prompt, target), learned prior p(z|prompt)).
+            prior: ``standard`` (p(z) = N(0, I), q(z|prompt)), ``conditional``
+                (q(z|prompt, target), learned prior p(z|prompt)) or ``deterministic``
+                (the twin: z = the prior network's mean, trained by maximum likelihood of the
+                target; beta, kl_warmup_steps, free_bits, elbo and num_particles do not apply).
             hidden: width of the encoder MLPs.
             beta: weight of the KL term in the ELBO (β-VAE); > 0.
             kl_warmup_steps: β rises linearly from β/steps to β over this many training steps.
@@ -164,17 +176,23 @@ class LatentLM(LatentModel, L.LightningModule):
             enc = self.encode(batch["prompt"], targets)
             h = self.lower(enc)  # (B, T, C)
             prefix = self.prefix(h, enc)  # shared by every particle
-        q_loc, q_scale, p_loc, p_scale = self.distributions(h, enc)
-        beta = self.current_beta()
-        inputs = ELBOInputs(
-            q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
-        )
         n_items = enc.targets.shape[0]
-        neg_elbo_beta = self.loss_fn(inputs) / n_items  # NLL + β·KL, per item
-        kl_dim = kl_normal(q_loc, q_scale, p_loc, p_scale)  # (B, d_z)
-        loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, self.hparams.free_bits)
+        if self.latent.prior == "deterministic":  # the twin: maximum likelihood with z at the prior network's mean
+            q_loc = self.latent.mean(self.states(h, enc)[0])
+            loss = completion_nll(self.decode(h, q_loc, enc, prefix), enc.targets, enc.target_mask).mean()
+            kl_dim, beta = torch.zeros_like(q_loc), 0.0
+            nll = loss.detach()
+        else:
+            q_loc, q_scale, p_loc, p_scale = self.distributions(h, enc)
+            beta = self.current_beta()
+            inputs = ELBOInputs(
+                q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
+            )
+            neg_elbo_beta = self.loss_fn(inputs) / n_items  # NLL + β·KL, per item
+            kl_dim = kl_normal(q_loc, q_scale, p_loc, p_scale)  # (B, d_z)
+            loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, self.hparams.free_bits)
+            nll = (neg_elbo_beta - beta * kl_dim.sum(-1).mean()).detach()
         kl = kl_dim.sum(-1)  # (B,)
-        nll = (neg_elbo_beta - beta * kl.mean()).detach()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at {stage} step {self.global_step}: "

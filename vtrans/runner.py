@@ -57,6 +57,7 @@ class Runner:
         config: EstimatorConfig | None = None,
         progress: bool = True,
         shard: Shard | None = None,
+        members: Sequence = (),
     ) -> None:
         """Args:
             backbone: the base model (``vtrans.loading.Backbone``).
@@ -65,8 +66,9 @@ class Runner:
             progress: show progress bars (rank 0 only).
             shard: this process's share of the batches (default: the running process group's,
                 see ``vtrans.distributed``); every rank ends with the whole run's results.
+            members: an ensemble's latents on the same backbone, ``module`` first (the ensemble family's).
         """
-        self.backbone, self.module = backbone, module
+        self.backbone, self.module, self.members = backbone, module, tuple(members)
         self.config = config or EstimatorConfig()
         self.model, self.tokenizer = backbone.model, backbone.tokenizer
         self.device = next(self.model.parameters()).device
@@ -79,7 +81,8 @@ class Runner:
         """``names`` that apply here (latent, prior, aggregate), a fitted one replaced by the
         estimators that give its features (``registry.computed``)."""
         agg = self.config.aggregate
-        return [n for n in registry.computed(names) if registry.why_not(n, self.module, agg) is None]
+        members = len(self.members)
+        return [n for n in registry.computed(names) if registry.why_not(n, self.module, agg, members) is None]
 
     # ------------------------------------------------------------------ completions
 
@@ -235,7 +238,7 @@ class Runner:
         return [c for part in self.shard.merge(completions) for c in part], _concat(self.shard.merge(done))
 
     def _context(self, prompts: list[str], completions: list[Completion], indices: list[int]) -> Context:
-        return Context(self.model, self.module, self.tokenizer, self.config, prompts, completions, indices)
+        return Context(self.model, self.module, self.tokenizer, self.config, prompts, completions, indices, self.members)
 
     def _attention(self, plan: _Plan):
         """Eager attention while a family reads the attention weights (SDPA returns none)."""

@@ -28,6 +28,8 @@ NEEDS = {
     "whole_word": "the whole completion word after the prompt, not only its first token",
     "latent": "a trained latent (--ckpt)",
     "conditional_prior": "a latent trained with prior: conditional",
+    "variational": "a variational latent (prior: standard or conditional, not the deterministic twin)",
+    "ensemble": "an ensemble of latents (crossval --ensemble M, M >= 2)",
 }
 
 
@@ -75,6 +77,7 @@ class Context:
         prompts, completions: the batch's prompts and the base model's completions of them.
         indices: (B,) each item's index in the whole run: the seed of its own random draws, so that
             its scores do not depend on the batch it falls in.
+        members: an ensemble's latents, ``module`` first (empty without an ensemble).
     """
 
     model: Any
@@ -84,6 +87,7 @@ class Context:
     prompts: list[str]
     completions: list[Any]
     indices: list[int]
+    members: tuple = ()
 
 
 Read = Callable[[Forward, Context], dict[str, torch.Tensor]]
@@ -232,6 +236,7 @@ def context_for(model, config: EstimatorConfig | None = None, module=None, n: in
         more.pop("prompts", [""] * n),
         more.pop("completions", [None] * n),
         more.pop("indices", list(range(n))),
+        tuple(more.pop("members", ())),
     )
 
 

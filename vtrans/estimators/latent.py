@@ -196,7 +196,7 @@ ENCODERS = Family(
         "latent_kl": "KL(q(z|prompt, ŷ) ‖ p(z|prompt)): how much the model's own answer surprises the prior",
     },
     read_encoders,
-    needs=frozenset({"latent", "hidden_states"}),
+    needs=frozenset({"latent", "variational", "hidden_states"}),
     name_needs={"latent_kl": frozenset({"conditional_prior", "whole_word"})},
 )
 SAMPLES = Family(
@@ -206,7 +206,7 @@ SAMPLES = Family(
         "latent_nll": "−log E_z p(ŷ|prompt, z) over S samples: the latent predictive's surprise at ŷ",
     },
     read_samples,
-    needs=frozenset({"latent", "hidden_states", "cache"}),
+    needs=frozenset({"latent", "variational", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
     prose={"cost": "`latent_mi` and `latent_nll` (the z samples of the scored position)"},

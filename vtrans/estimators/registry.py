@@ -16,7 +16,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vtrans.errors import ConfigError
-from vtrans.estimators import attention, baselines, latent, lens, margin, mc_dropout, probe, sampling
+from vtrans.estimators import (
+    adapter,
+    attention,
+    baselines,
+    ensemble,
+    latent,
+    lens,
+    margin,
+    mc_dropout,
+    probe,
+    sampling,
+)
 from vtrans.estimators.base import NEEDS, Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -27,6 +38,8 @@ FAMILIES: tuple[Family, ...] = (
     mc_dropout.FAMILY,
     latent.ENCODERS,
     latent.SAMPLES,
+    adapter.FAMILY,
+    ensemble.FAMILY,
     sampling.FAMILY,
     probe.FAMILY,
 )
@@ -113,13 +126,14 @@ def reference_of(aurocs: Mapping[str, float], among: Sequence[str] | None = None
     return max(present, key=lambda n: np.nan_to_num(aurocs[n], nan=-1.0))
 
 
-def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
+def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) -> str | None:
     """Why ``name`` cannot run with this latent and aggregate, or None when it can.
 
     Args:
         module: the trained latent (a ``LatentModel``), or only its prior's name (``standard``,
-            ``conditional``: what a checkpoint records, so that a request is checked before
-            anything loads); None without a checkpoint.
+            ``conditional``, ``deterministic``: what a checkpoint records, so that a request is
+            checked before anything loads); None without a checkpoint.
+        members: the latents of the ensemble there is (0 or 1: none).
     """
     family = family_of(name)
     needs = family.needs_of(name)
@@ -128,6 +142,10 @@ def why_not(name: str, module=None, aggregate: str = "first") -> str | None:
         return "needs a trained latent (--ckpt)"
     if "conditional_prior" in needs and prior != "conditional":
         return "needs a latent trained with prior: conditional"
+    if "variational" in needs and prior == "deterministic":
+        return "needs a variational latent: the deterministic twin has no spread"
+    if "ensemble" in needs and members < 2:
+        return "needs an ensemble of latents (crossval --ensemble M, M >= 2)"
     if family.first_token_only and aggregate != "first":
         return "reads the first completion token only: run it with --aggregate first"
     return None
@@ -139,7 +157,8 @@ def table() -> str:
     rows = [("name", "family", "needs", "score", "what it measures (higher = more uncertain)")]
     for family in FAMILIES:
         for name in family.names:
-            needs = sorted(family.needs_of(name) & {"latent", "conditional_prior"}) + (["labels"] if family.fit else [])
+            needs = sorted(family.needs_of(name) & {"latent", "variational", "conditional_prior", "ensemble"})
+            needs += ["labels"] if family.fit else []
             passes = ["extra passes"] if family.extra_passes else []
             default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")
             rows.append((name, family.name, ", ".join(needs + passes) or "-", default, family.help[name]))
