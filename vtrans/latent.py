@@ -55,6 +55,13 @@ class GaussianLatent(nn.Module):
         n_in = 2 if prior == "conditional" else 1
         self.posterior_head = GaussianHead(n_in * d_model, d_z, hidden) if prior != "deterministic" else None
         self.prior_head = GaussianHead(d_model, d_z, hidden) if prior != "standard" else None
+        if prior == "deterministic":
+            # z = the head's loc, with no noise: a zero loc layer and the zero projection would be a
+            # saddle that no gradient leaves (each one's gradient is proportional to the other), so
+            # the loc rows start as nn.Linear's do and the projection alone starts at zero (the
+            # untrained twin still leaves the logits as they were)
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.prior_head.net[-1].weight[:d_z], a=math.sqrt(5))
         self.proj = nn.Linear(d_z, d_model, bias=False)
         nn.init.zeros_(self.proj.weight)
 

@@ -140,10 +140,10 @@ def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) 
     prior = module if module is None or isinstance(module, str) else module.latent.prior
     if "latent" in needs and prior is None:
         return "needs a trained latent (--ckpt)"
-    if "conditional_prior" in needs and prior != "conditional":
-        return "needs a latent trained with prior: conditional"
     if "variational" in needs and prior == "deterministic":
         return "needs a variational latent: the deterministic twin has no spread"
+    if "conditional_prior" in needs and prior != "conditional":
+        return "needs a latent trained with prior: conditional"
     if "ensemble" in needs and members < 2:
         return "needs an ensemble of latents (crossval --ensemble M, M >= 2)"
     if family.first_token_only and aggregate != "first":
