@@ -79,6 +79,8 @@ def run_cli(args: list, capsys, quiet: bool = True) -> tuple[str, str]:
         (["--seeds", "1,1"], "distinct"),
         (["--data", "builtin:test"], "every idiom of a set"),
         (["--train_config", "nowhere.yaml"], "not found"),
+        (["--ensemble", "0"], "ensemble must be >= 1"),
+        (["--seeds", "0,1000", "--ensemble", "2"], "member m of seed s"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path, capsys):
@@ -276,6 +278,36 @@ def test_latents_loaded_from_checkpoints_score_as_the_run_that_trained_them(mixe
     results = json.loads((again / "results.json").read_text())
     assert results["protocol"]["from_checkpoints"] == str(first / "checkpoints")
     assert "loaded from" in (again / "report.md").read_text()
+
+
+def test_an_ensembles_first_member_is_the_seeds_own_latent_and_the_twin_refuses_a_spread(mixed_file, tmp_path, capsys):
+    """``--ensemble 2`` trains one more latent per fold from seed s + 1000 and keeps it; every other
+    latent estimator reads member 0, the latent a run without an ensemble trains. The twin's run
+    scores ``adapter_nll`` and says why it gives no spread."""
+    # three epochs: after one step the prior's mean, where each member's z sits, has not left 0 in either member
+    common = ["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "3",
+              "--samples", "4", "--n_boot", "100"]
+    plain, ens, twin = tmp_path / "plain", tmp_path / "ens", tmp_path / "twin"
+    run_cli([*common, "--estimators", "msp,latent_nll,adapter_nll", "--out", plain], capsys)
+    run_cli([*common, "--estimators", "msp,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi",
+             "--ensemble", "2", "--out", ens], capsys)
+    assert {p.name for p in (ens / "units").glob("*.ckpt")} == {
+        "seed0-fold0.ckpt", "seed0-fold1.ckpt", "seed0-fold0-member1.ckpt", "seed0-fold1-member1.ckpt"}
+    a = [json.loads(line) for line in (plain / "scores.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (ens / "scores.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b, strict=True):
+        for name in ("latent_nll", "adapter_nll"):  # the same latent, trained from the same seed on the same items
+            assert y["scores"][name] == x["scores"][name]
+        assert y["scores"]["ensemble_var"] >= 0 and y["scores"]["ensemble_mi"] >= 0
+    assert any(y["scores"]["ensemble_mi"] > 0 for y in b)  # two seeds, two latents: they disagree somewhere
+    results = json.loads((ens / "results.json").read_text())
+    assert [e["latents"] for e in results["fold_training"]] == [2, 2]
+    run_cli(["--train_config", REPO / "configs" / "tiny-twin.yaml", *common[2:],
+             "--estimators", "msp,adapter_nll,latent_nll,posterior_var", "--out", twin], capsys)
+    results = json.loads((twin / "results.json").read_text())
+    assert "adapter_nll" in results["estimators"] and "latent_nll" not in results["estimators"]
+    assert "deterministic twin" in results["dropped"]["latent_nll"]
+    assert results["fold_training"][0]["kl"] == 0.0
 
 
 def test_a_checkpoint_of_other_folds_is_refused(mixed_file, tmp_path, capsys):
