@@ -44,9 +44,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from vtrans import metrics, report
+from vtrans import laplace, metrics, report
 from vtrans.config import CrossvalConfig, EvalConfig
-from vtrans.data import IdiomItem
+from vtrans.data import IdiomItem, render_prompt
 from vtrans.errors import UserError
 from vtrans.estimators import registry
 from vtrans.estimators.base import Family
@@ -190,6 +190,10 @@ class CrossFit:
             members += [self.latents.latent(seed, fold, train, m)[0] for m in range(1, self.cfg.ensemble)]
         trained = time.perf_counter() - start
         idx, seconds = plan.inside(fold), {}
+        if any("laplace" in family_of(nm).needs for nm in names) and module.latent.prior == "conditional":
+            t0 = time.perf_counter()
+            module.laplace = laplace.fit(module, [render_prompt(self.eval.template, it.prefix) for it in train])
+            seconds["laplace_fit"] = time.perf_counter() - t0
         runner = Runner(self.backbone, module, replace(self.eval, seed=seed), progress=False, members=members)
         prompts, completions = [labels.prompts[i] for i in idx], [labels.completions[i] for i in idx]
         scores = runner.scores(prompts, completions, names, seconds=seconds, indices=idx)

@@ -79,6 +79,7 @@ class LatentModel(nn.Module):
             layer=layer, d_z=d_z, prior=prior, hidden=hidden, gradient_checkpointing=gradient_checkpointing
         )
         self._fingerprint: str | None = None
+        self.laplace = None  # a vtrans.laplace.LaplacePosterior, fitted after training (never in a checkpoint)
 
     @property
     def hparams(self) -> Settings:

@@ -30,6 +30,7 @@ NEEDS = {
     "conditional_prior": "a latent trained with prior: conditional",
     "variational": "a variational latent (prior: standard or conditional, not the deterministic twin)",
     "ensemble": "an ensemble of latents (crossval --ensemble M, M >= 2)",
+    "laplace": "a Laplace posterior fitted on the latent's training prompts (crossval fits one per fold)",
 }
 
 

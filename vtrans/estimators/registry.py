@@ -21,6 +21,7 @@ from vtrans.estimators import (
     attention,
     baselines,
     ensemble,
+    laplace,
     latent,
     lens,
     margin,
@@ -40,6 +41,7 @@ FAMILIES: tuple[Family, ...] = (
     latent.SAMPLES,
     adapter.FAMILY,
     ensemble.FAMILY,
+    laplace.FAMILY,
     sampling.FAMILY,
     probe.FAMILY,
 )
@@ -144,6 +146,10 @@ def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) 
         return "needs a variational latent: the deterministic twin has no spread"
     if "conditional_prior" in needs and prior != "conditional":
         return "needs a latent trained with prior: conditional"
+    if "laplace" in needs and prior != "conditional":
+        return "needs a latent trained with prior: conditional (its prior network is what the Laplace posterior is over)"
+    if "laplace" in needs and getattr(module, "laplace", None) is None:  # a checkpoint never holds one
+        return "needs a Laplace posterior fitted on the latent's training prompts (vtrans crossval fits one per fold)"
     if "ensemble" in needs and members < 2:
         return "needs an ensemble of latents (crossval --ensemble M, M >= 2)"
     if family.first_token_only and aggregate != "first":
@@ -157,7 +163,7 @@ def table() -> str:
     rows = [("name", "family", "needs", "score", "what it measures (higher = more uncertain)")]
     for family in FAMILIES:
         for name in family.names:
-            needs = sorted(family.needs_of(name) & {"latent", "variational", "conditional_prior", "ensemble"})
+            needs = sorted(family.needs_of(name) & {"latent", "variational", "conditional_prior", "ensemble", "laplace"})
             needs += ["labels"] if family.fit else []
             passes = ["extra passes"] if family.extra_passes else []
             default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")

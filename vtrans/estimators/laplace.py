@@ -1,0 +1,60 @@
+"""The spread of a Laplace posterior over the prior network's output weights (``vtrans.laplace``).
+
+Fitted after training on the latent's own training prompts (``vtrans crossval`` does it for each
+fold's latent). For a prompt, the prior's location m(x) has the predictive N(m*(x), diag v(x)),
+v_d(x) = φ(x)ᵀ H_d⁻¹ φ(x):
+
+* ``laplace_loc_var``: the mean over dimensions of v(x), the location's own spread (no extra pass);
+* over S draws m_s = m*(x) + √v(x)·ε_s (each item's ε from its own seed), with z at m_s,
+  p_s(·) = p(·|prompt, z = m_s): ``laplace_nll`` = −log (1/S) Σ_s p_s(ŷ) (the mean), ``laplace_var``
+  the variance over draws of log p_s(ŷ), and ``laplace_mi`` = (1/S) Σ_s KL(p_s ‖ p̄), the mutual
+  information between the next token and the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtrans.estimators.base import Context, Family, Forward
+from vtrans.estimators.ensemble import ensemble_stats
+from vtrans.estimators.latent import item_noise, layer_state, sample_chunks
+from vtrans.laplace import features
+
+NOISE_STREAM = 0x1A91  # these draws' seeds differ from the z draws' of the same item
+
+
+def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    module, enc, cfg = context.module, forward.enc, context.config
+    h = layer_state(forward, module)
+    h_scored = module.states(h, enc)[0]
+    loc, _ = module.latent.prior_params(h_scored)  # (B, d_z) at the trained weights
+    variance = module.laplace.location_variance(features(module, h_scored)).to(loc)  # (B, d_z)
+    eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed + NOISE_STREAM).to(loc)
+    z = loc.unsqueeze(1) + variance.sqrt().unsqueeze(1) * eps  # (B, S, d_z)
+    logits = torch.cat([part for _, part in sample_chunks(module, h, enc, forward.cache, z)])
+    y = forward.y.to(logits.device)
+    step = max(1, (1 << 20) // (logits.shape[1] * logits.shape[2]))
+    parts = [ensemble_stats(logits[a : a + step], y[a : a + step]) for a in range(0, logits.shape[0], step)]
+    stats = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return {
+        "laplace_loc_var": variance.mean(-1),
+        "laplace_nll": stats["ensemble_nll"],
+        "laplace_var": stats["ensemble_var"],
+        "laplace_mi": stats["ensemble_mi"],
+    }
+
+
+FAMILY = Family(
+    "laplace",
+    {
+        "laplace_loc_var": "mean Laplace variance of the prior's location: how far the prompt is from the training prompts",
+        "laplace_nll": "−log E_W p(ŷ) over S draws of the prior network's output weights from their Laplace posterior",
+        "laplace_var": "variance of log p(ŷ) over S draws of the prior network's output weights",
+        "laplace_mi": "mutual information between the next token and the prior network's output weights",
+    },
+    read,
+    needs=frozenset({"latent", "laplace", "hidden_states", "cache"}),
+    extra_passes=True,
+    first_token_only=True,
+    default_score=False,
+)
