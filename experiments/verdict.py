@@ -1,0 +1,192 @@
+"""Does the variational part earn its place? One table and one figure from cross-fitted runs on the same items.
+
+Reads the ``scores.jsonl`` and ``results.json`` of several ``vtrans crossval`` runs over the same
+idioms, folds and base-model completions (the labels must match item by item), and writes, for
+every estimator (from the first run, in the order given, that has it):
+
+* its AUROC on the first seed with a bootstrap interval over items, and its mean ± sd over seeds;
+* the paired Δ AUROC against the reference (``msp``, the best cheap baseline) and against
+  ``latent_nll`` (the variational latent's predictive), on the same items and seed, with a
+  paired-bootstrap interval, then the mean ± sd of the per-seed Δ;
+* its kind: a baseline (no latent), the *mean* of a latent's prediction, a *spread*, or fitted on labels;
+* its cost in forwards (the run's own accounting; the latents' training is not in it).
+
+and a figure of the mean-versus-spread story, item by item: each estimator's rank against
+``msp``'s, correct and wrong completions apart.
+
+    python experiments/verdict.py --run docs/ideas/verdict/latent --run docs/ideas/twin \\
+        --run docs/ideas/ensemble --out docs/ideas/verdict
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vtrans import metrics
+
+KIND = {
+    "msp": "baseline", "entropy": "baseline", "sample_disagreement": "baseline", "sample_word_entropy": "baseline",
+    "latent_nll": "mean", "adapter_nll": "mean", "ensemble_nll": "mean", "laplace_nll": "mean",
+    "posterior_var": "spread", "latent_kl": "spread", "latent_mi": "spread", "ensemble_var": "spread",
+    "ensemble_mi": "spread", "laplace_loc_var": "spread", "laplace_var": "spread", "laplace_mi": "spread",
+    "lens_ce": "baseline", "lens_area": "baseline", "attention_entropy": "baseline", "mc_dropout_var": "baseline",
+    "mc_dropout_entropy": "baseline", "mc_dropout_mi": "baseline", "margin": "baseline", "probe": "fitted",
+}
+FIGURE = ("latent_nll", "adapter_nll", "ensemble_nll", "posterior_var", "latent_mi", "ensemble_mi", "laplace_mi",
+          "laplace_loc_var")
+
+
+class Run:
+    """One crossval run: its items, labels, scores by seed and results."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        rows = [json.loads(line) for line in (self.folder / "scores.jsonl").read_text(encoding="utf-8").splitlines()]
+        self.results = json.loads((self.folder / "results.json").read_text(encoding="utf-8"))
+        self.idioms = [r["idiom"] for r in rows]
+        self.errors = np.array([0.0 if r["correct"] else 1.0 for r in rows])
+        self.seeds = [str(s) for s in self.results["protocol"]["seeds"]]
+        first = self.seeds[0]
+        self.scores = {first: {nm: np.array([r["scores"][nm] for r in rows]) for nm in rows[0]["scores"]}}
+        for seed in self.seeds[1:]:
+            self.scores[seed] = {nm: np.array([r["scores_by_seed"][seed][nm] for r in rows]) for nm in rows[0]["scores"]}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.scores[self.seeds[0]])
+
+    def cost(self, name: str) -> float:
+        return self.results["estimators"][name]["cost_forward_equiv"]
+
+
+def find(runs: list[Run], name: str) -> Run | None:
+    """The first run (in the order given) that has ``name``: the one the table reads it from."""
+    return next((r for r in runs if name in r.names), None)
+
+
+def paired(run: Run, name: str, other: Run, against: str, n_boot: int) -> dict | None:
+    """Δ AUROC of ``name`` minus ``against`` on the first seed (paired bootstrap) and over the seeds both have."""
+    if other is None or (run is other and name == against):
+        return None
+    seeds = [s for s in run.seeds if s in other.seeds]
+    if not seeds:
+        return None
+    s0 = seeds[0]
+    first = metrics.paired_bootstrap(metrics.auroc, run.scores[s0][name], other.scores[s0][against], run.errors, n_boot=n_boot)
+    per_seed = [metrics.auroc(run.scores[s][name], run.errors) - metrics.auroc(other.scores[s][against], run.errors) for s in seeds]
+    return {**first, "seeds": per_seed, **{f"seeds_{k}": v for k, v in metrics.spread(per_seed).items()}}
+
+
+def fmt_delta(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    lo, hi = d["ci"]
+    over = f"; {d['seeds_mean']:+.3f} ± {d['seeds_sd']:.3f} ({len(d['seeds'])})" if len(d["seeds"]) > 1 else ""
+    return f"{d['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]{over}"
+
+
+def table(runs: list[Run], n_boot: int) -> tuple[list[str], list[dict]]:
+    reference = find(runs, "msp")
+    latent = find(runs, "latent_nll")
+    lines = [
+        "| estimator | kind | run | seeds | AUROC, first seed [95% CI] | over seeds, mean ± sd | "
+        "Δ vs `msp` [95% CI]; over seeds | Δ vs `latent_nll` [95% CI]; over seeds | cost (fwd) |",
+        "|:---|:---|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    records, seen = [], set()
+    for run in runs:
+        for name in run.names:
+            if name in seen:  # read from the first run that has it
+                continue
+            seen.add(name)
+            label = name
+            s0 = run.seeds[0]
+            ci = metrics.bootstrap_ci(metrics.auroc, run.scores[s0][name], run.errors, n_boot=n_boot)
+            aurocs = [metrics.auroc(run.scores[s][name], run.errors) for s in run.seeds]
+            over = metrics.spread(aurocs)
+            record = {
+                "estimator": name, "run": str(run.folder), "kind": KIND.get(name, "other"), "seeds": run.seeds,
+                "auroc": aurocs[0], "auroc_ci": ci["ci"] if isinstance(ci, dict) else list(ci), "aurocs": aurocs,
+                "vs_msp": paired(run, name, reference, "msp", n_boot),
+                "vs_latent_nll": paired(run, name, latent, "latent_nll", n_boot),
+                "cost_forward_equiv": run.cost(name),
+            }
+            records.append(record)
+            lo, hi = record["auroc_ci"]
+            sd = f" ± {over['sd']:.3f}" if len(aurocs) > 1 else ""
+            lines.append(
+                f"| `{label}` | {record['kind']} | {run.folder.name} | {len(run.seeds)} | {aurocs[0]:.3f} [{lo:.3f}, {hi:.3f}] | "
+                f"{over['mean']:.3f}{sd} | {fmt_delta(record['vs_msp'])} | {fmt_delta(record['vs_latent_nll'])} | "
+                f"{record['cost_forward_equiv']:.2f} |"
+            )
+    return lines, records
+
+
+def figure(runs: list[Run], path: Path) -> None:
+    """Each estimator's rank (first seed) against ``msp``'s, correct and wrong completions apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = find(runs, "msp")
+    names = [nm for nm in FIGURE if find(runs, nm) is not None]
+    cols = 4
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    def rank(x):
+        return np.argsort(np.argsort(x, kind="stable"), kind="stable") / (len(x) - 1)
+
+    x = rank(reference.scores[reference.seeds[0]]["msp"])
+    wrong = reference.errors == 1
+    for ax, name in zip(axes.flat, names, strict=False):
+        run = find(runs, name)
+        y = rank(run.scores[run.seeds[0]][name])
+        ax.scatter(x[~wrong], y[~wrong], s=4, alpha=0.5, color="tab:blue", label="correct")
+        ax.scatter(x[wrong], y[wrong], s=4, alpha=0.5, color="tab:red", label="wrong")
+        auc = metrics.auroc(run.scores[run.seeds[0]][name], run.errors)
+        ax.set_title(f"{name} ({KIND.get(name, '')}), AUROC {auc:.3f}", fontsize=9)
+        ax.set_xlabel("rank of msp", fontsize=8)
+        ax.set_ylabel(f"rank of {name}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, markerscale=3, loc="upper left")
+    fig.suptitle(f"{len(x)} idioms, out-of-fold: each estimator's rank against msp's (first seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="a vtrans crossval output folder (repeat)")
+    parser.add_argument("--out", required=True, help="folder for verdict.md, verdict.json and mean_vs_spread.png")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    args = parser.parse_args(argv)
+    runs = [Run(r) for r in args.run]
+    for run in runs[1:]:
+        if run.idioms != runs[0].idioms or not np.array_equal(run.errors, runs[0].errors):
+            raise SystemExit(f"error: {run.folder} and {runs[0].folder} do not score the same items with the same labels")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, records = table(runs, args.n_boot)
+    n, acc = len(runs[0].errors), 1 - runs[0].errors.mean()
+    head = [
+        f"{n} idioms, accuracy {acc:.3f}; every score out-of-fold (5 folds). The interval is a bootstrap over items "
+        f"({args.n_boot} resamples) on the first seed; Δ is paired on the same items and seed, then the mean ± sd of "
+        "the per-seed Δ over the seeds both have. Runs: " + ", ".join(f"`{r.folder}` (seeds {', '.join(r.seeds)})" for r in runs),
+        "",
+    ]
+    (out / "verdict.md").write_text("\n".join(head + lines) + "\n", encoding="utf-8")
+    (out / "verdict.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    figure(runs, out / "mean_vs_spread.png")
+    print("\n".join(head + lines))
+
+
+if __name__ == "__main__":
+    main()

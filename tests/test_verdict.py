@@ -1,0 +1,67 @@
+"""``experiments/verdict.py``: runs paired item by item, the Δ against msp and latent_nll, refused mismatches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "verdict.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("verdict", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(folder: Path, errors: np.ndarray, seeds: list[int], scores: dict[int, dict[str, np.ndarray]]) -> Path:
+    folder.mkdir(parents=True)
+    names = list(scores[seeds[0]])
+    rows = []
+    for i, e in enumerate(errors):
+        rows.append({
+            "idiom": f"idiom {i}", "correct": bool(e == 0),
+            "scores": {nm: float(scores[seeds[0]][nm][i]) for nm in names},
+            "scores_by_seed": {str(s): {nm: float(scores[s][nm][i]) for nm in names} for s in seeds[1:]},
+        })
+    (folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {"protocol": {"seeds": seeds}, "estimators": {nm: {"cost_forward_equiv": 1.0} for nm in names}}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_pairs_runs_item_by_item_and_writes_the_table_and_figure(tmp_path):
+    verdict = load()
+    gen = np.random.default_rng(0)
+    errors = (gen.random(60) < 0.5).astype(float)
+    noise = {s: gen.normal(size=60) for s in (0, 1)}
+    latent = write_run(tmp_path / "latent", errors, [0, 1], {
+        s: {"msp": errors + 2.0 * noise[0], "latent_nll": errors + 0.5 * noise[s], "posterior_var": noise[s]} for s in (0, 1)
+    })
+    twin = write_run(tmp_path / "twin", errors, [0, 1], {
+        s: {"msp": errors + 2.0 * noise[0], "adapter_nll": errors + 0.5 * noise[s]} for s in (0, 1)
+    })
+    verdict.main(["--run", str(latent), "--run", str(twin), "--out", str(tmp_path / "out"), "--n-boot", "200"])
+    records = {r["estimator"]: r for r in json.loads((tmp_path / "out" / "verdict.json").read_text())}
+    assert set(records) == {"msp", "latent_nll", "posterior_var", "adapter_nll"}  # msp read once, from the first run
+    assert records["msp"]["vs_msp"] is None and records["latent_nll"]["vs_latent_nll"] is None
+    # the twin's score equals the latent's seed by seed: Δ exactly 0 on every seed
+    assert records["adapter_nll"]["vs_latent_nll"]["seeds"] == [0.0, 0.0]
+    assert records["latent_nll"]["vs_msp"]["delta"] > 0.1  # less noise than msp: clearly ahead
+    assert records["posterior_var"]["kind"] == "spread" and records["latent_nll"]["kind"] == "mean"
+    assert (tmp_path / "out" / "mean_vs_spread.png").stat().st_size > 10_000
+    assert "| `adapter_nll` | mean | twin | 2 |" in (tmp_path / "out" / "verdict.md").read_text()
+
+
+def test_runs_over_other_items_or_labels_are_refused(tmp_path):
+    verdict = load()
+    errors = np.array([0.0, 1.0] * 10)
+    a = write_run(tmp_path / "a", errors, [0], {0: {"msp": errors}})
+    b = write_run(tmp_path / "b", 1 - errors, [0], {0: {"msp": errors}})
+    with pytest.raises(SystemExit, match="same items"):
+        verdict.main(["--run", str(a), "--run", str(b), "--out", str(tmp_path / "out")])
