@@ -40,7 +40,7 @@ from vtrans.scorer import (
 
 PROMPT = "Complete the idiom: the early bird catches the"
 PREFIX = "the early bird catches the"
-DEFAULT = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi", "latent_nll"]
+DEFAULT = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl", "latent_mi", "latent_nll", "adapter_nll"]
 
 
 @pytest.fixture(scope="module")
