@@ -2,12 +2,14 @@
 # make test   install, lint (ruff) and run the test suite (what CI runs)
 # make bench  cost of each estimator as a ratio to one forward pass
 # make crossval  the cross-fitted comparison on all 724 built-in idioms, 5 folds x 3 seeds (docs/results.md)
+# make verdict   does the variational part earn its place? the latent, its deterministic twin and an
+#                ensemble of latents, cross-fitted on the same items, paired (docs/verdict/verdict.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install main test bench crossval clean
+.PHONY: install main test bench crossval verdict clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,19 @@ test: $(STAMP)
 
 crossval: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md --save_checkpoints
+
+# each run resumes where a killed one stopped; the last step reads the three runs and the headline
+# run's sampled-word baselines (docs/crossval) and pairs them item by item
+VERDICT_ARGS := --folds 5
+verdict: $(STAMP)
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/latent \
+		--estimators msp,entropy,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_nll,laplace_var,laplace_mi
+	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/twin \
+		--estimators msp,entropy,adapter_nll
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
+		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
+	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run docs/verdict/twin --run docs/verdict/ensemble \
+		--run docs/crossval --out docs/verdict
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py
