@@ -1,9 +1,10 @@
 # make main   install, train the latent on the embedded SmolLM2, compare every estimator on the built-in test split
 # make test   install, lint (ruff) and run the test suite (what CI runs)
 # make bench  cost of each estimator as a ratio to one forward pass
-# make crossval  the cross-fitted comparison on all 724 built-in idioms, 5 folds x 3 seeds (docs/results.md)
+# make crossval  the cross-fitted comparison on all 724 built-in idioms, 5 folds x 3 seeds (docs/crossval/report.md)
 # make verdict   does the variational part earn its place? the latent, its deterministic twin and an
-#                ensemble of latents, cross-fitted on the same items, paired (docs/verdict/verdict.md)
+#                ensemble of latents, cross-fitted on the same items, paired with the headline run's
+#                baselines: every estimator in one table (docs/results.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -33,7 +34,7 @@ test: $(STAMP)
 	VTRANS_TEST_ORDER=reverse OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 crossval: $(STAMP)
-	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --markdown docs/results.md --save_checkpoints
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --save_checkpoints
 
 # each run resumes where a killed one stopped; the last step reads the three runs and the headline
 # run's sampled-word baselines (docs/crossval) and pairs them item by item
@@ -46,7 +47,7 @@ verdict: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
 		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
 	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run docs/verdict/twin --run docs/verdict/ensemble \
-		--run docs/crossval --out docs/verdict
+		--run docs/crossval --out docs/verdict --markdown docs/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +163,60 @@ def figure(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def describe(run: Run) -> str:
+    """One line on what a run trained and scored, from its results.json."""
+    protocol = run.results["protocol"]
+    latent = protocol.get("latent") or {}
+    ensemble = protocol.get("ensemble")
+    what = f"`{protocol.get('training_config', '?')}` (prior {latent.get('prior', 'conditional')})"
+    members = f", {ensemble} latents per seed and fold" if ensemble and ensemble > 1 else ""
+    return f"`{run.folder}`: {what}, seeds {', '.join(run.seeds)}{members}; estimators {', '.join(f'`{n}`' for n in run.names)}"
+
+
+def page(runs: list[Run], lines: list[str], records: list[dict], figure_path: str) -> str:
+    """The results page: the protocol, the table (highest mean AUROC first), the figure, the runs."""
+    first = runs[0]
+    n, acc = len(first.errors), 1 - first.errors.mean()
+    protocol = first.results["protocol"]
+    order = sorted(range(len(records)), key=lambda i: -float(np.nanmean(records[i]["aurocs"])))
+    body = [lines[0], lines[1], *(lines[2 + i] for i in order)]
+    out = [
+        f"# Results: {first.results.get('model', '')}, cross-fitted",
+        "",
+        f"**{n} idioms** of `{protocol.get('data')}`, base-model accuracy **{acc:.3f}** (greedy completions). "
+        f"{protocol.get('folds')} folds dealt by a hash seeded with {protocol.get('fold_seed')}: every latent is "
+        "trained on the other folds' idioms and scores its own, so every latent score is out-of-fold. Every "
+        "setting comes from the training YAMLs and the estimators' defaults, fixed before these runs; none was "
+        "chosen on these scores.",
+        "",
+        "Each estimator is read from the first run below that has it. The interval is a percentile bootstrap over "
+        "items on the first seed; Δ is paired on the same items and seed (paired bootstrap), then the mean ± sd of "
+        "the per-seed Δ over the seeds both runs have. *Kind*: `baseline` needs no latent; `mean` is a latent's "
+        "prediction of ŷ; `spread` is a latent's uncertainty about z or about its own weights; `fitted` is fitted "
+        "on other folds' labels. Cost is in plain forwards of the base model over the same items; training a "
+        "latent is not in it (an ensemble of M trains M).",
+        "",
+        *body,
+        "",
+        "## Mean versus spread, item by item",
+        "",
+        f"![Each estimator's rank against msp's, correct and wrong completions apart]({figure_path})",
+        "",
+        "## The runs",
+        "",
+        *(f"- {describe(r)}" for r in runs),
+        "",
+        "Regenerate with `make verdict` (each run resumes from its units; `python experiments/verdict.py` pairs them).",
+    ]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="a vtrans crossval output folder (repeat)")
     parser.add_argument("--out", required=True, help="folder for verdict.md, verdict.json and mean_vs_spread.png")
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--markdown", default=None, help="also write the results page here (e.g. docs/results.md)")
     args = parser.parse_args(argv)
     runs = [Run(r) for r in args.run]
     for run in runs[1:]:
@@ -185,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "verdict.md").write_text("\n".join(head + lines) + "\n", encoding="utf-8")
     (out / "verdict.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     figure(runs, out / "mean_vs_spread.png")
+    if args.markdown:
+        md = Path(args.markdown)
+        md.write_text(page(runs, lines, records, os.path.relpath(out / "mean_vs_spread.png", md.parent)), encoding="utf-8")
     print("\n".join(head + lines))
 
 

@@ -283,6 +283,7 @@ def _results(fit: CrossFit, names, by_seed, labels: Labels, fields: dict[str, to
         "n_extra_dropped": plan.n_extra_dropped,
         "from_checkpoints": cfg.from_checkpoints,
         "self_targets": cfg.self_targets,
+        "ensemble": cfg.ensemble,
         "epochs": cfg.epochs or spec.max_epochs,
         "latent": spec.model,
         "backbone": spec.backbone,
