@@ -46,7 +46,10 @@ def test_pairs_runs_item_by_item_and_writes_the_table_and_figure(tmp_path):
     twin = write_run(tmp_path / "twin", errors, [0, 1], {
         s: {"msp": errors + 2.0 * noise[0], "adapter_nll": errors + 0.5 * noise[s]} for s in (0, 1)
     })
-    verdict.main(["--run", str(latent), "--run", str(twin), "--out", str(tmp_path / "out"), "--n-boot", "200"])
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    verdict.main(["--run", str(latent), "--run", str(twin), "--out", str(tmp_path / "out"), "--n-boot", "200",
+                  "--markdown", str(page)])
     records = {r["estimator"]: r for r in json.loads((tmp_path / "out" / "verdict.json").read_text())}
     assert set(records) == {"msp", "latent_nll", "posterior_var", "adapter_nll"}  # msp read once, from the first run
     assert records["msp"]["vs_msp"] is None and records["latent_nll"]["vs_latent_nll"] is None
@@ -56,6 +59,10 @@ def test_pairs_runs_item_by_item_and_writes_the_table_and_figure(tmp_path):
     assert records["posterior_var"]["kind"] == "spread" and records["latent_nll"]["kind"] == "mean"
     assert (tmp_path / "out" / "mean_vs_spread.png").stat().st_size > 10_000
     assert "| `adapter_nll` | mean | twin | 2 |" in (tmp_path / "out" / "verdict.md").read_text()
+    text = page.read_text()
+    assert "](../out/mean_vs_spread.png)" in text  # linked relative to the page
+    table = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
+    assert table.index("| `posterior_var`") == len(table) - 1  # highest mean AUROC first: pure noise last
 
 
 def test_runs_over_other_items_or_labels_are_refused(tmp_path):
