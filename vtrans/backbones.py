@@ -1,10 +1,15 @@
-"""The one place that knows architectures: the names of a causal LM's parts.
+"""The one place that knows architectures: where each family's parts are, in one table.
 
 Everything else in vtrans asks this module for "the blocks", "the final norm", "the
-unembedding" or "the dropout sites" of a model, and never looks at attribute names itself.
-Two families are supported: GPT-2 (the paper's GPT-2 XL) and Llama (the embedded default,
-SmolLM2-135M-Instruct). An unknown family fails loudly. Where transformers names a part for
-every architecture (``base_model``, ``get_output_embeddings``), its accessor is used.
+unembedding", "the residual branches" or "the dropout sites" of a model, and never looks at
+attribute names or branches on a family itself. :data:`ARCHITECTURES` holds one
+:class:`Architecture` per family; the accessors below read it. A model whose config's
+``model_type`` no entry lists is refused with a one-line ``BackboneError`` naming the supported
+ones. Where transformers names a part for every architecture (``base_model``,
+``get_input_embeddings``, ``get_output_embeddings``), its accessor is used.
+
+Adding a family is one entry in :data:`ARCHITECTURES` and a tiny random model of it in
+``vtrans.loading.TINY`` (``tests/test_architectures.py`` runs every entry's).
 
 Every change this module makes to a model (running some blocks only, another attention
 implementation) is a context manager that restores the model in ``finally``.
@@ -17,55 +22,193 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from vtrans.errors import BackboneError
 
-GPT2_FAMILY = ("gpt2",)
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one family's parts are.
+
+    Paths are attribute names, dotted where they go deeper: ``blocks``, ``final_norm``,
+    ``position_embedding`` and ``embedding_dropout`` from the trunk (``model.base_model``); the
+    block fields from one block. The defaults are Llama's.
+
+    Attributes:
+        name: the family, as ``Backbone.family`` reports it.
+        model_types: the configs' ``model_type`` values it covers.
+        blocks: the ``nn.ModuleList`` of transformer blocks.
+        final_norm: the norm between the last block and the unembedding.
+        position_embedding: a learned absolute position embedding added to the token embedding
+            before block 0 (GPT-2's ``wpe``); None where positions enter inside attention (rotary).
+        embedding_scale: the attribute of the token embedding module that holds the factor it
+            multiplies its output by (Gemma: √d_model); None for none. The factor is applied inside
+            the embedding module, so ``hidden_states[0]`` and any ``inputs_embeds`` fed to the trunk
+            are already scaled: the trunk never scales them again.
+        attention, mlp: a block's attention and MLP modules.
+        residual_branches: the block modules whose outputs are added to the residual stream, in
+            order; None: the attention and MLP modules themselves (Gemma adds them after a norm of
+            their own, ``post_attention_layernorm`` and ``post_feedforward_layernorm``).
+        embedding_dropout: the dropout on the embeddings (GPT-2, GPT-NeoX); None for none.
+        branch_dropout: the dropout modules on a block's residual branches (GPT-2, GPT-NeoX,
+            Phi-3); empty for a family without them, which MC dropout then inserts on
+            ``residual_branches``.
+        attention_dropout: the dropout module on a block's attention probabilities (GPT-2); the
+            attention module's own ``training`` flag switches it on.
+        logit_softcap: the config field of a tanh soft-cap on the final logits,
+            cap · tanh(logits / cap) (Gemma 2's ``final_logit_softcapping``); None for none.
+        sliding_window: every block attends only to the last ``config.sliding_window``
+            positions when the config sets one (Mistral, Phi-3).
+        layer_types: each block attends as ``config.layer_types`` says (``full_attention`` or
+            ``sliding_attention``, the window ``config.sliding_window``), and the trunk takes a
+            ready mask per layer type, as a dict (Qwen2, Qwen3, Gemma 2, Gemma 3).
+        gpt2_tokenizer: the family's tokenizer is GPT-2's BPE (a saved model without tokenizer
+            files is given it).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str = "layers"
+    final_norm: str = "norm"
+    position_embedding: str | None = None
+    embedding_scale: str | None = None
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    residual_branches: tuple[str, ...] | None = None
+    embedding_dropout: str | None = None
+    branch_dropout: tuple[str, ...] = ()
+    attention_dropout: str | None = None
+    logit_softcap: str | None = None
+    sliding_window: bool = False
+    layer_types: bool = False
+    gpt2_tokenizer: bool = False
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        "gpt2",
+        ("gpt2",),
+        blocks="h",
+        final_norm="ln_f",
+        position_embedding="wpe",
+        attention="attn",
+        embedding_dropout="drop",
+        branch_dropout=("attn.resid_dropout", "mlp.dropout"),
+        attention_dropout="attn.attn_dropout",
+        gpt2_tokenizer=True,
+    ),
+    Architecture("llama", ("llama",)),
+    Architecture("mistral", ("mistral",), sliding_window=True),
+    Architecture("qwen2", ("qwen2",), layer_types=True),
+    Architecture("qwen3", ("qwen3",), layer_types=True),  # its q/k norms live inside self_attn
+    Architecture(
+        "phi3", ("phi3",), branch_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window=True
+    ),  # fused qkv_proj and gate_up_proj live inside self_attn and mlp
+    Architecture(
+        "gemma2",
+        ("gemma2",),
+        embedding_scale="embed_scale",
+        residual_branches=("post_attention_layernorm", "post_feedforward_layernorm"),
+        logit_softcap="final_logit_softcapping",
+        layer_types=True,
+    ),
+    Architecture(
+        "gemma3",
+        ("gemma3_text",),  # Gemma3ForCausalLM; the multimodal gemma3 is not a causal LM of this shape
+        embedding_scale="embed_scale",
+        residual_branches=("post_attention_layernorm", "post_feedforward_layernorm"),
+        logit_softcap="final_logit_softcapping",
+        layer_types=True,
+    ),
+    Architecture(
+        "gpt_neox",
+        ("gpt_neox",),  # Pythia; attention and MLP both read the block input (parallel residual)
+        final_norm="final_layer_norm",
+        attention="attention",
+        embedding_dropout="emb_dropout",
+        branch_dropout=("post_attention_dropout", "post_mlp_dropout"),
+    ),
+)
+BY_MODEL_TYPE: dict[str, Architecture] = {t: a for a in ARCHITECTURES for t in a.model_types}
+
+
+def _get(root: nn.Module, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def architecture_of_type(model_type: str | None) -> Architecture:
+    """The table entry of a config's ``model_type``; an unsupported one raises ``BackboneError``."""
+    if model_type not in BY_MODEL_TYPE:
+        raise BackboneError(f"unsupported architecture {model_type!r}: vtrans supports {', '.join(BY_MODEL_TYPE)}")
+    return BY_MODEL_TYPE[model_type]
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The table entry of a Hugging Face causal LM (by its config's ``model_type``)."""
+    return architecture_of_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def family(model: nn.Module) -> str:
-    """The architecture family of a Hugging Face causal LM: ``"gpt2"`` or ``"llama"``."""
-    return family_of_type(getattr(getattr(model, "config", None), "model_type", None))
+    """The architecture family of a Hugging Face causal LM: its table entry's name (``"gpt2"``, ``"llama"``, ...)."""
+    return architecture(model).name
 
 
 def family_of_type(model_type: str | None) -> str:
     """The family of a config's ``model_type``; an unsupported one raises ``BackboneError``."""
-    if model_type in GPT2_FAMILY:
-        return "gpt2"
-    if model_type in LLAMA_FAMILY:
-        return "llama"
-    raise BackboneError(
-        f"unsupported architecture {model_type!r}: vtrans knows GPT-2 ({', '.join(GPT2_FAMILY)}) "
-        f"and Llama ({', '.join(LLAMA_FAMILY)}) models"
-    )
+    return architecture_of_type(model_type).name
 
 
 def trunk(model: nn.Module) -> nn.Module:
     """The model without its unembedding: embeddings, blocks and final norm."""
-    family(model)  # an unsupported architecture fails here, not on a missing attribute
+    architecture(model)  # an unsupported architecture fails here, not on a missing attribute
     return model.base_model
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks, in order."""
-    body = trunk(model)
-    return body.h if family(model) == "gpt2" else body.layers
+    return _get(trunk(model), architecture(model).blocks)
 
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied to the residual stream before the unembedding."""
-    body = trunk(model)
-    return body.ln_f if family(model) == "gpt2" else body.norm
+    return _get(trunk(model), architecture(model).final_norm)
 
 
 def unembedding(model: nn.Module) -> nn.Module:
-    """The linear map from the (normed) residual stream to vocabulary logits."""
-    family(model)
+    """The linear map from the (normed) residual stream to vocabulary logits (before any soft-cap)."""
+    architecture(model)
     return model.get_output_embeddings()
+
+
+def embedding_scale(model: nn.Module) -> float:
+    """The factor the token embedding multiplies its output by (1 for most families, √d_model for Gemma)."""
+    attr = architecture(model).embedding_scale
+    return 1.0 if attr is None else float(getattr(model.get_input_embeddings(), attr))
+
+
+def position_embedding(model: nn.Module) -> nn.Module | None:
+    """The learned absolute position embedding added before block 0 (GPT-2's), or None (rotary)."""
+    attr = architecture(model).position_embedding
+    return None if attr is None else _get(trunk(model), attr)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The cap of the final logits' tanh soft-capping, cap · tanh(logits / cap), or None."""
+    attr = architecture(model).logit_softcap
+    cap = None if attr is None else getattr(model.config, attr, None)
+    return None if cap is None else float(cap)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap · tanh(logits / cap) in the logits' dtype, as the model computes it; the logits unchanged for ``None``."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def n_layers(model: nn.Module) -> int:
@@ -81,35 +224,120 @@ def block_output(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every block's attention module, in order."""
+    attr = architecture(model).attention
+    return [_get(block, attr) for block in blocks(model)]
+
+
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """Every block's MLP, in order."""
+    attr = architecture(model).mlp
+    return [_get(block, attr) for block in blocks(model)]
+
+
 def residual_branches(model: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs are added to the residual stream (attention and MLP, per block)."""
-    if family(model) == "gpt2":
-        return [m for block in blocks(model) for m in (block.attn, block.mlp)]
-    return [m for block in blocks(model) for m in (block.self_attn, block.mlp)]
+    """The modules whose outputs are added to the residual stream (the attention and MLP branch of every block)."""
+    arch = architecture(model)
+    names = arch.residual_branches or (arch.attention, arch.mlp)
+    return [_get(block, name) for block in blocks(model) for name in names]
+
+
+def embedding_dropout(model: nn.Module) -> nn.Module | None:
+    """The dropout on the embeddings, or None."""
+    attr = architecture(model).embedding_dropout
+    return None if attr is None else _get(trunk(model), attr)
+
+
+def attention_dropout(model: nn.Module) -> list[nn.Module]:
+    """Every block's dropout on the attention probabilities (GPT-2's); empty for a family without it."""
+    attr = architecture(model).attention_dropout
+    return [] if attr is None else [_get(block, attr) for block in blocks(model)]
 
 
 def native_dropout(model: nn.Module) -> list[nn.Module]:
-    """Modules whose ``training`` flag switches the architecture's own dropout on.
+    """Modules whose ``training`` flag switches the architecture's own dropout on; empty for none.
 
-    GPT-2: the embedding dropout, every attention module (attention-probability dropout and
-    output dropout read ``attn.training``) and every MLP dropout. Llama has none.
+    The embedding dropout, every block's residual-branch dropout and, where the family has it,
+    the attention-probability dropout with the attention module whose ``training`` flag it reads
+    (GPT-2). Llama, Mistral, Qwen and Gemma have none.
     """
-    if family(model) != "gpt2":
-        return []
-    body = trunk(model)
-    sites: list[nn.Module] = [body.drop]
-    for block in body.h:
-        sites += [block.attn, block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout]
+    arch = architecture(model)
+    sites: list[nn.Module] = [m for m in [embedding_dropout(model)] if m is not None]
+    for block in blocks(model):
+        if arch.attention_dropout is not None:
+            sites += [_get(block, arch.attention), _get(block, arch.attention_dropout)]
+        sites += [_get(block, name) for name in arch.branch_dropout]
     return sites
 
 
 def lens_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logit lens: unembed a residual-stream state after the final norm. hidden: (..., C)."""
-    return unembedding(model)(final_norm(model)(hidden))  # (..., V)
+    """Logit lens: unembed a residual-stream state after the final norm, soft-capped as the model's logits are. hidden: (..., C)."""
+    return softcap(unembedding(model)(final_norm(model)(hidden)), logit_softcap(model))  # (..., V)
+
+
+# --------------------------------------------------------------------------- attention patterns
+
+
+def layer_types(model: nn.Module) -> list[str]:
+    """How each block attends: ``full_attention`` or ``sliding_attention`` (the last ``config.sliding_window`` positions)."""
+    arch, config = architecture(model), model.config
+    if arch.layer_types:
+        return list(config.layer_types)[: n_layers(model)]
+    sliding = arch.sliding_window and getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if sliding else "full_attention"] * n_layers(model)
+
+
+def attention_mask(
+    model: nn.Module,
+    allowed: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The ready attention mask the trunk takes for the pattern ``allowed``: 0 where a query may attend, −big elsewhere.
+
+    A sliding-window block sees only keys fewer than ``config.sliding_window`` positions back: the
+    window is taken on positions, not columns, so a layout whose columns are not its positions
+    (the frozen cache's two regions, the z samples' own keys) is masked as the plain sequence is.
+
+    Args:
+        allowed: (B, Q, K) which keys each query may see (causality and padding).
+        query_positions: (B, Q) and ``key_positions`` (B, K): the positions of the queries and keys.
+
+    Returns:
+        a (B, 1, Q, K) mask, or for a family with per-layer attention types one per type, as the
+        dict its trunk reads by ``config.layer_types``.
+    """
+    masks = {}
+    for kind in dict.fromkeys(layer_types(model)):
+        ok = allowed
+        if kind == "sliding_attention":
+            ok = ok & (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2) < model.config.sliding_window)
+        mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+        masks[kind] = mask.masked_fill(~ok, torch.finfo(dtype).min).unsqueeze(1)  # (B, 1, Q, K)
+    if architecture(model).layer_types:
+        return masks
+    (mask,) = masks.values()
+    return mask
+
+
+def full_cache() -> DynamicCache:
+    """A key/value cache that keeps every position of every block.
+
+    What transformers makes by default for a family with sliding-window blocks keeps only the
+    window in those; a forward whose keys and values are read afterwards (the z samples attend to
+    the whole prompt, the one-pass scoring lays them out again) is given this one instead. The
+    masks, not the cache, keep a sliding-window block within its window.
+    """
+    return DynamicCache()
+
+
+# --------------------------------------------------------------------------- block surgery
 
 
 class _Zero(nn.Module):
-    """Stands in for GPT-2's position embedding when the stream already carries it."""
+    """Stands in for an absolute position embedding when the stream already carries it."""
 
     def __init__(self, like: nn.Embedding) -> None:
         super().__init__()
@@ -119,23 +347,45 @@ class _Zero(nn.Module):
         return position_ids.new_zeros(*position_ids.shape, self.dim, dtype=self.dtype)
 
 
+def _set(root: nn.Module, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for name in parents:
+        root = getattr(root, name)
+    setattr(root, last, value)
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, swaps: dict[str, object]) -> Iterator[None]:
+    """Within the context the trunk's attributes ``swaps`` names hold the values given (``config.*``
+    paths the trunk's config's); every one is put back in ``finally``."""
+    body = trunk(model)
+
+    def root(path: str) -> tuple[object, str]:
+        return (body.config, path.removeprefix("config.")) if path.startswith("config.") else (body, path)
+
+    saved = {}
+    try:
+        for path, value in swaps.items():
+            obj, rest = root(path)
+            saved[path] = _get(obj, rest)
+            _set(obj, rest, value)
+        yield
+    finally:
+        for path, value in saved.items():
+            obj, rest = root(path)
+            _set(obj, rest, value)
+
+
 @contextlib.contextmanager
 def blocks_until(model: nn.Module, stop: int) -> Iterator[nn.Module]:
     """Within the context, ``trunk(model)(...).last_hidden_state`` is the raw stream after block ``stop - 1``.
 
     Only blocks ``0..stop-1`` run and the final norm is skipped; both are restored in ``finally``.
     """
-    body = trunk(model)
-    attr = "h" if family(model) == "gpt2" else "layers"
-    norm_attr = "ln_f" if family(model) == "gpt2" else "norm"
-    full, norm = getattr(body, attr), getattr(body, norm_attr)
-    try:
-        setattr(body, attr, nn.ModuleList(list(full)[:stop]))
-        setattr(body, norm_attr, nn.Identity())
-        yield body
-    finally:
-        setattr(body, attr, full)
-        setattr(body, norm_attr, norm)
+    arch = architecture(model)
+    swaps = {arch.blocks: nn.ModuleList(list(blocks(model))[:stop]), arch.final_norm: nn.Identity()}
+    with _swapped(model, swaps):
+        yield trunk(model)
 
 
 @contextlib.contextmanager
@@ -143,24 +393,22 @@ def blocks_from(model: nn.Module, start: int) -> Iterator[nn.Module]:
     """Within the context, ``model(inputs_embeds=h)`` runs only blocks ``start..L-1`` on ``h``.
 
     ``h`` is the residual stream after block ``start - 1`` (``hidden_states[start]`` of a full
-    forward). The swap is restored in ``finally``. GPT-2 adds position embeddings to its
-    inputs, which ``h`` already holds, so they are replaced by zeros for the duration.
+    forward). The swap is restored in ``finally``. An absolute position embedding (GPT-2's),
+    which ``h`` already holds, is replaced by zeros for the duration; a family with per-layer
+    attention types reads ``config.layer_types`` by the index among the blocks that run, so it is
+    cut to blocks ``start..L-1`` too. Rotary positions come from ``position_ids`` as always, and
+    the embedding scale (Gemma's) is applied inside the embedding module, which does not run.
+    Pass ``use_cache=False`` or a cache of your own: the one transformers would make is laid out
+    from the config of the whole model.
     """
-    body = trunk(model)
-    fam = family(model)
-    attr = "h" if fam == "gpt2" else "layers"
-    full = getattr(body, attr)
-    saved_wpe = body.wpe if fam == "gpt2" else None
-    try:
-        setattr(body, attr, nn.ModuleList(list(full)[start:]))
-        if fam == "gpt2":
-            body.wpe = _Zero(saved_wpe)
+    arch = architecture(model)
+    swaps: dict[str, object] = {arch.blocks: nn.ModuleList(list(blocks(model))[start:])}
+    if arch.position_embedding is not None:
+        swaps[arch.position_embedding] = _Zero(position_embedding(model))
+    if arch.layer_types:
+        swaps["config.layer_types"] = list(model.config.layer_types)[start:]
+    with _swapped(model, swaps):
         yield model
-    finally:
-        setattr(body, attr, full)
-        if fam == "gpt2":
-            body.wpe = saved_wpe
-
 
 
 @contextlib.contextmanager

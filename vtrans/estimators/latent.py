@@ -149,14 +149,15 @@ def sample_chunks(
             torch.ones(n * samples, 1, dtype=torch.bool, device=h.device),
         ).view(n, samples, -1)  # (n, S, C)
         allowed = torch.cat([before[part].unsqueeze(1).expand(n, samples, width), own.expand(n, -1, -1)], -1)
-        mask = torch.zeros(allowed.shape, dtype=stream.dtype, device=h.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(stream.dtype).min).unsqueeze(1)  # (n, 1, S, T + S)
+        queries = position[part].unsqueeze(1).expand(n, samples)  # (n, S): every sample is the scored position
+        keys = torch.cat([enc.position_ids[part], queries], 1)  # (n, T + S)
+        mask = backbones.attention_mask(model, allowed, queries, keys, stream.dtype)  # (n, 1, S, T + S) each
         prefix = FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
         with backbones.blocks_from(model, module.layer) as upper:
             logits = upper(
                 inputs_embeds=stream,
                 attention_mask=mask,
-                position_ids=position[part].unsqueeze(1).expand(n, samples),
+                position_ids=queries,
                 cache=prefix,
                 use_cache=False,
             ).logits  # (n, S, V)

@@ -1,9 +1,11 @@
 """The logit lens through the residual stream (arXiv 2412.05768).
 
 Every layer's state at the scored position is decoded with the final norm and the
-unembedding; ``lens_ce_by_layer[ℓ]`` = −log softmax(W_U·norm_f(h_ℓ))[ŷ], for ℓ = 0 (the
-embeddings) .. L (the output). Hugging Face's last hidden state is already normed, so the
-last layer is decoded without a second norm and equals the model's own logits. ``lens_ce``
+unembedding (soft-capped where the model caps its logits, Gemma 2);
+``lens_ce_by_layer[ℓ]`` = −log softmax(W_U·norm_f(h_ℓ))[ŷ], for ℓ = 0 (the embeddings, as
+block 0 sees them: scaled and position-embedded where the family does so) .. L (the output).
+Hugging Face's last hidden state is already normed, so the last layer is decoded without a
+second norm and equals the model's own logits. ``lens_ce``
 is the last layer (the output cross-entropy against the generated token, the paper's
 measure) and ``lens_area`` the mean over layers (how slowly the stream converges).
 """
@@ -44,7 +46,7 @@ def trajectory(
             the last layer is read off them instead of being unembedded again.
     """
     unembed, norm = backbones.unembedding(model), backbones.final_norm(model)
-    weight, bias = unembed.weight, getattr(unembed, "bias", None)
+    weight, bias, cap = unembed.weight, getattr(unembed, "bias", None), backbones.logit_softcap(model)
     sets = (ids, *more_ids)
     rows = torch.arange(ids.shape[0], device=ids.device)
     if first_only:
@@ -59,8 +61,8 @@ def trajectory(
     last = len(states) - 1
     decoded = states if final_logits is None else states[:-1]
     h = torch.stack([state if i == last else norm(state) for i, state in enumerate(decoded)], 1)  # (B, layers, N, C)
-    log_z = log_partition(h.flatten(0, 2), weight, bias, max_logits).view(h.shape[:3])  # (B, layers, N)
-    parts = [[log_z - linear_at(h, weight, bias, chosen.unsqueeze(1).expand(h.shape[:3]))] for chosen in sets]
+    log_z = log_partition(h.flatten(0, 2), weight, bias, max_logits, cap=cap).view(h.shape[:3])  # (B, layers, N)
+    parts = [[log_z - linear_at(h, weight, bias, chosen.unsqueeze(1).expand(h.shape[:3]), cap)] for chosen in sets]
     if final_logits is not None:  # the last layer's logits exist already: read them
         final = (final_logits[rows, enc.first_slot].unsqueeze(1) if first_only else final_logits).float()  # (B, N, V)
         final_z = final.logsumexp(-1)  # (B, N)

@@ -1,9 +1,11 @@
 """MC dropout: T stochastic passes with dropout on; variance of p(ŷ), entropy of the mean, BALD MI.
 
-GPT-2 has dropout of its own (embeddings, attention probabilities, residual branches): its
-modules are switched to training mode and given probability p. Llama-family models have none,
-so dropout is inserted on every block's residual branches (attention and MLP outputs) with
-forward hooks. Both are context managers that restore the model in ``finally``.
+A family with dropout of its own (GPT-2: embeddings, attention probabilities, residual
+branches; GPT-NeoX: embeddings and residual branches; Phi-3: residual branches; the sites are
+``vtrans.backbones``' table) has its modules switched to training mode and given probability p.
+A family with none (Llama, Mistral, Qwen, Gemma) has dropout inserted on every block's residual
+branches (what each adds to the stream) with forward hooks. Both are context managers that
+restore the model in ``finally``.
 """
 
 from __future__ import annotations
@@ -28,24 +30,24 @@ def mc_dropout(model, p: float, attention_p: float | None = None, embeddings: bo
 
     Args:
         p: dropout probability (embeddings and residual branches).
-        attention_p: attention-probability dropout (GPT-2 only); defaults to ``p``.
-        embeddings: also drop GPT-2's embedding output (off when the stream fed in is a
-            deterministic layer-k state rather than embeddings).
+        attention_p: attention-probability dropout (only a family that has it: GPT-2); defaults to ``p``.
+        embeddings: also drop the embedding output where the family has an embedding dropout (off
+            when the stream fed in is a deterministic layer-k state rather than embeddings).
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
     attention_p = p if attention_p is None else attention_p
-    if backbones.family(model) == "gpt2":
-        sites = backbones.native_dropout(model)
+    sites = backbones.native_dropout(model)
+    if sites:
         if not embeddings:
-            sites = [m for m in sites if m is not backbones.trunk(model).drop]
+            sites = [m for m in sites if m is not backbones.embedding_dropout(model)]
+        on_attention = {id(m) for m in backbones.attention_dropout(model)}
         saved = [(m, m.training, getattr(m, "p", None)) for m in sites]
         try:
             for module in sites:
                 module.train(True)
                 if isinstance(module, torch.nn.Dropout):
-                    is_attention = module in {b.attn.attn_dropout for b in backbones.blocks(model)}
-                    module.p = attention_p if is_attention else p
+                    module.p = attention_p if id(module) in on_attention else p
             yield
         finally:
             for module, training, prob in saved:
