@@ -300,7 +300,7 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
     with torch.random.fork_rng():
         torch.manual_seed(0)
         module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
-    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": module)
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: module)
     monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
     monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: None)
     config = EvalConfig(
@@ -435,7 +435,7 @@ def test_evaluate_announces_the_seen_idioms_before_loading_the_model(gpt2, idiom
     with torch.random.fork_rng():
         torch.manual_seed(0)
         module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
-    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": module)
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: module)
     _marking(monkeypatch, checkpoint, "load", "loading")
     monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})
     monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: {idiom_hash(it.idiom) for it in items[5:]})

@@ -1,5 +1,6 @@
-"""Scoring starts fast: ``vtrans score`` and ``Scorer.from_checkpoint`` import none of the
-libraries that only training, evaluation or the report need (their imports take seconds).
+"""Scoring starts fast: ``vtrans score``, ``Scorer.from_checkpoint`` and ``Scorer.from_pretrained``
+(on a model in memory) import none of the libraries that only training, evaluation or the report
+need (their imports take seconds).
 
 Each case scores the tiny checkpoint in a fresh interpreter and lists what it imported.
 """
@@ -33,6 +34,14 @@ RUNS = {
         for record in scorer.score([PROMPT, "hold your"]):
             print(json.dumps(record))
     """,
+    "pretrained": """
+        from vtrans import Backbone, Scorer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        backbone = Backbone.from_model(AutoModelForCausalLM.from_pretrained(MODEL), AutoTokenizer.from_pretrained(MODEL))
+        scorer = Scorer.from_pretrained(FOLDER, backbone=backbone, quiet=True, batch_size=2, samples=2)
+        for record in scorer.score([PROMPT, "hold your"]):
+            print(json.dumps(record))
+    """,
 }
 
 # transformers' model code imports scipy.optimize itself when scipy is installed: that much is
@@ -50,9 +59,22 @@ def run(code: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module")
+def pretrained(tiny_ckpt, tmp_path_factory) -> tuple[str, str]:
+    """The tiny checkpoint's latent saved with ``save_pretrained``, and its base model as a folder of its own."""
+    from vtrans import checkpoint
+
+    root = tmp_path_factory.mktemp("pretrained")
+    module = checkpoint.load(tiny_ckpt)
+    module.backbone.model.save_pretrained(root / "model")
+    module.backbone.tokenizer.save_pretrained(root / "model")
+    return str(module.save_pretrained(root / "latent")), str(root / "model")
+
+
 @pytest.mark.parametrize("how", RUNS)
-def test_scoring_imports_no_training_or_report_library(tiny_ckpt, how) -> None:
+def test_scoring_imports_no_training_or_report_library(tiny_ckpt, pretrained, how) -> None:
     code = f"import json, sys\nHEAVY = {HEAVY!r}\nCKPT = {str(tiny_ckpt)!r}\nPROMPT = 'Complete the idiom: the early bird catches the'\n"
+    code += f"FOLDER, MODEL = {pretrained!r}\n"
     proc = run(code + textwrap.dedent(RUNS[how]) + REPORT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stderr.strip().splitlines()[-1])

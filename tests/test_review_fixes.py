@@ -182,7 +182,7 @@ def test_prompt_only_latent_scores_do_not_change_with_the_whole_word(latent):
 def test_aggregate_refuses_the_first_token_only_estimators(latent, how, tmp_path, monkeypatch):
     from vtrans import checkpoint
 
-    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu": latent)
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: latent)
     monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
     monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: None)
     names = ["msp", *FIRST_TOKEN_ONLY, "posterior_var", "latent_kl"]

@@ -3,8 +3,12 @@
 The public API, imported on first use (so that ``import vtrans`` and the command line's
 ``--help`` stay light):
 
-* :class:`Scorer`: completions and uncertainty scores for prompts, from a trained checkpoint;
-* :class:`Backbone`: a frozen causal LM the latent is built around;
+* :class:`Scorer`: completions and uncertainty scores for prompts, from a trained checkpoint
+  or a latent saved with ``save_pretrained``;
+* :class:`Backbone`: a frozen causal LM the latent is built around, loaded by name or wrapped
+  as it is in memory (``Backbone.from_model(model, tokenizer)``);
+* :class:`LatentModel`: the latent and its backbone, to score with; ``save_pretrained`` and
+  ``from_pretrained`` write and read it as safetensors beside a JSON config;
 * :class:`EstimatorConfig`: how the estimators run; :class:`EvalConfig`, the settings of a
   comparative run (``vtrans.evaluate.evaluate``); :class:`CrossvalConfig`, those of the
   cross-fitted one (``vtrans.crossval.crossval``).
@@ -23,6 +27,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 _EXPORTS = {
     "Scorer": "vtrans.scorer",
     "Backbone": "vtrans.loading",
+    "LatentModel": "vtrans.model",
     "EstimatorConfig": "vtrans.config",
     "EvalConfig": "vtrans.config",
     "CrossvalConfig": "vtrans.config",

@@ -12,7 +12,8 @@ only, so a file crafted to run code when unpickled is refused and nothing in it 
 checkpoint names its backbone (spec and fingerprint); the backbone is loaded from that spec, or
 checked against the one given, and a mismatch is refused with both named. Loading to score
 builds the plain :class:`vtrans.model.LatentModel`: no Lightning, torchmetrics or Pyro is
-imported. The resume path (``--ckpt_path``) reads through
+imported. A folder that ``LatentModel.save_pretrained`` wrote (safetensors beside JSON) is read
+as the same plain data and loads the same way, wherever a checkpoint is asked for. The resume path (``--ckpt_path``) reads through
 ``vtrans.checkpoint_io.AtomicCheckpointIO.load_checkpoint``, with the same rules on format and
 ``weights_only``.
 
@@ -30,15 +31,18 @@ from pathlib import Path
 
 import torch
 
-from vtrans.errors import CheckpointError, UserError
-from vtrans.loading import Backbone
-from vtrans.model import LatentModel
+from vtrans.errors import CheckpointError
+from vtrans.loading import SPEC_KEYS, Backbone
+from vtrans.model import (
+    TRAINING_KEYS,  # noqa: F401  (read here before it moved to vtrans.model)
+    LatentModel,
+    read_pretrained,
+)
 
 # --------------------------------------------------------------------------- reading
 
 
 _UNSAFE = re.compile(r"Unsupported (?:global: GLOBAL \S+|operand \S+|class \S+)|Trying to load unsupported type \S+")
-BACKBONE_KEYS = ("name", "dtype", "attn_implementation")
 
 
 def _first_line(err: BaseException) -> str:
@@ -52,14 +56,18 @@ def read(path: str | Path) -> dict:
     Only the zip format that ``torch.save`` writes is accepted (the legacy pickle-stream format is
     refused before anything in it is read), its members must pass their CRC checks, and the zip's
     pickle is read by ``torch.load(weights_only=True)``, which builds tensors and plain containers only.
+    A folder is read as one that ``LatentModel.save_pretrained`` wrote (:func:`read_folder`).
 
     Raises:
         CheckpointError: a missing, empty, truncated or damaged file; a file that is not a
-            checkpoint; one that would build other objects (code) when unpickled.
+            checkpoint; one that would build other objects (code) when unpickled; a folder
+            that ``save_pretrained`` did not write.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return read_folder(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     try:
@@ -100,7 +108,7 @@ def read(path: str | Path) -> dict:
     if (
         not isinstance(spec, dict)
         or not isinstance(spec.get("name"), str)
-        or any(not isinstance(spec.get(k, ""), str) for k in BACKBONE_KEYS)
+        or any(not isinstance(spec.get(k, ""), str) for k in (*SPEC_KEYS, "source"))
         or not isinstance(record.get("fingerprint"), str)
         or not isinstance(state, dict)
         or not isinstance(ckpt.get("hyper_parameters", {}), dict)
@@ -109,9 +117,19 @@ def read(path: str | Path) -> dict:
     return ckpt
 
 
-TRAINING_KEYS = ("beta", "kl_warmup_steps", "free_bits", "elbo", "num_particles", "lr", "weight_decay", "cache_frozen")
-"""The latent settings a checkpoint records that only training reads: ``LatentLM``'s arguments
-beyond ``LatentModel``'s (named here so that scoring reads a checkpoint without importing Lightning)."""
+def read_folder(path: str | Path) -> dict:
+    """A folder that ``LatentModel.save_pretrained`` wrote, as the plain data :func:`read` gives
+    of a checkpoint: the record, the weights, the settings and the template (its split and its
+    training idioms it does not record)."""
+    config, state = read_pretrained(path)
+    contents = {
+        "vtrans": {"backbone": config["backbone"], "fingerprint": config["fingerprint"], "format": config["format_version"]},
+        "state_dict": state,
+        "hyper_parameters": config["settings"],
+    }
+    if config["template"] is not None:
+        contents["datamodule_hyper_parameters"] = {"template": config["template"]}
+    return contents
 
 
 def load(
@@ -125,56 +143,30 @@ def load(
     or with ``training`` the ``LatentLM`` that trains it.
 
     Args:
-        path: a checkpoint written by ``train.py fit``.
+        path: a checkpoint written by ``train.py fit``, or a folder written by
+            ``LatentModel.save_pretrained``.
         device: where to put the model.
-        backbone: the base model to use; default: load the one the checkpoint names. Either
-            way its fingerprint must equal the checkpoint's.
+        backbone: the base model to use; default: load the one the checkpoint names (one that
+            was a model in memory must be given). Either way its fingerprint must equal the
+            checkpoint's.
         training: build the LightningModule (``vtrans.module.LatentLM``), which checks the
             training settings too; without it those are kept in ``hparams`` unread.
         ckpt: the file's contents, where :func:`read` has read them already.
 
     Raises:
-        CheckpointError: see :func:`read`; a checkpoint of another base model (both named);
-            settings or weights that do not build this version's latent.
+        CheckpointError: see :func:`read`; a checkpoint of another base model (both named), or
+            of a model in memory not given; settings or weights that do not build this
+            version's latent (``LatentModel.from_saved``).
     """
     ckpt = read(path) if ckpt is None else ckpt
     record = ckpt["vtrans"]
-    spec = {k: record["backbone"][k] for k in BACKBONE_KEYS if k in record["backbone"]}
-    if backbone is None:
-        backbone = Backbone(**spec)
-    expected, actual = record["fingerprint"], backbone.fingerprint()
-    if expected != actual:
-        raise CheckpointError(
-            f"{path} was trained on backbone {spec['name']!r} (fingerprint {expected}), "
-            f"not on {backbone.name!r} (fingerprint {actual}): score it with the base model it was trained on"
-        )
-    hparams = hyper_parameters(ckpt)
-    try:
-        if training:
-            from vtrans.module import LatentLM
-
-            module = LatentLM(backbone, **hparams)
-        else:
-            module = _latent_model(backbone, hparams)
-    except (TypeError, ValueError, UserError) as err:
-        raise CheckpointError(f"{path} holds latent settings this version cannot build: {err}") from None
-    module._fingerprint = actual
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path} does not fit this latent: {_first_line(err)}") from None
+    if training:
+        from vtrans.module import LatentLM as cls
+    else:
+        cls = LatentModel
+    module = cls.from_saved(str(path), record["backbone"], record["fingerprint"], hyper_parameters(ckpt), ckpt["state_dict"], backbone)
+    module.template = template_in(ckpt)
     return module.to(device).eval()
-
-
-def _latent_model(backbone: Backbone, hparams: dict) -> LatentModel:
-    """A ``LatentModel`` from a checkpoint's settings; ``hparams`` keeps the training ones too, for the record."""
-    own = set(inspect.signature(LatentModel).parameters) - {"backbone"}
-    unknown = sorted(set(hparams) - own - set(TRAINING_KEYS))
-    if unknown:
-        raise TypeError(f"unknown setting(s) {', '.join(unknown)}")
-    module = LatentModel(backbone, **{k: v for k, v in hparams.items() if k in own})
-    module.hparams.update(hparams)
-    return module
 
 
 def hyper_parameters(ckpt: dict) -> dict:

@@ -38,6 +38,7 @@ from vtrans.estimators import registry
 from vtrans.estimators.base import Family
 from vtrans.estimators.registry import chosen, family_of, why_not
 from vtrans.generate import Completion
+from vtrans.loading import Backbone
 from vtrans.log import log, phase
 from vtrans.runner import Runner
 
@@ -363,15 +364,38 @@ def evaluate(
     config: EvalConfig,
     out_dir: str | Path,
     ckpt: str | None = None,
-    model: str = "smollm2",
-    device: str = "cpu",
+    model: str | None = None,
+    device: str | None = None,
     progress: bool = True,
+    backbone: Backbone | None = None,
 ) -> dict:
-    """Run the comparison and write the contract's files into ``out_dir``; returns results.json's content."""
-    from vtrans import checkpoint
-    from vtrans.loading import Backbone
+    """Run the comparison and write the contract's files into ``out_dir``; returns results.json's content.
 
-    device = distributed.rank_device(device, distributed.current())
+    Args:
+        config: the data, estimator and report settings.
+        out_dir: where the files go.
+        ckpt: a trained latent: a checkpoint, or a folder written by ``save_pretrained``; without
+            it only the estimators that need no latent run.
+        model: the base model by name (``vtrans.loading.Backbone``'s ``name``; default ``smollm2``),
+            when no ``ckpt`` names it and no ``backbone`` is given.
+        device: ``cpu``, ``cuda`` or ``cuda:N``; default: where the ``backbone`` given is, else ``cpu``.
+        progress: progress bars on stderr.
+        backbone: the base model, loaded (``Backbone.from_model`` wraps a model in memory): nothing
+            is loaded by name; a ``ckpt`` must have been trained on it (fingerprints equal).
+
+    Raises:
+        ConfigError: both ``model`` and ``backbone`` given, too few items, settings that differ
+            from the checkpoint's.
+        CheckpointError: a ``ckpt`` that is unreadable or of another base model.
+    """
+    from vtrans import checkpoint
+
+    if backbone is not None and model is not None:
+        raise ConfigError(f"give the base model by name (model={model!r}) or loaded (backbone=), not both")
+    if device is None:
+        device = "cpu" if backbone is None else str(backbone.device)
+    else:
+        device = distributed.rank_device(device, distributed.current())
 
     out = Path(out_dir)
     config = replace(config, estimators=chosen(config.estimators))
@@ -387,11 +411,11 @@ def evaluate(
     too_few = _announce(config, ckpt, checked, seen, len(items))
     with phase("loading the model", "loaded {model}") as said:
         if ckpt is not None:
-            module = checkpoint.load(ckpt, device=device)
+            module = checkpoint.load(ckpt, device=device, backbone=backbone)
             backbone = module.backbone
-            model_name = backbone.name
         else:
-            module, backbone, model_name = None, Backbone(model).to(device), model
+            module, backbone = None, (backbone or Backbone(model or "smollm2")).to(device)
+        model_name = backbone.name
         said["model"] = model_name if ckpt is None else f"{model_name} and the latent of {Path(ckpt).name}"
     dropped: dict[str, str] = {}  # estimators asked for but not run, and why
     for name in config.estimators:

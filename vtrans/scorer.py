@@ -4,6 +4,9 @@
     >>> for record in scorer.score(["Complete the idiom: the early bird catches the"]):
     ...     print(record["completion"], record["scores"]["lens_ce"])
 
+With a model of one's own already loaded, and a latent trained on it and saved with
+``save_pretrained``: ``Scorer.from_pretrained(folder, backbone=Backbone.from_model(model, tokenizer))``.
+
 For every prompt the base model (latent off) completes it, and every requested estimator
 scores that completion, exactly as in ``vtrans evaluate`` (through the same
 :class:`vtrans.runner.Runner`); there is no target, so no label.
@@ -363,25 +366,28 @@ class Scorer:
         backbone=None,
         **options: Any,
     ) -> Scorer:
-        """Load a checkpoint written by ``train.py fit`` (safely: see ``vtrans.checkpoint``).
+        """Load a checkpoint written by ``train.py fit`` (safely: see ``vtrans.checkpoint``), or a
+        folder written by ``LatentModel.save_pretrained``.
 
         The request (estimators, template, settings) is checked against what the checkpoint
         records before the base model loads.
 
         Args:
-            path: the checkpoint file.
-            device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+            path: the checkpoint file, or the folder.
+            device: ``auto`` (where the ``backbone`` given is; else CUDA when available), ``cpu``,
+                ``cuda`` or ``cuda:N`` (which moves a ``backbone`` given there).
             estimators: see :class:`Scorer`.
             template: ``ckpt`` (default): the template the latent was trained with, so that an
                 input is an idiom's beginning as in training; ``None`` (or ``"none"``): inputs
                 verbatim; or a template with one ``{prefix}`` field.
-            backbone: a loaded ``Backbone`` to check the checkpoint against (default: load the
-                one it names).
+            backbone: the base model to score with, a ``vtrans.loading.Backbone`` (one made by
+                ``Backbone.from_model`` from a model in memory, say); default: load the one the
+                checkpoint names. Either way its fingerprint must be the checkpoint's.
             options: the other keyword arguments of :class:`Scorer`.
 
         Raises:
-            vtrans.checkpoint.CheckpointError: a missing, truncated, unsafe or foreign file, or
-                a checkpoint of another base model.
+            vtrans.checkpoint.CheckpointError: a missing, truncated, unsafe or foreign file, a
+                checkpoint of another base model, or of a model in memory not given.
             vtrans.errors.ConfigError: an estimator or setting the checkpoint cannot score with.
         """
         from vtrans import checkpoint
@@ -391,11 +397,29 @@ class Scorer:
         settings = {name: options.pop(name) for name in list(options) if name in SETTINGS}
         config = replace(options.pop("config", None) or EstimatorConfig(), **settings)
         estimators, template = check_request(ckpt, estimators, template, config)
-        device = distributed.rank_device(resolve_device(device), distributed.current())
+        if backbone is not None and device == "auto":
+            device = backbone.device  # a model in memory is scored where it is
+        else:
+            device = distributed.rank_device(resolve_device(device), distributed.current())
         with log.phase("loaded {path} and its base model {model}") as info:
             module = checkpoint.load(path, device=device, backbone=backbone, ckpt=ckpt)
             info.update(path=path, model=module.backbone.name)
         return cls(module, estimators, template, config=config, **options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        backbone=None,
+        device: str = "auto",
+        estimators: list[str] | None = None,
+        template: str | None = "ckpt",
+        **options: Any,
+    ) -> Scorer:
+        """Load a latent that ``LatentModel.save_pretrained`` wrote into ``directory``: the
+        Hugging Face spelling of :meth:`from_checkpoint` (see there; ``template="ckpt"`` is the
+        template the folder records)."""
+        return cls.from_checkpoint(directory, device, estimators, template, backbone=backbone, **options)
 
     # ------------------------------------------------------------------ scoring
 
