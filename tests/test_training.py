@@ -270,6 +270,16 @@ def test_build_takes_overrides_a_loaded_backbone_and_a_fold_s_items(tiny_gpt2):
         assert "\n" not in str(err.value)
 
 
+def test_build_takes_a_loaded_backbone_with_random_weights():
+    """Its spec says ``"weights": "random"``, which the config's name implies: the two agree."""
+    from vtrans.loading import Backbone
+
+    backbone = Backbone("random:tiny-gpt2")
+    overrides = {"trainer.enable_checkpointing": False, "trainer.logger": False, "model.backbone.init_args.name": "random:tiny-gpt2"}
+    built = training.build(CONFIGS / "tiny.yaml", overrides, items=load_idioms("builtin")[:20], backbone=backbone)
+    assert built.module.backbone is backbone and built.module.backbone.spec["weights"] == "random"
+
+
 def _seeded_tiny(tmp_path) -> str:
     """tiny.yaml seeded 3 (generators, split and shuffle), two epochs, no validation or logger,
     its checkpoints in ``tmp_path/checkpoints``."""
