@@ -175,6 +175,25 @@ def test_gpt2_xl_config_is_the_papers_setting(capsys):
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", 1, "bf16-mixed")
 
 
+def test_gpt2_xl_random_is_the_papers_setting_on_random_weights(capsys):
+    paper, random = _print_config(CONFIGS / "gpt2-xl.yaml", capsys), _print_config(CONFIGS / "gpt2-xl-random.yaml", capsys)
+    assert random["model"]["backbone"]["init_args"] == {"name": "random:gpt2-xl", "dtype": "bfloat16", "attn_implementation": "sdpa"}
+    for config in (paper, random):
+        del config["model"]["backbone"]["init_args"]["name"], config["trainer"]["logger"], config["trainer"]["callbacks"]
+    assert random == paper
+
+
+def test_gemma3_config_is_smollm2_s_on_gemma3_s_middle_block(capsys):
+    smollm2, gemma = _print_config(CONFIGS / "smollm2.yaml", capsys), _print_config(CONFIGS / "gemma3-270m.yaml", capsys)
+    assert gemma["model"]["backbone"]["init_args"]["name"] == "gemma3-270m"
+    assert gemma["model"]["layer"] == 9  # the middle of Gemma 3 270M's 18 blocks
+    assert (gemma["model"]["d_z"], gemma["model"]["hidden"]) == (16, 256)
+    for config in (smollm2, gemma):
+        del config["model"]["backbone"]["init_args"]["name"], config["model"]["layer"]
+        del config["trainer"]["logger"], config["trainer"]["callbacks"]
+    assert gemma == smollm2
+
+
 def test_a_misspelled_config_key_is_refused(tmp_path, capsys):
     bad = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     bad["model"]["d_zz"] = bad["model"].pop("d_z")
