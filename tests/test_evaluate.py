@@ -467,6 +467,36 @@ def test_evaluate_announces_the_seen_idioms_before_loading_the_model(gpt2, idiom
 # --------------------------------------------------------------------------- the probe's data
 
 
+# --------------------------------------------------------------------------- random weights
+
+
+def test_evaluate_on_random_weights_says_so_everywhere_and_never_calls_its_accuracy_a_result(tmp_path, capsys):
+    out = tmp_path / "run"
+    names = ["msp", "entropy", "lens_ce"]
+    stdout, _ = run_cli(
+        ["--model", "random:tiny-gpt2", "--data", "builtin", "--max_items", "8", "--n_boot", "100",
+         "--estimators", ",".join(names), "--out", out],
+        capsys,
+    )
+    label = "random:tiny-gpt2 (random weights)"
+    results, rows = check_contract(out, names, 8, model=label)
+    assert results["random_weights"] is True and results["accuracy_is_a_result"] is False
+    report = (out / "report.md").read_text()
+    title, headline = report.splitlines()[0], report.split("\n\n")[1]
+    assert title.endswith(label)
+    assert "random weights" in headline and "not results" in headline and "accuracy **" not in headline
+    assert stdout.startswith(f"{label}: the accuracy and the AUROCs below are not results")
+
+
+def test_a_trained_models_results_carry_no_random_weights_mark(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(["--model", "tiny-gpt2", "--data", "builtin", "--max_items", "4", "--n_boot", "100", "--estimators", "msp",
+             "--out", out], capsys)
+    results, _, report = read_outputs(out)
+    assert "random_weights" not in results and "accuracy_is_a_result" not in results
+    assert "random weights" not in report and "accuracy **" in report
+
+
 # --------------------------------------------------------------------------- user errors
 
 
@@ -478,6 +508,7 @@ def test_evaluate_announces_the_seen_idioms_before_loading_the_model(gpt2, idiom
         (["--template", "Finish this idiom:"], "{prefix}"),
         (["--model", "no-such-model"], "no-such-model"),
         (["--model", "nobody/no-such-model"], "not available offline"),
+        (["--model", "random:no-such-model"], "random:gpt2-xl"),
         (["--ckpt", "/no/such/model.ckpt"], "checkpoint not found"),
         (["--max_items", "0"], "max_items must be >= 1"),
         (["--max_items", "1"], "need at least 2"),

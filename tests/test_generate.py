@@ -84,3 +84,63 @@ def test_is_correct_normalises_both_sides(text, target, expected):
 
     completion = Completion(text=text, word=first_word(text), first_token=0, word_ids=(0,))
     assert is_correct(completion, target) is expected
+
+
+# --------------------------------------------------------------------------- tokens that are not text
+
+
+@pytest.fixture(scope="module")
+def gemma3_with_image_token():
+    """A tiny Gemma 3 whose tokenizer has ``<start_of_image>`` (id 50257) as an ordinary token, as
+    Gemma 3's does, and whose head has two rows past the tokenizer's vocabulary (50258, 50259)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vtrans.loading import TINY, gpt2_tokenizer
+
+    kw = dict(TINY["tiny-gemma3"], vocab_size=50260)
+    config = AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    tokenizer = gpt2_tokenizer()
+    tokenizer.add_tokens(["<start_of_image>"])  # not special: decoding keeps it, as Gemma 3's GGUF tokenizer does
+    assert model.config.num_hidden_layers == 4 and len(tokenizer) == 50258
+    return Backbone.from_model(model, tokenizer)
+
+
+def _forced(model, token: int):
+    """Within the context the model's logits put ``token`` far ahead of every other one."""
+    from vtrans.backbones import unembedding
+
+    def hook(module, args, output):
+        output[..., token] += 1e4
+        return output
+
+    return unembedding(model).register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("token", [50257, 50259], ids=["start_of_image", "past-the-tokenizer"])
+def test_a_token_that_is_not_text_is_never_generated_even_as_the_argmax(gemma3_with_image_token, token):
+    from vtrans.backbones import non_text_ids
+    from vtrans.generate import generate_batch
+
+    backbone = gemma3_with_image_token
+    model, tokenizer = backbone.model, backbone.tokenizer
+    assert non_text_ids(model, tokenizer) == [50257, 50258, 50259]
+    handle = _forced(model, token)
+    try:
+        completions, generation = generate_batch(model, tokenizer, PROMPTS, max_new_tokens=4, logits=True)
+        sampled = complete(model, tokenizer, PROMPTS, max_new_tokens=4, do_sample=True, seed=3)
+    finally:
+        handle.remove()
+    assert (generation.logits.argmax(-1) == token).all()  # the logits kept are the model's own: it wanted the token
+    width = generation.prompt_width
+    for completion in [*completions, *sampled]:
+        assert token not in completion.word_ids and completion.first_token != token
+        assert "<start_of_image>" not in completion.text
+    assert not (generation.sequences[:, width:] >= 50257).any()
+
+
+def test_a_family_without_non_text_tokens_suppresses_nothing_that_its_tokenizer_writes(gpt2):
+    from vtrans.backbones import non_text_ids
+
+    assert non_text_ids(gpt2.model, gpt2.tokenizer) == []

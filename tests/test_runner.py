@@ -92,6 +92,25 @@ def test_latent_samples_read_the_forward_like_the_training_decoder(latent):
     assert (expected[:, 0] - expected[:, 1]).abs().max() > 1e-3  # z moves the logits: a real check
 
 
+def test_z_sample_chunks_are_bounded_by_the_vocabulary(latent, monkeypatch):
+    """A chunk holds at most ``max_logits`` logits (one item's S samples at least): Gemma 3's 262,144
+    tokens run a quarter of the rows SmolLM2's 49,152 do; the logits are the same in any chunking."""
+    assert latent_estimators.chunk_rows(49_152) == latent_estimators.chunk_rows(50_257) == 512
+    assert latent_estimators.chunk_rows(262_144) == 128
+    tok = latent.backbone.tokenizer
+    enc = encode(tok, PROMPTS, [list(c.word_ids) for c in _completions(tok)])
+    forward = run_forward(latent.backbone.model, enc, hidden_states=True, cache=True)
+    h, vocab = forward.hidden_states[latent.layer], latent.backbone.model.config.vocab_size
+    z = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    whole = latent_estimators.sample_logits(latent, h, enc, forward.cache, z)  # 15 rows: one chunk
+    real = latent_estimators.chunk_rows
+    monkeypatch.setattr(latent_estimators, "chunk_rows", lambda v: real(v, max_logits=10 * vocab))  # 10 rows: 2 items
+    chunks = [logits.shape for _, logits in latent_estimators.sample_chunks(latent, h, enc, forward.cache, z)]
+    assert chunks == [(2, 5, vocab), (1, 5, vocab)]
+    assert_close(torch.cat([c for _, c in latent_estimators.sample_chunks(latent, h, enc, forward.cache, z)]), whole,
+                 rtol=1e-5, atol=1e-5)
+
+
 def test_a_new_family_is_one_entry(latent, monkeypatch):
     """A family added to the registry is planned, gets what it needs and is read like the others."""
 

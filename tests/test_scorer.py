@@ -416,3 +416,16 @@ def test_jsonl_fields_pass_through_into_records(capsys, tmp_path, tiny_ckpt) -> 
     assert records[0]["meta"] == {"source": "x"} and "scores" in records[0]
     assert records[1]["error"] == "line 2: empty prompt"
     assert records[2]["completion_word"] == first_word(records[2]["completion"])
+
+
+def test_every_record_of_a_model_with_random_weights_says_so():
+    """Records of a latent on ``random:NAME``, errors too; a trained model's records have no such field."""
+    from vtrans.loading import Backbone
+    from vtrans.model import LatentModel
+    from vtrans.scorer import Scorer
+
+    for name, marked in [("random:tiny-gpt2", True), ("tiny-gpt2", False)]:
+        scorer = Scorer(LatentModel(Backbone(name), layer=2, d_z=4, hidden=8).eval(), ["msp", "latent_nll"], quiet=True, samples=4)
+        records = list(scorer.score(["spill the", "   ", "once in a blue"]))
+        assert "error" in records[1] and "scores" in records[0]
+        assert all(r.get("random_weights", False) is marked for r in records), records

@@ -175,6 +175,25 @@ def test_gpt2_xl_config_is_the_papers_setting(capsys):
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", 1, "bf16-mixed")
 
 
+def test_gpt2_xl_random_is_the_papers_setting_on_random_weights(capsys):
+    paper, random = _print_config(CONFIGS / "gpt2-xl.yaml", capsys), _print_config(CONFIGS / "gpt2-xl-random.yaml", capsys)
+    assert random["model"]["backbone"]["init_args"] == {"name": "random:gpt2-xl", "dtype": "bfloat16", "attn_implementation": "sdpa"}
+    for config in (paper, random):
+        del config["model"]["backbone"]["init_args"]["name"], config["trainer"]["logger"], config["trainer"]["callbacks"]
+    assert random == paper
+
+
+def test_gemma3_config_is_smollm2_s_on_gemma3_s_middle_block(capsys):
+    smollm2, gemma = _print_config(CONFIGS / "smollm2.yaml", capsys), _print_config(CONFIGS / "gemma3-270m.yaml", capsys)
+    assert gemma["model"]["backbone"]["init_args"]["name"] == "gemma3-270m"
+    assert gemma["model"]["layer"] == 9  # the middle of Gemma 3 270M's 18 blocks
+    assert (gemma["model"]["d_z"], gemma["model"]["hidden"]) == (16, 256)
+    for config in (smollm2, gemma):
+        del config["model"]["backbone"]["init_args"]["name"], config["model"]["layer"]
+        del config["trainer"]["logger"], config["trainer"]["callbacks"]
+    assert gemma == smollm2
+
+
 def test_a_misspelled_config_key_is_refused(tmp_path, capsys):
     bad = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     bad["model"]["d_zz"] = bad["model"].pop("d_z")
@@ -268,6 +287,16 @@ def test_build_takes_overrides_a_loaded_backbone_and_a_fold_s_items(tiny_gpt2):
         with pytest.raises(ConfigError, match=named) as err:
             training.build(CONFIGS / "tiny.yaml", bad, backbone=tiny_gpt2)
         assert "\n" not in str(err.value)
+
+
+def test_build_takes_a_loaded_backbone_with_random_weights():
+    """Its spec says ``"weights": "random"``, which the config's name implies: the two agree."""
+    from vtrans.loading import Backbone
+
+    backbone = Backbone("random:tiny-gpt2")
+    overrides = {"trainer.enable_checkpointing": False, "trainer.logger": False, "model.backbone.init_args.name": "random:tiny-gpt2"}
+    built = training.build(CONFIGS / "tiny.yaml", overrides, items=load_idioms("builtin")[:20], backbone=backbone)
+    assert built.module.backbone is backbone and built.module.backbone.spec["weights"] == "random"
 
 
 def _seeded_tiny(tmp_path) -> str:

@@ -69,6 +69,9 @@ class Architecture:
             ready mask per layer type, as a dict (Qwen2, Qwen3, Gemma 2, Gemma 3).
         gpt2_tokenizer: the family's tokenizer is GPT-2's BPE (a saved model without tokenizer
             files is given it).
+        non_text_tokens: tokens of the family's tokenizer that stand for something other than text
+            and that its models can emit (Gemma 3's image markers, which its tokenizer does not mark
+            as special): completions never contain them (:func:`non_text_ids`).
     """
 
     name: str
@@ -87,6 +90,7 @@ class Architecture:
     sliding_window: bool = False
     layer_types: bool = False
     gpt2_tokenizer: bool = False
+    non_text_tokens: tuple[str, ...] = ()
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -124,6 +128,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         residual_branches=("post_attention_layernorm", "post_feedforward_layernorm"),
         logit_softcap="final_logit_softcapping",
         layer_types=True,
+        # the text-only models share the multimodal tokenizer; Gemma 3 270M emits <start_of_image> after bare prompts
+        non_text_tokens=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
     ),
     Architecture(
         "gpt_neox",
@@ -269,6 +275,20 @@ def native_dropout(model: nn.Module) -> list[nn.Module]:
             sites += [_get(block, arch.attention), _get(block, arch.attention_dropout)]
         sites += [_get(block, name) for name in arch.branch_dropout]
     return sites
+
+
+def non_text_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Token ids the model can emit that are not text: generation suppresses them (``vtrans.generate``).
+
+    The family's ``non_text_tokens`` that the tokenizer has, and every row of the unembedding past
+    the tokenizer's vocabulary (a head padded to a round size has rows no token decodes from).
+    """
+    ids = set(range(len(tokenizer), unembedding(model).weight.shape[0]))
+    for token in architecture(model).non_text_tokens:
+        i = tokenizer.convert_tokens_to_ids(token)  # the unknown token's id (or None) where it has none
+        if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token:
+            ids.add(i)
+    return sorted(ids)
 
 
 def lens_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,8 @@ def evaluate_command(
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
         log.log.warning(f"not run: {', '.join(names)}: {why}")
+    if results.get("random_weights"):
+        print(f"{results['model']}: the accuracy and the AUROCs below are not results\n")
     print(format_table(results))
     print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots")
     return None
@@ -160,6 +162,8 @@ def crossval_command(
     results = crossval(settings, out, markdown, device=device, progress=not quiet)
     for name, why in results.get("dropped", {}).items():
         log.log.warning(f"not run: {name}: {why}")
+    if results.get("random_weights"):
+        print(f"{results['model']}: the accuracy and the AUROCs below are not results\n")
     print(format_table(results))
     print(f"\nwrote {out}/results.json, scores.jsonl, report.md and plots ({results['seconds_total'] / 60:.1f} min)")
 

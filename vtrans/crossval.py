@@ -290,7 +290,8 @@ def _results(fit: CrossFit, names, by_seed, labels: Labels, fields: dict[str, to
     }
     extra = {"protocol": protocol, "config": asdict(fit.eval), "seconds": seconds}
     results = report.build_results(
-        fit.backbone.name, rows, cost, n_boot=fit.eval.n_boot, seed=0, reference=reference, extra=extra
+        fit.backbone.label, rows, cost, n_boot=fit.eval.n_boot, seed=0, reference=reference, extra=extra,
+        random_weights=fit.backbone.random_weights,
     )
     for nm in names:
         values = np.array(aurocs[nm], dtype=float)

@@ -415,7 +415,7 @@ def evaluate(
             backbone = module.backbone
         else:
             module, backbone = None, (backbone or Backbone(model or "smollm2")).to(device)
-        model_name = backbone.name
+        model_name = backbone.label  # "... (random weights)" where they are
         said["model"] = model_name if ckpt is None else f"{model_name} and the latent of {Path(ckpt).name}"
     dropped: dict[str, str] = {}  # estimators asked for but not run, and why
     for name in config.estimators:
@@ -459,7 +459,9 @@ def evaluate(
         "keep_seen": config.keep_seen,
     }
     extra.update(fits)
-    results = report.build_results(model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, extra=extra)
+    results = report.build_results(
+        model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, extra=extra, random_weights=backbone.random_weights
+    )
     if runner.shard.rank == 0:  # under a process group every rank holds the results; one writes them
         out.mkdir(parents=True, exist_ok=True)
         report.write_scores_jsonl(out / "scores.jsonl", rows)

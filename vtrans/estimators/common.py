@@ -82,13 +82,17 @@ def linear_at(
     return softcap(logit.to(weight.dtype), cap).float()
 
 
-def predictive_stats(logits: torch.Tensor, y: torch.Tensor, logits_per_chunk: int = 1 << 20) -> dict[str, torch.Tensor]:
+def predictive_stats(
+    logits: torch.Tensor, y: torch.Tensor, logits_per_chunk: int = 1 << 20, max_logits: int = 1 << 26
+) -> dict[str, torch.Tensor]:
     """Spread of predictions over samples.
 
     On a CPU, items are read a few at a time, about ``logits_per_chunk`` numbers (8 MiB in
     float32): the passes over an item's (S, V) logits then read from cache, not memory
     (SmolLM2, 16 items × 32 samples: 150 ms in one piece, 50 ms an item at a time). A GPU
-    takes the batch in one piece (one set of kernels).
+    takes up to ``max_logits`` at once (64 Mi; the float64 copies of each are 512 MiB), in as few
+    sets of kernels as that allows: a batch of SmolLM2's in one piece, Gemma 3's 5× larger
+    vocabulary in several.
 
     Args:
         logits: (B, S, V) one next-token distribution per sample.
@@ -99,7 +103,7 @@ def predictive_stats(logits: torch.Tensor, y: torch.Tensor, logits_per_chunk: in
         nll: −log mean p(ŷ), the surprise of the averaged predictive at ŷ (taken in log space).
     """
     batch, samples, vocab = logits.shape
-    step = max(1, logits_per_chunk // (samples * vocab)) if logits.device.type == "cpu" else batch
+    step = max(1, (logits_per_chunk if logits.device.type == "cpu" else max_logits) // (samples * vocab))
     if step >= batch:
         return _predictive_stats(logits, y)
     parts = [_predictive_stats(logits[a : a + step], y[a : a + step]) for a in range(0, batch, step)]

@@ -104,17 +104,27 @@ def z_noise(
     raise ValueError(f"draws must be random, antithetic or sobol, got {draws!r}")
 
 
-def sample_logits(module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int = 512) -> torch.Tensor:
+def sample_logits(
+    module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int | None = None
+) -> torch.Tensor:
     """Next-token logits at the scored position for each sample of z, (B, S, V) (see :func:`sample_chunks`)."""
     return torch.cat([logits for _, logits in sample_chunks(module, h, enc, cache, z, rows_per_chunk)])
 
 
+def chunk_rows(vocab: int, max_logits: int = 1 << 25, most: int = 512) -> int:
+    """How many items × samples :func:`sample_chunks` runs at once: ``most``, fewer where the
+    vocabulary is large, so that a chunk's logits stay within ``max_logits`` (32 Mi: 128 MiB in
+    float32). SmolLM2 (49,152 tokens) and GPT-2 (50,257) run 512 rows; Gemma 3 (262,144) 128."""
+    return max(1, min(most, max_logits // vocab))
+
+
 @torch.no_grad()
 def sample_chunks(
-    module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int = 512
+    module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int | None = None
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Next-token logits at the scored position for each sample of z, item chunk by item chunk:
-    ``(items, (n, S, V))`` pairs of at most ``rows_per_chunk`` rows, so memory stays bounded.
+    ``(items, (n, S, V))`` pairs of at most ``rows_per_chunk`` rows (but one item's S samples at
+    least), so memory stays bounded whatever the batch and the vocabulary.
 
     Only the scored position runs again, once per sample, through the blocks above the latent.
     Everything before it does not depend on z: its keys and values are the shared forward's
@@ -126,9 +136,11 @@ def sample_chunks(
         h: (B, T, C) the stream after block k.
         cache: the shared forward's keys and values (every block).
         z: (B, S, d_z) the samples.
-        rows_per_chunk: items × samples run at once.
+        rows_per_chunk: items × samples run at once; default :func:`chunk_rows` of the vocabulary.
     """
     model = module.backbone.model
+    if rows_per_chunk is None:
+        rows_per_chunk = chunk_rows(backbones.unembedding(model).weight.shape[0])
     batch, samples, _ = z.shape
     width = enc.input_ids.shape[1]
     rows = torch.arange(batch, device=h.device)
