@@ -55,8 +55,8 @@ verdict: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-latent \
 		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_mi,laplace_nll
-	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run docs/verdict/twin --run docs/verdict/ensemble \
-		--run docs/crossval --transfer docs/verdict/transfer-latent --transfer docs/verdict/transfer-twin \
+	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run twin=docs/verdict/twin --run docs/verdict/ensemble \
+		--run docs/crossval --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
 		--out docs/verdict --markdown docs/results.md
 
 bench: $(STAMP)

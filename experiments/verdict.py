@@ -14,8 +14,8 @@ every estimator (from the first run, in the order given, that has it):
 and a figure of the mean-versus-spread story, item by item: each estimator's rank against
 ``msp``'s, correct and wrong completions apart.
 
-    python experiments/verdict.py --run docs/ideas/verdict/latent --run docs/ideas/twin \\
-        --run docs/ideas/ensemble --out docs/ideas/verdict
+    python experiments/verdict.py --run docs/verdict/latent --run twin=docs/verdict/twin \\
+        --run docs/verdict/ensemble --run docs/crossval --out docs/verdict
 """
 
 from __future__ import annotations
@@ -37,31 +37,40 @@ KIND = {
     "lens_ce": "baseline", "lens_area": "baseline", "attention_entropy": "baseline", "mc_dropout_var": "baseline",
     "mc_dropout_entropy": "baseline", "mc_dropout_mi": "baseline", "margin": "baseline", "probe": "fitted",
 }
-FIGURE = ("latent_nll", "adapter_nll", "ensemble_nll", "posterior_var", "latent_mi", "ensemble_mi", "laplace_mi",
-          "laplace_loc_var")
+FIGURE = ("latent_nll", "adapter_nll (twin)", "ensemble_nll", "posterior_var", "latent_mi", "laplace_var",
+          "ensemble_var", "ensemble_mi")
 
 
 class Run:
     """One crossval run: its items, labels, scores by seed and results."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, spec: str) -> None:
+        tag, _, folder = spec.rpartition("=")
+        self.folder, self.tag = Path(folder), tag  # TAG=FOLDER: its estimators read "name (TAG)", kept apart
         rows = [json.loads(line) for line in (self.folder / "scores.jsonl").read_text(encoding="utf-8").splitlines()]
         self.results = json.loads((self.folder / "results.json").read_text(encoding="utf-8"))
         self.idioms = [r["idiom"] for r in rows]
         self.errors = np.array([0.0 if r["correct"] else 1.0 for r in rows])
         self.seeds = [str(s) for s in self.results["protocol"]["seeds"]]
         first = self.seeds[0]
-        self.scores = {first: {nm: np.array([r["scores"][nm] for r in rows]) for nm in rows[0]["scores"]}}
+        self.scores = {first: {self.label(nm): np.array([r["scores"][nm] for r in rows]) for nm in rows[0]["scores"]}}
         for seed in self.seeds[1:]:
-            self.scores[seed] = {nm: np.array([r["scores_by_seed"][seed][nm] for r in rows]) for nm in rows[0]["scores"]}
+            self.scores[seed] = {
+                self.label(nm): np.array([r["scores_by_seed"][seed][nm] for r in rows]) for nm in rows[0]["scores"]
+            }
+        self.costs = {self.label(nm): v["cost_forward_equiv"] for nm, v in self.results["estimators"].items()}
+
+    def label(self, name: str) -> str:
+        """How the table names an estimator of this run: the seed-free baselines as they are, the others
+        with the run's tag."""
+        return name if not self.tag or KIND.get(name) == "baseline" else f"{name} ({self.tag})"
 
     @property
     def names(self) -> list[str]:
         return list(self.scores[self.seeds[0]])
 
     def cost(self, name: str) -> float:
-        return self.results["estimators"][name]["cost_forward_equiv"]
+        return self.costs[name]
 
 
 def find(runs: list[Run], name: str) -> Run | None:
@@ -110,7 +119,7 @@ def table(runs: list[Run], n_boot: int) -> tuple[list[str], list[dict]]:
             aurocs = [metrics.auroc(run.scores[s][name], run.errors) for s in run.seeds]
             over = metrics.spread(aurocs)
             record = {
-                "estimator": name, "run": str(run.folder), "kind": KIND.get(name, "other"), "seeds": run.seeds,
+                "estimator": name, "run": str(run.folder), "kind": KIND.get(name.split(" (")[0], "other"), "seeds": run.seeds,
                 "auroc": aurocs[0], "auroc_ci": ci["ci"] if isinstance(ci, dict) else list(ci), "aurocs": aurocs,
                 "vs_msp": paired(run, name, reference, "msp", n_boot),
                 "vs_latent_nll": paired(run, name, latent, "latent_nll", n_boot),
@@ -150,7 +159,7 @@ def figure(runs: list[Run], path: Path) -> None:
         ax.scatter(x[~wrong], y[~wrong], s=4, alpha=0.5, color="tab:blue", label="correct")
         ax.scatter(x[wrong], y[wrong], s=4, alpha=0.5, color="tab:red", label="wrong")
         auc = metrics.auroc(run.scores[run.seeds[0]][name], run.errors)
-        ax.set_title(f"{name} ({KIND.get(name, '')}), AUROC {auc:.3f}", fontsize=9)
+        ax.set_title(f"{name}: {KIND.get(name.split(' (')[0], '')}, AUROC {auc:.3f}", fontsize=9)
         ax.set_xlabel("rank of msp", fontsize=8)
         ax.set_ylabel(f"rank of {name}", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -217,8 +226,10 @@ def page(
         "items on the first seed; Δ is paired on the same items and seed (paired bootstrap), then the mean ± sd of "
         "the per-seed Δ over the seeds both runs have. *Kind*: `baseline` needs no latent; `mean` is a latent's "
         "prediction of ŷ; `spread` is a latent's uncertainty about z or about its own weights; `fitted` is fitted "
-        "on other folds' labels. Cost is in plain forwards of the base model over the same items; training a "
-        "latent is not in it (an ensemble of M trains M).",
+        "on other folds' labels. Cost is in plain forwards of the base model over the same items, from each run's "
+        "own timing; training a latent is not in it (an ensemble of M trains M). Runs that shared the CPU with "
+        "other runs time their parts under different loads, so these costs are rough; `make bench` measures "
+        "them side by side.",
         "",
         *body,
         "",
@@ -238,7 +249,10 @@ def page(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True, help="a vtrans crossval output folder (repeat)")
+    parser.add_argument(
+        "--run", action="append", required=True,
+        help="a vtrans crossval output folder, or TAG=FOLDER to keep its latent estimators apart as 'name (TAG)' (repeat)",
+    )
     parser.add_argument("--out", required=True, help="folder for verdict.md, verdict.json and mean_vs_spread.png")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--markdown", default=None, help="also write the results page here (e.g. docs/results.md)")
