@@ -7,9 +7,11 @@ import copy
 
 import pytest
 import torch
+from test_estimators import (
+    _logits_with_z as logits_with_z,  # a hook on the model itself: not the estimators' path
+)
 from torch.testing import assert_close
 
-from vtrans import backbones
 from vtrans.estimators import adapter
 from vtrans.estimators.base import context_for, run_forward
 from vtrans.estimators.registry import why_not
@@ -39,27 +41,6 @@ def randomized(backbone, prior: str, seed: int = 0) -> LatentLM:
                     head.net[-1].bias[:4].normal_(0.0, 0.5)
             module.latent.proj.weight.normal_(0.0, 2.0)
     return module
-
-
-def logits_with_z(module, enc, z: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the scored position of a plain forward with proj(z) added after block k
-    (a hook on the model itself: not the code path the estimators use)."""
-    model = module.backbone.model
-    delta = module.latent.proj(z)  # (B, C)
-    where = enc.after_scored.unsqueeze(-1).float()
-
-    def add_z(mod, args, output):
-        if isinstance(output, tuple):
-            return (output[0] + where * delta.unsqueeze(1), *output[1:])
-        return output + where * delta.unsqueeze(1)
-
-    handle = backbones.blocks(model)[module.layer - 1].register_forward_hook(add_z)
-    try:
-        with torch.no_grad():
-            out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids)
-    finally:
-        handle.remove()
-    return out.logits[torch.arange(z.shape[0]), enc.scored].float()
 
 
 def mean_by_hand(module, enc) -> torch.Tensor:

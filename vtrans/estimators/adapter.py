@@ -19,14 +19,19 @@ from vtrans.estimators.common import predictive_stats
 from vtrans.estimators.latent import layer_state, sample_chunks
 
 
-def nll_at_mean(module, forward: Forward) -> torch.Tensor:
-    """(B,) −log p(ŷ | prompt, z = the mean of z) under ``module``, from the shared forward's states and cache."""
+def logits_at_mean(module, forward: Forward) -> torch.Tensor:
+    """(B, 1, V) next-token logits at the scored position under ``module``, z at its mean, from the
+    shared forward's states and cache."""
     enc = forward.enc
     h = layer_state(forward, module)
     z = module.latent.mean(module.states(h, enc)[0]).unsqueeze(1)  # (B, 1, d_z)
-    y = forward.y
-    parts = [predictive_stats(logits, y[part])["nll"] for part, logits in sample_chunks(module, h, enc, forward.cache, z)]
-    return torch.cat(parts)
+    return torch.cat([logits for _, logits in sample_chunks(module, h, enc, forward.cache, z)])
+
+
+def nll_at_mean(module, forward: Forward) -> torch.Tensor:
+    """(B,) −log p(ŷ | prompt, z = the mean of z) under ``module``."""
+    logits = logits_at_mean(module, forward)
+    return predictive_stats(logits, forward.y.to(logits.device))["nll"]
 
 
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:

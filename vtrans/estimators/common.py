@@ -99,7 +99,7 @@ def predictive_stats(
         y: (B,) the generated token ŷ.
 
     Returns:
-        var: variance over samples of p(ŷ); entropy: H(mean p); mi: H(mean p) − mean H(p) (BALD);
+        var: variance over samples of p(ŷ); log_var: variance over samples of log p(ŷ); entropy: H(mean p); mi: H(mean p) − mean H(p) (BALD);
         nll: −log mean p(ŷ), the surprise of the averaged predictive at ŷ (taken in log space).
     """
     batch, samples, vocab = logits.shape
@@ -127,6 +127,7 @@ def _predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.
     kl = (probs * (logp - log_mean.unsqueeze(1))).sum(-1)  # (B, S): KL(p_s ‖ p̄) ≥ 0
     return {
         "var": logp_y.exp().var(1, unbiased=False).float(),
+        "log_var": logp_y.var(1, unbiased=False).float(),
         "entropy": (-(log_mean.exp() * log_mean).sum(-1)).float(),
         "mi": kl.mean(1).clamp_min(0.0).float(),
         "nll": (math.log(samples) - torch.logsumexp(logp_y, dim=1)).float(),

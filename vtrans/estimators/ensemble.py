@@ -14,45 +14,28 @@ weights alone, as in a deep ensemble (Lakshminarayanan et al., 2017):
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from vtrans.estimators.adapter import logits_at_mean
 from vtrans.estimators.base import Context, Family, Forward
-from vtrans.estimators.latent import layer_state, sample_chunks
+from vtrans.estimators.common import predictive_stats
 
 
 def member_logits(members, forward: Forward) -> torch.Tensor:
     """(B, M, V) each member's next-token logits at the scored position, z at its mean."""
-    enc, columns = forward.enc, []
-    for module in members:
-        h = layer_state(forward, module)
-        z = module.latent.mean(module.states(h, enc)[0]).unsqueeze(1)  # (B, 1, d_z)
-        columns.append(torch.cat([logits for _, logits in sample_chunks(module, h, enc, forward.cache, z)]))
-    return torch.cat(columns, 1)
+    return torch.cat([logits_at_mean(module, forward) for module in members], 1)
 
 
 def ensemble_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three scores from (B, M, V) member logits and (B,) ŷ, in float64 (see
-    ``vtrans.estimators.common.predictive_stats`` for why the MI is a mean KL)."""
-    members = logits.shape[1]
-    logp = torch.log_softmax(logits.double(), dim=-1)  # (B, M, V)
-    log_mean = torch.logsumexp(logp, dim=1) - math.log(members)  # (B, V)
-    logp_y = logp.gather(-1, y.view(-1, 1, 1).expand(-1, members, 1)).squeeze(-1)  # (B, M)
-    kl = (logp.exp() * (logp - log_mean.unsqueeze(1))).sum(-1)  # (B, M)
-    return {
-        "ensemble_nll": (-log_mean.gather(-1, y.view(-1, 1)).squeeze(-1)).float(),
-        "ensemble_var": logp_y.var(1, unbiased=False).float(),
-        "ensemble_mi": kl.mean(1).clamp_min(0.0).float(),
-    }
+    """The three scores from (B, M, V) member logits and (B,) ŷ: ``predictive_stats`` over the
+    members (float64, a few items at a time on a CPU; see there why the MI is a mean KL)."""
+    stats = predictive_stats(logits, y)
+    return {"ensemble_nll": stats["nll"], "ensemble_var": stats["log_var"], "ensemble_mi": stats["mi"]}
 
 
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     logits = member_logits(context.members, forward)
-    y = forward.y.to(logits.device)
-    step = max(1, (1 << 20) // (logits.shape[1] * logits.shape[2]))  # a few items at a time: the passes read from cache
-    parts = [ensemble_stats(logits[a : a + step], y[a : a + step]) for a in range(0, logits.shape[0], step)]
-    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return ensemble_stats(logits, forward.y.to(logits.device))
 
 
 FAMILY = Family(

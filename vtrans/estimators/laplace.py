@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from vtrans.estimators.base import Context, Family, Forward
-from vtrans.estimators.ensemble import ensemble_stats
+from vtrans.estimators.common import predictive_stats
 from vtrans.estimators.latent import item_noise, layer_state, sample_chunks
 from vtrans.laplace import features
 
@@ -32,15 +32,12 @@ def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed + NOISE_STREAM).to(loc)
     z = loc.unsqueeze(1) + variance.sqrt().unsqueeze(1) * eps  # (B, S, d_z)
     logits = torch.cat([part for _, part in sample_chunks(module, h, enc, forward.cache, z)])
-    y = forward.y.to(logits.device)
-    step = max(1, (1 << 20) // (logits.shape[1] * logits.shape[2]))
-    parts = [ensemble_stats(logits[a : a + step], y[a : a + step]) for a in range(0, logits.shape[0], step)]
-    stats = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    stats = predictive_stats(logits, forward.y.to(logits.device))
     return {
         "laplace_loc_var": variance.mean(-1),
-        "laplace_nll": stats["ensemble_nll"],
-        "laplace_var": stats["ensemble_var"],
-        "laplace_mi": stats["ensemble_mi"],
+        "laplace_nll": stats["nll"],
+        "laplace_var": stats["log_var"],
+        "laplace_mi": stats["mi"],
     }
 
 
