@@ -168,12 +168,7 @@ def train(args, backbone, memory: Memory) -> tuple[object, dict]:
         "trainer.devices": 1,
         "trainer.precision": "bf16-mixed" if args.dtype == "bfloat16" else "32-true",
         "trainer.max_epochs": args.epochs,
-        "trainer.logger": False,
-        "trainer.enable_checkpointing": False,
-        "trainer.enable_progress_bar": False,
-        "trainer.enable_model_summary": False,
-        "trainer.limit_val_batches": 0,
-        "trainer.num_sanity_val_steps": 0,
+        **training.HEADLESS,
     }
     built = training.build(args.config, overrides, items=items, backbone=backbone)
     tokenizer = backbone.tokenizer

@@ -169,12 +169,7 @@ class FoldLatents:
             "data.template": self.template,
             "trainer.max_epochs": self.cfg.epochs or self.spec.max_epochs,
             "trainer.default_root_dir": str(self.out),
-            "trainer.logger": False,
-            "trainer.enable_checkpointing": False,
-            "trainer.enable_progress_bar": False,
-            "trainer.enable_model_summary": False,
-            "trainer.limit_val_batches": 0,
-            "trainer.num_sanity_val_steps": 0,
+            **training.HEADLESS,
         }
         if self.asked != "auto":  # one device named: the config's accelerator, devices and strategy give way
             kind, _, index = self.asked.partition(":")

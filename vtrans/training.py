@@ -205,6 +205,18 @@ def stopping(guard: NonFiniteGuard) -> Iterator[None]:
         raise TrainingStopped(f"non-finite values at {guard.where()}: {first}") from None
 
 
+HEADLESS = {
+    "trainer.logger": False,
+    "trainer.enable_checkpointing": False,
+    "trainer.enable_progress_bar": False,
+    "trainer.enable_model_summary": False,
+    "trainer.limit_val_batches": 0,
+    "trainer.num_sanity_val_steps": 0,
+}
+"""The overrides that train a latent from a YAML inside another job (crossval's folds, the full-size
+benchmark): no logger, checkpoint callback, progress bar, summary or validation of its own."""
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Lightning's info lines of every Trainer built and run (the seed, accelerators, tips, "max_epochs
