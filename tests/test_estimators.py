@@ -356,6 +356,31 @@ def test_mc_dropout_reference_against_passes_by_hand(models):
     assert_close(stats["mi"], (h_mean - mean_h).clamp_min(0).float(), rtol=1e-3, atol=1e-5)
 
 
+def test_mc_dropout_unembeds_only_the_scored_columns_and_bounds_a_chunks_logits(models):
+    """With no dropout the passes are the plain forward: the logits at each item's first slot, the
+    same whether the unembedding ran on the scored columns only, in chunks bounded by a logits
+    budget of a few rows' worth (a vocabulary 5x SmolLM2's must not hold 256 rows' logits at once)."""
+    backbone = models["tiny-llama"]
+    model = backbone.model
+    enc = encode(backbone.tokenizer, PROMPTS, [[5], [6, 7, 8], [9, 10]])  # targets of other lengths: other slots
+    vocab = model.get_output_embeddings().weight.shape[0]
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        logits = mc_dropout.sample_logits(model, enc, passes=2, p=0.0, max_logits=3 * vocab)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        full = model(**enc.inputs).logits
+    scored = enc.input_ids.shape[1] - enc.targets.shape[1] - 1 + enc.first_slot  # the column that predicts ŷ
+    expected = full[torch.arange(len(PROMPTS)), scored]
+    # the same float32 operations on fewer rows: agreement to rounding (logits of size ~1)
+    assert_close(logits, expected.unsqueeze(1).expand(-1, 2, -1), rtol=1e-5, atol=1e-5)
+    columns = len(set(scored.tolist()))
+    assert all(rows * cols * v <= 3 * vocab and cols == columns for rows, cols, v in shapes)
+    assert sum(rows for rows, _, _ in shapes) == 2 * len(PROMPTS)
+
+
 def test_predictive_stats_read_in_chunks_of_items_equal_one_piece_and_a_float64_reference():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 3, 1001, generator=gen) * 4  # (B, S, V)

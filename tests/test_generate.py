@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vtrans.data import first_word, word_is_final
 from vtrans.generate import Completion, complete, is_correct, word_token_count
 from vtrans.loading import Backbone
 
@@ -144,3 +145,44 @@ def test_a_family_without_non_text_tokens_suppresses_nothing_that_its_tokenizer_
     from vtrans.backbones import non_text_ids
 
     assert non_text_ids(gpt2.model, gpt2.tokenizer) == []
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3", "tiny-gpt-neox"])
+def test_copies_draw_what_the_repeated_prompts_draw(name):
+    """Each prompt's tokens run once and their keys and values shared by its copies: the same draws
+    as the prompts repeated, across families (absolute positions, rotary, sliding windows). The
+    tokens are compared exactly: both runs sample from the same seeded stream, and their logits
+    differ only by float32 rounding between batch shapes (~1e-7), far from flipping a draw here."""
+    backbone = Backbone(name)
+    prompts = [*PROMPTS, "Complete the idiom: a"]  # widths differ: left padding
+    k = 3
+    repeated = complete(backbone.model, backbone.tokenizer, [p for p in prompts for _ in range(k)], do_sample=True,
+                        seed=11, batch_size=len(prompts) * k)
+    shared = complete(backbone.model, backbone.tokenizer, prompts, do_sample=True, seed=11, batch_size=len(prompts),
+                      copies=k)
+    assert shared == repeated
+    words = complete(backbone.model, backbone.tokenizer, prompts, do_sample=True, seed=11, batch_size=len(prompts),
+                     copies=k, words_only=True)
+    assert [c.word for c in words] == [c.word for c in repeated]
+    assert [c.first_token for c in words] == [c.first_token for c in repeated]
+
+
+@pytest.mark.parametrize(
+    ("text", "final"),
+    [
+        (" cake", False),  # the word may go on
+        (" cake.", True),
+        (" cake and", True),
+        (" ca\ufffd", False),  # an unfinished character inside the word
+        (" cake\ufffd", False),  # ... or right after it (it may be a letter)
+        (" 90%", False),  # no word yet
+        ("...\n", False),
+        (" don't", False),
+        (" don't ", True),
+        ("", False),
+    ],
+)
+def test_a_word_is_final_once_something_that_is_no_word_follows_it(text, final):
+    assert word_is_final(text) is final
+    if final:  # whatever comes after cannot change the word
+        assert first_word(text + "x\ufffdyz q") == first_word(text)

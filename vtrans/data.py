@@ -85,6 +85,19 @@ def first_word(text: str) -> str:
     return ""
 
 
+def word_is_final(text: str) -> bool:
+    """Whether more text after ``text`` can no longer change :func:`first_word` of it: its
+    word is followed by a character that is not part of a word (an unfinished character,
+    ``\ufffd``, the start of a multi-byte one still being decoded, does not count)."""
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES)
+    runs = itertools.groupby(text, key=_is_word_char)
+    for is_word, run in runs:
+        if is_word and any(char.isalpha() for char in run):
+            after = next(runs, None)
+            return after is not None and "\ufffd" not in "".join(after[1])
+    return False
+
+
 def _strip_trailing_punctuation(text: str) -> str:
     end = len(text)
     while end and not (text[end - 1].isalnum() or text[end - 1] in "'\u2019"):

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from transformers.cache_utils import DynamicCache
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
 from vtrans.backbones import full_cache, non_text_ids
-from vtrans.data import first_word
+from vtrans.data import first_word, word_is_final
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ def generate_batch(
     hidden_states: bool = False,
     attentions: bool = False,
     cache: bool = False,
+    copies: int = 1,
+    words_only: bool = False,
 ) -> tuple[list[Completion], Generation]:
     """One batch of greedy (or sampled, from the global random state) completions, left-padded.
 
@@ -123,6 +128,13 @@ def generate_batch(
         logits, hidden_states, attentions, cache: keep the logits of each step, every layer's states, the attention weights
             (the model must run eager attention) or the keys and values of the positions fed
             (kept with either of the others too).
+        copies: complete each prompt this many times (rows ``i·copies … (i+1)·copies − 1`` are
+            prompt i's): what ``prompts`` repeated that many times would give, each copy drawn
+            on its own, but the prompts' tokens but the last are run once per prompt and their
+            keys and values shared by the copies (:func:`_shared_prompt_cache`).
+        words_only: only the completion words are wanted: a row stops once its word is final
+            (:func:`vtrans.data.word_is_final`), the batch once every row has; ``text`` then ends
+            soon after the word. The draws up to there are the ones a full-length call makes.
 
     Returns:
         the completions and the :class:`Generation` they came from.
@@ -131,6 +143,10 @@ def generate_batch(
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
     suppressed = non_text_ids(model, tokenizer)
+    shared = copies > 1 and not (logits or hidden_states or attentions or cache) and enc["input_ids"].shape[1] > 1
+    kv = _shared_prompt_cache(model, enc, copies) if shared else full_cache()
+    if copies > 1:
+        enc = {key: value.repeat_interleave(copies, 0) for key, value in enc.items()}
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -142,8 +158,9 @@ def generate_batch(
         output_hidden_states=hidden_states,
         output_attentions=attentions,
         use_cache=True,
-        cache=full_cache(),  # every position's keys, sliding-window blocks' too: the forward is laid out from them
+        cache=kv,  # every position's keys, sliding-window blocks' too: the forward is laid out from them
         suppress_tokens=suppressed or None,  # their logits -inf when choosing; output_logits keeps the raw ones
+        stopping_criteria=StoppingCriteriaList([_WordFinal(tokenizer, enc["input_ids"].shape[1])]) if words_only else None,
         **sampling,
     )
     width = enc["input_ids"].shape[1]
@@ -156,6 +173,29 @@ def generate_batch(
         out.cache if cache or hidden_states or attentions else None,
     )
     return [_completion(tokenizer, row) for row in out.sequences[:, width:].tolist()], generation
+
+
+class _WordFinal(StoppingCriteria):
+    """Done for a row whose completion word is final (:func:`vtrans.data.word_is_final`)."""
+
+    def __init__(self, tokenizer, width: int) -> None:
+        self.tokenizer, self.width = tokenizer, width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        return torch.tensor([word_is_final(t) for t in texts], device=input_ids.device)
+
+
+def _shared_prompt_cache(model, enc, copies: int) -> DynamicCache:
+    """The keys and values of every prompt token but the last (a column every row has), computed
+    once per prompt and repeated ``copies`` times: ``generate`` then runs the last column and the
+    new tokens only. The positions are the ones ``generate`` gives a left-padded row."""
+    ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    kv = full_cache()
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True)
+    kv.batch_repeat_interleave(copies)
+    return kv
 
 
 def _attention_rows(first: tuple[torch.Tensor, ...], *steps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -187,12 +227,16 @@ def complete(
     seed: int = 0,
     batch_size: int = 32,
     progress=None,
+    copies: int = 1,
+    words_only: bool = False,
 ) -> list[Completion]:
     """Greedy (or sampled) completions, batched with left padding.
 
     ``max_new_tokens`` bounds how long a word may be: a word still going after that many tokens
     is cut there. Sampled completions draw from a generator seeded ``seed``; the global random
-    state is left as it was.
+    state is left as it was. With ``copies`` c, each prompt is completed c times (c consecutive
+    completions), as ``prompts`` repeated c times each would be with ``batch_size · c`` rows a
+    batch, each prompt's tokens run once; ``words_only``: see :func:`generate_batch`.
     """
     device = next(model.parameters()).device
     out: list[Completion] = []
@@ -200,7 +244,9 @@ def complete(
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            out += generate_batch(model, tokenizer, chunk, max_new_tokens, do_sample, temperature)[0]
+            out += generate_batch(
+                model, tokenizer, chunk, max_new_tokens, do_sample, temperature, copies=copies, words_only=words_only
+            )[0]
             if progress is not None:
                 progress(len(chunk))
     return out

@@ -79,11 +79,15 @@ def sample_logits(
     attention_p: float | None = None,
     from_layer: int = 0,
     lower: torch.Tensor | None = None,
+    max_logits: int = 1 << 27,
 ) -> torch.Tensor:
     """Next-token logits at the scored position for ``passes`` dropout masks, (B, passes, V).
 
     The batch is repeated ``passes`` times and run in chunks of at most ``chunk`` rows, so the
-    T passes cost T forwards of batched work and memory stays bounded. With ``from_layer`` k > 0
+    T passes cost T forwards of batched work. The unembedding runs at the scored positions'
+    columns only, and a chunk holds at most ``max_logits`` logits (128 Mi: 512 MiB in float32;
+    fewer rows a chunk where the vocabulary is large, Gemma's 262,144), so memory stays bounded
+    whatever the vocabulary. With ``from_layer`` k > 0
     the blocks below k stay deterministic: only blocks k..L-1 run T times, from ``lower`` (the
     stream after block k − 1, ``hidden_states[k]`` of the shared forward; computed here when not given).
     """
@@ -94,6 +98,9 @@ def sample_logits(
         with backbones.blocks_until(model, from_layer) as body:
             lower = body(**enc.inputs, use_cache=False).last_hidden_state  # (B, T, C)
     rep = enc.repeat(passes)
+    # the columns that predict a first target token (slot s of the last N + 1 columns) and each row's among them
+    columns, slot = torch.unique(rep.input_ids.shape[1] - rep.targets.shape[1] - 1 + rep.first_slot, return_inverse=True)
+    chunk = max(1, min(chunk, max_logits // (len(columns) * backbones.unembedding(model).weight.shape[0])))
     out = []
     with mc_dropout(model, p, attention_p, embeddings=from_layer == 0):
         for start in range(0, rep.input_ids.shape[0], chunk):
@@ -102,7 +109,7 @@ def sample_logits(
                 attention_mask=rep.attention_mask[sl],
                 position_ids=rep.position_ids[sl],
                 use_cache=False,
-                logits_to_keep=enc.targets.shape[1] + 1,
+                logits_to_keep=columns.to(rep.input_ids.device),
             )
             if from_layer == 0:
                 logits = model(input_ids=rep.input_ids[sl], **common).logits
@@ -111,7 +118,7 @@ def sample_logits(
                 with backbones.blocks_from(model, from_layer) as upper:
                     logits = upper(inputs_embeds=lower[rows_lower.to(lower.device)], **common).logits
             rows = torch.arange(logits.shape[0], device=logits.device)
-            out.append(logits[rows, rep.first_slot[sl]].float())  # slot s is predicted at index s: (chunk, V)
+            out.append(logits[rows, slot[sl].to(logits.device)].float())  # slot s is predicted at index s: (chunk, V)
     return torch.cat(out).view(enc.input_ids.shape[0], passes, -1)
 
 

@@ -65,9 +65,11 @@ def scores(
 ) -> dict[str, torch.Tensor]:
     """Sample K completions per prompt and score them against the greedy ones (:func:`word_scores`).
 
-    Each prompt is repeated K times and a ``generate`` call takes ``batch_size`` whole prompts
-    (``batch_size · k`` sequences), so the K samples cost K-times-wider decoding steps rather than
-    K times as many ``generate`` calls. The global random state is
+    Each prompt is completed K times and a ``generate`` call takes ``batch_size`` whole prompts
+    (``batch_size · k`` sequences). The prompt is run once and its keys and values shared by its K
+    samples, so the K samples cost K-times-wider decoding steps, not K prompts' forwards; and the
+    decoding stops once every sample's word is final. A batch's draws are those of its prompts
+    repeated K times. The global random state is
     left as it was (see ``vtrans.generate.complete``).
 
     Args:
@@ -84,13 +86,15 @@ def scores(
     sampled = complete(
         model,
         tokenizer,
-        [p for p in prompts for _ in range(k)],
+        prompts,
         max_new_tokens=max_new_tokens,
         do_sample=True,
         temperature=temperature,
         seed=seed,
-        batch_size=batch_size * k,
-        progress=None if progress is None else (lambda n: progress(n // k)),
+        batch_size=batch_size,
+        progress=progress,
+        copies=k,
+        words_only=True,
     )
     words = [[c.word for c in sampled[i * k : (i + 1) * k]] for i in range(len(prompts))]
     return word_scores([c.word for c in greedy], words)
