@@ -7,7 +7,7 @@ machine hits all paths alike), and the ratio of medians is reported as JSON:
     python benchmarks/costs.py --model tiny-gpt2 --rounds 3
     python benchmarks/costs.py --ckpt CKPT --against REV   # + vtrans score and MC dropout, this tree vs git revision REV
 
-Paths (all through ``vtrans.runner.Runner``, the completions made beforehand):
+Paths (all through ``vtrans.estimators.runner.Runner``, the completions made beforehand):
 
 * ``single_pass``: every single-pass estimator together (msp, entropy, margin, attention_entropy,
   lens_ce, lens_area and the lens by layer, posterior_var, latent_kl), x one forward;
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
+from vtrans.backbone.loading import Backbone
+from vtrans.backbone.tokens import encode
 from vtrans.config import EstimatorConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms, load_split, render_prompt
 from vtrans.estimators import mc_dropout
 from vtrans.estimators.base import context_for, run_forward
-from vtrans.loading import Backbone
-from vtrans.module import LatentLM
-from vtrans.runner import Runner
-from vtrans.tokens import encode
+from vtrans.estimators.runner import Runner
+from vtrans.latent.module import LatentLM
 
 SINGLE_PASS = (
     "msp",
@@ -81,7 +81,7 @@ def load_seconds(model: str) -> dict[str, float]:
     tokenizer from the cache; ``total``: both (what a user waits for before the first score).
     """
     code = (
-        "import time; t0 = time.perf_counter(); from vtrans.loading import Backbone; t1 = time.perf_counter(); "
+        "import time; t0 = time.perf_counter(); from vtrans.backbone.loading import Backbone; t1 = time.perf_counter(); "
         f"Backbone({model!r}); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
@@ -164,11 +164,11 @@ MC_SNIPPET = """
 import statistics, sys, time, torch
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
 from vtrans.estimators import mc_dropout
-from vtrans.tokens import encode
+from vtrans.backbone.tokens import encode
 try:
-    from vtrans.loading import Backbone
-except ImportError:  # a revision from before vtrans.loading
-    from vtrans.backbones import Backbone
+    from vtrans.backbone.loading import Backbone
+except ImportError:  # a revision from before vtrans.backbone.loading
+    from vtrans.backbone.architectures import Backbone
 model_name, device, batch, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 backbone = Backbone(model_name, attn_implementation="sdpa").to(device)
 model, tok = backbone.model, backbone.tokenizer

@@ -2,15 +2,15 @@
 
 For a model name (``random:gpt2-xl``, or any model vtrans loads) and a dtype, in one process:
 
-1. ``build``: the backbone (``vtrans.loading.Backbone``);
-2. ``train``: the latent trained a few steps the way ``train.py`` trains it (``vtrans.training``,
+1. ``build``: the backbone (``vtrans.backbone.loading.Backbone``);
+2. ``train``: the latent trained a few steps the way ``train.py`` trains it (``vtrans.latent.training``,
    the settings of ``--config`` on this backbone, the latent after its middle block): the first
    epoch fills the frozen cache item by item (the ``cold`` steps), the later ones read it
    (``warm``); the cache's bytes per item are measured and scaled to the 724 built-in idioms;
-3. ``evaluate``: ``vtrans.evaluate.evaluate`` on 8 built-in test items with every single-pass
+3. ``evaluate``: ``vtrans.evaluation.evaluate.evaluate`` on 8 built-in test items with every single-pass
    estimator, ``latent_mi`` and ``latent_nll``, the latent saved with ``save_pretrained`` and loaded
    back onto the same backbone;
-4. ``score``: ``vtrans.scorer.Scorer`` with its default estimators on built-in idioms' beginnings.
+4. ``score``: ``vtrans.scoring.scorer.Scorer`` with its default estimators on built-in idioms' beginnings.
 
 Each phase's peak memory is its own: on a CPU the peak resident set is reset between phases and
 steps (``/proc/self/clear_refs``, Linux, after glibc's ``malloc_trim`` has handed back what the
@@ -128,7 +128,7 @@ def single_pass_and_latent_mi() -> list[str]:
 
 
 def build(args, memory: Memory) -> tuple[object, dict]:
-    from vtrans.loading import Backbone
+    from vtrans.backbone.loading import Backbone
 
     memory.reset()
     start = time.perf_counter()
@@ -153,8 +153,8 @@ def build(args, memory: Memory) -> tuple[object, dict]:
 def train(args, backbone, memory: Memory) -> tuple[object, dict]:
     import lightning as L
 
-    from vtrans import training
     from vtrans.data import load_split
+    from vtrans.latent import training
 
     split = load_split("builtin", "train")
     items = split[: args.train_items]
@@ -248,7 +248,7 @@ def evaluate(args, backbone, folder: Path, memory: Memory) -> dict:
     import matplotlib.pyplot  # noqa: F401  (the report's plots: imported before the phase's memory is measured)
 
     from vtrans.config import EvalConfig
-    from vtrans.evaluate import evaluate as run
+    from vtrans.evaluation.evaluate import evaluate as run
 
     names = single_pass_and_latent_mi()
     config = EvalConfig(data="builtin", split="test", max_items=args.eval_items, estimators=names, n_boot=100,
@@ -277,8 +277,8 @@ def evaluate(args, backbone, folder: Path, memory: Memory) -> dict:
 
 def score(args, backbone, folder: Path, memory: Memory) -> dict:
     from vtrans.data import load_split
-    from vtrans.model import LatentModel
-    from vtrans.scorer import Scorer
+    from vtrans.latent.model import LatentModel
+    from vtrans.scoring.scorer import Scorer
 
     prompts = [item.prefix for item in load_split("builtin", "test")[: args.score_prompts]]
     module = LatentModel.from_pretrained(folder, backbone=backbone).eval()

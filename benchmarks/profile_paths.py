@@ -11,12 +11,12 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from vtrans.backbone.loading import Backbone
+from vtrans.backbone.tokens import encode, target_ids
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators import lens, mc_dropout
-from vtrans.loading import Backbone
-from vtrans.module import LatentLM
-from vtrans.tokens import encode, target_ids
+from vtrans.latent.module import LatentLM
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ Two fresh subprocesses, one after the other, on the same machine: each imports t
 modules, loads the same model and makes the same batch of ``--batch_size`` built-in idioms'
 beginnings with the template; then one runs a plain forward of the batch (Hugging Face's,
 logits at every position: what "one forward" costs a user) and the other scores it with
-``vtrans.scorer.Scorer``, the default estimators of ``vtrans score`` (a latent after the middle
+``vtrans.scoring.scorer.Scorer``, the default estimators of ``vtrans score`` (a latent after the middle
 block: ``--ckpt``'s, else an untrained one of the config's shape, whose memory is the same).
 Each reports its peak resident set (``VmHWM``) and its rise above the model loaded (the resident
 set after loading and reading every weight once, so that the pages of a memory-mapped weights file
@@ -48,10 +48,10 @@ def _settle() -> int:
 def child(args) -> dict:
     import torch
 
+    from vtrans.backbone.loading import Backbone
     from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
-    from vtrans.loading import Backbone
-    from vtrans.model import LatentModel
-    from vtrans.scorer import Scorer
+    from vtrans.latent.model import LatentModel
+    from vtrans.scoring.scorer import Scorer
 
     start = time.perf_counter()
     backbone = Backbone(args.model, dtype=args.dtype, attn_implementation=args.attn)

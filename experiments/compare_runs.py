@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vtrans import metrics
+from vtrans.evaluation import metrics
 
 
 def read_run(run: str | Path, seed: str | None = None) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:

@@ -25,13 +25,14 @@ from unittest import mock
 import numpy as np
 import torch
 
-from vtrans import checkpoint, metrics
+from vtrans.backbone.loading import Backbone
 from vtrans.data import load_idioms
 from vtrans.estimators import latent as latent_estimators
-from vtrans.evaluate import EvalConfig
-from vtrans.loading import Backbone
-from vtrans.runner import Runner
-from vtrans.training import read_training_config
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation import metrics
+from vtrans.evaluation.evaluate import EvalConfig
+from vtrans.latent import checkpoint
+from vtrans.latent.training import read_training_config
 
 
 def _no_noise(indices: list[int], samples: int, d_z: int, seed: int, draws: str = "random") -> torch.Tensor:

@@ -2,14 +2,14 @@
 
 Everything that does not depend on the latent is computed once: the base model's completions
 and labels on the validation and test splits, the reference estimators (``lens_ce``, ``msp``), and, per
-injection layer, the frozen backbone's per-item states for training (``vtrans.frozen``). Each
+injection layer, the frozen backbone's per-item states for training (``vtrans.backbone.frozen``). Each
 variant then trains only its latent and scores the evaluated items with the latent estimators.
 
     python experiments/sweep.py --out docs/sweep           # the built-in grid on SmolLM2
     python experiments/sweep.py --model tiny-gpt2 --epochs 1 --max-variants 2 --out /tmp/sweep
 
 Every variant is trained as ``train.py fit --config CONFIG`` would train it (``--config``, by
-default ``configs/smollm2.yaml``: its trainer, data and latent settings; :func:`vtrans.training.build`)
+default ``configs/smollm2.yaml``: its trainer, data and latent settings; :func:`vtrans.latent.training.build`)
 with the variant's latent settings, ``--epochs`` and ``--seed`` in place of the config's, a CSV log
 under ``OUT/logs`` and no checkpoints.
 
@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from vtrans import metrics, training
+from vtrans.backbone.frozen import FrozenCache
+from vtrans.backbone.loading import Backbone
 from vtrans.data import load_split
-from vtrans.evaluate import EvalConfig, score_items
-from vtrans.frozen import FrozenCache
-from vtrans.loading import Backbone
-from vtrans.module import LatentLM
-from vtrans.runner import Runner
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation import metrics
+from vtrans.evaluation.evaluate import EvalConfig, score_items
+from vtrans.latent import training
+from vtrans.latent.module import LatentLM
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
 

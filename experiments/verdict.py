@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vtrans import metrics
+from vtrans.evaluation import metrics
 
 KIND = {
     "msp": "baseline", "entropy": "baseline", "sample_disagreement": "baseline", "sample_word_entropy": "baseline",

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vtrans import checkpoint, metrics
 from vtrans.data import idiom_hash, load_split
-from vtrans.evaluate import EvalConfig
-from vtrans.runner import Runner
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation import metrics
+from vtrans.evaluation.evaluate import EvalConfig
+from vtrans.latent import checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,7 @@ Everything is offline and small. Session-scoped backbones are shared between tes
 leave them changed (hooks, dropout, swapped blocks); use the context managers that restore.
 
 Fixtures:
-    tiny_gpt2, tiny_llama: ``vtrans.loading.Backbone`` (4 blocks, d=64, GPT-2 tokenizer).
+    tiny_gpt2, tiny_llama: ``vtrans.backbone.loading.Backbone`` (4 blocks, d=64, GPT-2 tokenizer).
     tiny_backbone: parametrised over both families.
     run_train: ``run_train(*args, cwd=DIR)`` runs ``python train.py ARGS`` in a subprocess.
     tiny_fit: the result of ``train.py fit --config configs/tiny.yaml`` for one epoch in a
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from vtrans import log
-from vtrans.loading import Backbone
+from vtrans.backbone.loading import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

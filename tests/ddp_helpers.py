@@ -24,8 +24,8 @@ def score_on_rank(ckpt: str, prompts: list[str], out_dir: str) -> None:
     """Score ``prompts`` with the checkpoint; each rank writes every record it yields to ``rank{N}.json``."""
     import json
 
-    from vtrans.distributed import current
-    from vtrans.scorer import Scorer
+    from vtrans.estimators.distributed import current
+    from vtrans.scoring.scorer import Scorer
 
     records = list(Scorer.from_checkpoint(ckpt, device="cpu", batch_size=2, samples=4, quiet=True).score(prompts))
     (Path(out_dir) / f"rank{current().rank}.json").write_text(json.dumps(records))
@@ -33,6 +33,6 @@ def score_on_rank(ckpt: str, prompts: list[str], out_dir: str) -> None:
 
 def evaluate_on_rank(ckpt: str, config, out_dir: str) -> None:
     """``vtrans evaluate`` in each rank of a process group; rank 0 writes the run into ``out_dir``."""
-    from vtrans.evaluate import evaluate
+    from vtrans.evaluation.evaluate import evaluate
 
     evaluate(config, out_dir, ckpt=ckpt, device="cpu", progress=False)

@@ -12,12 +12,12 @@ from test_estimators import (
 )
 from torch.testing import assert_close
 
+from vtrans.backbone.generate import complete
+from vtrans.backbone.tokens import encode
 from vtrans.estimators import adapter
 from vtrans.estimators.base import context_for, run_forward
 from vtrans.estimators.registry import why_not
-from vtrans.generate import complete
-from vtrans.module import LatentLM
-from vtrans.tokens import encode
+from vtrans.latent.module import LatentLM
 
 PROMPTS = ["Complete the idiom: a piece of", "Complete the idiom: kill two birds with one", "Complete the idiom: the"]
 

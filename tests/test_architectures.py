@@ -1,4 +1,4 @@
-"""Every family in ``vtrans.backbones.ARCHITECTURES``, each on its tiny random model (``vtrans.loading.TINY``).
+"""Every family in ``vtrans.backbone.architectures.ARCHITECTURES``, each on its tiny random model (``vtrans.backbone.loading.TINY``).
 
 Each family's tiny model (4 blocks, d = 64, the GPT-2 tokenizer's vocabulary, random weights,
 built offline) is run through what vtrans does with a backbone: the table's parts, the logit
@@ -17,22 +17,22 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from vtrans import backbones, tokens
+from vtrans.backbone import architectures, tokens
+from vtrans.backbone.frozen import FrozenCache
+from vtrans.backbone.loading import TINY, Backbone
 from vtrans.config import EstimatorConfig
-from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import BackboneError
 from vtrans.estimators import lens
 from vtrans.estimators.base import run_forward
 from vtrans.estimators.latent import sample_logits
 from vtrans.estimators.registry import SCORABLE
-from vtrans.frozen import FrozenCache
-from vtrans.laplace import fit as fit_laplace
-from vtrans.loading import TINY, Backbone
-from vtrans.module import LatentLM
-from vtrans.runner import Runner
-from vtrans.scorer import Scorer
+from vtrans.estimators.runner import Runner
+from vtrans.latent.datamodule import IdiomDataModule
+from vtrans.latent.laplace import fit as fit_laplace
+from vtrans.latent.module import LatentLM
+from vtrans.scoring.scorer import Scorer
 
-FAMILIES = [arch.name for arch in backbones.ARCHITECTURES]
+FAMILIES = [arch.name for arch in architectures.ARCHITECTURES]
 PROMPTS = ["Complete the idiom: a piece of", "Hi", "Complete the idiom: once in a blue"]
 TARGETS = ["cake", "there friend", "moon"]
 # Logits of size ~1 (random tiny models) computed in float32 by the same operations in another
@@ -73,39 +73,39 @@ def real(x: torch.Tensor, enc: tokens.Encoded) -> torch.Tensor:
 
 def test_every_family_has_a_tiny_model_and_every_model_type_one_family():
     assert sorted(TINY) == sorted(tiny_name(f) for f in FAMILIES)
-    types = [t for arch in backbones.ARCHITECTURES for t in arch.model_types]
+    types = [t for arch in architectures.ARCHITECTURES for t in arch.model_types]
     assert len(types) == len(set(types)) and len(FAMILIES) == len(set(FAMILIES))
     assert {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt_neox", "phi3"} <= set(types)
 
 
 def test_the_tables_parts_are_the_models(backbone):
-    model, arch = backbone.model, backbones.architecture(backbone.model)
+    model, arch = backbone.model, architectures.architecture(backbone.model)
     assert model.config.model_type in arch.model_types and backbone.family == arch.name
     assert backbone.n_layers == 4 and backbone.d_model == 64 and model.config.num_hidden_layers == 4  # tiny, not a full model
     assert sum(p.numel() for p in model.parameters()) < 8_000_000  # the vocabulary's 50257 × 64, once or twice
-    body = backbones.trunk(model)
-    assert isinstance(backbones.blocks(model), nn.ModuleList) and len(backbones.blocks(model)) == 4
-    assert backbones.final_norm(model) in set(body.children())
-    assert backbones.unembedding(model).weight.shape == (model.config.vocab_size, 64)
-    assert len(backbones.residual_branches(model)) == 2 * 4  # attention and MLP branch of every block
-    block_modules = {id(m) for block in backbones.blocks(model) for m in block.modules()}
-    for part in backbones.attention_modules(model) + backbones.mlp_modules(model) + backbones.native_dropout(model):
-        assert id(part) in block_modules or part is backbones.embedding_dropout(model)
-    assert len(backbones.layer_types(model)) == 4
+    body = architectures.trunk(model)
+    assert isinstance(architectures.blocks(model), nn.ModuleList) and len(architectures.blocks(model)) == 4
+    assert architectures.final_norm(model) in set(body.children())
+    assert architectures.unembedding(model).weight.shape == (model.config.vocab_size, 64)
+    assert len(architectures.residual_branches(model)) == 2 * 4  # attention and MLP branch of every block
+    block_modules = {id(m) for block in architectures.blocks(model) for m in block.modules()}
+    for part in architectures.attention_modules(model) + architectures.mlp_modules(model) + architectures.native_dropout(model):
+        assert id(part) in block_modules or part is architectures.embedding_dropout(model)
+    assert len(architectures.layer_types(model)) == 4
 
 
 def test_an_unknown_family_is_refused_in_one_line_naming_the_supported_ones():
     for model_type in ("bert", None):
         with pytest.raises(BackboneError) as caught:
-            backbones.architecture_of_type(model_type)
+            architectures.architecture_of_type(model_type)
         message = str(caught.value)
         assert "\n" not in message and f"unsupported architecture {model_type!r}" in message
-        assert all(t in message for arch in backbones.ARCHITECTURES for t in arch.model_types)
+        assert all(t in message for arch in architectures.ARCHITECTURES for t in arch.model_types)
     fake = nn.Linear(2, 2)
     fake.config = type("Config", (), {"model_type": "gemma3"})()  # the multimodal Gemma 3 is not the text model
-    for ask in (backbones.family, backbones.blocks, backbones.final_norm, backbones.trunk, backbones.lens_logits):
+    for ask in (architectures.family, architectures.blocks, architectures.final_norm, architectures.trunk, architectures.lens_logits):
         with pytest.raises(BackboneError, match="unsupported architecture 'gemma3'"):
-            ask(fake) if ask is not backbones.lens_logits else ask(fake, torch.zeros(2))
+            ask(fake) if ask is not architectures.lens_logits else ask(fake, torch.zeros(2))
 
 
 # --------------------------------------------------------------------------- the lens
@@ -115,9 +115,9 @@ def test_the_last_layer_lens_is_the_models_logits(backbone):
     model, enc = backbone.model, encoded(backbone)
     out = whole(model, enc)
     with torch.no_grad():
-        with backbones.blocks_until(model, backbone.n_layers) as body:
+        with architectures.blocks_until(model, backbone.n_layers) as body:
             raw = body(**enc.inputs, use_cache=False).last_hidden_state  # (B, T, C): the stream before the final norm
-        lensed = backbones.lens_logits(model, raw)
+        lensed = architectures.lens_logits(model, raw)
     assert_close(real(lensed, enc), real(out.logits, enc), atol=ATOL, rtol=0)
     # the lens estimator's own path (the blockwise log-partition, the chosen logit alone), given the
     # raw last stream as one more layer: it norms every layer but the last (Hugging Face's, normed already)
@@ -127,9 +127,9 @@ def test_the_last_layer_lens_is_the_models_logits(backbone):
     expected = -logp.gather(-1, enc.targets.unsqueeze(-1)).squeeze(-1)  # (B, N): −log p(target) of the model
     for layer in (-2, -1):
         assert_close(traj[:, layer][enc.target_mask], expected[enc.target_mask], atol=ATOL, rtol=0)
-    cap = backbones.logit_softcap(model)
+    cap = architectures.logit_softcap(model)
     if cap is not None:  # the cap matters: without it the lens is not the model
-        uncapped = backbones.unembedding(model)(backbones.final_norm(model)(raw))
+        uncapped = architectures.unembedding(model)(architectures.final_norm(model)(raw))
         assert (real(uncapped - out.logits, enc)).abs().max() > 1e-3
 
 
@@ -138,11 +138,11 @@ def test_layer_zero_is_the_embedding_as_block_zero_sees_it(backbone):
     the embedding module) plus a learned position embedding (GPT-2)."""
     model, enc = backbone.model, encoded(backbone)
     embedding = model.get_input_embeddings()
-    scale = backbones.embedding_scale(model)
+    scale = architectures.embedding_scale(model)
     assert scale == (8.0 if backbone.family.startswith("gemma") else 1.0)  # √64
     with torch.no_grad():
         h0 = embedding.weight[enc.input_ids] * scale
-        positions = backbones.position_embedding(model)
+        positions = architectures.position_embedding(model)
         if positions is not None:
             h0 = h0 + positions(enc.position_ids)
     assert_close(real(h0, enc), real(whole(model, enc).hidden_states[0], enc), atol=ATOL, rtol=0)
@@ -155,20 +155,20 @@ def test_layer_zero_is_the_embedding_as_block_zero_sees_it(backbone):
 def test_some_blocks_and_the_frozen_prefix_reproduce_the_whole_model(backbone):
     model, enc = backbone.model, encoded(backbone)
     window = getattr(model.config, "sliding_window", None)
-    if "sliding_attention" in backbones.layer_types(model):
+    if "sliding_attention" in architectures.layer_types(model):
         assert int(enc.attention_mask.sum(1).max()) > window  # the window cuts: the masks are tested
     out = whole(model, enc)
     for k in (1, 2, 3):
-        with backbones.blocks_until(model, k) as body:
+        with architectures.blocks_until(model, k) as body:
             h = body(**enc.inputs, use_cache=False).last_hidden_state
         assert_close(real(h, enc), real(out.hidden_states[k], enc), atol=ATOL, rtol=0)
-        with backbones.blocks_from(model, k) as upper:
-            assert len(backbones.blocks(model)) == 4 - k
+        with architectures.blocks_from(model, k) as upper:
+            assert len(architectures.blocks(model)) == 4 - k
             logits = upper(
                 inputs_embeds=h, attention_mask=enc.attention_mask, position_ids=enc.position_ids, use_cache=False
             ).logits
         assert_close(real(logits, enc), real(out.logits, enc), atol=ATOL, rtol=0)
-    assert len(backbones.blocks(model)) == 4 and len(backbones.layer_types(model)) == 4  # put back
+    assert len(architectures.blocks(model)) == 4 and len(architectures.layer_types(model)) == 4  # put back
     # an untrained latent leaves the logits as they were, through the frozen cache's two-region layout
     # (prefix and suffix regions each left-padded: columns are not positions there)
     module = LatentLM(backbone, d_z=4, hidden=16).eval()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from vtrans import backbones, tokens
+from vtrans.backbone import architectures, tokens
+from vtrans.backbone.loading import Backbone
 from vtrans.errors import BackboneError
-from vtrans.loading import Backbone
 
 PROMPTS = ["Complete the idiom: a piece of", "Hi", "Complete the idiom: once in a blue"]
 TARGETS = ["cake", "there friend", "moon"]
@@ -38,12 +38,12 @@ def test_tiny_gpt2_is_tiny(tiny_gpt2):
     model = tiny_gpt2.model
     assert model.config.model_type == "gpt2"
     assert model.config.n_layer == 4 and model.config.n_embd == 64
-    assert tiny_gpt2.family == "gpt2" and backbones.family(model) == "gpt2"
+    assert tiny_gpt2.family == "gpt2" and architectures.family(model) == "gpt2"
     assert tiny_gpt2.n_layers == 4 and tiny_gpt2.d_model == 64
-    assert backbones.trunk(model) is model.transformer
-    assert backbones.blocks(model) is model.transformer.h and len(model.transformer.h) == 4
-    assert backbones.final_norm(model) is model.transformer.ln_f
-    assert backbones.unembedding(model) is model.lm_head
+    assert architectures.trunk(model) is model.transformer
+    assert architectures.blocks(model) is model.transformer.h and len(model.transformer.h) == 4
+    assert architectures.final_norm(model) is model.transformer.ln_f
+    assert architectures.unembedding(model) is model.lm_head
     assert sum(p.numel() for p in model.parameters()) < 5_000_000  # not a 124M GPT-2 by accident
 
 
@@ -51,12 +51,12 @@ def test_tiny_llama_is_tiny(tiny_llama):
     model = tiny_llama.model
     assert model.config.model_type == "llama"
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 64
-    assert tiny_llama.family == "llama" and backbones.family(model) == "llama"
+    assert tiny_llama.family == "llama" and architectures.family(model) == "llama"
     assert tiny_llama.n_layers == 4 and tiny_llama.d_model == 64
-    assert backbones.trunk(model) is model.model
-    assert backbones.blocks(model) is model.model.layers and len(model.model.layers) == 4
-    assert backbones.final_norm(model) is model.model.norm
-    assert backbones.unembedding(model) is model.lm_head
+    assert architectures.trunk(model) is model.model
+    assert architectures.blocks(model) is model.model.layers and len(model.model.layers) == 4
+    assert architectures.final_norm(model) is model.model.norm
+    assert architectures.unembedding(model) is model.lm_head
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 
 
@@ -77,29 +77,29 @@ def test_lens_logits_at_the_last_layer_are_the_models_logits(tiny_backbone):
             output_hidden_states=True,
         )
         raw_last = _raw_stream(model, enc, tiny_backbone.n_layers)
-        lens = backbones.lens_logits(model, raw_last)
+        lens = architectures.lens_logits(model, raw_last)
     torch.testing.assert_close(lens, out.logits, atol=1e-5, rtol=0)
 
 
 def test_block_output_normalises_tuple_and_tensor(tiny_gpt2):
     h = torch.randn(2, 3, 64)
-    assert backbones.block_output(h) is h
-    assert backbones.block_output((h, None)) is h
-    assert backbones.block_output((h, torch.zeros(1), torch.ones(1))) is h
+    assert architectures.block_output(h) is h
+    assert architectures.block_output((h, None)) is h
+    assert architectures.block_output((h, torch.zeros(1), torch.ones(1))) is h
     # whatever the installed transformers returns from a real block, the helper yields (B, T, C)
-    block = backbones.blocks(tiny_gpt2.model)[0]
+    block = architectures.blocks(tiny_gpt2.model)[0]
     with torch.no_grad():
-        out = backbones.block_output(block(h))
+        out = architectures.block_output(block(h))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 64)
 
 
 def test_unknown_architecture_fails_loudly():
     fake = SimpleNamespace(config=SimpleNamespace(model_type="bert"))
-    for ask in (backbones.family, backbones.blocks, backbones.final_norm, backbones.trunk):
+    for ask in (architectures.family, architectures.blocks, architectures.final_norm, architectures.trunk):
         with pytest.raises(BackboneError, match="unsupported architecture 'bert'"):
             ask(fake)
     with pytest.raises(BackboneError, match="unsupported architecture None"):
-        backbones.family(nn.Linear(2, 2))
+        architectures.family(nn.Linear(2, 2))
 
 
 def test_unknown_architecture_in_a_folder_fails_before_loading(tmp_path):
@@ -128,7 +128,7 @@ def test_bad_dtype_is_a_backbone_error():
 
 
 def _raw_stream(model: nn.Module, enc: tokens.Encoded, stop: int) -> torch.Tensor:
-    with backbones.blocks_until(model, stop) as body:
+    with architectures.blocks_until(model, stop) as body:
         return body(
             input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids, use_cache=False
         ).last_hidden_state  # (B, T, C)
@@ -136,14 +136,14 @@ def _raw_stream(model: nn.Module, enc: tokens.Encoded, stop: int) -> torch.Tenso
 
 def _parts(model: nn.Module) -> dict[str, object]:
     """Identity of every module the surgery touches."""
-    body = backbones.trunk(model)
+    body = architectures.trunk(model)
     parts = {
-        "blocks": backbones.blocks(model),
-        "block_ids": [id(b) for b in backbones.blocks(model)],
-        "norm": backbones.final_norm(model),
-        "lm_head": backbones.unembedding(model),
+        "blocks": architectures.blocks(model),
+        "block_ids": [id(b) for b in architectures.blocks(model)],
+        "norm": architectures.final_norm(model),
+        "lm_head": architectures.unembedding(model),
     }
-    if backbones.family(model) == "gpt2":
+    if architectures.family(model) == "gpt2":
         parts["wpe"] = body.wpe
     return parts
 
@@ -163,8 +163,8 @@ def test_blocks_until_and_from_reproduce_the_full_model(tiny_backbone, k):
     )
     h = _raw_stream(model, enc, k)
     torch.testing.assert_close(h, reference.hidden_states[k], atol=1e-5, rtol=0)
-    with backbones.blocks_from(model, k) as upper:
-        assert len(backbones.blocks(model)) == tiny_backbone.n_layers - k
+    with architectures.blocks_from(model, k) as upper:
+        assert len(architectures.blocks(model)) == tiny_backbone.n_layers - k
         logits = upper(
             inputs_embeds=h, attention_mask=enc.attention_mask, position_ids=enc.position_ids, use_cache=False
         ).logits
@@ -172,15 +172,15 @@ def test_blocks_until_and_from_reproduce_the_full_model(tiny_backbone, k):
     assert _parts(model) == before
 
 
-@pytest.mark.parametrize("context", [backbones.blocks_until, backbones.blocks_from])
+@pytest.mark.parametrize("context", [architectures.blocks_until, architectures.blocks_from])
 def test_surgery_is_undone_when_the_body_raises(tiny_backbone, context):
     model = tiny_backbone.model
     before = _parts(model)
     with pytest.raises(RuntimeError, match="inside"), context(model, 2):
-        assert len(backbones.blocks(model)) == 2  # the swap is in place here
+        assert len(architectures.blocks(model)) == 2  # the swap is in place here
         raise RuntimeError("inside the context")
     assert _parts(model) == before
-    assert len(backbones.blocks(model)) == tiny_backbone.n_layers
+    assert len(architectures.blocks(model)) == tiny_backbone.n_layers
     if tiny_backbone.family == "gpt2":
         assert isinstance(model.transformer.wpe, nn.Embedding)
     enc = encoded(tiny_backbone)
@@ -193,16 +193,16 @@ def test_attention_implementation_switches_for_the_block_and_back(tiny_backbone)
     model = tiny_backbone.model
     assert model.config._attn_implementation == "eager"
     enc = encoded(tiny_backbone)
-    with backbones.attention_implementation(model, "sdpa") as m:
+    with architectures.attention_implementation(model, "sdpa") as m:
         assert m is model and model.config._attn_implementation == "sdpa"
         with torch.no_grad():
             sdpa = full_logits(model, enc)
     assert model.config._attn_implementation == "eager"
     real = enc.attention_mask.bool()  # padded positions attend to nothing: each implementation fills them its own way
     torch.testing.assert_close(sdpa[real], full_logits(model, enc)[real], atol=1e-5, rtol=0)  # the same model
-    with backbones.attention_implementation(model, None):
+    with architectures.attention_implementation(model, None):
         assert model.config._attn_implementation == "eager"  # None leaves it as it is
-    with pytest.raises(RuntimeError, match="inside"), backbones.attention_implementation(model, "sdpa"):
+    with pytest.raises(RuntimeError, match="inside"), architectures.attention_implementation(model, "sdpa"):
         raise RuntimeError("inside the context")
     assert model.config._attn_implementation == "eager"
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""``vtrans.callbacks.Summary``: the model summary at the start of training says what trains."""
+"""``vtrans.latent.callbacks.Summary``: the model summary at the start of training says what trains."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from conftest import CONFIGS
 from lightning.pytorch.callbacks import ModelSummary
 
-from vtrans.callbacks import Summary, summary_table
 from vtrans.cli import train_main
-from vtrans.module import LatentLM
+from vtrans.latent.callbacks import Summary, summary_table
+from vtrans.latent.module import LatentLM
 
 
 @pytest.fixture(autouse=True)

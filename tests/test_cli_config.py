@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import vtrans.cli as cli
+import vtrans.cli.entry as cli
 from vtrans.cli import main
+from vtrans.cli.parsing import field_default
 from vtrans.config import EstimatorConfig
-from vtrans.crossval import CrossvalConfig
 from vtrans.estimators.registry import NAMES, chosen
-from vtrans.evaluate import EvalConfig
+from vtrans.evaluation.crossval import CrossvalConfig
+from vtrans.evaluation.evaluate import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -117,7 +118,7 @@ def test_the_defaults_the_parsers_show_are_the_dataclass_defaults(capsys):
     _, evaluate = printed(capsys, "evaluate", *REQUIRED["evaluate"])
     for f in fields(EvalConfig):
         if f.name != "template":  # --template null: the checkpoint's, else EvalConfig's
-            assert evaluate[f.name] == cli.field_default(EvalConfig, f.name), f.name
+            assert evaluate[f.name] == field_default(EvalConfig, f.name), f.name
     assert evaluate["template"] is None
     assert EvalConfig().estimators is None and chosen(None) == list(NAMES)  # null: every estimator
 
@@ -133,7 +134,7 @@ def test_the_defaults_the_parsers_show_are_the_dataclass_defaults(capsys):
     not_crossval = {"data", "split", "template", "seed", "keep_seen", "split_seed", "val_fraction", "test_fraction"}
     for f in fields(EvalConfig):
         if f.name not in not_crossval:  # the cross-fitting's own, or each training seed
-            assert crossval[f.name] == cli.field_default(EvalConfig, f.name), f.name
+            assert crossval[f.name] == field_default(EvalConfig, f.name), f.name
         elif f.name not in {"data", "template"}:
             assert f.name not in crossval, f.name
 
@@ -254,7 +255,7 @@ def test_help_of_every_subcommand_imports_no_torch() -> None:
     an estimator (torch alone takes over a second to import)."""
     code = (
         "import sys\n"
-        "from vtrans.cli import SUBCOMMANDS, build_parser\n"
+        "from vtrans.cli.entry import SUBCOMMANDS, build_parser\n"
         "for name in [None, *SUBCOMMANDS]:\n"
         "    build_parser(name).format_help()\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'lightning', 'vtrans.estimators') if m in sys.modules)\n"
@@ -296,7 +297,7 @@ def test_vtrans_fit_trains_as_train_py_does(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["vtrans"])  # the arguments come from here, not from pytest's command line
     main(["fit", "--config", str(TINY), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.logger", "false"])
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
 
     ckpt = checkpoint.read(tmp_path / "checkpoints" / "tiny" / "last.ckpt")
     assert ckpt["epoch"] == 0 and ckpt["vtrans"]["backbone"]["name"] == "tiny-gpt2"
@@ -307,7 +308,7 @@ def test_the_package_root_exports_the_api_without_importing_torch() -> None:
         "import sys, vtrans\n"
         "light = 'torch' not in sys.modules\n"
         "from vtrans import Backbone, CrossvalConfig, EstimatorConfig, EvalConfig, Scorer\n"
-        "from vtrans.scorer import Scorer as S\n"
+        "from vtrans.scoring.scorer import Scorer as S\n"
         "print(light, Scorer is S, vtrans.__version__)\n"
     )
     light, same, version = _in_fresh_python(code).split()

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtrans import checkpoint
 from vtrans.cli import main
 from vtrans.data import idiom_hash, load_split
-from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError
-from vtrans.evaluate import EvalConfig, fit_items, split_settings
+from vtrans.evaluation.evaluate import EvalConfig, fit_items, split_settings
+from vtrans.latent import checkpoint
+from vtrans.latent.datamodule import IdiomDataModule
 
 TRAIN_ITEMS = 64  # configs/tiny.yaml: data.max_items
 ESTIMATORS = "msp,posterior_var"

@@ -19,8 +19,9 @@ import pytest
 import torch
 import yaml
 
+from vtrans.backbone.generate import complete
+from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
-from vtrans.crossval import cross_fitted
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     _idiom_key,
@@ -28,11 +29,10 @@ from vtrans.data import (
     normalize_word,
     render_prompt,
 )
-from vtrans.datamodule import IdiomDataModule
 from vtrans.estimators import probe
-from vtrans.folds import FoldLatents
-from vtrans.generate import complete
-from vtrans.loading import Backbone
+from vtrans.evaluation.crossval import cross_fitted
+from vtrans.evaluation.folds import FoldLatents
+from vtrans.latent.datamodule import IdiomDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -247,7 +247,7 @@ def test_self_targets_add_the_models_own_wrong_answers_of_training_prompts_only(
 
 
 def test_each_estimator_is_charged_what_it_needs_alone():
-    from vtrans.evaluate import costs
+    from vtrans.evaluation.evaluate import costs
 
     seconds = {"forward": 2.0, "shared": 3.0, "latent_mi": 8.0, "sampling": 5.0, "probe_fit": 4.0}
     names = ["msp", "lens_ce", "posterior_var", "latent_kl", "latent_mi", "sample_disagreement", "probe"]
@@ -381,12 +381,12 @@ def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_fi
 TICKING = textwrap.dedent(
     """
     import itertools, sys, types
-    import vtrans.crossval, vtrans.runner, vtrans.units
+    import vtrans.evaluation.crossval, vtrans.estimators.runner, vtrans.evaluation.units
     from vtrans.cli import main
 
     ticks = itertools.count()
     clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
-    for module in (vtrans.crossval, vtrans.runner, vtrans.units):
+    for module in (vtrans.evaluation.crossval, vtrans.estimators.runner, vtrans.evaluation.units):
         module.time = clock
     main(sys.argv[1:])
     """

@@ -23,7 +23,7 @@ from vtrans.data import (
     split_items,
     validate_template,
 )
-from vtrans.datamodule import IdiomDataModule
+from vtrans.latent.datamodule import IdiomDataModule
 
 DATA = Path(__file__).parent / "data"
 

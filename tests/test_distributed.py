@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.ddp_helpers import evaluate_on_rank, score_on_rank
-from vtrans.distributed import Shard, launch
-from vtrans.evaluate import EvalConfig
-from vtrans.scorer import Scorer
+from vtrans.estimators.distributed import Shard, launch
+from vtrans.evaluation.evaluate import EvalConfig
+from vtrans.scoring.scorer import Scorer
 
 PROMPTS = [
     "Complete the idiom: the early bird catches the",

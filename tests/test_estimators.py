@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from vtrans import backbones
+from vtrans.backbone import architectures
+from vtrans.backbone.loading import Backbone
+from vtrans.backbone.tokens import aggregate, encode, slot_positions
 from vtrans.estimators import attention, baselines, lens, mc_dropout, probe
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.base import run_forward
 from vtrans.estimators.common import entropy_of_probs, linear_at, log_partition, predictive_stats
-from vtrans.latent import kl_normal
-from vtrans.loading import Backbone
-from vtrans.metrics import auroc
-from vtrans.tokens import aggregate, encode, slot_positions
+from vtrans.evaluation.metrics import auroc
+from vtrans.latent.gaussian import kl_normal
 
 FAMILIES = ["tiny-gpt2", "tiny-llama"]
 # different lengths, so that the batch is left-padded
@@ -37,7 +37,7 @@ def models() -> dict[str, Backbone]:
     for name in FAMILIES:
         backbone = Backbone(name)
         assert backbone.n_layers == 4 and backbone.d_model == 64  # the tiny configs, not a full model
-        norm = backbones.final_norm(backbone.model)
+        norm = architectures.final_norm(backbone.model)
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(1)
             norm.weight.uniform_(0.5, 3.0)
@@ -65,8 +65,8 @@ def greedy(model, tokenizer, prompt: str, n: int = 1) -> list[int]:
 
 
 def norm_by_hand(model, h: torch.Tensor) -> torch.Tensor:
-    norm = backbones.final_norm(model)
-    if backbones.family(model) == "gpt2":
+    norm = architectures.final_norm(model)
+    if architectures.family(model) == "gpt2":
         return F.layer_norm(h, h.shape[-1:], norm.weight, norm.bias, norm.eps)
     eps = norm.variance_epsilon
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
@@ -75,7 +75,7 @@ def norm_by_hand(model, h: torch.Tensor) -> torch.Tensor:
 def embeddings_by_hand(model, ids: torch.Tensor) -> torch.Tensor:
     """The residual stream before block 0, (1, T, C)."""
     h = model.get_input_embeddings()(ids)
-    if backbones.family(model) == "gpt2":
+    if architectures.family(model) == "gpt2":
         h = h + model.transformer.wpe(torch.arange(ids.shape[1]).unsqueeze(0))
     return h
 
@@ -443,12 +443,12 @@ def test_mc_dropout_restores_the_model(models, name):
     before, hooks_before = _dropout_state(model), _hooks(model)
     original_p = [p for _, _, p in before if p is not None]
     with mc_dropout.mc_dropout(model, 0.37, attention_p=0.5):
-        if backbones.family(model) == "gpt2":
+        if architectures.family(model) == "gpt2":
             assert any(m.training for m in model.modules())
-            assert {getattr(m, "p", None) for m in backbones.native_dropout(model)} >= {0.37, 0.5}
+            assert {getattr(m, "p", None) for m in architectures.native_dropout(model)} >= {0.37, 0.5}
         else:
             added = sum(map(len, _hooks(model))) - sum(map(len, hooks_before))
-            assert added == 2 * backbones.n_layers(model)  # attention and MLP branch of every block
+            assert added == 2 * architectures.n_layers(model)  # attention and MLP branch of every block
     _assert_restored(model, before, hooks_before)
     assert [p for _, _, p in _dropout_state(model) if p is not None] == original_p
     with pytest.raises(RuntimeError, match="inside"), mc_dropout.mc_dropout(model, 0.2):
@@ -465,7 +465,7 @@ def test_mc_dropout_restores_the_model(models, name):
 @pytest.fixture(scope="module")
 def latent_modules(models):
     """Untrained tiny latents (zero projection) of both priors on the GPT-2 backbone."""
-    from vtrans.module import LatentLM
+    from vtrans.latent.module import LatentLM
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -516,7 +516,7 @@ def test_untrained_latent_has_no_effect(latent_modules, models, prior):
 
 def test_latent_estimators_with_trained_heads(models):
     """Random heads and projection: posterior_var, latent_kl and latent_mi against hand computations."""
-    from vtrans.module import LatentLM
+    from vtrans.latent.module import LatentLM
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -560,7 +560,7 @@ def _logits_with_z(module, enc, z: torch.Tensor) -> torch.Tensor:
             return (output[0] + where * delta.unsqueeze(1), *output[1:])
         return output + where * delta.unsqueeze(1)
 
-    handle = backbones.blocks(model)[module.layer - 1].register_forward_hook(add_z)
+    handle = architectures.blocks(model)[module.layer - 1].register_forward_hook(add_z)
     try:
         with torch.no_grad():
             out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids)
@@ -575,7 +575,7 @@ def _logits_with_z(module, enc, z: torch.Tensor) -> torch.Tensor:
 def _sharpened(model, factor: float):
     """A copy whose final norm is scaled: 0 gives uniform logits, a large factor peaked ones."""
     sharp = copy.deepcopy(model)
-    norm = backbones.final_norm(sharp)
+    norm = architectures.final_norm(sharp)
     with torch.no_grad():
         norm.weight.mul_(factor)
         if getattr(norm, "bias", None) is not None:
@@ -619,8 +619,8 @@ def _zero_queries(model):
     """A copy whose attention scores are all 0: every row is uniform over the visible positions."""
     flat = copy.deepcopy(model)
     with torch.no_grad():
-        for block in backbones.blocks(flat):
-            if backbones.family(flat) == "gpt2":
+        for block in architectures.blocks(flat):
+            if architectures.family(flat) == "gpt2":
                 c = flat.config.hidden_size
                 block.attn.c_attn.weight[:, :c] = 0
                 block.attn.c_attn.bias[:c] = 0

@@ -22,14 +22,14 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-import vtrans.evaluate as evaluate_module
+import vtrans.evaluation.evaluate as evaluate_module
 from vtrans import log
+from vtrans.backbone.generate import complete
+from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
-from vtrans.evaluate import EvalConfig, auroc_half_width, fit_items, score_items
-from vtrans.generate import complete
-from vtrans.loading import Backbone
-from vtrans.runner import Runner
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation.evaluate import EvalConfig, auroc_half_width, fit_items, score_items
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}
@@ -255,7 +255,7 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
 
 @pytest.mark.slow
 def test_evaluate_latent_checkpoint_with_an_unfittable_probe(tiny_checkpoint, idiom_files, tmp_path, capsys):
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
 
     names = ["posterior_var", "latent_mi", "latent_kl", "lens_ce"]
     out = tmp_path / "run"
@@ -293,9 +293,9 @@ def test_probe_features_equal_the_families_run_one_by_one(gpt2, idiom_files):
 @pytest.mark.slow
 def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, monkeypatch):
     """A latent with the standard prior has no latent_kl: dropped and said so; the others run."""
-    from vtrans import checkpoint
-    from vtrans.evaluate import evaluate
-    from vtrans.module import LatentLM
+    from vtrans.evaluation.evaluate import evaluate
+    from vtrans.latent import checkpoint
+    from vtrans.latent.module import LatentLM
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -312,9 +312,9 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
 
 
 def test_eager_attention_is_switched_on_for_the_run_and_back(gpt2):
-    from vtrans.backbones import attention_implementation
+    from vtrans.backbone.architectures import attention_implementation
+    from vtrans.backbone.tokens import encode
     from vtrans.estimators import attention
-    from vtrans.tokens import encode
 
     model = gpt2.model
     enc = encode(gpt2.tokenizer, ["Complete the idiom: a piece of"], [[0]])
@@ -365,11 +365,11 @@ def test_auroc_half_width_matches_the_bootstrap_on_synthetic_data():
     """Scores N(0, 1) for correct items and N(d, 1) for errors, with d set for AUROC 0.75.
 
     Hanley-McNeil's half-width against (a) 1.96 x the spread of the AUROC over 300 fresh draws and
-    (b) the mean half-width of vtrans.metrics' percentile bootstrap over 20 draws. Tolerance 15%:
+    (b) the mean half-width of vtrans.evaluation.metrics' percentile bootstrap over 20 draws. Tolerance 15%:
     (a) carries ~4% sampling error (1/sqrt(2 x 299)), (b) ~2%, and Hanley-McNeil's closed forms,
     exact for exponential scores, run up to ~10% wide of normal scores when the classes are unequal.
     """
-    from vtrans import metrics
+    from vtrans.evaluation import metrics
 
     shift = math.sqrt(2) * NormalDist().inv_cdf(0.75)  # P(N(d,1) > N(0,1)) = Φ(d / √2) = 0.75
     rng = np.random.default_rng(0)
@@ -425,10 +425,10 @@ def test_evaluate_says_what_it_evaluates_before_the_work(idiom_files, tmp_path, 
 def test_evaluate_announces_the_seen_idioms_before_loading_the_model(gpt2, idiom_files, tmp_path, stderr, monkeypatch):
     """A checkpoint trained on most of a file: how many are left out, and the n that remains, before
     the checkpoint's model is loaded; with --keep_seen, a warning that they are in-sample."""
-    from vtrans import checkpoint
     from vtrans.data import idiom_hash
-    from vtrans.evaluate import evaluate
-    from vtrans.module import LatentLM
+    from vtrans.evaluation.evaluate import evaluate
+    from vtrans.latent import checkpoint
+    from vtrans.latent.module import LatentLM
 
     data = f"txt:{idiom_files['mixed']}"
     items = load_split(data, "all")
@@ -544,7 +544,7 @@ def test_a_new_fitted_family_is_one_entry(idiom_files, tmp_path, monkeypatch):
     is costed, written and described in the report."""
     from vtrans.estimators import registry
     from vtrans.estimators.base import Family
-    from vtrans.evaluate import evaluate
+    from vtrans.evaluation.evaluate import evaluate
 
     fits: list[tuple[list[str], int]] = []
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from vtrans import checkpoint
-from vtrans.callbacks import NonFiniteGuard, ResumableRNG
-from vtrans.checkpoint_io import AtomicCheckpointIO, NonFiniteCheckpointError, non_finite_tensors
-from vtrans.datamodule import EpochShuffle, IdiomDataModule
+from vtrans.latent import checkpoint
+from vtrans.latent.callbacks import NonFiniteGuard, ResumableRNG
+from vtrans.latent.checkpoint_io import AtomicCheckpointIO, NonFiniteCheckpointError, non_finite_tensors
+from vtrans.latent.datamodule import EpochShuffle, IdiomDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -73,7 +73,7 @@ def test_kill_mid_save_leaves_previous_checkpoint_intact(tmp_path) -> None:
     script = textwrap.dedent(
         f"""
         import io, os, signal, torch
-        from vtrans.checkpoint_io import AtomicCheckpointIO
+        from vtrans.latent.checkpoint_io import AtomicCheckpointIO
         real = torch.save
         def save(obj, f, *a, **k):
             buf = io.BytesIO(); real(obj, buf)

@@ -1,4 +1,4 @@
-"""``vtrans.folds``: folds by idiom, what each fold trains on, and how its latent is trained."""
+"""``vtrans.evaluation.folds``: folds by idiom, what each fold trains on, and how its latent is trained."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import yaml
 from vtrans.config import CrossvalConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms
 from vtrans.errors import ConfigError
-from vtrans.folds import FoldLatents, FoldPlan, assign_folds
-from vtrans.training import read_training_config
+from vtrans.evaluation.folds import FoldLatents, FoldPlan, assign_folds
+from vtrans.latent.training import read_training_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

@@ -1,4 +1,4 @@
-"""``vtrans.frozen`` and every other caller of transformers' cache: the current API, the same numbers.
+"""``vtrans.backbone.frozen`` and every other caller of transformers' cache: the current API, the same numbers.
 
 transformers names the keys and values of a forward ``cache`` (argument and output); the old
 name ``past_key_values`` still works, with a ``FutureWarning`` (argument) or a logged
@@ -13,13 +13,13 @@ import warnings
 
 import torch
 
-from vtrans import backbones
+from vtrans.backbone import architectures
+from vtrans.backbone.frozen import upper_prefix, upper_suffix
+from vtrans.backbone.generate import generate_batch
 from vtrans.estimators.registry import SCORABLE, why_not
-from vtrans.frozen import upper_prefix, upper_suffix
-from vtrans.generate import generate_batch
-from vtrans.model import LatentModel
-from vtrans.module import LatentLM
-from vtrans.scorer import Scorer
+from vtrans.latent.model import LatentModel
+from vtrans.latent.module import LatentLM
+from vtrans.scoring.scorer import Scorer
 
 PROMPTS = ["Complete the idiom: a piece of", "once in a", "kick the"]
 
@@ -45,7 +45,7 @@ def test_a_suffix_over_a_frozen_prefix_equals_the_whole_forward(tiny_backbone, m
         prefix = upper_prefix(model, layer, h, enc.attention_mask, enc.position_ids, split)
         logits = upper_suffix(model, layer, h[:, split:], enc.attention_mask, enc.position_ids, prefix)
         whole = model(**enc.inputs).logits  # (1, T, V)
-    assert prefix.length == split and len(prefix.kv) == backbones.n_layers(model) - layer
+    assert prefix.length == split and len(prefix.kv) == architectures.n_layers(model) - layer
     # the same float32 sums in another order: an absolute error of a few ulp of logits of size ~1
     torch.testing.assert_close(logits, whole[:, split:], atol=1e-5, rtol=1e-5)
 

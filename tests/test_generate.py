@@ -1,13 +1,13 @@
-"""Completions (vtrans.generate): the labels every estimator is judged on."""
+"""Completions (vtrans.backbone.generate): the labels every estimator is judged on."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from vtrans.backbone.generate import Completion, complete, is_correct, word_token_count
+from vtrans.backbone.loading import Backbone
 from vtrans.data import first_word, word_is_final
-from vtrans.generate import Completion, complete, is_correct, word_token_count
-from vtrans.loading import Backbone
 
 PROMPTS = ["Complete the idiom: a piece of", "Complete the idiom: kill two birds with one", "Complete the idiom: break the"]
 
@@ -96,7 +96,7 @@ def gemma3_with_image_token():
     Gemma 3's does, and whose head has two rows past the tokenizer's vocabulary (50258, 50259)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vtrans.loading import TINY, gpt2_tokenizer
+    from vtrans.backbone.loading import TINY, gpt2_tokenizer
 
     kw = dict(TINY["tiny-gemma3"], vocab_size=50260)
     config = AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)
@@ -110,7 +110,7 @@ def gemma3_with_image_token():
 
 def _forced(model, token: int):
     """Within the context the model's logits put ``token`` far ahead of every other one."""
-    from vtrans.backbones import unembedding
+    from vtrans.backbone.architectures import unembedding
 
     def hook(module, args, output):
         output[..., token] += 1e4
@@ -121,8 +121,8 @@ def _forced(model, token: int):
 
 @pytest.mark.parametrize("token", [50257, 50259], ids=["start_of_image", "past-the-tokenizer"])
 def test_a_token_that_is_not_text_is_never_generated_even_as_the_argmax(gemma3_with_image_token, token):
-    from vtrans.backbones import non_text_ids
-    from vtrans.generate import generate_batch
+    from vtrans.backbone.architectures import non_text_ids
+    from vtrans.backbone.generate import generate_batch
 
     backbone = gemma3_with_image_token
     model, tokenizer = backbone.model, backbone.tokenizer
@@ -142,7 +142,7 @@ def test_a_token_that_is_not_text_is_never_generated_even_as_the_argmax(gemma3_w
 
 
 def test_a_family_without_non_text_tokens_suppresses_nothing_that_its_tokenizer_writes(gpt2):
-    from vtrans.backbones import non_text_ids
+    from vtrans.backbone.architectures import non_text_ids
 
     assert non_text_ids(gpt2.model, gpt2.tokenizer) == []
 

@@ -29,7 +29,7 @@ RUNS = {
         main(["score", "--ckpt", CKPT, "--quiet", "--device", "cpu", "--batch_size", "2", "--samples", "2", PROMPT, "hold your"])
     """,
     "api": """
-        from vtrans.scorer import Scorer
+        from vtrans.scoring.scorer import Scorer
         scorer = Scorer.from_checkpoint(CKPT, device="cpu", quiet=True, batch_size=2, samples=2)
         for record in scorer.score([PROMPT, "hold your"]):
             print(json.dumps(record))
@@ -62,7 +62,7 @@ def run(code: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def pretrained(tiny_ckpt, tmp_path_factory) -> tuple[str, str]:
     """The tiny checkpoint's latent saved with ``save_pretrained``, and its base model as a folder of its own."""
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
 
     root = tmp_path_factory.mktemp("pretrained")
     module = checkpoint.load(tiny_ckpt)

@@ -23,17 +23,17 @@ from conftest import offline_env
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from vtrans import checkpoint
+from vtrans.backbone.loading import Backbone, gpt2_tokenizer
 from vtrans.cli import main
 from vtrans.config import EvalConfig
 from vtrans.data import DEFAULT_TEMPLATE
-from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import BackboneError, CheckpointError, ConfigError
-from vtrans.evaluate import evaluate
-from vtrans.loading import Backbone, gpt2_tokenizer
-from vtrans.model import LatentModel
-from vtrans.module import LatentLM
-from vtrans.scorer import Scorer
+from vtrans.evaluation.evaluate import evaluate
+from vtrans.latent import checkpoint
+from vtrans.latent.datamodule import IdiomDataModule
+from vtrans.latent.model import LatentModel
+from vtrans.latent.module import LatentLM
+from vtrans.scoring.scorer import Scorer
 
 PROMPTS = ["spill the", "once in a blue", "the early bird catches the"]
 SCORING = dict(estimators=["msp", "lens_ce", "posterior_var", "latent_mi", "latent_nll"], samples=4, batch_size=2)
@@ -360,8 +360,8 @@ def test_the_public_api_is_importable_from_the_package_root() -> None:
         "import sys, vtrans\n"
         "assert 'torch' not in sys.modules, 'import vtrans imported torch'\n"
         "from vtrans import Scorer, Backbone, LatentModel\n"
-        "import vtrans.scorer, vtrans.loading, vtrans.model\n"
-        "assert (Scorer, Backbone, LatentModel) == (vtrans.scorer.Scorer, vtrans.loading.Backbone, vtrans.model.LatentModel)\n"
+        "import vtrans.scoring.scorer, vtrans.backbone.loading, vtrans.latent.model\n"
+        "assert (Scorer, Backbone, LatentModel) == (vtrans.scoring.scorer.Scorer, vtrans.backbone.loading.Backbone, vtrans.latent.model.LatentModel)\n"
         "assert {'Scorer', 'Backbone', 'LatentModel'} <= set(vtrans.__all__)\n"
         "assert callable(Backbone.from_model) and callable(LatentModel.from_pretrained) and callable(Scorer.from_pretrained)\n"
     )

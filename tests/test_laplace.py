@@ -1,4 +1,4 @@
-"""The Laplace posterior of the prior network's location rows (``vtrans.laplace``) and its family:
+"""The Laplace posterior of the prior network's location rows (``vtrans.latent.laplace``) and its family:
 the Hessian and the variances against float64 algebra by hand, a variance that falls when the
 prompt joins the training prompts, and the family's read against forwards by hand."""
 
@@ -9,11 +9,11 @@ from test_adapter import PROMPTS, logits_with_z, own_tokens, randomized
 from test_ensemble import stats_by_hand
 from torch.testing import assert_close
 
-from vtrans import laplace
 from vtrans.estimators import laplace as laplace_family
 from vtrans.estimators.base import context_for, run_forward
 from vtrans.estimators.latent import item_noise
 from vtrans.estimators.registry import why_not
+from vtrans.latent import laplace
 
 TRAINING = [
     "Complete the idiom: once in a blue",

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from vtrans import tokens
-from vtrans.elbo import ELBOInputs, free_bits_penalty, make_loss
-from vtrans.latent import GaussianLatent, kl_normal
-from vtrans.module import ACTIVE_UNIT_THRESHOLD, LatentLM, LatentStats
+from vtrans.backbone import tokens
+from vtrans.latent.elbo import ELBOInputs, free_bits_penalty, make_loss
+from vtrans.latent.gaussian import GaussianLatent, kl_normal
+from vtrans.latent.module import ACTIVE_UNIT_THRESHOLD, LatentLM, LatentStats
 
 BATCH = {
     "prompt": ["Complete the idiom: a piece of", "Hi", "Complete the idiom: once in a blue"],

@@ -1,4 +1,4 @@
-"""``vtrans.loading``: the first use of an embedded model (``smollm2``, ``gemma3-270m``) says where it
+"""``vtrans.backbone.loading``: the first use of an embedded model (``smollm2``, ``gemma3-270m``) says where it
 caches the model and how large it is; ``gemma3-270m`` without its package says what to install;
 ``random:NAME`` builds a known architecture with random weights and says so.
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtrans import loading
 from vtrans import log as vlog
+from vtrans.backbone import loading
 
 
 class Records(logging.Handler):
@@ -103,7 +103,7 @@ def test_loading_a_model_draws_no_weight_bar_and_leaves_transformers_as_it_was(t
     program's own progress-bar setting is put back after."""
     from transformers.utils import logging as hf_logging
 
-    from vtrans.loading import Backbone
+    from vtrans.backbone.loading import Backbone
 
     tiny = Backbone("tiny-gpt2")
     tiny.model.save_pretrained(tmp_path / "folder")

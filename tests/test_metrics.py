@@ -1,4 +1,4 @@
-"""Tests of vtrans.metrics against scikit-learn, hand computations and brute force."""
+"""Tests of vtrans.evaluation.metrics against scikit-learn, hand computations and brute force."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from vtrans import metrics
-from vtrans.metrics import (
+from vtrans.evaluation import metrics
+from vtrans.evaluation.metrics import (
     METRICS,
     auprc,
     aurc,

@@ -1,4 +1,4 @@
-"""``vtrans.module.LatentLM`` under Lightning: a quiet start of training, one name per metric.
+"""``vtrans.latent.module.LatentLM`` under Lightning: a quiet start of training, one name per metric.
 
 The frozen backbone is in eval mode on purpose; Lightning's warning about modules in eval mode
 is silenced for exactly its modules, and still fires for any other module left in eval mode.
@@ -12,8 +12,8 @@ import warnings
 import lightning as L
 import pytest
 
-from vtrans.datamodule import IdiomDataModule
-from vtrans.module import LatentLM
+from vtrans.latent.datamodule import IdiomDataModule
+from vtrans.latent.module import LatentLM
 
 METRICS = {
     "epoch",

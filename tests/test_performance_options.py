@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vtrans.backbone.loading import Backbone
+from vtrans.backbone.tokens import encode
 from vtrans.errors import ConfigError
 from vtrans.estimators import mc_dropout
-from vtrans.loading import Backbone
-from vtrans.module import LatentLM
-from vtrans.tokens import encode
+from vtrans.latent.module import LatentLM
 
 PROMPTS = ["Complete the idiom: a piece of", "Complete the idiom: break the", "hello"]
 
@@ -60,7 +60,7 @@ def test_mc_dropout_from_layer(backbone: Backbone) -> None:
 
 
 def test_length_bucketed_batches_are_a_shuffled_partition_with_little_spread() -> None:
-    from vtrans.datamodule import IdiomDataModule
+    from vtrans.latent.datamodule import IdiomDataModule
 
     plain = IdiomDataModule(batch_size=16, seed=3)
     bucketed = IdiomDataModule(batch_size=16, seed=3, length_bucketed=True)

@@ -1,4 +1,4 @@
-"""Tests of vtrans.report: the results.json / scores.jsonl / report.md contracts and the plots."""
+"""Tests of vtrans.evaluation.report: the results.json / scores.jsonl / report.md contracts and the plots."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vtrans import report
+from vtrans.evaluation import report
 
 NAMES = ["lens_ce", "msp", "entropy"]
 N_ITEMS = 40

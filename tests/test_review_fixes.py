@@ -19,6 +19,8 @@ import torch
 import yaml
 from torch.testing import assert_close
 
+from vtrans.backbone.generate import Completion, complete
+from vtrans.backbone.tokens import Encoded, encode
 from vtrans.cli import main
 from vtrans.config import EstimatorConfig
 from vtrans.data import (
@@ -32,12 +34,10 @@ from vtrans.data import (
     split_items,
 )
 from vtrans.estimators import baselines
-from vtrans.evaluate import EvalConfig, Unfittable, evaluate, fit_items, score_items
-from vtrans.generate import Completion, complete
-from vtrans.latent import kl_normal
-from vtrans.runner import Runner
-from vtrans.scorer import Scorer
-from vtrans.tokens import Encoded, encode
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation.evaluate import EvalConfig, Unfittable, evaluate, fit_items, score_items
+from vtrans.latent.gaussian import kl_normal
+from vtrans.scoring.scorer import Scorer
 
 PROMPT = "Complete the idiom: the early bird catches the"
 ITEM = IdiomItem(idiom="the early bird catches the worm", prefix="the early bird catches the", target="worm")
@@ -48,7 +48,7 @@ FIRST_TOKEN_ONLY = ["attention_entropy", "mc_dropout_var", "mc_dropout_entropy",
 @pytest.fixture(scope="module")
 def latent(tiny_gpt2):
     """A tiny conditional latent with random heads and projection: z moves the logits, q differs from p."""
-    from vtrans.module import LatentLM
+    from vtrans.latent.module import LatentLM
 
     assert tiny_gpt2.model.config.n_layer == 4
     with torch.random.fork_rng():
@@ -180,7 +180,7 @@ def test_prompt_only_latent_scores_do_not_change_with_the_whole_word(latent):
 
 @pytest.mark.parametrize("how", ["mean", "max"])
 def test_aggregate_refuses_the_first_token_only_estimators(latent, how, tmp_path, monkeypatch):
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
 
     monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: latent)
     monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
@@ -333,8 +333,8 @@ def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
 ):
     """A user's file with --split all (the probe used to vanish): fitted on the checkpoint's
     held-out idioms less the evaluated ones, some of which are written differently."""
-    from vtrans import checkpoint
-    from vtrans import evaluate as evaluate_module
+    from vtrans.evaluation import evaluate as evaluate_module
+    from vtrans.latent import checkpoint
 
     seen_features: list[list[str]] = []
     features = evaluate_module.fit_features

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vtrans.backbones import attention_implementation
+from vtrans.backbone.architectures import attention_implementation
+from vtrans.backbone.generate import Completion
+from vtrans.backbone.tokens import encode
 from vtrans.config import EstimatorConfig
 from vtrans.estimators import attention, baselines, lens, registry
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.base import Family, run_forward
-from vtrans.generate import Completion
-from vtrans.module import LatentLM
-from vtrans.runner import Runner
-from vtrans.tokens import encode
+from vtrans.estimators.runner import Runner
+from vtrans.latent.module import LatentLM
 
 PROMPTS = ["Complete the idiom: the early bird catches the", "Complete the idiom: a piece of", "once in a blue"]
 SINGLE_PASS = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl"]
@@ -22,7 +22,7 @@ SINGLE_PASS = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
 def latent(request):
-    from vtrans.loading import Backbone
+    from vtrans.backbone.loading import Backbone
 
     backbone = Backbone(request.param, attn_implementation="sdpa")
     with torch.random.fork_rng():
@@ -158,7 +158,7 @@ def test_scoring_straight_from_generate_equals_complete_then_scores(latent, name
 
 
 def test_generate_keeps_its_states_only_when_asked(latent):
-    from vtrans.generate import generate_batch
+    from vtrans.backbone.generate import generate_batch
 
     model, tok = latent.backbone.model, latent.backbone.tokenizer
     plain, generation = generate_batch(model, tok, PROMPTS, max_new_tokens=2)

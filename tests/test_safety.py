@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtrans import checkpoint
-from vtrans.checkpoint import CheckpointError
-from vtrans.checkpoint_io import AtomicCheckpointIO
 from vtrans.cli import main
-from vtrans.scorer import Scorer
+from vtrans.latent import checkpoint
+from vtrans.latent.checkpoint import CheckpointError
+from vtrans.latent.checkpoint_io import AtomicCheckpointIO
+from vtrans.scoring.scorer import Scorer
 
 
 class OpenFile:
@@ -85,7 +85,7 @@ def test_legacy_pickle_file_is_refused_unread(tmp_path, payload_class) -> None:
     evil.write_bytes(pickle.dumps({"vtrans": payload_class(marker), "state_dict": {}}))
     with pytest.raises(CheckpointError, match="not the zip archive"):
         checkpoint.read(evil)
-    from vtrans.checkpoint import CheckpointError as Refused
+    from vtrans.latent.checkpoint import CheckpointError as Refused
 
     with pytest.raises(Refused):
         AtomicCheckpointIO().load_checkpoint(evil)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import sampling
-from vtrans.evaluate import EvalConfig, score_items
-from vtrans.loading import Backbone
-from vtrans.runner import Runner
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation.evaluate import EvalConfig, score_items
 
 NAMES = ["sample_disagreement", "sample_word_entropy"]
 
@@ -50,7 +50,7 @@ def test_settings_are_checked():
 
 def test_scores_match_the_samples_by_hand(gpt2):
     """The family's scores equal word_scores of K completions sampled one prompt at a time."""
-    from vtrans.generate import complete
+    from vtrans.backbone.generate import complete
 
     prompts = [f"Complete the idiom: {it.prefix}" for it in load_split("builtin", "test")[:3]]
     greedy = complete(gpt2.model, gpt2.tokenizer, prompts)
@@ -106,8 +106,8 @@ def test_evaluate_writes_both_names(tmp_path, capsys):
 
 
 def test_scorer_runs_the_family(gpt2):
-    from vtrans.module import LatentLM
-    from vtrans.scorer import Scorer
+    from vtrans.latent.module import LatentLM
+    from vtrans.scoring.scorer import Scorer
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -19,13 +19,13 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vtrans import checkpoint
 from vtrans.cli import main
 from vtrans.data import first_word
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES
-from vtrans.module import LatentLM
-from vtrans.scorer import (
+from vtrans.latent import checkpoint
+from vtrans.latent.module import LatentLM
+from vtrans.scoring.scorer import (
     MAX_LINE_BYTES,
     InputError,
     Line,
@@ -389,7 +389,7 @@ def test_a_bad_request_is_refused_before_the_model_loads(monkeypatch, capsys, tm
         raise AssertionError("the model was loaded before the request was checked")
 
     monkeypatch.setattr(checkpoint, "load", no_loading)
-    monkeypatch.setattr("vtrans.loading.Backbone.__init__", no_loading)
+    monkeypatch.setattr("vtrans.backbone.loading.Backbone.__init__", no_loading)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     (tmp_path / "empty.txt").write_bytes(b"")
     args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
@@ -420,9 +420,9 @@ def test_jsonl_fields_pass_through_into_records(capsys, tmp_path, tiny_ckpt) -> 
 
 def test_every_record_of_a_model_with_random_weights_says_so():
     """Records of a latent on ``random:NAME``, errors too; a trained model's records have no such field."""
-    from vtrans.loading import Backbone
-    from vtrans.model import LatentModel
-    from vtrans.scorer import Scorer
+    from vtrans.backbone.loading import Backbone
+    from vtrans.latent.model import LatentModel
+    from vtrans.scoring.scorer import Scorer
 
     for name, marked in [("random:tiny-gpt2", True), ("tiny-gpt2", False)]:
         scorer = Scorer(LatentModel(Backbone(name), layer=2, d_z=4, hidden=8).eval(), ["msp", "latent_nll"], quiet=True, samples=4)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vtrans.datamodule import IdiomDataModule
+from vtrans.backbone.loading import Backbone
 from vtrans.errors import BackboneError, ConfigError, UserError
-from vtrans.loading import Backbone
+from vtrans.latent.datamodule import IdiomDataModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,7 +71,7 @@ def test_an_unknown_attention_implementation_says_which_exist() -> None:
 
 
 def test_an_attention_implementation_whose_package_is_missing_is_a_backbone_error(monkeypatch) -> None:
-    from vtrans import loading
+    from vtrans.backbone import loading
 
     def missing(*args, **kwargs):
         raise ImportError("the package for FlashAttention2 doesn't seem to be installed.\nmore detail")

@@ -1,4 +1,4 @@
-"""``python train.py`` and ``vtrans.training``: a tiny fit end to end, what its checkpoint holds,
+"""``python train.py`` and ``vtrans.latent.training``: a tiny fit end to end, what its checkpoint holds,
 reload, configs, user errors, and the one training path that crossval's folds and the sweep share."""
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from conftest import CONFIGS, offline_env
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
-from vtrans import checkpoint, training
-from vtrans.callbacks import NonFiniteGuard
-from vtrans.checkpoint_io import AtomicCheckpointIO
+from vtrans.backbone.loading import Backbone
 from vtrans.cli import train_main
 from vtrans.config import CrossvalConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms
-from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError, TrainingStopped
-from vtrans.folds import FoldLatents
-from vtrans.loading import Backbone
-from vtrans.model import LatentModel
-from vtrans.module import LatentLM
-from vtrans.training import read_training_config
+from vtrans.evaluation.folds import FoldLatents
+from vtrans.latent import checkpoint, training
+from vtrans.latent.callbacks import NonFiniteGuard
+from vtrans.latent.checkpoint_io import AtomicCheckpointIO
+from vtrans.latent.datamodule import IdiomDataModule
+from vtrans.latent.model import LatentModel
+from vtrans.latent.module import LatentLM
+from vtrans.latent.training import read_training_config
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +82,7 @@ def test_checkpoint_holds_the_latent_only(tiny_ckpt, tiny_gpt2):
 RELOAD = textwrap.dedent(
     """
     import sys, torch
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
     module = checkpoint.load(sys.argv[1])
     prompts, targets, out = sys.argv[3].split("|"), sys.argv[4].split("|"), sys.argv[2]
     enc = module.encode(prompts, module.target_ids(targets))
@@ -161,7 +161,7 @@ def test_every_config_parses(path, capsys):
     """``--print_config`` parses and validates the YAML without building the model (offline-safe)."""
     config = _print_config(path, capsys)
     backbone = config["model"]["backbone"]
-    assert backbone["class_path"] == "vtrans.loading.Backbone"
+    assert backbone["class_path"] == "vtrans.backbone.loading.Backbone"
     assert backbone["init_args"]["name"]
     assert config["data"]["data"]
 
@@ -291,7 +291,7 @@ def test_build_takes_overrides_a_loaded_backbone_and_a_fold_s_items(tiny_gpt2):
 
 def test_build_takes_a_loaded_backbone_with_random_weights():
     """Its spec says ``"weights": "random"``, which the config's name implies: the two agree."""
-    from vtrans.loading import Backbone
+    from vtrans.backbone.loading import Backbone
 
     backbone = Backbone("random:tiny-gpt2")
     overrides = {"trainer.enable_checkpointing": False, "trainer.logger": False, "model.backbone.init_args.name": "random:tiny-gpt2"}
@@ -365,8 +365,8 @@ def test_training_config_is_read_and_checked(tmp_path):
 def _bf16_fit_step(accelerator: str, tmp_path) -> None:
     import lightning as L
 
-    from vtrans.datamodule import IdiomDataModule
-    from vtrans.module import LatentLM
+    from vtrans.latent.datamodule import IdiomDataModule
+    from vtrans.latent.module import LatentLM
 
     L.seed_everything(0)
     backbone = Backbone("tiny-gpt2", dtype="bfloat16", attn_implementation="sdpa")

@@ -1,4 +1,4 @@
-"""``vtrans.units``: a unit computed once and read back exactly, whole or absent, under its run's settings."""
+"""``vtrans.evaluation.units``: a unit computed once and read back exactly, whole or absent, under its run's settings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import pytest
 
 from vtrans.errors import ConfigError
-from vtrans.units import Units, differences
+from vtrans.evaluation.units import Units, differences
 
 
 def test_a_unit_is_computed_once_and_read_back_as_it_was_returned(tmp_path):

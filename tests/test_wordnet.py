@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from vtrans.data import DataError, IdiomItem, load_idioms, split_idiom
-from vtrans.folds import extra_training_items
+from vtrans.evaluation.folds import extra_training_items
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 LEXNAMES = "00\tadj.all\t3\n02\tadv.all\t4\n05\tnoun.animal\t1\n09\tnoun.cognition\t1\n18\tnoun.person\t1\n41\tverb.social\t2\n"

@@ -7,7 +7,7 @@ import torch
 
 from vtrans.errors import ConfigError
 from vtrans.estimators.latent import z_noise
-from vtrans.evaluate import EvalConfig
+from vtrans.evaluation.evaluate import EvalConfig
 
 
 def gen(seed: int) -> torch.Generator:

@@ -10,8 +10,8 @@ The public API, imported on first use (so that ``import vtrans`` and the command
 * :class:`LatentModel`: the latent and its backbone, to score with; ``save_pretrained`` and
   ``from_pretrained`` write and read it as safetensors beside a JSON config;
 * :class:`EstimatorConfig`: how the estimators run; :class:`EvalConfig`, the settings of a
-  comparative run (``vtrans.evaluate.evaluate``); :class:`CrossvalConfig`, those of the
-  cross-fitted one (``vtrans.crossval.crossval``).
+  comparative run (``vtrans.evaluation.evaluate.evaluate``); :class:`CrossvalConfig`, those of the
+  cross-fitted one (``vtrans.evaluation.crossval.crossval``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ from __future__ import annotations
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
+from vtrans import moved
+
+moved.install()  # the module paths of the flat layout (vtrans.loading, ...) import as the modules they became
+
 try:
     __version__ = version("vtrans")
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "Scorer": "vtrans.scorer",
-    "Backbone": "vtrans.loading",
-    "LatentModel": "vtrans.model",
+    "Scorer": "vtrans.scoring.scorer",
+    "Backbone": "vtrans.backbone.loading",
+    "LatentModel": "vtrans.latent.model",
     "EstimatorConfig": "vtrans.config",
     "EvalConfig": "vtrans.config",
     "CrossvalConfig": "vtrans.config",

@@ -12,7 +12,7 @@ class ConfigError(UserError, ValueError):
 class BackboneError(UserError, RuntimeError):
     """A model that cannot be loaded or whose architecture is not supported; the message says how to fix it.
 
-    Both ``vtrans.backbones`` (an unknown architecture) and ``vtrans.loading`` (a missing model)
+    Both ``vtrans.backbone.architectures`` (an unknown architecture) and ``vtrans.backbone.loading`` (a missing model)
     raise it, so it lives here rather than in either.
     """
 
@@ -20,7 +20,7 @@ class BackboneError(UserError, RuntimeError):
 class CheckpointError(UserError):
     """A file that is missing, truncated, unsafe, or not a vtrans checkpoint.
 
-    ``vtrans.checkpoint`` (reading) and ``vtrans.checkpoint_io`` (training's writer and resume)
+    ``vtrans.latent.checkpoint`` (reading) and ``vtrans.latent.checkpoint_io`` (training's writer and resume)
     both raise it, so it lives here rather than in either.
     """
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from vtrans.backbone.tokens import Encoded
 from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
 from vtrans.estimators.common import entropy_of_probs
-from vtrans.tokens import Encoded
 
 
 def from_attentions(attentions: tuple[torch.Tensor, ...] | None, enc: Encoded) -> dict[str, torch.Tensor]:

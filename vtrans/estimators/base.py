@@ -3,7 +3,7 @@
 A *family* is a few estimator names computed together. It declares what it needs (see
 ``NEEDS``) and a ``read(forward, context)`` that turns the batch's :class:`Forward` into
 ``{name: (B,) tensor}``; a *fitted* family has no ``read`` but a ``fit`` on other families'
-scores of labelled items (:data:`Fit`). The runner (``vtrans.runner``) makes one forward of the base model per
+scores of labelled items (:data:`Fit`). The runner (``vtrans.estimators.runner``) makes one forward of the base model per
 batch that yields everything the asked-for families need, then calls each family's ``read``:
 single-pass families only read it; families with ``extra_passes`` add passes of their own,
 starting from the forward's states rather than from the tokens.
@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from vtrans.backbones import full_cache
+from vtrans.backbone.architectures import full_cache
+from vtrans.backbone.tokens import Encoded, shift_positions, slot_positions
 from vtrans.config import EstimatorConfig
-from vtrans.tokens import Encoded, shift_positions, slot_positions
 
 # What a family may need from the shared forward or the run:
 NEEDS = {
@@ -199,7 +199,7 @@ def run_forward(
 def forward_from_generation(
     model, generation, enc: Encoded, cache: bool = False, gold: torch.Tensor | None = None
 ) -> Forward:
-    """The shared forward read off the completions' own ``generate`` (``vtrans.generate.Generation``): no second pass.
+    """The shared forward read off the completions' own ``generate`` (``vtrans.backbone.generate.Generation``): no second pass.
 
     ``generate`` ran the prompts and fed each generated token but the last, keeping what was
     asked for; this lays it out as :func:`run_forward` over ``enc`` (the prompts followed by

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from vtrans.backbone.tokens import Encoded, aggregate
 from vtrans.config import EstimatorConfig
 from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
 from vtrans.estimators.common import entropy
-from vtrans.tokens import Encoded, aggregate
 
 
 def from_logits(logits: torch.Tensor, enc: Encoded, how: str = "first") -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vtrans.backbones import softcap
+from vtrans.backbone.architectures import softcap
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

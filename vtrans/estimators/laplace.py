@@ -1,4 +1,4 @@
-"""The spread of a Laplace posterior over the prior network's output weights (``vtrans.laplace``).
+"""The spread of a Laplace posterior over the prior network's output weights (``vtrans.latent.laplace``).
 
 Fitted after training on the latent's own training prompts (``vtrans crossval`` does it for each
 fold's latent). For a prompt, the prior's location m(x) has the predictive N(m*(x), diag v(x)),
@@ -18,7 +18,7 @@ import torch
 from vtrans.estimators.base import Context, Family, Forward
 from vtrans.estimators.common import predictive_stats
 from vtrans.estimators.latent import item_noise, layer_state, sample_chunks
-from vtrans.laplace import features
+from vtrans.latent.laplace import features
 
 NOISE_STREAM = 0x1A91  # these draws' seeds differ from the z draws' of the same item
 

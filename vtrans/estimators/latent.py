@@ -17,13 +17,13 @@ from collections.abc import Iterator
 
 import torch
 
-from vtrans import backbones
+from vtrans.backbone import architectures
+from vtrans.backbone.frozen import FrozenPrefix
+from vtrans.backbone.tokens import Encoded
 from vtrans.config import EstimatorConfig, ZDraws
 from vtrans.estimators.base import Context, Family, Forward, context_for, item_seed, run_forward
 from vtrans.estimators.common import predictive_stats
-from vtrans.frozen import FrozenPrefix
-from vtrans.latent import kl_normal
-from vtrans.tokens import Encoded
+from vtrans.latent.gaussian import kl_normal
 
 
 def inference_distribution(module, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +140,7 @@ def sample_chunks(
     """
     model = module.backbone.model
     if rows_per_chunk is None:
-        rows_per_chunk = chunk_rows(backbones.unembedding(model).weight.shape[0])
+        rows_per_chunk = chunk_rows(architectures.unembedding(model).weight.shape[0])
     batch, samples, _ = z.shape
     width = enc.input_ids.shape[1]
     rows = torch.arange(batch, device=h.device)
@@ -149,7 +149,7 @@ def sample_chunks(
     keys = torch.arange(width, device=h.device)
     before = enc.attention_mask.bool() & (keys.unsqueeze(0) < enc.scored.unsqueeze(1))  # (B, T): what the scored token sees
     own = torch.eye(samples, dtype=torch.bool, device=h.device)  # each sample sees itself only
-    layers = range(module.layer, backbones.n_layers(model))
+    layers = range(module.layer, architectures.n_layers(model))
     kv = {i: (cache.layers[i].keys, cache.layers[i].values) for i in layers}
     step = max(1, rows_per_chunk // samples)
     for start in range(0, batch, step):
@@ -163,9 +163,9 @@ def sample_chunks(
         allowed = torch.cat([before[part].unsqueeze(1).expand(n, samples, width), own.expand(n, -1, -1)], -1)
         queries = position[part].unsqueeze(1).expand(n, samples)  # (n, S): every sample is the scored position
         keys = torch.cat([enc.position_ids[part], queries], 1)  # (n, T + S)
-        mask = backbones.attention_mask(model, allowed, queries, keys, stream.dtype)  # (n, 1, S, T + S) each
+        mask = architectures.attention_mask(model, allowed, queries, keys, stream.dtype)  # (n, 1, S, T + S) each
         prefix = FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
-        with backbones.blocks_from(model, module.layer) as upper:
+        with architectures.blocks_from(model, module.layer) as upper:
             logits = upper(
                 inputs_embeds=stream,
                 attention_mask=mask,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from vtrans import backbones
+from vtrans.backbone import architectures
+from vtrans.backbone.tokens import Encoded, aggregate, slot_positions
 from vtrans.config import EstimatorConfig
 from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
 from vtrans.estimators.common import linear_at, log_partition
-from vtrans.tokens import Encoded, aggregate, slot_positions
 
 
 def trajectory(
@@ -45,8 +45,8 @@ def trajectory(
         final_logits: (B, N, V) the model's own logits at the slots, when the forward kept them:
             the last layer is read off them instead of being unembedded again.
     """
-    unembed, norm = backbones.unembedding(model), backbones.final_norm(model)
-    weight, bias, cap = unembed.weight, getattr(unembed, "bias", None), backbones.logit_softcap(model)
+    unembed, norm = architectures.unembedding(model), architectures.final_norm(model)
+    weight, bias, cap = unembed.weight, getattr(unembed, "bias", None), architectures.logit_softcap(model)
     sets = (ids, *more_ids)
     rows = torch.arange(ids.shape[0], device=ids.device)
     if first_only:

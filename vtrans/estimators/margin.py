@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from vtrans.backbone.tokens import aggregate
 from vtrans.estimators.base import Context, Family, Forward
-from vtrans.tokens import aggregate
 
 
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:

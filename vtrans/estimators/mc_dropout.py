@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from vtrans import backbones
+from vtrans.backbone import architectures as backbones
+from vtrans.backbone.tokens import Encoded
 from vtrans.config import EstimatorConfig
 from vtrans.errors import ConfigError
 from vtrans.estimators.base import Context, Family, Forward, context_for, device_rng, item_seed, run_forward
 from vtrans.estimators.common import predictive_stats
-from vtrans.tokens import Encoded
 
 
 @contextlib.contextmanager

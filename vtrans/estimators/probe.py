@@ -1,7 +1,7 @@
 """``probe``: logistic regression on single-pass features, fitted on labelled items disjoint from the scored ones.
 
 Which items, so that the latent's features are out-of-sample there as on the scored items, is
-decided where the family is fitted (``vtrans.evaluate.fit_items``, ``vtrans.crossval``).
+decided where the family is fitted (``vtrans.evaluation.evaluate.fit_items``, ``vtrans.evaluation.crossval``).
 
 Features per item (:data:`FEATURES`): the lens trajectory (−log p_ℓ(ŷ) for every layer),
 ``entropy``, ``msp``, ``attention_entropy`` and, with a latent, ``posterior_var`` and

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from vtrans.backbone.generate import Completion, complete
 from vtrans.data import first_word
 from vtrans.estimators.base import Family, item_seed
-from vtrans.generate import Completion, complete
 
 
 def sample_seed(seed: int) -> int:

@@ -9,7 +9,7 @@ With a model of one's own already loaded, and a latent trained on it and saved w
 
 For every prompt the base model (latent off) completes it, and every requested estimator
 scores that completion, exactly as in ``vtrans evaluate`` (through the same
-:class:`vtrans.runner.Runner`); there is no target, so no label.
+:class:`vtrans.estimators.runner.Runner`); there is no target, so no label.
 
 **Records.** One per input, in input order:
 ``{"prompt": str, "template": str | None, "completion": str, "completion_word": str,
@@ -65,11 +65,12 @@ from typing import IO, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from vtrans import distributed, log
+from vtrans import log
 from vtrans.config import EstimatorConfig
 from vtrans.data import validate_template
-from vtrans.distributed import Shard
 from vtrans.errors import ConfigError, UserError
+from vtrans.estimators import distributed
+from vtrans.estimators.distributed import Shard
 from vtrans.estimators.registry import NAMES, SCORABLE, SCORE_DEFAULTS, why_not
 
 MAX_LINE_BYTES = 1 << 20
@@ -262,12 +263,12 @@ def check_request(
     ckpt: dict, estimators: list[str] | None, template: str | None, config: EstimatorConfig
 ) -> tuple[list[str], str | None]:
     """The estimators and the template a request to score with a checkpoint comes to, from the
-    checkpoint's contents (``vtrans.checkpoint.read``) alone: nothing loads.
+    checkpoint's contents (``vtrans.latent.checkpoint.read``) alone: nothing loads.
 
     Raises:
         ConfigError, DataError: see :func:`check_estimators` and :func:`resolve_template`.
     """
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
 
     names = check_estimators(None if estimators is None else list(estimators), checkpoint.prior_in(ckpt), config.aggregate)
     return names, resolve_template(template, checkpoint.template_in(ckpt))
@@ -318,7 +319,7 @@ class Scorer:
         """Wrap a loaded latent model (use :meth:`from_checkpoint` to load one).
 
         Args:
-            module: a ``vtrans.model.LatentModel`` with its backbone, in eval mode.
+            module: a ``vtrans.latent.model.LatentModel`` with its backbone, in eval mode.
             estimators: names from ``vtrans.estimators.registry.SCORABLE`` (default:
                 :func:`default_estimators`); ``mc_dropout_*`` may be asked for (T = ``passes``
                 forwards each), a fitted one may not.
@@ -330,7 +331,7 @@ class Scorer:
             settings: fields of :class:`vtrans.config.EstimatorConfig` that override ``config``'s
                 (``Scorer(module, batch_size=8, samples=16)``).
         """
-        from vtrans.runner import Runner
+        from vtrans.estimators.runner import Runner
 
         unknown = sorted(set(settings) - SETTINGS)
         if unknown:
@@ -367,7 +368,7 @@ class Scorer:
         backbone=None,
         **options: Any,
     ) -> Scorer:
-        """Load a checkpoint written by ``train.py fit`` (safely: see ``vtrans.checkpoint``), or a
+        """Load a checkpoint written by ``train.py fit`` (safely: see ``vtrans.latent.checkpoint``), or a
         folder written by ``LatentModel.save_pretrained``.
 
         The request (estimators, template, settings) is checked against what the checkpoint
@@ -381,18 +382,18 @@ class Scorer:
             template: ``ckpt`` (default): the template the latent was trained with, so that an
                 input is an idiom's beginning as in training; ``None`` (or ``"none"``): inputs
                 verbatim; or a template with one ``{prefix}`` field.
-            backbone: the base model to score with, a ``vtrans.loading.Backbone`` (one made by
+            backbone: the base model to score with, a ``vtrans.backbone.loading.Backbone`` (one made by
                 ``Backbone.from_model`` from a model in memory, say); default: load the one the
                 checkpoint names. Either way its fingerprint must be the checkpoint's.
             options: the other keyword arguments of :class:`Scorer`.
 
         Raises:
-            vtrans.checkpoint.CheckpointError: a missing, truncated, unsafe or foreign file, a
+            vtrans.latent.checkpoint.CheckpointError: a missing, truncated, unsafe or foreign file, a
                 checkpoint of another base model, or of a model in memory not given.
             vtrans.errors.ConfigError: an estimator or setting the checkpoint cannot score with.
         """
-        from vtrans import checkpoint
-        from vtrans.loading import resolve_device
+        from vtrans.backbone.loading import resolve_device
+        from vtrans.latent import checkpoint
 
         ckpt = checkpoint.read(path)
         settings = {name: options.pop(name) for name in list(options) if name in SETTINGS}
@@ -440,7 +441,7 @@ class Scorer:
     def score_lines(self, lines: Iterable[Line], total: int | None = None) -> Iterator[dict]:
         """Like :meth:`score`, for inputs that may already carry an error (lines of a file).
 
-        Under a process group (``vtrans.distributed``) every rank reads the same input, the
+        Under a process group (``vtrans.estimators.distributed``) every rank reads the same input, the
         batches are dealt out round by round (batch ``b`` to rank ``b % world``), and every
         rank yields every record, in input order.
         """

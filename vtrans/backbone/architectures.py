@@ -9,13 +9,13 @@ ones. Where transformers names a part for every architecture (``base_model``,
 ``get_input_embeddings``, ``get_output_embeddings``), its accessor is used.
 
 Adding a family is one entry in :data:`ARCHITECTURES` and a tiny random model of it in
-``vtrans.loading.TINY`` (``tests/test_architectures.py`` runs every entry's).
+``vtrans.backbone.loading.TINY`` (``tests/test_architectures.py`` runs every entry's).
 
 Every change this module makes to a model (running some blocks only, another attention
 implementation) is a context manager that restores the model in ``finally``.
 
-What it does not know: where models come from (``vtrans.loading``) and how a frozen prefix is
-cached (``vtrans.frozen``).
+What it does not know: where models come from (``vtrans.backbone.loading``) and how a frozen prefix is
+cached (``vtrans.backbone.frozen``).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def native_dropout(model: nn.Module) -> list[nn.Module]:
 
 
 def non_text_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Token ids the model can emit that are not text: generation suppresses them (``vtrans.generate``).
+    """Token ids the model can emit that are not text: generation suppresses them (``vtrans.backbone.generate``).
 
     The family's ``non_text_tokens`` that the tokenizer has, and every row of the unembedding past
     the tokenizer's vocabulary (a head padded to a round size has rows no token decodes from).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtrans.tokens import encode
+from vtrans.backbone.tokens import encode
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Cross-fitted comparison: every idiom gets a score from a latent that never trained on it.
 
-The items are cut into K folds by idiom (:mod:`vtrans.folds`). For each training seed and each
+The items are cut into K folds by idiom (:mod:`vtrans.evaluation.folds`). For each training seed and each
 fold f, a latent is trained on the idioms outside f (plus any ``extra_train`` idioms, with the
 scored idioms and their variants taken out) and scores the idioms of f. Every item thus has an
 out-of-fold latent score, and the metrics, bootstrap intervals and paired tests run over all n
 items instead of one small test split.
 
 Each fold's latent is trained as ``train.py fit`` trains one from the same YAML
-(:class:`vtrans.folds.FoldLatents`).
+(:class:`vtrans.evaluation.folds.FoldLatents`).
 
 What does not depend on the latent runs once: the base model's completions and labels (greedy,
 so seed-free) and the deterministic single-pass families. The stochastic families (MC dropout,
@@ -22,7 +22,7 @@ produced it, so fitting and scoring see the same feature distribution; no error 
 enters its fit.
 
 A run resumes. Its units are recorded under ``OUT/units/`` as each finishes
-(:class:`vtrans.units.Units`): ``base`` (the completions, labels and seed-free scores),
+(:class:`vtrans.evaluation.units.Units`): ``base`` (the completions, labels and seed-free scores),
 ``seed{s}`` (that seed's stochastic scores), ``seed{s}-fold{f}`` (the latent trained without
 fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, with ``--ensemble M`` the M − 1 other members
 as ``seed{s}-fold{f}-member{m}.ckpt``, and its scores of fold f) and, for each
@@ -44,20 +44,21 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from vtrans import laplace, metrics, report
+from vtrans.backbone.generate import Completion
 from vtrans.config import CrossvalConfig, EvalConfig
 from vtrans.data import IdiomItem, render_prompt
 from vtrans.errors import UserError
 from vtrans.estimators import registry
 from vtrans.estimators.base import Family
 from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
-from vtrans.evaluate import costs, features_of
-from vtrans.folds import FoldLatents, FoldPlan
-from vtrans.generate import Completion
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation import metrics, report
+from vtrans.evaluation.evaluate import costs, features_of
+from vtrans.evaluation.folds import FoldLatents, FoldPlan
+from vtrans.evaluation.units import Units
+from vtrans.latent import laplace
+from vtrans.latent.training import read_training_config
 from vtrans.log import log
-from vtrans.runner import Runner
-from vtrans.training import read_training_config
-from vtrans.units import Units
 
 
 def _seed_free(name: str) -> bool:

@@ -5,8 +5,8 @@ written to a temporary file in the same folder, flushed and fsynced, then ``os.r
 the target, so a process killed mid-save leaves the previous checkpoint whole. A checkpoint
 whose weights or optimizer state hold NaN or infinite values is refused. The resume path
 (``--ckpt_path``) reads through :meth:`AtomicCheckpointIO.load_checkpoint`, with the rules of
-``vtrans.checkpoint`` on format and ``weights_only``. Reading a checkpoint to score it needs
-none of this (nor Lightning): see ``vtrans.checkpoint``.
+``vtrans.latent.checkpoint`` on format and ``weights_only``. Reading a checkpoint to score it needs
+none of this (nor Lightning): see ``vtrans.latent.checkpoint``.
 """
 
 from __future__ import annotations

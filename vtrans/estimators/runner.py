@@ -2,7 +2,7 @@
 
 Per batch of prompts:
 
-1. the base model (latent off) completes each prompt (``vtrans.generate``);
+1. the base model (latent off) completes each prompt (``vtrans.backbone.generate``);
 2. one forward of the base model over the prompts and their completions keeps what the asked-for
    families need (the slot logits always; every layer's stream, the attention weights, every
    block's keys and values only when a family asks for them; see ``vtrans.estimators.base``);
@@ -16,7 +16,7 @@ forward would have computed them (``vtrans.estimators.base.forward_from_generati
 Every random draw is seeded from the run's seed and the index of an item (the z noise) or of a
 batch's first item (dropout masks, sampled completions), never from a global state carried from
 batch to batch: a batch gives the same scores wherever it runs, which is what lets several
-processes share a run (``vtrans.distributed``). ``vtrans evaluate``, ``vtrans score``,
+processes share a run (``vtrans.estimators.distributed``). ``vtrans evaluate``, ``vtrans score``,
 ``vtrans crossval`` and the benchmarks all run estimators through :class:`Runner`.
 """
 
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from vtrans import distributed, log
-from vtrans.backbones import attention_implementation
+from vtrans import log
+from vtrans.backbone.architectures import attention_implementation
+from vtrans.backbone.generate import Completion, complete, generate_batch, is_correct
+from vtrans.backbone.tokens import encode, target_ids
 from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
-from vtrans.distributed import Shard
-from vtrans.estimators import registry
+from vtrans.estimators import distributed, registry
 from vtrans.estimators.base import (
     Context,
     Forward,
@@ -43,8 +44,7 @@ from vtrans.estimators.base import (
     item_seed,
     run_forward,
 )
-from vtrans.generate import Completion, complete, generate_batch, is_correct
-from vtrans.tokens import encode, target_ids
+from vtrans.estimators.distributed import Shard
 
 
 class Runner:
@@ -60,12 +60,12 @@ class Runner:
         members: Sequence = (),
     ) -> None:
         """Args:
-            backbone: the base model (``vtrans.loading.Backbone``).
+            backbone: the base model (``vtrans.backbone.loading.Backbone``).
             module: a trained ``LatentModel`` on that backbone, or None (no latent estimators).
             config: the estimator settings.
             progress: show progress bars (rank 0 only).
             shard: this process's share of the batches (default: the running process group's,
-                see ``vtrans.distributed``); every rank ends with the whole run's results.
+                see ``vtrans.estimators.distributed``); every rank ends with the whole run's results.
             members: an ensemble's latents on the same backbone, ``module`` first (the ensemble family's).
         """
         self.backbone, self.module, self.members = backbone, module, tuple(members)

@@ -3,13 +3,13 @@
 What scoring reads, and nothing of training: the forward pieces (the stream after block k, the
 upper blocks' prefix, the logits given z), the latent's distributions, and checkpoints that hold
 the latent's weights only. Plain torch (no Lightning, torchmetrics or Pyro), so a checkpoint
-loads for scoring without importing them (``vtrans.checkpoint.load``). The backbone comes in
-through the constructor and never trains. ``vtrans.module.LatentLM`` extends this class with
+loads for scoring without importing them (``vtrans.latent.checkpoint.load``). The backbone comes in
+through the constructor and never trains. ``vtrans.latent.module.LatentLM`` extends this class with
 the ELBO and its training loop.
 
 A latent is rebuilt from what was saved in one place (:meth:`LatentModel.from_saved`): the
 backbone it names, checked by fingerprint, its settings and its weights. Two formats hold
-those: the checkpoints that training writes (``vtrans.checkpoint``), and the folder that
+those: the checkpoints that training writes (``vtrans.latent.checkpoint``), and the folder that
 :meth:`LatentModel.save_pretrained` writes the way the Hugging Face ecosystem expects:
 ``model.safetensors`` (the latent's weights, never the backbone's) beside ``config.json`` (its
 settings, the backbone's spec and fingerprint, the template it was trained with, the format).
@@ -27,13 +27,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from vtrans import backbones, tokens
+from vtrans.backbone import architectures, tokens
+from vtrans.backbone.frozen import FrozenPrefix, upper_prefix, upper_suffix
+from vtrans.backbone.loading import MEMORY, SPEC_KEYS, Backbone
+from vtrans.backbone.tokens import Encoded
 from vtrans.config import check_all
 from vtrans.errors import CheckpointError, UserError
-from vtrans.frozen import FrozenPrefix, upper_prefix, upper_suffix
-from vtrans.latent import PRIORS, GaussianLatent, Prior
-from vtrans.loading import MEMORY, SPEC_KEYS, Backbone
-from vtrans.tokens import Encoded
+from vtrans.latent.gaussian import PRIORS, GaussianLatent, Prior
 
 TRAINING_KEYS = ("beta", "kl_warmup_steps", "free_bits", "elbo", "num_particles", "lr", "weight_decay", "cache_frozen")
 """The latent settings that only training reads: ``LatentLM``'s arguments beyond ``LatentModel``'s
@@ -61,7 +61,7 @@ class LatentModel(nn.Module):
     """A causal LM with a Gaussian latent z between block k and block k+1: its forward pieces.
 
     Args:
-        backbone: the frozen causal LM (``vtrans.loading.Backbone``).
+        backbone: the frozen causal LM (``vtrans.backbone.loading.Backbone``).
         layer: number of blocks below the latent (z enters after block ``layer``);
             1 ≤ layer ≤ n_layers − 1; default the middle, n_layers // 2.
         d_z: latent dimension.
@@ -100,7 +100,7 @@ class LatentModel(nn.Module):
             layer=layer, d_z=d_z, prior=prior, hidden=hidden, gradient_checkpointing=gradient_checkpointing
         )
         self._fingerprint: str | None = None
-        self.laplace = None  # a vtrans.laplace.LaplacePosterior, fitted after training (never in a checkpoint)
+        self.laplace = None  # a vtrans.latent.laplace.LaplacePosterior, fitted after training (never in a checkpoint)
         self.template: str | None = None  # the prompt template it was trained with, where what it was loaded from says
 
     @property
@@ -130,7 +130,7 @@ class LatentModel(nn.Module):
     @torch.no_grad()
     def lower(self, enc: Encoded) -> torch.Tensor:
         """The raw residual stream after block k, (B, T, C); no autograd below the latent."""
-        with backbones.blocks_until(self.backbone.model, self.layer) as body:
+        with architectures.blocks_until(self.backbone.model, self.layer) as body:
             out = body(
                 **enc.inputs,
                 use_cache=False,
@@ -346,7 +346,7 @@ def read_pretrained(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor
     if folder.is_file():
         raise CheckpointError(
             f"{folder} is a file, not a folder written by save_pretrained: "
-            "a training checkpoint loads with vtrans.checkpoint.load or Scorer.from_checkpoint"
+            "a training checkpoint loads with vtrans.latent.checkpoint.load or Scorer.from_checkpoint"
         )
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder written by save_pretrained: no such folder")

@@ -10,7 +10,7 @@
 
 ``train.py`` (``vtrans.cli.train_main``) uses all three (the summary unless
 ``--trainer.enable_model_summary false``); checkpoints themselves are written and read by
-``vtrans.checkpoint``.
+``vtrans.latent.checkpoint``.
 """
 
 from __future__ import annotations

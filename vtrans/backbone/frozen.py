@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from vtrans import backbones
-from vtrans.tokens import Encoded
+from vtrans.backbone import architectures
+from vtrans.backbone.tokens import Encoded
 
 # --------------------------------------------------------------------------- frozen prefixes
 
@@ -36,13 +36,13 @@ def additive_mask(
     """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``, as the trunk takes it.
 
     Attention is causal by column; a sliding-window block's window is on ``position_ids`` (see
-    :func:`vtrans.backbones.attention_mask`). A (B, 1, Q, K) tensor of 0 or −big, or one per layer type.
+    :func:`vtrans.backbone.architectures.attention_mask`). A (B, 1, Q, K) tensor of 0 or −big, or one per layer type.
     """
     keys = torch.arange(q_end, device=attention_mask.device)
     queries = torch.arange(q_start, q_end, device=attention_mask.device)
     allowed = (keys.view(1, -1) <= queries.view(-1, 1)).unsqueeze(0)  # (1, Q, K)
     allowed = allowed & attention_mask[:, :q_end].bool().unsqueeze(1)  # (B, Q, K)
-    return backbones.attention_mask(model, allowed, position_ids[:, q_start:q_end], position_ids[:, :q_end], dtype)
+    return architectures.attention_mask(model, allowed, position_ids[:, q_start:q_end], position_ids[:, :q_end], dtype)
 
 
 class _Recorder(DynamicCache):
@@ -90,8 +90,8 @@ def upper_prefix(model, start: int, h: torch.Tensor, attention_mask, position_id
     recorder = _Recorder()
     if split > 0:
         mask = additive_mask(model, attention_mask, position_ids, 0, split, h.dtype)
-        with backbones.blocks_from(model, start) as m:
-            backbones.trunk(m)(
+        with architectures.blocks_from(model, start) as m:
+            architectures.trunk(m)(
                 inputs_embeds=h[:, :split],
                 attention_mask=mask,
                 position_ids=position_ids[:, :split],
@@ -107,7 +107,7 @@ def upper_suffix(
     """Logits of blocks ``start..L-1`` on the suffix h (B, T-split, C), attending to a frozen prefix."""
     split = prefix.length
     mask = additive_mask(model, attention_mask, position_ids, split, attention_mask.shape[1], h.dtype)
-    with backbones.blocks_from(model, start) as m:
+    with architectures.blocks_from(model, start) as m:
         out = m(
             inputs_embeds=h,
             attention_mask=mask,

@@ -2,7 +2,7 @@
 
 What a checkpoint holds is the latent only, with a record of its backbone
 (``LatentModel.state_dict`` and ``LatentLM.on_save_checkpoint``): never a copy of the base
-model. Writing it during training is ``vtrans.checkpoint_io``'s job (Lightning's plugin).
+model. Writing it during training is ``vtrans.latent.checkpoint_io``'s job (Lightning's plugin).
 
 Reading: a checkpoint must be the zip archive that ``torch.save`` writes (the legacy
 pickle-stream format, where ``weights_only`` has had holes, is refused unread), every member
@@ -11,13 +11,13 @@ weights), and it is read with ``torch.load(weights_only=True)``: tensors and pla
 only, so a file crafted to run code when unpickled is refused and nothing in it runs. The
 checkpoint names its backbone (spec and fingerprint); the backbone is loaded from that spec, or
 checked against the one given, and a mismatch is refused with both named. Loading to score
-builds the plain :class:`vtrans.model.LatentModel`: no Lightning, torchmetrics or Pyro is
+builds the plain :class:`vtrans.latent.model.LatentModel`: no Lightning, torchmetrics or Pyro is
 imported. A folder that ``LatentModel.save_pretrained`` wrote (safetensors beside JSON) is read
 as the same plain data and loads the same way, wherever a checkpoint is asked for. The resume path (``--ckpt_path``) reads through
-``vtrans.checkpoint_io.AtomicCheckpointIO.load_checkpoint``, with the same rules on format and
+``vtrans.latent.checkpoint_io.AtomicCheckpointIO.load_checkpoint``, with the same rules on format and
 ``weights_only``.
 
-The training callbacks that put state into a checkpoint are in ``vtrans.callbacks``.
+The training callbacks that put state into a checkpoint are in ``vtrans.latent.callbacks``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
+from vtrans.backbone.loading import SPEC_KEYS, Backbone
 from vtrans.errors import CheckpointError
-from vtrans.loading import SPEC_KEYS, Backbone
-from vtrans.model import (
-    TRAINING_KEYS,  # noqa: F401  (read here before it moved to vtrans.model)
+from vtrans.latent.model import (
+    TRAINING_KEYS,  # noqa: F401  (read here before it moved to vtrans.latent.model)
     LatentModel,
     read_pretrained,
 )
@@ -149,7 +149,7 @@ def load(
         backbone: the base model to use; default: load the one the checkpoint names (one that
             was a model in memory must be given). Either way its fingerprint must equal the
             checkpoint's.
-        training: build the LightningModule (``vtrans.module.LatentLM``), which checks the
+        training: build the LightningModule (``vtrans.latent.module.LatentLM``), which checks the
             training settings too; without it those are kept in ``hparams`` unread.
         ckpt: the file's contents, where :func:`read` has read them already.
 
@@ -161,7 +161,7 @@ def load(
     ckpt = read(path) if ckpt is None else ckpt
     record = ckpt["vtrans"]
     if training:
-        from vtrans.module import LatentLM as cls
+        from vtrans.latent.module import LatentLM as cls
     else:
         cls = LatentModel
     module = cls.from_saved(str(path), record["backbone"], record["fingerprint"], hyper_parameters(ckpt), ckpt["state_dict"], backbone)
@@ -199,7 +199,7 @@ def trained_idiom_hashes(path: str | Path) -> set[str] | None:
     Returns:
         The set of hashes; None for a checkpoint written before they were recorded.
     """
-    from vtrans.datamodule import IdiomDataModule
+    from vtrans.latent.datamodule import IdiomDataModule
 
     state = read(path).get(IdiomDataModule.__qualname__)
     hashes = state.get("train_idiom_hashes") if isinstance(state, dict) else None
@@ -216,10 +216,10 @@ def split_settings(path: str | Path) -> dict:
 
 
 def __getattr__(name: str):
-    """``vtrans.checkpoint.AtomicCheckpointIO``, the ``class_path`` that training configs written
-    before it moved to ``vtrans.checkpoint_io`` name (imported on use: it needs Lightning)."""
+    """``vtrans.latent.checkpoint.AtomicCheckpointIO``, the ``class_path`` that training configs written
+    before it moved to ``vtrans.latent.checkpoint_io`` name (imported on use: it needs Lightning)."""
     if name == "AtomicCheckpointIO":
-        from vtrans.checkpoint_io import AtomicCheckpointIO
+        from vtrans.latent.checkpoint_io import AtomicCheckpointIO
 
         return AtomicCheckpointIO
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

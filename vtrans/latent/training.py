@@ -2,13 +2,13 @@
 
 ``python train.py fit --config FILE`` (:func:`vtrans.cli.train_main`), ``vtrans crossval`` (a
 latent per seed and fold) and ``experiments/sweep.py`` (a latent per variant) all build them
-with :class:`TrainingCLI`: LightningCLI over :class:`vtrans.module.LatentLM` and
-:class:`vtrans.datamodule.IdiomDataModule`, the YAML's trainer settings as written (accelerator,
+with :class:`TrainingCLI`: LightningCLI over :class:`vtrans.latent.module.LatentLM` and
+:class:`vtrans.latent.datamodule.IdiomDataModule`, the YAML's trainer settings as written (accelerator,
 devices, precision, callbacks, loggers, ...), and the safeguards always on: checkpoints written
-atomically and never with non-finite values (:class:`vtrans.checkpoint_io.AtomicCheckpointIO`),
-the random states saved in every checkpoint (:class:`vtrans.callbacks.ResumableRNG`), a stop at
-the first non-finite weight or gradient (:class:`vtrans.callbacks.NonFiniteGuard`), and the
-model summary that says what trains (:class:`vtrans.callbacks.Summary`, in place of Lightning's).
+atomically and never with non-finite values (:class:`vtrans.latent.checkpoint_io.AtomicCheckpointIO`),
+the random states saved in every checkpoint (:class:`vtrans.latent.callbacks.ResumableRNG`), a stop at
+the first non-finite weight or gradient (:class:`vtrans.latent.callbacks.NonFiniteGuard`), and the
+model summary that says what trains (:class:`vtrans.latent.callbacks.Summary`, in place of Lightning's).
 
 :func:`build` is the entry for code: a YAML (a path or its content), overrides as dotted keys
 the way the command line spells them (``{"trainer.max_epochs": 1}``), and optionally a backbone
@@ -37,13 +37,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Checkpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from vtrans.callbacks import NonFiniteGuard, ResumableRNG, Summary
+from vtrans.backbone.frozen import FrozenCache
+from vtrans.backbone.loading import Backbone
 from vtrans.data import IdiomItem
-from vtrans.datamodule import IdiomDataModule
 from vtrans.errors import ConfigError, TrainingStopped, UserError
-from vtrans.frozen import FrozenCache
-from vtrans.loading import Backbone
-from vtrans.module import LatentLM
+from vtrans.latent.callbacks import NonFiniteGuard, ResumableRNG, Summary
+from vtrans.latent.datamodule import IdiomDataModule
+from vtrans.latent.module import LatentLM
 
 
 def trainer_defaults(guard: NonFiniteGuard | None = None) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def trainer_defaults(guard: NonFiniteGuard | None = None) -> dict[str, Any]:
     random states and the non-finite guard (``guard``, where the caller wants to ask it where it
     stopped)."""
     return {
-        "plugins": [{"class_path": "vtrans.checkpoint_io.AtomicCheckpointIO"}],
+        "plugins": [{"class_path": "vtrans.latent.checkpoint_io.AtomicCheckpointIO"}],
         "callbacks": [ResumableRNG(), guard or NonFiniteGuard()],
     }
 
@@ -61,7 +61,7 @@ class TrainingCLI(LightningCLI):
 
     With ``trainer.enable_checkpointing: false`` the configured checkpoint callbacks are left out
     (Lightning refuses a Trainer with both). A ``backbone`` given is used wherever the config
-    names a ``vtrans.loading.Backbone``, after checking that it is the one named. A Trainer
+    names a ``vtrans.backbone.loading.Backbone``, after checking that it is the one named. A Trainer
     setting Lightning cannot use is a :class:`vtrans.errors.ConfigError`.
     """
 
@@ -274,13 +274,13 @@ def read_training_config(path: str | Path) -> TrainingSpec:
     the mistakes that are cheap to find: no backbone, a latent setting ``LatentLM`` does not take.
 
     Raises:
-        ConfigError: see :func:`read_yaml`; no ``vtrans.loading.Backbone``; an unknown latent setting.
+        ConfigError: see :func:`read_yaml`; no ``vtrans.backbone.loading.Backbone``; an unknown latent setting.
     """
     raw = read_yaml(path)
     model = dict(raw.get("model") or {})
     backbone = model.pop("backbone", None)
     if not isinstance(backbone, dict) or not str(backbone.get("class_path", "")).endswith("Backbone"):
-        raise ConfigError(f"{path}: model.backbone must be a vtrans.loading.Backbone with init_args")
+        raise ConfigError(f"{path}: model.backbone must be a vtrans.backbone.loading.Backbone with init_args")
     allowed = set(inspect.signature(LatentLM.__init__).parameters) - {"self", "backbone"}
     unknown = sorted(set(model) - allowed)
     if unknown:

@@ -2,7 +2,7 @@
 
 1. The base model (latent off) completes every prompt; an item is wrong (error = 1) when the
    completion word differs from the idiom's last word.
-2. Every estimator scores the same items through the runner (``vtrans.runner``): one shared
+2. Every estimator scores the same items through the runner (``vtrans.estimators.runner``): one shared
    forward per batch for the single-pass estimators, and the passes of their own that MC
    dropout, ``latent_mi`` and the sampled completions add, each timed; a plain forward on the
    same batches is the unit of cost.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from vtrans import distributed, report
+from vtrans.backbone.generate import Completion
+from vtrans.backbone.loading import Backbone
 from vtrans.config import EvalConfig
 from vtrans.data import (
     DataError,
@@ -34,13 +35,12 @@ from vtrans.data import (
     parse_spec,
 )
 from vtrans.errors import ConfigError
-from vtrans.estimators import registry
+from vtrans.estimators import distributed, registry
 from vtrans.estimators.base import Family
 from vtrans.estimators.registry import chosen, family_of, why_not
-from vtrans.generate import Completion
-from vtrans.loading import Backbone
+from vtrans.estimators.runner import Runner
+from vtrans.evaluation import report
 from vtrans.log import log, phase
-from vtrans.runner import Runner
 
 # A 95% AUROC interval narrower than ±0.05 keeps two estimators 0.1 apart from overlapping; a
 # wider one cannot separate even that (a large gap: cheap baselines usually lie closer).
@@ -223,7 +223,7 @@ def split_settings(config: EvalConfig, recorded: dict | None = None) -> dict:
 
     Args:
         config: its ``split_seed``, ``val_fraction`` and ``test_fraction``, where set.
-        recorded: the checkpoint's (``vtrans.checkpoint.split_settings``): they apply where the
+        recorded: the checkpoint's (``vtrans.latent.checkpoint.split_settings``): they apply where the
             config sets none, so that ``builtin:test`` is the test split the latent was kept from.
 
     Raises:
@@ -249,7 +249,7 @@ def leave_out_seen(
 
     Args:
         items: the evaluated items.
-        trained: the checkpoint's training idioms (``vtrans.checkpoint.trained_idiom_hashes``);
+        trained: the checkpoint's training idioms (``vtrans.latent.checkpoint.trained_idiom_hashes``);
             None when it does not record them (nothing is left out).
         keep: keep the seen items (``keep_seen``).
         data: the data spec, for the error message.
@@ -286,7 +286,7 @@ def auroc_half_width(n: int, error_rate: float = 0.5, auroc: float = TYPICAL_AUR
     ``z * sqrt(Var)``. At a given n it is within a few percent of its smallest near
     ``error_rate = 0.5`` (the smallest lies a little above), so the default is close to the best
     case before any completion is known. It shrinks as ``A`` nears 1 and as ``1/sqrt(n)``. The
-    percentile-bootstrap intervals of :func:`vtrans.metrics.bootstrap_ci` come out close to it
+    percentile-bootstrap intervals of :func:`vtrans.evaluation.metrics.bootstrap_ci` come out close to it
     (``tests/test_evaluate.py`` checks both against synthetic data).
 
     Args:
@@ -376,7 +376,7 @@ def evaluate(
         out_dir: where the files go.
         ckpt: a trained latent: a checkpoint, or a folder written by ``save_pretrained``; without
             it only the estimators that need no latent run.
-        model: the base model by name (``vtrans.loading.Backbone``'s ``name``; default ``smollm2``),
+        model: the base model by name (``vtrans.backbone.loading.Backbone``'s ``name``; default ``smollm2``),
             when no ``ckpt`` names it and no ``backbone`` is given.
         device: ``cpu``, ``cuda`` or ``cuda:N``; default: where the ``backbone`` given is, else ``cpu``.
         progress: progress bars on stderr.
@@ -388,7 +388,7 @@ def evaluate(
             from the checkpoint's.
         CheckpointError: a ``ckpt`` that is unreadable or of another base model.
     """
-    from vtrans import checkpoint
+    from vtrans.latent import checkpoint
 
     if backbone is not None and model is not None:
         raise ConfigError(f"give the base model by name (model={model!r}) or loaded (backbone=), not both")

@@ -23,7 +23,7 @@ Model sources (``Backbone(name=...)``):
 
 Nothing is downloaded: a model that is not available offline fails at once with a
 ``BackboneError`` that says how to provide it. What the parts of a loaded model are called is
-``vtrans.backbones``' business, not this module's.
+``vtrans.backbone.architectures``' business, not this module's.
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vtrans.backbones import architecture, architecture_of_type, d_model, family, n_layers, unembedding
+from vtrans.backbone.architectures import (
+    architecture,
+    architecture_of_type,
+    d_model,
+    family,
+    n_layers,
+    unembedding,
+)
 from vtrans.errors import BackboneError, ConfigError
 from vtrans.log import bars_enabled, log
 
@@ -330,7 +337,7 @@ TINY = {
         vocab_size=50257,
     ),
 }
-"""Small random models, one per family in ``vtrans.backbones.ARCHITECTURES`` (``tiny-`` and its name, ``_`` as ``-``), for tests."""
+"""Small random models, one per family in ``vtrans.backbone.architectures.ARCHITECTURES`` (``tiny-`` and its name, ``_`` as ``-``), for tests."""
 
 
 def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
@@ -503,7 +510,7 @@ class Backbone(nn.Module):
         trained on it asks for the model (``backbone=``) rather than loading one by name.
 
         Args:
-            model: a Hugging Face causal LM of a supported family (``vtrans.backbones``).
+            model: a Hugging Face causal LM of a supported family (``vtrans.backbone.architectures``).
             tokenizer: its tokenizer.
             name: what messages and reports call it (default: the config's ``_name_or_path``).
 

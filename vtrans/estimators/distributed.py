@@ -2,7 +2,7 @@
 
 The work is cut into the same batches as in one process, and batch ``b`` runs on rank
 ``b % world``. Every random draw of the runner is seeded by item or batch index
-(``vtrans.runner``), so a batch gives the same numbers on whichever rank runs it; the ranks then
+(``vtrans.estimators.runner``), so a batch gives the same numbers on whichever rank runs it; the ranks then
 exchange their batches' results (``all_gather_object``) and each puts them back in input order.
 The records are those of one process.
 

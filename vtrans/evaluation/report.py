@@ -23,8 +23,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from vtrans import metrics
 from vtrans.estimators import registry
+from vtrans.evaluation import metrics
 
 __all__ = [
     "build_results",
@@ -74,7 +74,7 @@ def item_row(
     Args:
         item: the idiom (a ``vtrans.data.IdiomItem``).
         prompt: its prompt.
-        completion: the base model's completion of it (a ``vtrans.generate.Completion``).
+        completion: the base model's completion of it (a ``vtrans.backbone.generate.Completion``).
         correct: whether the completion word is the idiom's last word.
         scores: ``{NAME: float}``, the estimators' scores (the first seed's in a cross-fitted run).
         fields: the per-item fields the families write besides their scores

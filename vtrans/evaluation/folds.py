@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from vtrans import checkpoint, training
+from vtrans.backbone.frozen import FrozenCache
+from vtrans.backbone.loading import Backbone
 from vtrans.config import CrossvalConfig
 from vtrans.data import IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, TrainingStopped
-from vtrans.frozen import FrozenCache
-from vtrans.loading import Backbone
-from vtrans.training import TrainingSpec
+from vtrans.latent import checkpoint, training
+from vtrans.latent.training import TrainingSpec
 
 
 def assign_folds(items: list[IdiomItem], folds: int, seed: int = 0) -> list[int]:

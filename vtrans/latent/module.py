@@ -1,10 +1,10 @@
-"""The LightningModule: the latent model (``vtrans.model``) trained by an ELBO.
+"""The LightningModule: the latent model (``vtrans.latent.model``) trained by an ELBO.
 
 The backbone comes in through the constructor and never trains; only the latent's
 parameters reach the optimizer and the checkpoint. The checkpoint records which backbone it
 belongs to (its spec and a fingerprint of its config and weights). What scoring reads (the
 forward pieces, the latent's distributions, the weights a checkpoint holds) is
-:class:`vtrans.model.LatentModel`'s; this module adds the loss, the metrics and the optimizer.
+:class:`vtrans.latent.model.LatentModel`'s; this module adds the loss, the metrics and the optimizer.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torchmetrics import MeanMetric, Metric
 
+from vtrans.backbone.frozen import FrozenCache
+from vtrans.backbone.loading import Backbone
 from vtrans.config import check_all
-from vtrans.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
-from vtrans.frozen import FrozenCache
-from vtrans.latent import Prior, kl_normal
-from vtrans.loading import Backbone
-from vtrans.model import LatentModel
+from vtrans.latent.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
+from vtrans.latent.gaussian import Prior, kl_normal
+from vtrans.latent.model import LatentModel
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
@@ -71,7 +71,7 @@ class LatentStats(Metric):
 class LatentLM(LatentModel, L.LightningModule):
     """A causal LM with a Gaussian latent z between block k and block k+1, trained by an ELBO.
 
-    The forward pieces and the weights a checkpoint holds are :class:`vtrans.model.LatentModel`'s;
+    The forward pieces and the weights a checkpoint holds are :class:`vtrans.latent.model.LatentModel`'s;
     this class adds the loss, the metrics and the optimizer.
     """
 
@@ -102,7 +102,7 @@ class LatentLM(LatentModel, L.LightningModule):
         """Build the latent around a frozen backbone.
 
         Args:
-            backbone: the frozen causal LM (``vtrans.loading.Backbone``).
+            backbone: the frozen causal LM (``vtrans.backbone.loading.Backbone``).
             layer: number of blocks below the latent (z enters after block ``layer``);
                 1 ≤ layer ≤ n_layers − 1; default the middle, n_layers // 2.
             d_z: latent dimension.

@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from vtrans.backbones import full_cache, non_text_ids
+from vtrans.backbone.architectures import full_cache, non_text_ids
 from vtrans.data import first_word, word_is_final
 
 
