@@ -1,4 +1,4 @@
-"""Every family in ``vtrans.backbone.architectures.ARCHITECTURES``, each on its tiny random model (``vtrans.backbone.loading.TINY``).
+"""Every family in ``vtrans.backbone.architectures.ARCHITECTURES``, each on its tiny random model (``vtrans.backbone.random_weights.TINY``).
 
 Each family's tiny model (4 blocks, d = 64, the GPT-2 tokenizer's vocabulary, random weights,
 built offline) is run through what vtrans does with a backbone: the table's parts, the logit
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from vtrans.backbone import architectures, tokens
+from vtrans.backbone import architectures, attention, tokens
 from vtrans.backbone.frozen import FrozenCache
-from vtrans.backbone.loading import TINY, Backbone
+from vtrans.backbone.loading import Backbone
+from vtrans.backbone.random_weights import TINY
 from vtrans.config import EstimatorConfig
 from vtrans.errors import BackboneError
 from vtrans.estimators import lens
@@ -91,7 +92,7 @@ def test_the_tables_parts_are_the_models(backbone):
     block_modules = {id(m) for block in architectures.blocks(model) for m in block.modules()}
     for part in architectures.attention_modules(model) + architectures.mlp_modules(model) + architectures.native_dropout(model):
         assert id(part) in block_modules or part is architectures.embedding_dropout(model)
-    assert len(architectures.layer_types(model)) == 4
+    assert len(attention.layer_types(model)) == 4
 
 
 def test_an_unknown_family_is_refused_in_one_line_naming_the_supported_ones():
@@ -155,7 +156,7 @@ def test_layer_zero_is_the_embedding_as_block_zero_sees_it(backbone):
 def test_some_blocks_and_the_frozen_prefix_reproduce_the_whole_model(backbone):
     model, enc = backbone.model, encoded(backbone)
     window = getattr(model.config, "sliding_window", None)
-    if "sliding_attention" in architectures.layer_types(model):
+    if "sliding_attention" in attention.layer_types(model):
         assert int(enc.attention_mask.sum(1).max()) > window  # the window cuts: the masks are tested
     out = whole(model, enc)
     for k in (1, 2, 3):
@@ -168,7 +169,7 @@ def test_some_blocks_and_the_frozen_prefix_reproduce_the_whole_model(backbone):
                 inputs_embeds=h, attention_mask=enc.attention_mask, position_ids=enc.position_ids, use_cache=False
             ).logits
         assert_close(real(logits, enc), real(out.logits, enc), atol=ATOL, rtol=0)
-    assert len(architectures.blocks(model)) == 4 and len(architectures.layer_types(model)) == 4  # put back
+    assert len(architectures.blocks(model)) == 4 and len(attention.layer_types(model)) == 4  # put back
     # an untrained latent leaves the logits as they were, through the frozen cache's two-region layout
     # (prefix and suffix regions each left-padded: columns are not positions there)
     module = LatentLM(backbone, d_z=4, hidden=16).eval()

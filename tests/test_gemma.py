@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vtrans.backbone import architectures
+from vtrans.backbone import architectures, attention
+from vtrans.backbone.embedded import GEMMA3_MODULE, GEMMA3_PACKAGE
 from vtrans.backbone.generate import complete, generate_batch
-from vtrans.backbone.loading import GEMMA3_MODULE, GEMMA3_PACKAGE, Backbone
+from vtrans.backbone.loading import Backbone
 from vtrans.backbone.tokens import encode
 from vtrans.data import DEFAULT_TEMPLATE, render_prompt
 from vtrans.estimators import lens
@@ -41,7 +42,7 @@ def test_it_is_gemma3_270m(gemma):
     assert (gemma.family, gemma.n_layers, gemma.d_model) == ("gemma3", 18, 640)
     assert (config.vocab_size, len(gemma.tokenizer), config.num_key_value_heads, config.head_dim) == (262_144, 262_144, 1, 256)
     assert config.sliding_window == 512 and config.tie_word_embeddings
-    assert [i for i, kind in enumerate(architectures.layer_types(gemma.model)) if kind == "full_attention"] == [5, 11, 17]
+    assert [i for i, kind in enumerate(attention.layer_types(gemma.model)) if kind == "full_attention"] == [5, 11, 17]
     assert gemma.tokenizer.convert_ids_to_tokens(START_OF_IMAGE) == "<start_of_image>"
     assert START_OF_IMAGE in architectures.non_text_ids(gemma.model, gemma.tokenizer)
 

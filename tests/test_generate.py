@@ -96,7 +96,8 @@ def gemma3_with_image_token():
     Gemma 3's does, and whose head has two rows past the tokenizer's vocabulary (50258, 50259)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vtrans.backbone.loading import TINY, gpt2_tokenizer
+    from vtrans.backbone.files import gpt2_tokenizer
+    from vtrans.backbone.random_weights import TINY
 
     kw = dict(TINY["tiny-gemma3"], vocab_size=50260)
     config = AutoConfig.for_model(kw.pop("model_type"), bos_token_id=50256, eos_token_id=50256, **kw)

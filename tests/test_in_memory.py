@@ -23,7 +23,8 @@ from conftest import offline_env
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from vtrans.backbone.loading import Backbone, gpt2_tokenizer
+from vtrans.backbone.files import gpt2_tokenizer
+from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
 from vtrans.config import EvalConfig
 from vtrans.data import DEFAULT_TEMPLATE

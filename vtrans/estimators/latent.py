@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vtrans.backbone import architectures
+from vtrans.backbone import architectures, attention
 from vtrans.backbone.frozen import FrozenPrefix
 from vtrans.backbone.tokens import Encoded
 from vtrans.config import EstimatorConfig, ZDraws
@@ -163,7 +163,7 @@ def sample_chunks(
         allowed = torch.cat([before[part].unsqueeze(1).expand(n, samples, width), own.expand(n, -1, -1)], -1)
         queries = position[part].unsqueeze(1).expand(n, samples)  # (n, S): every sample is the scored position
         keys = torch.cat([enc.position_ids[part], queries], 1)  # (n, T + S)
-        mask = architectures.attention_mask(model, allowed, queries, keys, stream.dtype)  # (n, 1, S, T + S) each
+        mask = attention.attention_mask(model, allowed, queries, keys, stream.dtype)  # (n, 1, S, T + S) each
         prefix = FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
         with architectures.blocks_from(model, module.layer) as upper:
             logits = upper(
