@@ -10,7 +10,8 @@ from torch.distributions import Normal, kl_divergence
 from vtrans.backbone import tokens
 from vtrans.latent.elbo import ELBOInputs, free_bits_penalty, make_loss
 from vtrans.latent.gaussian import GaussianLatent, kl_normal
-from vtrans.latent.module import ACTIVE_UNIT_THRESHOLD, LatentLM, LatentStats
+from vtrans.latent.module import LatentLM
+from vtrans.latent.stats import ACTIVE_UNIT_THRESHOLD, LatentStats
 
 BATCH = {
     "prompt": ["Complete the idiom: a piece of", "Hi", "Complete the idiom: once in a blue"],

@@ -29,6 +29,7 @@ from vtrans.latent.checkpoint_io import AtomicCheckpointIO
 from vtrans.latent.datamodule import IdiomDataModule
 from vtrans.latent.model import LatentModel
 from vtrans.latent.module import LatentLM
+from vtrans.latent.saved import TRAINING_KEYS
 from vtrans.latent.training import read_training_config
 
 
@@ -134,10 +135,10 @@ def test_a_checkpoint_loads_as_the_plain_model_to_score_and_as_the_lightning_mod
 
 
 def test_the_training_settings_are_latent_lm_s_arguments_beyond_latent_model_s():
-    """``checkpoint.TRAINING_KEYS`` names them so that scoring need not import LatentLM (Lightning)."""
+    """``saved.TRAINING_KEYS`` names them so that scoring need not import LatentLM (Lightning)."""
     model = set(inspect.signature(LatentModel).parameters)
     lm = set(inspect.signature(LatentLM).parameters)
-    assert model <= lm and lm - model == set(checkpoint.TRAINING_KEYS)
+    assert model <= lm and lm - model == set(TRAINING_KEYS)
 
 
 # --------------------------------------------------------------------------- configs

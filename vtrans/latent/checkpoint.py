@@ -33,9 +33,9 @@ import torch
 
 from vtrans.backbone.loading import SPEC_KEYS, Backbone
 from vtrans.errors import CheckpointError
-from vtrans.latent.model import (
-    TRAINING_KEYS,  # noqa: F401  (read here before it moved to vtrans.latent.model)
-    LatentModel,
+from vtrans.latent.model import LatentModel
+from vtrans.latent.saved import (
+    TRAINING_KEYS,  # noqa: F401  (read here before it moved to vtrans.latent.saved)
     read_pretrained,
 )
 

@@ -10,6 +10,9 @@ as β·Σ_d max(0, λ − KL̄_d), which turns Σ_d KL̄_d into Σ_d max(λ, KL�
 Pyro never sees a parameter: the model and guide read tensors computed by torch modules
 (``pyro.settings.set(module_local_params=True)``), so the frozen backbone stays out of the
 parameter store and only the latent reaches the optimizer.
+
+:func:`batch_loss` is the loss of one training batch: the negative ELBO (with free bits) of a
+variational latent, or the deterministic twin's negative log-likelihood of the target.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from typing import Literal
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from vtrans.latent.gaussian import kl_normal
 
 pyro.settings.set(module_local_params=True)
 
@@ -82,3 +88,54 @@ def free_bits_penalty(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tenso
     if free_bits <= 0:
         return kl_per_dim.new_zeros(())
     return torch.relu(free_bits - kl_per_dim.mean(0)).sum()
+
+
+def completion_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """−log p(target) per item, (B,): the target slots' cross-entropies summed over the real ones.
+
+    logits: (B, N, V); targets, mask: (B, N) (padding wherever ``mask`` is False).
+    """
+    per_slot = F.cross_entropy(logits.float().transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
+    return (per_slot * mask).sum(-1)
+
+
+@dataclass
+class Loss:
+    """One batch's loss and the parts of it that training logs.
+
+    Attributes:
+        loss: what the optimizer minimises: NLL + β·KL per item plus β times the free-bits
+            penalty (the twin: the NLL per item).
+        nll: the NLL per item, detached.
+        q_loc: (B, d_z) the posterior mean (the twin: its z).
+        kl_dim: (B, d_z) the KL per item and dimension (the twin: zeros).
+        beta: the weight of the KL term at this step (the twin: 0).
+    """
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    q_loc: torch.Tensor
+    kl_dim: torch.Tensor
+    beta: float
+
+
+def batch_loss(module, h: torch.Tensor, enc, prefix) -> Loss:
+    """The loss of one batch of a ``LatentLM``: the stream after block k ``h`` (B, T, C), its
+    encoding ``enc`` and the upper blocks' prefix, shared by every particle."""
+    n_items = enc.targets.shape[0]
+    if module.latent.prior == "deterministic":  # the twin: maximum likelihood with z at the prior network's mean
+        q_loc = module.latent.mean(module.states(h, enc)[0])
+        loss = completion_nll(module.decode(h, q_loc, enc, prefix), enc.targets, enc.target_mask).mean()
+        kl_dim, beta = torch.zeros_like(q_loc), 0.0
+        nll = loss.detach()
+    else:
+        q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
+        beta = module.current_beta()
+        inputs = ELBOInputs(
+            q_loc, q_scale, p_loc, p_scale, lambda z: module.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
+        )
+        neg_elbo_beta = module.loss_fn(inputs) / n_items  # NLL + β·KL, per item
+        kl_dim = kl_normal(q_loc, q_scale, p_loc, p_scale)  # (B, d_z)
+        loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, module.hparams.free_bits)
+        nll = (neg_elbo_beta - beta * kl_dim.sum(-1).mean()).detach()
+    return Loss(loss, nll, q_loc, kl_dim, beta)

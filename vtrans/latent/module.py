@@ -4,7 +4,8 @@ The backbone comes in through the constructor and never trains; only the latent'
 parameters reach the optimizer and the checkpoint. The checkpoint records which backbone it
 belongs to (its spec and a fingerprint of its config and weights). What scoring reads (the
 forward pieces, the latent's distributions, the weights a checkpoint holds) is
-:class:`vtrans.latent.model.LatentModel`'s; this module adds the loss, the metrics and the optimizer.
+:class:`vtrans.latent.model.LatentModel`'s; this module adds the training steps and the optimizer;
+the loss of a batch is ``vtrans.latent.elbo``'s and what training logs ``vtrans.latent.stats``'.
 """
 
 from __future__ import annotations
@@ -14,61 +15,19 @@ import warnings
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.warnings import PossibleUserWarning
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric
 
 from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
 from vtrans.config import check_all
-from vtrans.latent.elbo import ELBOInputs, Estimator, free_bits_penalty, make_loss
-from vtrans.latent.gaussian import Prior, kl_normal
+from vtrans.latent.elbo import Estimator, batch_loss, make_loss
+from vtrans.latent.gaussian import Prior
 from vtrans.latent.model import LatentModel
-
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
-
-
-def completion_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """−log p(target) per item, (B,): the target slots' cross-entropies summed over the real ones.
-
-    logits: (B, N, V); targets, mask: (B, N) (padding wherever ``mask`` is False).
-    """
-    per_slot = F.cross_entropy(logits.float().transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
-    return (per_slot * mask).sum(-1)
+from vtrans.latent.stats import LatentStats, TrainingMetrics
 
 
-class LatentStats(Metric):
-    """Per-dimension KL and the spread of the posterior mean across items, over an epoch."""
-
-    full_state_update = False
-
-    def __init__(self, d_z: int) -> None:
-        super().__init__()
-        for name in ("kl_sum", "loc_sum", "loc_sq_sum"):
-            self.add_state(name, default=torch.zeros(d_z, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, q_loc: torch.Tensor, kl_per_dim: torch.Tensor) -> None:
-        self.kl_sum += kl_per_dim.detach().double().sum(0)
-        self.loc_sum += q_loc.detach().double().sum(0)
-        self.loc_sq_sum += q_loc.detach().double().pow(2).sum(0)
-        self.count += q_loc.shape[0]
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        n = self.count.clamp(min=1)
-        kl_dim = self.kl_sum / n
-        loc_var = self.loc_sq_sum / n - (self.loc_sum / n).pow(2)
-        active = (loc_var > ACTIVE_UNIT_THRESHOLD).sum()
-        return {
-            "kl_dim": kl_dim.float(),
-            "kl_dim_max": kl_dim.max().float(),
-            "kl_dim_min": kl_dim.min().float(),
-            "active_units": active.float(),
-            "active_fraction": (active / kl_dim.numel()).float(),
-        }
-
-
-class LatentLM(LatentModel, L.LightningModule):
+class LatentLM(LatentModel, TrainingMetrics):
     """A causal LM with a Gaussian latent z between block k and block k+1, trained by an ELBO.
 
     The forward pieces and the weights a checkpoint holds are :class:`vtrans.latent.model.LatentModel`'s;
@@ -176,46 +135,14 @@ class LatentLM(LatentModel, L.LightningModule):
             enc = self.encode(batch["prompt"], targets)
             h = self.lower(enc)  # (B, T, C)
             prefix = self.prefix(h, enc)  # shared by every particle
-        n_items = enc.targets.shape[0]
-        if self.latent.prior == "deterministic":  # the twin: maximum likelihood with z at the prior network's mean
-            q_loc = self.latent.mean(self.states(h, enc)[0])
-            loss = completion_nll(self.decode(h, q_loc, enc, prefix), enc.targets, enc.target_mask).mean()
-            kl_dim, beta = torch.zeros_like(q_loc), 0.0
-            nll = loss.detach()
-        else:
-            q_loc, q_scale, p_loc, p_scale = self.distributions(h, enc)
-            beta = self.current_beta()
-            inputs = ELBOInputs(
-                q_loc, q_scale, p_loc, p_scale, lambda z: self.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
-            )
-            neg_elbo_beta = self.loss_fn(inputs) / n_items  # NLL + β·KL, per item
-            kl_dim = kl_normal(q_loc, q_scale, p_loc, p_scale)  # (B, d_z)
-            loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, self.hparams.free_bits)
-            nll = (neg_elbo_beta - beta * kl_dim.sum(-1).mean()).detach()
-        kl = kl_dim.sum(-1)  # (B,)
-        if not torch.isfinite(loss):
+        step = batch_loss(self, h, enc, prefix)
+        if not torch.isfinite(step.loss):
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at {stage} step {self.global_step}: "
+                f"non-finite loss ({step.loss.item()}) at {stage} step {self.global_step}: "
                 "lower lr, raise free_bits or check the data"
             )
-        self.stats[f"{stage}_latent"].update(q_loc, kl_dim)
-        for name, value in (("nll", nll), ("kl", kl.mean()), ("elbo", -(nll + kl.mean()))):
-            metric = self.means[f"{stage}_{name}"]
-            metric.update(value.detach(), weight=n_items)
-            shown = name == "kl" and stage != "train"  # the KL per item, in the progress bar after validation
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=shown, batch_size=n_items)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=n_items,
-            sync_dist=True,
-        )
-        if stage == "train":
-            self.log("train/beta", beta, on_step=True, on_epoch=False)
-        return loss
+        self._log_step(stage, step, enc.targets.shape[0])
+        return step.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -225,25 +152,6 @@ class LatentLM(LatentModel, L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")
-
-    def _log_stats(self, stage: str) -> None:
-        stats = self.stats[f"{stage}_latent"]
-        if stats.count == 0:
-            return
-        values = stats.compute()
-        values.pop("kl_dim")  # a vector; its sum over dimensions is the KL per item, {stage}/kl
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
-        stats.reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_stats("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_stats("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_stats("test")
-
     def configure_optimizers(self):
         params = [p for p in self.latent.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -252,4 +160,3 @@ class LatentLM(LatentModel, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vtrans"] = {"backbone": self.backbone.spec, "fingerprint": self.fingerprint, "format": 1}
-
