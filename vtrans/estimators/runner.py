@@ -24,67 +24,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from vtrans import log
-from vtrans.backbone.architectures import attention_implementation
 from vtrans.backbone.generate import Completion, complete, generate_batch, is_correct
 from vtrans.backbone.tokens import encode, target_ids
 from vtrans.config import EstimatorConfig
 from vtrans.data import IdiomItem, render_prompt
-from vtrans.estimators import distributed, registry
-from vtrans.estimators.base import (
-    Context,
-    Forward,
-    device_rng,
-    forward_from_generation,
-    item_seed,
-    run_forward,
-)
+from vtrans.estimators import distributed
+from vtrans.estimators.base import Context, device_rng, forward_from_generation, item_seed, run_forward
 from vtrans.estimators.distributed import Shard
+from vtrans.estimators.plan import Plan, runnable, sync
 
 
-class Runner:
-    """Runs the base model's completions and any set of estimators on a backbone, with or without a latent."""
+class Completer:
+    """The base model's completions of prompts, batch by batch: step 1 of the runner, no estimator yet."""
 
     def __init__(
-        self,
-        backbone,
-        module=None,
-        config: EstimatorConfig | None = None,
-        progress: bool = True,
-        shard: Shard | None = None,
-        members: Sequence = (),
+        self, backbone, config: EstimatorConfig | None = None, progress: bool = True, shard: Shard | None = None
     ) -> None:
-        """Args:
-            backbone: the base model (``vtrans.backbone.loading.Backbone``).
-            module: a trained ``LatentModel`` on that backbone, or None (no latent estimators).
-            config: the estimator settings.
-            progress: show progress bars (rank 0 only).
-            shard: this process's share of the batches (default: the running process group's,
-                see ``vtrans.estimators.distributed``); every rank ends with the whole run's results.
-            members: an ensemble's latents on the same backbone, ``module`` first (the ensemble family's).
-        """
-        self.backbone, self.module, self.members = backbone, module, tuple(members)
+        self.backbone = backbone
         self.config = config or EstimatorConfig()
         self.model, self.tokenizer = backbone.model, backbone.tokenizer
         self.device = next(self.model.parameters()).device
         self.shard = shard or distributed.current()
         self.progress = progress and self.shard.rank == 0
-
-    # ------------------------------------------------------------------ what runs
-
-    def runnable(self, names: Sequence[str]) -> list[str]:
-        """``names`` that apply here (latent, prior, aggregate), a fitted one replaced by the
-        estimators that give its features (``registry.computed``)."""
-        agg = self.config.aggregate
-        members = len(self.members)
-        return [n for n in registry.computed(names) if registry.why_not(n, self.module, agg, members) is None]
-
-    # ------------------------------------------------------------------ completions
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="item", disable=not log.bars_enabled(self.progress), leave=False)
@@ -115,37 +81,38 @@ class Runner:
         correct = [is_correct(c, it.target) for c, it in zip(completions, items, strict=True)]
         return prompts, completions, correct
 
-    # ------------------------------------------------------------------ scores
 
-    def _plan(self, names: Sequence[str]) -> _Plan:
-        names = self.runnable(names)
-        families = [f for f in registry.FAMILIES if any(n in f.names for n in names)]
-        needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
-        forward_needed = any(f.reads_forward for f in families)
-        return _Plan(
-            families,
-            set(names) | set(registry.fields()),
-            needs,
-            "whole_word" in needs or self.config.aggregate != "first",
-            forward_needed,
-            {what: forward_needed and what in needs for what in ("hidden_states", "attentions", "cache")},
-        )
+class Runner(Completer):
+    """Runs the base model's completions and any set of estimators on a backbone, with or without a latent."""
 
-    def _targets(self, plan: _Plan, completions: Sequence[Completion]) -> list[list[int]]:
-        return [list(c.word_ids) if plan.whole_word else [c.first_token] for c in completions]
+    def __init__(
+        self,
+        backbone,
+        module=None,
+        config: EstimatorConfig | None = None,
+        progress: bool = True,
+        shard: Shard | None = None,
+        members: Sequence = (),
+    ) -> None:
+        """Args:
+            backbone: the base model (``vtrans.backbone.loading.Backbone``).
+            module: a trained ``LatentModel`` on that backbone, or None (no latent estimators).
+            config: the estimator settings.
+            progress: show progress bars (rank 0 only).
+            shard: this process's share of the batches (default: the running process group's,
+                see ``vtrans.estimators.distributed``); every rank ends with the whole run's results.
+            members: an ensemble's latents on the same backbone, ``module`` first (the ensemble family's).
+        """
+        super().__init__(backbone, config, progress, shard)
+        self.module, self.members = module, tuple(members)
 
-    def _read(self, plan: _Plan, forward: Forward | None, context: Context, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Every planned family's scores of one batch (on the CPU), each timed into ``seconds``."""
-        out: dict[str, torch.Tensor] = {}
-        for family in plan.families:
-            t0 = time.perf_counter()
-            for key, value in family.read(forward, context).items():
-                if key in plan.keep:
-                    out[key] = value.detach().float().cpu()
-            _sync(self.device)
-            key = family.name if family.extra_passes else "shared"
-            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-        return out
+    def runnable(self, names: Sequence[str]) -> list[str]:
+        """``names`` that apply here (latent, prior, aggregate), a fitted one replaced by the
+        estimators that give its features (``registry.computed``)."""
+        return runnable(names, self.module, self.config.aggregate, len(self.members))
+
+    def _plan(self, names: Sequence[str]) -> Plan:
+        return Plan.of(self.runnable(names), self.config.aggregate)
 
     @torch.no_grad()
     def scores(
@@ -180,18 +147,18 @@ class Runner:
         seconds = {} if seconds is None else seconds
         indices = list(range(start, start + len(prompts))) if indices is None else list(indices)
         done: dict[int, dict[str, torch.Tensor]] = {}
-        with self._bar(len(prompts), "scores") as bar, self._attention(plan):
+        with self._bar(len(prompts), "scores") as bar, plan.attention(self.model):
             for b, part in self.shard.batches(len(prompts), self.config.batch_size):
                 chunk = completions[part]
                 context = self._context(prompts[part], chunk, indices[part])
                 t0 = time.perf_counter()
-                enc = encode(self.tokenizer, prompts[part], self._targets(plan, chunk), self.device)
+                enc = encode(self.tokenizer, prompts[part], plan.targets(chunk), self.device)
                 forward = None
                 if plan.forward_needed:
                     gold_part = None if gold_ids is None else torch.tensor(gold_ids[part], device=self.device)
                     forward = run_forward(self.model, enc, **plan.kept, gold=gold_part)
                 seconds["shared"] = seconds.get("shared", 0.0) + time.perf_counter() - t0
-                done[b] = self._read(plan, forward, context, seconds)
+                done[b] = plan.read(forward, context, seconds, self.device)
                 del forward
                 bar.update(len(chunk) * self.shard.world)
         return _concat(self.shard.merge(done))
@@ -212,7 +179,7 @@ class Runner:
         completions: dict[int, list[Completion]] = {}
         done: dict[int, dict[str, torch.Tensor]] = {}
         seconds: dict[str, float] = {}
-        with self._bar(len(prompts), "scores") as bar, self._attention(plan):
+        with self._bar(len(prompts), "scores") as bar, plan.attention(self.model):
             for b, part in self.shard.batches(len(prompts), cfg.batch_size):
                 with device_rng(self.device):
                     torch.manual_seed(item_seed(cfg.seed, start + part.start))
@@ -228,21 +195,17 @@ class Runner:
                     )
                 forward = None
                 if plan.forward_needed:
-                    enc = encode(self.tokenizer, prompts[part], self._targets(plan, chunk), self.device)
+                    enc = encode(self.tokenizer, prompts[part], plan.targets(chunk), self.device)
                     forward = forward_from_generation(self.model, generation, enc, cache=plan.kept["cache"])
                 del generation
                 context = self._context(prompts[part], chunk, list(range(start + part.start, start + part.stop)))
-                completions[b], done[b] = chunk, self._read(plan, forward, context, seconds)
+                completions[b], done[b] = chunk, plan.read(forward, context, seconds, self.device)
                 del forward
                 bar.update(len(chunk) * self.shard.world)
         return [c for part in self.shard.merge(completions) for c in part], _concat(self.shard.merge(done))
 
     def _context(self, prompts: list[str], completions: list[Completion], indices: list[int]) -> Context:
         return Context(self.model, self.module, self.tokenizer, self.config, prompts, completions, indices, self.members)
-
-    def _attention(self, plan: _Plan):
-        """Eager attention while a family reads the attention weights (SDPA returns none)."""
-        return attention_implementation(self.model, "eager" if "attentions" in plan.needs else None)
 
     @torch.no_grad()
     def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:
@@ -251,30 +214,9 @@ class Runner:
         for _, part in self.shard.batches(len(prompts), self.config.batch_size):
             enc = encode(self.tokenizer, prompts[part], [[c.first_token] for c in completions[part]], self.device)
             self.model(**enc.inputs)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - start
-
-
-@dataclass
-class _Plan:
-    """What a set of estimator names runs: its families, the keys kept, what the forward keeps.
-
-    ``kept``: the forward's ``hidden_states``, ``attentions`` and ``cache`` flags (the keyword
-    arguments of ``run_forward`` and ``generate_batch``).
-    """
-
-    families: list
-    keep: set[str]
-    needs: set[str]
-    whole_word: bool
-    forward_needed: bool
-    kept: dict[str, bool]
 
 
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
