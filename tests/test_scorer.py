@@ -25,18 +25,17 @@ from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES
 from vtrans.latent import checkpoint
 from vtrans.latent.module import LatentLM
-from vtrans.scoring.scorer import (
+from vtrans.scoring.inputs import (
     MAX_LINE_BYTES,
     InputError,
     Line,
-    Scorer,
-    _number,
-    dumps,
     open_input,
     parse_jsonl_line,
     parse_lines,
     parse_txt_line,
 )
+from vtrans.scoring.records import _number, dumps
+from vtrans.scoring.scorer import Scorer
 
 PROMPT = "Complete the idiom: the early bird catches the"
 PREFIX = "the early bird catches the"

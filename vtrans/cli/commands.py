@@ -170,7 +170,9 @@ def score_command(
         quiet: no progress bar and no warnings.
     """
     from vtrans.estimators import distributed
-    from vtrans.scoring.scorer import Line, Scorer, open_input, write_jsonl
+    from vtrans.scoring.inputs import Line, open_input
+    from vtrans.scoring.records import write_jsonl
+    from vtrans.scoring.scorer import Scorer
 
     if input and prompts:
         fail("give prompts or --input FILE, not both")
@@ -185,7 +187,7 @@ def score_command(
     estimators = None if estimators is None else comma_list("estimators", estimators)
     if devices > 1:
         from vtrans.latent import checkpoint
-        from vtrans.scoring.scorer import check_request
+        from vtrans.scoring.request import check_request
 
         check_request(checkpoint.read(ckpt), estimators, template, settings)  # before any process starts
         own = dict(ckpt=ckpt, prompts=prompts, input=input, estimators=estimators, template=template)
