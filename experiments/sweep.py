@@ -29,10 +29,11 @@ import torch
 
 from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
+from vtrans.config import EvalConfig
 from vtrans.data import load_split
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation import metrics
-from vtrans.evaluation.evaluate import EvalConfig, score_items
+from vtrans.evaluation.scored import score_items
 from vtrans.latent import training
 from vtrans.latent.module import LatentLM
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from vtrans.cli import main
+from vtrans.config import EvalConfig
 from vtrans.data import idiom_hash, load_split
 from vtrans.errors import ConfigError
-from vtrans.evaluation.evaluate import EvalConfig, fit_items, split_settings
+from vtrans.evaluation.fitted import fit_items
+from vtrans.evaluation.items import split_settings
 from vtrans.latent import checkpoint
 from vtrans.latent.datamodule import IdiomDataModule
 

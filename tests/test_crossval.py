@@ -247,7 +247,7 @@ def test_self_targets_add_the_models_own_wrong_answers_of_training_prompts_only(
 
 
 def test_each_estimator_is_charged_what_it_needs_alone():
-    from vtrans.evaluation.evaluate import costs
+    from vtrans.evaluation.scored import costs
 
     seconds = {"forward": 2.0, "shared": 3.0, "latent_mi": 8.0, "sampling": 5.0, "probe_fit": 4.0}
     names = ["msp", "lens_ce", "posterior_var", "latent_kl", "latent_mi", "sample_disagreement", "probe"]

@@ -23,13 +23,17 @@ import yaml
 from torch.testing import assert_close
 
 import vtrans.evaluation.evaluate as evaluate_module
+import vtrans.evaluation.fitted as fitted_module
 from vtrans import log
 from vtrans.backbone.generate import complete
 from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
+from vtrans.config import EvalConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
 from vtrans.estimators.runner import Runner
-from vtrans.evaluation.evaluate import EvalConfig, auroc_half_width, fit_items, score_items
+from vtrans.evaluation.fitted import fit_items
+from vtrans.evaluation.items import SEPARATING_HALF_WIDTH, auroc_half_width
+from vtrans.evaluation.scored import score_items
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}
@@ -193,6 +197,7 @@ def test_evaluate_builtin_writes_the_contract_and_never_reads_the_train_split(tm
         return real_load_split(spec, split, *args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "load_split", recording_load_split)
+    monkeypatch.setattr(fitted_module, "load_split", recording_load_split)  # where a fitted estimator's items come from
     out = tmp_path / "run"
     stdout, stderr = run_cli(
         ["--model", "tiny-gpt2", "--data", "builtin", "--max_items", "12", "--n_boot", "100", "--passes", "3", "--samples", "3",
@@ -223,8 +228,8 @@ def test_evaluate_with_both_classes_and_a_probe(idiom_files, tmp_path, capsys, m
 
     monkeypatch.setattr(Runner, "label", counting("label", Runner.label))
     monkeypatch.setattr(Runner, "plain_forward_seconds", counting("forward", Runner.plain_forward_seconds))
-    features = evaluate_module.fit_features
-    monkeypatch.setattr(evaluate_module, "fit_features", lambda *a, **k: (calls.__setitem__("features", calls["features"] + 1), features(*a, **k))[1])
+    features = fitted_module.fit_features
+    monkeypatch.setattr(fitted_module, "fit_features", lambda *a, **k: (calls.__setitem__("features", calls["features"] + 1), features(*a, **k))[1])
     names = ["msp", "lens_ce", "mc_dropout_mi", "probe"]
     out = tmp_path / "run"
     _, stderr = run_cli(
@@ -284,7 +289,7 @@ def test_probe_features_equal_the_families_run_one_by_one(gpt2, idiom_files):
     runner = Runner(gpt2, None, EvalConfig(batch_size=4, n_boot=100), progress=False)
     scored = score_items(runner, items, ["probe"], DEFAULT_TEMPLATE, gold=False)
     x, names = probe.features(scored.scores)
-    fused, fused_names = probe.features(evaluate_module.fit_features(runner, probe.FAMILY, scored.prompts, scored.completions))
+    fused, fused_names = probe.features(fitted_module.fit_features(runner, probe.FAMILY, scored.prompts, scored.completions))
     assert fused_names == names == [f"lens_ce_L{i}" for i in range(N_LAYERS + 1)] + ["entropy", "msp", "attention_entropy"]
     assert_close(fused, x, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(x).all()
@@ -388,7 +393,7 @@ def test_auroc_half_width_matches_the_bootstrap_on_synthetic_data():
 def test_auroc_half_width_at_the_sizes_users_meet():
     assert auroc_half_width(86) == pytest.approx(0.10, abs=0.01)  # design.md: "about ±0.1" on 86 items
     assert auroc_half_width(10) > 0.25  # the 10 items left of a 40-item file: no ranking survives
-    assert auroc_half_width(724, 0.55) < evaluate_module.SEPARATING_HALF_WIDTH  # the cross-fitted run
+    assert auroc_half_width(724, 0.55) < SEPARATING_HALF_WIDTH  # the cross-fitted run
     assert auroc_half_width(400) < auroc_half_width(100) < auroc_half_width(25)
     assert auroc_half_width(400) == pytest.approx(auroc_half_width(100) / 2, rel=0.05)  # 1/√n
     assert auroc_half_width(100, 0.1) > auroc_half_width(100, 0.5)  # few errors: wider

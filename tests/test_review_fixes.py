@@ -22,7 +22,7 @@ from torch.testing import assert_close
 from vtrans.backbone.generate import Completion, complete
 from vtrans.backbone.tokens import Encoded, encode
 from vtrans.cli import main
-from vtrans.config import EstimatorConfig
+from vtrans.config import EstimatorConfig, EvalConfig
 from vtrans.data import (
     DEFAULT_TEMPLATE,
     IdiomItem,
@@ -35,7 +35,9 @@ from vtrans.data import (
 )
 from vtrans.estimators import baselines
 from vtrans.estimators.runner import Runner
-from vtrans.evaluation.evaluate import EvalConfig, Unfittable, evaluate, fit_items, score_items
+from vtrans.evaluation.evaluate import evaluate
+from vtrans.evaluation.fitted import Unfittable, fit_items
+from vtrans.evaluation.scored import score_items
 from vtrans.latent.gaussian import kl_normal
 from vtrans.scoring.scorer import Scorer
 
@@ -333,18 +335,18 @@ def test_evaluate_with_a_checkpoint_fits_the_probe_on_its_val_split_on_any_file(
 ):
     """A user's file with --split all (the probe used to vanish): fitted on the checkpoint's
     held-out idioms less the evaluated ones, some of which are written differently."""
-    from vtrans.evaluation import evaluate as evaluate_module
+    from vtrans.evaluation import fitted as fitted_module
     from vtrans.latent import checkpoint
 
     seen_features: list[list[str]] = []
-    features = evaluate_module.fit_features
+    features = fitted_module.fit_features
 
     def spy(*args, **kwargs):
         got = features(*args, **kwargs)
         seen_features.append(list(got))
         return got
 
-    monkeypatch.setattr(evaluate_module, "fit_features", spy)
+    monkeypatch.setattr(fitted_module, "fit_features", spy)
 
     data, ckpt = file_checkpoint
     assert checkpoint.read(ckpt)["datamodule_hyper_parameters"]["data"] == f"txt:{data}"

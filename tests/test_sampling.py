@@ -12,11 +12,12 @@ from torch.testing import assert_close
 
 from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
+from vtrans.config import EvalConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import sampling
 from vtrans.estimators.runner import Runner
-from vtrans.evaluation.evaluate import EvalConfig, score_items
+from vtrans.evaluation.scored import score_items
 
 NAMES = ["sample_disagreement", "sample_word_entropy"]
 

@@ -53,8 +53,9 @@ from vtrans.estimators.base import Family
 from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation import metrics, report
-from vtrans.evaluation.evaluate import costs, features_of
+from vtrans.evaluation.fitted import features_of
 from vtrans.evaluation.folds import FoldLatents, FoldPlan
+from vtrans.evaluation.scored import costs
 from vtrans.evaluation.units import Units
 from vtrans.latent import laplace
 from vtrans.latent.training import read_training_config
