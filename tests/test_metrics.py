@@ -19,7 +19,9 @@ from vtrans.evaluation.metrics import (
     auprc,
     aurc,
     auroc,
+    bootstrap,
     bootstrap_ci,
+    counts,
     paired_bootstrap,
     prr,
     risk_coverage_curve,
@@ -213,16 +215,16 @@ def test_vectorised_metrics_equal_the_point_estimates_on_resamples(name: str) ->
     metric = METRICS[name]
     scores, errors = _random_case(6, n=60, decimals=1)
     idx = np.random.default_rng(0).integers(0, 60, size=(40, 60))
-    gid, n_groups = metrics._group_ids(scores)
-    vectorised = metrics._FROM_COUNTS[metric](*metrics._group_counts(gid, errors, n_groups, idx))
+    gid, n_groups = counts._group_ids(scores)
+    vectorised = bootstrap._FROM_COUNTS[metric](*counts._group_counts(gid, errors, n_groups, idx))
     one_by_one = [metric(scores[row], errors[row]) for row in idx]
     np.testing.assert_allclose(vectorised, one_by_one, atol=1e-6)
 
 
 def test_vectorised_auroc_equals_torchmetrics_and_sklearn() -> None:
     scores, errors = _random_case(7, n=500, decimals=2)
-    gid, n_groups = metrics._group_ids(scores)
-    vectorised = metrics._auroc_from_counts(*metrics._group_counts(gid, errors, n_groups))[0]
+    gid, n_groups = counts._group_ids(scores)
+    vectorised = counts._auroc_from_counts(*counts._group_counts(gid, errors, n_groups))[0]
     torch.testing.assert_close(vectorised, auroc(scores, errors), rtol=0, atol=1e-6)
     torch.testing.assert_close(vectorised, roc_auc_score(errors, scores), rtol=0, atol=1e-12)
 
