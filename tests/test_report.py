@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vtrans.evaluation import report
+from vtrans.evaluation.report import plots, prose, tables
 
 NAMES = ["lens_ce", "msp", "entropy"]
 N_ITEMS = 40
@@ -234,7 +235,7 @@ def test_curves_that_coincide_are_both_drawn_and_said_to(rows: list[dict[str, An
     for row in rows:  # the same ranking through a monotone map, as lens_ce = -log p is msp = 1 - p
         row["scores"]["twin"] = 3.0 * row["scores"]["msp"] + 1.0
     results = report.build_results("m", rows, {}, n_boot=100, reference=("msp",))
-    fig = getattr(report, plot)(rows, results, report._by_auroc(results))
+    fig = getattr(plots, plot)(rows, results, tables._by_auroc(results))
     lines = _lines(fig)
     msp, twin, entropy = lines["msp"], lines["twin"], lines["entropy"]
     assert np.array_equal(msp.get_xydata(), twin.get_xydata())  # one curve ...
@@ -252,13 +253,13 @@ def test_same_ranking_allows_rounding_and_nothing_more() -> None:
     order = np.argsort(a)
     swapped = a.copy()  # one pair of neighbours swapped, as float32 rounding does
     swapped[order[[100, 101]]] = swapped[order[[101, 100]]]
-    assert report._same_ranking(a, np.exp(a))
-    assert report._same_ranking(a, swapped)
-    assert not report._same_ranking(a, a + rng.normal(0, 0.3, a.size))  # a correlated, distinct score
-    assert not report._same_ranking(a, np.round(a, 1))  # a coarse version ties where a does not
+    assert plots._same_ranking(a, np.exp(a))
+    assert plots._same_ranking(a, swapped)
+    assert not plots._same_ranking(a, a + rng.normal(0, 0.3, a.size))  # a correlated, distinct score
+    assert not plots._same_ranking(a, np.round(a, 1))  # a coarse version ties where a does not
     with_nan = a.copy()
     with_nan[0] = np.nan
-    assert not report._same_ranking(a, with_nan)  # not the same items
+    assert not plots._same_ranking(a, with_nan)  # not the same items
 
 
 def test_the_lens_plot_keeps_the_layers_after_a_high_embedding_layer_readable(
@@ -269,7 +270,7 @@ def test_the_lens_plot_keeps_the_layers_after_a_high_embedding_layer_readable(
     rng = np.random.default_rng(1)
     for row in rows:
         row["lens_ce_by_layer"] = np.array([110.0, *np.geomspace(30.0, 1.0, 8)]) * rng.uniform(0.9, 1.1)
-    fig = report._plot_lens_by_layer(rows, results, [])
+    fig = plots._plot_lens_by_layer(rows, results, [])
     _drawn(fig)
     ax = fig.axes[0]
     to_axes = ax.transData + ax.transAxes.inverted()
@@ -285,7 +286,7 @@ def test_the_lens_plot_of_a_narrow_range_keeps_a_linear_axis_with_labels(
     """A random model's ~10 nats at every layer: a log axis would label at most one tick."""
     for i, row in enumerate(rows):
         row["lens_ce_by_layer"] = list(10.0 + 0.01 * np.arange(N_LAYERS) + 0.001 * i)
-    fig = report._plot_lens_by_layer(rows, results, [])
+    fig = plots._plot_lens_by_layer(rows, results, [])
     _drawn(fig)
     ax = fig.axes[0]
     low, high = ax.get_ylim()
@@ -311,7 +312,7 @@ def test_histogram_tick_labels_never_run_into_each_other(rows: list[dict[str, An
             large=float(rng.exponential(1e5)),
         )
     results = report.build_results("m", rows, {}, n_boot=100)
-    fig = report._plot_histograms(rows, results, report._by_auroc(results))
+    fig = plots._plot_histograms(rows, results, tables._by_auroc(results))
     renderer = _drawn(fig)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert len(panels) == len(results["estimators"])
@@ -329,7 +330,7 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     from vtrans.estimators import registry
     from vtrans.estimators.base import Family
 
-    before = " ".join(report._what_the_numbers_are().split())
+    before = " ".join(prose._what_the_numbers_are().split())
     assert "of `msp`, `entropy`, `margin` and the sampled-word agreement" in before
     assert "the probe is the shared forward plus its fit" in before
     cheap = Family("cheap", {"top2": "p(top-2)"}, lambda forward, context: {}, reference=True)
@@ -339,7 +340,7 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
         prose={"cost": "the signed margin"},
     )
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, cheap, fitted))
-    after = " ".join(report._what_the_numbers_are().split())
+    after = " ".join(prose._what_the_numbers_are().split())
     assert "of `msp`, `entropy`, `margin`, the sampled-word agreement" in after and "and `top2`, the one" in after
     assert "`posterior_var`, `latent_kl`, `top2`) share one forward" in after
     assert "the probe is the shared forward plus its fit; the signed margin is the shared forward plus its fit." in after
