@@ -30,7 +30,7 @@ from vtrans.data import (
     render_prompt,
 )
 from vtrans.estimators import probe
-from vtrans.evaluation.crossval import cross_fitted
+from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents
 from vtrans.latent.datamodule import IdiomDataModule
 
@@ -381,12 +381,12 @@ def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_fi
 TICKING = textwrap.dedent(
     """
     import itertools, sys, types
-    import vtrans.evaluation.crossval, vtrans.estimators.runner, vtrans.evaluation.units
+    import vtrans.evaluation.crossval, vtrans.estimators.plan, vtrans.estimators.runner, vtrans.evaluation.units
     from vtrans.cli import main
 
     ticks = itertools.count()
     clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
-    for module in (vtrans.evaluation.crossval, vtrans.estimators.runner, vtrans.evaluation.units):
+    for module in (vtrans.evaluation.crossval, vtrans.estimators.plan, vtrans.estimators.runner, vtrans.evaluation.units):
         module.time = clock
     main(sys.argv[1:])
     """

@@ -28,20 +28,19 @@ fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, with ``--ensemble M`` the M 
 as ``seed{s}-fold{f}-member{m}.ckpt``, and its scores of fold f) and, for each
 fitted family, ``seed{s}-{family}`` (``seed{s}-probe``). The same command on the same ``--out``
 reads the finished units and computes the others; one with other settings is refused. The files are assembled from the units alone,
-each unit's recorded seconds included, so a resumed run writes the results an uninterrupted one does.
+each unit's recorded seconds included, so a resumed run writes the results an uninterrupted one does
+(``vtrans.evaluation.crossval_results``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from vtrans.backbone.generate import Completion
@@ -52,10 +51,9 @@ from vtrans.estimators import registry
 from vtrans.estimators.base import Family
 from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
 from vtrans.estimators.runner import Runner
-from vtrans.evaluation import metrics, report
-from vtrans.evaluation.fitted import features_of
+from vtrans.evaluation.crossval_results import assemble, write
+from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents, FoldPlan
-from vtrans.evaluation.scored import costs
 from vtrans.evaluation.units import Units
 from vtrans.latent import laplace
 from vtrans.latent.training import read_training_config
@@ -123,9 +121,9 @@ class CrossFit:
                 why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if nm in NEEDS_LATENT else None
                 dropped[nm] = why or "not computed on this model"
         fields = {key: fixed[key] for key in registry.fields() if key in fixed}
-        results, rows = _results(self, names, by_seed, labels, fields, seconds)
+        results, rows = assemble(self, names, by_seed, labels, fields, seconds)
         results.update(dropped=dropped, fold_training=fold_log, seconds_total=units.seconds)
-        _write(self.out, results, rows, markdown)
+        write(self.out, results, rows, markdown)
         return results
 
     def _seed(self, units: Units, seed: int, names: list[str], runnable: list[str], labels: Labels, fixed: dict):
@@ -224,97 +222,6 @@ class Labels(NamedTuple):
     prompts: list[str]
     completions: list[Completion]
     correct: list[bool]
-
-
-def cross_fitted(
-    family: Family, scores: dict[str, torch.Tensor], correct: list[bool], folds: list[int], k: int
-) -> torch.Tensor:
-    """A fitted family's scores: fold f's fit is on the other folds' items (their own out-of-fold
-    features), NaN for a fold whose outside is all of one class."""
-    features = features_of(family, scores)
-    errors = torch.tensor([not c for c in correct], dtype=torch.float32)
-    assigned = torch.tensor(folds)
-    result = torch.full((len(correct),), float("nan"))
-    for fold in range(k):
-        inside = assigned == fold
-        try:
-            predict = family.fit({key: value[~inside] for key, value in features.items()}, errors[~inside])
-        except ValueError:  # all of one class outside this fold: nothing fitted for it
-            continue
-        result[inside] = predict({key: value[inside] for key, value in features.items()})
-    return result
-
-
-# --------------------------------------------------------------------------- results
-
-
-def _results(fit: CrossFit, names, by_seed, labels: Labels, fields: dict[str, torch.Tensor], seconds):
-    """results.json's content and scores.jsonl's rows, from every seed's scores of every item and
-    the per-item fields (seed-free)."""
-    cfg, plan, spec = fit.cfg, fit.plan, fit.latents.spec
-    errors = np.array([0.0 if c else 1.0 for c in labels.correct])
-    first = cfg.seeds[0]
-    cost = costs(seconds, names)
-    per_seed = {
-        seed: {nm: by_seed[seed][nm].double().numpy() for nm in names if nm in by_seed[seed]} for seed in cfg.seeds
-    }
-    aurocs = {nm: [metrics.auroc(*metrics.scored(per_seed[s][nm], errors)) for s in cfg.seeds] for nm in names}
-    reference = registry.reference_of({nm: metrics.spread(aurocs[nm])["mean"] for nm in names})  # mean over seeds
-    rows = [
-        report.item_row(
-            item,
-            labels.prompts[i],
-            labels.completions[i],
-            labels.correct[i],
-            {nm: float(per_seed[first][nm][i]) for nm in names},
-            {key: value[i].tolist() for key, value in fields.items()},
-            fold=plan.folds[i],
-            scores_by_seed={str(s): {nm: float(per_seed[s][nm][i]) for nm in names} for s in cfg.seeds[1:]},
-        )
-        for i, item in enumerate(plan.items)
-    ]
-    protocol = {
-        "kind": "cross-fitted",
-        "folds": cfg.folds,
-        "seeds": cfg.seeds,
-        "fold_seed": cfg.fold_seed,
-        "training_config": cfg.config,
-        "data": plan.data,
-        "extra_train": cfg.extra_train,
-        "n_extra_train": len(plan.extra),
-        "n_extra_dropped": plan.n_extra_dropped,
-        "from_checkpoints": cfg.from_checkpoints,
-        "self_targets": cfg.self_targets,
-        "ensemble": cfg.ensemble,
-        "epochs": cfg.epochs or spec.max_epochs,
-        "latent": spec.model,
-        "backbone": spec.backbone,
-    }
-    extra = {"protocol": protocol, "config": asdict(fit.eval), "seconds": seconds}
-    results = report.build_results(
-        fit.backbone.label, rows, cost, n_boot=fit.eval.n_boot, seed=0, reference=reference, extra=extra,
-        random_weights=fit.backbone.random_weights,
-    )
-    for nm in names:
-        values = np.array(aurocs[nm], dtype=float)
-        results["estimators"][nm]["seeds"] = {"auroc": values.tolist(), **metrics.spread(values)}
-        if nm != reference and nm in results["paired_vs_reference"]:
-            deltas = values - np.array(aurocs[reference])
-            results["paired_vs_reference"][nm]["seeds"] = {"delta": deltas.tolist(), **metrics.spread(deltas)}
-    return results, rows
-
-
-def _write(out: Path, results: dict, rows: list[dict], markdown: str | Path | None) -> None:
-    """scores.jsonl, results.json, the plots and report.md (also at ``markdown``, its images linked relative to it)."""
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_scores_jsonl(out / "scores.jsonl", rows)
-    report.write_results_json(out / "results.json", results)
-    plots = report.plot_all(out, rows, results)
-    plots += report.plot_seed_forest(out, results)
-    md = Path(markdown) if markdown else out / "report.md"
-    report.write_crossval_md(md, results, [os.path.relpath(out / p, md.parent) for p in plots])
-    if md != out / "report.md":
-        report.write_crossval_md(out / "report.md", results, plots)
 
 
 def _pack(scores: dict[str, torch.Tensor]) -> dict[str, list]:

@@ -110,3 +110,22 @@ def fit_items(
         if _idiom_key(it.idiom) not in evaluated_keys | excluded and idiom_hash(it.idiom) not in trained
     ]
     return items, source
+
+
+def cross_fitted(
+    family: Family, scores: dict[str, torch.Tensor], correct: list[bool], folds: list[int], k: int
+) -> torch.Tensor:
+    """A fitted family's scores: fold f's fit is on the other folds' items (their own out-of-fold
+    features), NaN for a fold whose outside is all of one class."""
+    features = features_of(family, scores)
+    errors = torch.tensor([not c for c in correct], dtype=torch.float32)
+    assigned = torch.tensor(folds)
+    result = torch.full((len(correct),), float("nan"))
+    for fold in range(k):
+        inside = assigned == fold
+        try:
+            predict = family.fit({key: value[~inside] for key, value in features.items()}, errors[~inside])
+        except ValueError:  # all of one class outside this fold: nothing fitted for it
+            continue
+        result[inside] = predict({key: value[inside] for key, value in features.items()})
+    return result
