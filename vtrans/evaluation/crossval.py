@@ -67,7 +67,8 @@ def _seed_free(name: str) -> bool:
 
 
 class CrossFit:
-    """One cross-fitted run: its folds, its latents, and the units that score every item."""
+    """One cross-fitted run: its folds, its latents, and the units that score every item, each
+    recorded as it finishes and read back on resume (what a unit computes: :class:`UnitWork`)."""
 
     def __init__(self, cfg: CrossvalConfig, out: str | Path, device: str = "auto", progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
@@ -78,6 +79,7 @@ class CrossFit:
         self.eval = EvalConfig(**{**asdict(cfg.eval), "template": template, "estimators": chosen(cfg.eval.estimators)})
         self.latents = FoldLatents(cfg, spec, template, self.out, device)
         self.backbone = self.latents.backbone
+        self.work = UnitWork(cfg, self.plan, self.eval, self.latents, progress)
 
     def manifest(self) -> dict:
         """What makes two runs' units interchangeable: the settings, the device, the training
@@ -103,7 +105,7 @@ class CrossFit:
         log.info(f"cross-fitting {len(plan.items)} idioms of {plan.data} in {cfg.folds} fold(s) x {len(cfg.seeds)} seed(s){extra}")
         if units.finished():
             log.info(f"resuming: {len(units.finished())} unit(s) recorded in {units.folder}")
-        base = units.record("base", lambda: self._base(runnable))
+        base = units.record("base", lambda: self.work.base(runnable))
         completions = [Completion(**{**c, "word_ids": tuple(c["word_ids"])}) for c in base["completions"]]
         labels = Labels(base["prompts"], completions, base["correct"])
         fixed = _unpack(base["scores"])  # the seed-free scores and the per-item fields
@@ -131,11 +133,11 @@ class CrossFit:
         seconds they took (the shared forward left out: the base unit's), and a log entry per fold."""
         stochastic = [nm for nm in runnable if not _seed_free(nm)]
         latent_names = [nm for nm in registry.computed(names) if nm in NEEDS_LATENT]  # a fitted one's features too
-        sto = units.record(f"seed{seed}", lambda: self._stochastic(seed, stochastic, labels))
+        sto = units.record(f"seed{seed}", lambda: self.work.stochastic(seed, stochastic, labels))
         scores, seconds, fold_log = {**fixed, **_unpack(sto["scores"])}, dict(sto["seconds"]), []
         for fold in range(self.cfg.folds) if latent_names else ():
-            name, train = f"seed{seed}-fold{fold}", self._training_items(fold, labels)
-            unit = units.record(name, lambda f=fold, t=train: self._fold(seed, f, t, latent_names, labels))
+            name, train = f"seed{seed}-fold{fold}", self.work.training_items(fold, labels)
+            unit = units.record(name, lambda f=fold, t=train: self.work.fold(seed, f, t, latent_names, labels))
             for key, values in unit["scores"].items():
                 column = scores.setdefault(key, torch.full((len(labels.prompts),), float("nan")))
                 column[unit["indices"]] = torch.tensor(values)
@@ -144,13 +146,24 @@ class CrossFit:
             fold_log.append(unit["log"])
         for nm in registry.fitted(names):
             family = family_of(nm)
-            fitted = units.record(f"seed{seed}-{family.name}", lambda f=family: self._fit(f, scores, labels))
+            fitted = units.record(f"seed{seed}-{family.name}", lambda f=family: self.work.fit(f, scores, labels))
             scores[nm] = torch.tensor(fitted["scores"])
             seconds[f"{family.name}_fit"] = fitted["seconds"]
         seconds.pop("shared", None)
         return scores, seconds, fold_log
 
-    def _base(self, runnable: list[str]) -> dict:
+
+class UnitWork:
+    """What each unit of a cross-fitted run computes, as the JSON content it records: ``base`` (the
+    completions, labels and seed-free scores), ``seed{s}`` (that seed's stochastic scores),
+    ``seed{s}-fold{f}`` (fold f's latent and its scores of fold f) and ``seed{s}-{family}`` (a
+    fitted family's cross-fitted scores)."""
+
+    def __init__(self, cfg: CrossvalConfig, plan: FoldPlan, eval: EvalConfig, latents: FoldLatents, progress: bool) -> None:
+        self.cfg, self.plan, self.eval, self.latents, self.progress = cfg, plan, eval, latents, progress
+        self.backbone = latents.backbone
+
+    def base(self, runnable: list[str]) -> dict:
         """The unit ``base``: prompts, the base model's completions and labels, the seed-free scores
         (and the per-item fields: the lens by layer)."""
         base = Runner(self.backbone, None, self.eval, self.progress)
@@ -163,14 +176,14 @@ class CrossFit:
         return {"prompts": prompts, "completions": completions, "correct": correct, "scores": _pack(fixed),
                 "seconds": seconds}
 
-    def _stochastic(self, seed: int, names: list[str], labels: Labels) -> dict:
+    def stochastic(self, seed: int, names: list[str], labels: Labels) -> dict:
         """The unit ``seed{s}``: the scores that need passes of their own but no latent, drawn with ``seed``."""
         runner = Runner(self.backbone, None, replace(self.eval, seed=seed), self.progress)
         seconds: dict[str, float] = {}
         scores = runner.scores(labels.prompts, labels.completions, names, seconds=seconds) if names else {}
         return {"scores": _pack(scores), "seconds": seconds}
 
-    def _training_items(self, fold: int, labels: Labels) -> list[IdiomItem]:
+    def training_items(self, fold: int, labels: Labels) -> list[IdiomItem]:
         """What fold f's latent trains on: the items outside f, the extra idioms (all of it with one
         fold) and, with ``self_targets``, the base model's own wrong answers to the prompts outside f."""
         plan, outside = self.plan, self.plan.outside(fold)
@@ -180,7 +193,7 @@ class CrossFit:
             train += [IdiomItem(f"{prefix} {word}", prefix, word) for prefix, word in own if word]
         return train
 
-    def _fold(self, seed: int, fold: int, train: list[IdiomItem], names: list[str], labels: Labels) -> dict:
+    def fold(self, seed: int, fold: int, train: list[IdiomItem], names: list[str], labels: Labels) -> dict:
         """The unit ``seed{s}-fold{f}``: the latent trained without fold f, and its scores of fold f."""
         plan = self.plan
         start = time.perf_counter()
@@ -209,7 +222,7 @@ class CrossFit:
         log.info(f"  seed {seed} fold {fold + 1}/{self.cfg.folds}: {how}, scored {len(idx)}")
         return {"indices": idx, "scores": _pack(scores), "seconds": seconds, "log": entry}
 
-    def _fit(self, family: Family, scores: dict[str, torch.Tensor], labels: Labels) -> dict:
+    def fit(self, family: Family, scores: dict[str, torch.Tensor], labels: Labels) -> dict:
         """The unit ``seed{s}-{family}``: a fitted family's cross-fitted scores and the seconds its fits took."""
         start = time.perf_counter()
         fitted = cross_fitted(family, scores, labels.correct, self.plan.folds, self.cfg.folds)
