@@ -6,6 +6,8 @@ leave them changed (hooks, dropout, swapped blocks); use the context managers th
 Fixtures:
     tiny_gpt2, tiny_llama: ``vtrans.backbone.loading.Backbone`` (4 blocks, d=64, GPT-2 tokenizer).
     tiny_backbone: parametrised over both families.
+    random_latent: a tiny conditional ``LatentLM`` on tiny-gpt2 with random heads and projection
+        (z moves the logits, q differs from p), one per test module.
     run_train: ``run_train(*args, cwd=DIR)`` runs ``python train.py ARGS`` in a subprocess.
     tiny_fit: the result of ``train.py fit --config configs/tiny.yaml`` for one epoch in a
         temporary folder (``.root``, ``.ckpt``, ``.metrics``, ``.proc``).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from vtrans import log
 from vtrans.backbone.loading import Backbone
@@ -83,6 +86,25 @@ def tiny_llama() -> Backbone:
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
 def tiny_backbone(request) -> Backbone:
     return request.getfixturevalue(request.param.replace("-", "_"))
+
+
+@pytest.fixture(scope="module")
+def random_latent(tiny_gpt2):
+    """A tiny conditional latent with random heads and projection: z moves the logits, q differs from p."""
+    from vtrans.latent.module import LatentLM
+
+    assert tiny_gpt2.model.config.n_layer == 4
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = LatentLM(tiny_gpt2, d_z=4, prior="conditional", hidden=16).eval()
+        with torch.no_grad():
+            for linear, std in (
+                (module.latent.posterior_head.net[-1], 0.2),
+                (module.latent.prior_head.net[-1], 0.2),
+                (module.latent.proj, 2.0),
+            ):
+                linear.weight.normal_(0.0, std)
+    return module
 
 
 @dataclass

@@ -22,8 +22,8 @@ from vtrans.latent.callbacks import NonFiniteGuard, ResumableRNG
 from vtrans.latent.checkpoint_io import AtomicCheckpointIO, NonFiniteCheckpointError, non_finite_tensors
 from vtrans.latent.datamodule import EpochShuffle, IdiomDataModule
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # tiny.yaml: max_items 64, batch_size 16
 
 

@@ -14,7 +14,7 @@ from vtrans.errors import ConfigError
 from vtrans.evaluation.folds import FoldLatents, FoldPlan, assign_folds
 from vtrans.latent.training import read_training_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 

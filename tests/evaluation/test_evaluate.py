@@ -35,7 +35,7 @@ from vtrans.evaluation.fitted import fit_items
 from vtrans.evaluation.items import SEPARATING_HALF_WIDTH, auroc_half_width
 from vtrans.evaluation.scored import score_items
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}
 METRIC_KEYS = {"auroc", "auroc_ci", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds"}
 SINGLE_AND_DROPOUT = [

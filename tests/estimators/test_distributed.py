@@ -58,7 +58,7 @@ def test_score_command_on_two_devices_prints_the_records_of_one(tiny_ckpt, tmp_p
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [sys.executable, "-m", "vtrans.cli", "score", "--ckpt", str(tiny_ckpt), "--input", str(prompts),

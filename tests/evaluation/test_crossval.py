@@ -34,8 +34,8 @@ from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents
 from vtrans.latent.datamodule import IdiomDataModule
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 

@@ -15,7 +15,7 @@ from vtrans.backbone.loading import Backbone
 from vtrans.errors import BackboneError, ConfigError, UserError
 from vtrans.latent.datamodule import IdiomDataModule
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_a_batch_size_of_zero_is_one_line_and_exit_code_2(run_train, tmp_path) -> None:

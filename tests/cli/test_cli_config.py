@@ -25,7 +25,7 @@ from vtrans.estimators.registry import NAMES, chosen
 from vtrans.evaluation.crossval import CrossvalConfig
 from vtrans.evaluation.evaluate import EvalConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 # the fewest options each subcommand needs
