@@ -142,7 +142,7 @@ def test_magpie_loader_dedupes() -> None:
     ("spec", "message"),
     [
         ("txt:{d}/missing.txt", r"data file not found: .*missing\.txt"),
-        ("epie:{d}", r"directory, not a file: .*data"),
+        ("epie:{d}", r"directory, not a file: .*fixtures"),
         ("txt:{d}/bad_utf8.txt", r"bad_utf8\.txt:2: not valid UTF-8"),
         ("txt:{d}/bad_short.txt", r"bad_short\.txt:3: .*'abracadabra' has fewer than 2 words"),
         ("txt:{d}/bad_lastword.txt", r"bad_lastword\.txt:2: the last word .* has no letters"),

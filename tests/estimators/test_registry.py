@@ -21,7 +21,7 @@ FIRST_TOKEN_ONLY = ["attention_entropy", "mc_dropout_var", "mc_dropout_entropy",
 
 @pytest.mark.parametrize("how", ["mean", "max"])
 def test_aggregate_refuses_the_first_token_only_estimators(random_latent, how, tmp_path, monkeypatch):
-    from vtrans.random_latent import checkpoint
+    from vtrans.latent import checkpoint
 
     monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: random_latent)
     monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from

@@ -138,6 +138,7 @@ def build_parser(command: str | None = None) -> ArgumentParser:
         prog="vtrans",
         description="How sure is a transformer? Train, score and compare. "
         "Training: vtrans fit|validate|test|predict --config configs/NAME.yaml (LightningCLI: vtrans fit --help).",
+        subcommands=SUBCOMMANDS,
     )
     commands = parser.add_subcommands(dest="command")
     for name, sub in SUBCOMMANDS.items():

@@ -14,7 +14,7 @@ import importlib
 import inspect
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from typing import get_type_hints
 
@@ -120,17 +120,20 @@ class Fields:
 
 class Parser(ArgumentParser):
     """jsonargparse's parser, whose errors are one line (:func:`plain_error`) and a pointer to
-    ``--help``, not the whole usage."""
+    ``--help``, not the whole usage. ``subcommands``: the names of the subcommands of the top
+    parser (``vtrans``), whose missing options it reports."""
+
+    def __init__(self, *args, subcommands: Iterable[str] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.subcommands = frozenset(subcommands)
 
     def error(self, message: str, ex: Exception | None = None):
-        from vtrans.cli.entry import SUBCOMMANDS  # the subcommands' parsers are built from this module
-
         if not self.exit_on_error:
             super().error(message, ex)  # raises, for the parser of a subcommand
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         sub = re.search(r"required: (\w+)\.", message)  # a subcommand's missing option is reported by the top parser
-        if sub and sub.group(1) in SUBCOMMANDS and not prog.endswith(sub.group(1)):
+        if sub and sub.group(1) in self.subcommands and not prog.endswith(sub.group(1)):
             prog = f"{prog} {sub.group(1)}"
         print(f"error: {plain_error(message)} (see: {prog} --help)", file=sys.stderr)
         raise SystemExit(2)
