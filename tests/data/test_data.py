@@ -46,7 +46,7 @@ def test_builtin_size_and_uniqueness(builtin: list[IdiomItem]) -> None:
 
 
 def test_builtin_file_lines_are_clean() -> None:
-    lines = (Path(__file__).resolve().parents[2] / "vtrans" / "idioms.txt").read_text(encoding="utf-8").splitlines()
+    lines = (Path(__file__).resolve().parents[2] / "vtrans" / "data" / "idioms.txt").read_text(encoding="utf-8").splitlines()
     idioms = [line for line in lines if line.strip() and not line.startswith("#")]
     assert lines[0].startswith("#") and lines[1].startswith("#")
     for idiom in idioms:

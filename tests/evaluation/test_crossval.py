@@ -22,13 +22,8 @@ import yaml
 from vtrans.backbone.generate import complete
 from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
-from vtrans.data import (
-    DEFAULT_TEMPLATE,
-    _idiom_key,
-    load_idioms,
-    normalize_word,
-    render_prompt,
-)
+from vtrans.data import DEFAULT_TEMPLATE, load_idioms, normalize_word, render_prompt
+from vtrans.data.items import _idiom_key
 from vtrans.estimators import probe
 from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents

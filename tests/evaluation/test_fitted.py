@@ -11,15 +11,8 @@ from conftest import CONFIGS
 
 from vtrans.backbone.generate import complete
 from vtrans.cli import main
-from vtrans.data import (
-    DEFAULT_TEMPLATE,
-    _idiom_key,
-    load_split,
-    normalize_word,
-    render_prompt,
-    split_idiom,
-    split_items,
-)
+from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
+from vtrans.data.items import _idiom_key
 from vtrans.evaluation.fitted import Unfittable, fit_items
 
 # --------------------------------------------------------------------------- 5. the probe on any file

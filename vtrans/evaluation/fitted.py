@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vtrans.backbone.generate import Completion
-from vtrans.data import DataError, IdiomItem, _idiom_key, idiom_hash, load_split
+from vtrans.data import DataError, IdiomItem, idiom_hash, load_split
+from vtrans.data.items import _idiom_key
 from vtrans.estimators.base import Family
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation.scored import complete_items

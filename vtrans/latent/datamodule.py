@@ -18,13 +18,13 @@ from vtrans.data import (
     SPLITS,
     DataError,
     IdiomItem,
-    _check_fractions,
     idiom_hash,
     load_split,
     parse_spec,
     render_prompt,
     validate_template,
 )
+from vtrans.data.splits import _check_fractions
 from vtrans.errors import ConfigError
 
 BATCH_KEYS = ("idiom", "prefix", "target", "prompt")

@@ -1,0 +1,53 @@
+"""Idiom items, loaders for each data format, and deterministic splits.
+
+An item is an idiom split into ``prefix`` (all but the last word) and ``target``
+(the last word). Data is named by a spec (see :func:`parse_spec`): ``builtin`` or
+``builtin:SPLIT`` (the packaged ``vtrans/data/idioms.txt``), ``txt:PATH``, ``epie:PATH``,
+``slide:PATH``, ``magpie:PATH`` or ``wordnet:PATH`` (the multi-word expressions of a WordNet
+database). Splits are by idiom and come from a seeded hash,
+so they never depend on file order or ``PYTHONHASHSEED``.
+
+* ``items``: an item and its words (normalised, the completion word of generated text), the
+  prompt template, and the idiom's stable hash;
+* ``formats``: data specs and the readers of each file format (plain Python, one-line errors);
+* ``splits``: the seeded split by idiom.
+
+The package keeps the names of the module it was (``from vtrans.data import load_split``).
+"""
+
+from vtrans.data.formats import FILE_KINDS, KINDS, SPLITS, WORDNET_POS, load_idioms, parse_spec
+from vtrans.data.items import (
+    DEFAULT_TEMPLATE,
+    DataError,
+    IdiomItem,
+    _idiom_key,  # noqa: F401  (imported from here by modules written before the package)
+    first_word,
+    idiom_hash,
+    normalize_word,
+    render_prompt,
+    split_idiom,
+    validate_template,
+    word_is_final,
+)
+from vtrans.data.splits import _check_fractions, load_split, split_items  # noqa: F401  (the same)
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "FILE_KINDS",
+    "KINDS",
+    "SPLITS",
+    "WORDNET_POS",
+    "DataError",
+    "IdiomItem",
+    "first_word",
+    "idiom_hash",
+    "load_idioms",
+    "load_split",
+    "normalize_word",
+    "parse_spec",
+    "render_prompt",
+    "split_idiom",
+    "split_items",
+    "validate_template",
+    "word_is_final",
+]
