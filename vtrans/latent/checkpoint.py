@@ -216,8 +216,9 @@ def split_settings(path: str | Path) -> dict:
 
 
 def __getattr__(name: str):
-    """``vtrans.latent.checkpoint.AtomicCheckpointIO``, the ``class_path`` that training configs written
-    before it moved to ``vtrans.latent.checkpoint_io`` name (imported on use: it needs Lightning)."""
+    """``vtrans.checkpoint.AtomicCheckpointIO`` (this module's path in the flat layout, ``vtrans.moved``),
+    the ``class_path`` that training configs written before the class moved to ``vtrans.checkpoint_io``
+    name; it is ``vtrans.latent.checkpoint_io``'s now (imported on use: it needs Lightning)."""
     if name == "AtomicCheckpointIO":
         from vtrans.latent.checkpoint_io import AtomicCheckpointIO
 
