@@ -25,28 +25,28 @@ from types import ModuleType
 
 MOVED: dict[str, str] = {
     "vtrans.backbones": "vtrans.backbone.architectures",  # attention masks and full_cache: vtrans.backbone.attention
-    "vtrans.loading": "vtrans.backbone.loading",
+    "vtrans.loading": "vtrans.backbone.loading",  # the sources: vtrans.backbone.files, embedded, random_weights
     "vtrans.tokens": "vtrans.backbone.tokens",
     "vtrans.generate": "vtrans.backbone.generate",
     "vtrans.frozen": "vtrans.backbone.frozen",
     "vtrans.elbo": "vtrans.latent.elbo",
-    "vtrans.model": "vtrans.latent.model",
-    "vtrans.module": "vtrans.latent.module",
+    "vtrans.model": "vtrans.latent.model",  # saving and rebuilding: vtrans.latent.saved
+    "vtrans.module": "vtrans.latent.module",  # the batch loss: vtrans.latent.elbo; what it logs: vtrans.latent.stats
     "vtrans.laplace": "vtrans.latent.laplace",
     "vtrans.training": "vtrans.latent.training",
     "vtrans.datamodule": "vtrans.latent.datamodule",
     "vtrans.callbacks": "vtrans.latent.callbacks",
     "vtrans.checkpoint": "vtrans.latent.checkpoint",
     "vtrans.checkpoint_io": "vtrans.latent.checkpoint_io",
-    "vtrans.runner": "vtrans.estimators.runner",
+    "vtrans.runner": "vtrans.estimators.runner",  # the plan of a run: vtrans.estimators.plan
     "vtrans.distributed": "vtrans.estimators.distributed",
-    "vtrans.evaluate": "vtrans.evaluation.evaluate",
-    "vtrans.crossval": "vtrans.evaluation.crossval",
+    "vtrans.evaluate": "vtrans.evaluation.evaluate",  # vtrans.evaluation.items, scored, fitted
+    "vtrans.crossval": "vtrans.evaluation.crossval",  # vtrans.evaluation.crossval_results, fitted
     "vtrans.folds": "vtrans.evaluation.folds",
     "vtrans.units": "vtrans.evaluation.units",
-    "vtrans.metrics": "vtrans.evaluation.metrics",
-    "vtrans.report": "vtrans.evaluation.report",
-    "vtrans.scorer": "vtrans.scoring.scorer",
+    "vtrans.metrics": "vtrans.evaluation.metrics",  # a package: ranking, counts, bootstrap
+    "vtrans.report": "vtrans.evaluation.report",  # a package: results, tables, plots, prose
+    "vtrans.scorer": "vtrans.scoring.scorer",  # vtrans.scoring.inputs, request, prompts, records
 }
 """Old module path -> the module that holds its content now."""
 
