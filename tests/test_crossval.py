@@ -459,3 +459,41 @@ def test_the_records_equal_those_written_before_the_speed_ups(mixed_file, tmp_pa
     results = json.loads((out / "results.json").read_text())
     for name, aurocs in before["auroc"].items():
         assert results["estimators"][name]["seeds"]["auroc"] == pytest.approx(aurocs, abs=1e-3), name
+
+
+@pytest.mark.slow
+def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_there(mixed_file, tmp_path, capsys, monkeypatch):
+    """With --refit_spread fold f's latent trains on its outside idioms but a held-out third, and its
+    prior's spread is refit on exactly that third: never on a scored idiom, never on one it trained on."""
+    from vtrans import refit
+
+    trained_on: list[set[str]] = []
+    refit_on: list[set[str]] = []
+    real_from_items = IdiomDataModule.from_items.__func__
+    real_fit = refit.fit
+
+    def recording(cls, train, *args, **kwargs):
+        trained_on.append({_idiom_key(it.idiom) for it in train})
+        return real_from_items(cls, train, *args, **kwargs)
+
+    def fit_recording(module, prompts, targets, *args, **kwargs):
+        refit_on.append({_idiom_key(p.removeprefix(DEFAULT_TEMPLATE.split("{prefix}")[0]) + " " + t) for p, t in zip(prompts, targets, strict=True)})
+        return real_fit(module, prompts, targets, *args, **kwargs)
+
+    monkeypatch.setattr(IdiomDataModule, "from_items", classmethod(recording))
+    monkeypatch.setattr(refit, "fit", fit_recording)
+    out = tmp_path / "cv"
+    run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "3", "--seeds", "0", "--epochs", "1",
+             "--samples", "4", "--n_boot", "100", "--refit_spread", "--out", out,
+             "--estimators", "msp,prior_var,refit_prior_var,refit_var,refit_mi,refit_nll,latent_nll"], capsys)
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    assert len(trained_on) == len(refit_on) == 3
+    for fold, (train, held) in enumerate(zip(trained_on, refit_on, strict=True)):
+        scored = {_idiom_key(r["idiom"]) for r in rows if r["fold"] == fold}
+        outside = {_idiom_key(r["idiom"]) for r in rows} - scored
+        assert not train & held and not held & scored and train | held == outside
+        assert len(held) in {len(outside) // 3, len(outside) // 3 + 1}
+    for name in ("prior_var", "refit_prior_var", "refit_var", "refit_mi", "refit_nll"):
+        assert all(math.isfinite(r["scores"][name]) for r in rows), name
+    assert all(e["refit_kl_after"] <= e["refit_kl_before"] + 1e-6 for e in results["fold_training"])
