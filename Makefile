@@ -57,7 +57,7 @@ verdict: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
 		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 --refit_spread $(VERDICT_ARGS) --out docs/verdict/refit \
-		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,prior_var,refit_prior_var,refit_var,refit_mi,refit_nll
+		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,refit_prior_var,refit_var,refit_mi,refit_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-twin --estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \

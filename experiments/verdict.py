@@ -34,7 +34,7 @@ KIND = {
     "latent_nll": "mean", "adapter_nll": "mean", "ensemble_nll": "mean", "laplace_nll": "mean",
     "posterior_var": "spread", "latent_kl": "spread", "latent_mi": "spread", "ensemble_var": "spread",
     "ensemble_mi": "spread", "laplace_loc_var": "spread", "laplace_var": "spread", "laplace_mi": "spread",
-    "prior_var": "spread", "refit_prior_var": "spread", "refit_var": "spread", "refit_mi": "spread", "refit_nll": "mean",
+    "refit_prior_var": "spread", "refit_var": "spread", "refit_mi": "spread", "refit_nll": "mean",
     "lens_ce": "baseline", "lens_area": "baseline", "attention_entropy": "baseline", "mc_dropout_var": "baseline",
     "mc_dropout_entropy": "baseline", "mc_dropout_mi": "baseline", "margin": "baseline", "probe": "fitted",
 }

@@ -485,7 +485,7 @@ def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_t
     out = tmp_path / "cv"
     run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "3", "--seeds", "0", "--epochs", "1",
              "--samples", "4", "--n_boot", "100", "--refit_spread", "--out", out,
-             "--estimators", "msp,prior_var,refit_prior_var,refit_var,refit_mi,refit_nll,latent_nll"], capsys)
+             "--estimators", "msp,refit_prior_var,refit_var,refit_mi,refit_nll,latent_nll"], capsys)
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     results = json.loads((out / "results.json").read_text())
     assert len(trained_on) == len(refit_on) == 3
@@ -494,6 +494,6 @@ def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_t
         outside = {_idiom_key(r["idiom"]) for r in rows} - scored
         assert not train & held and not held & scored and train | held == outside
         assert len(held) in {len(outside) // 3, len(outside) // 3 + 1}
-    for name in ("prior_var", "refit_prior_var", "refit_var", "refit_mi", "refit_nll"):
+    for name in ("refit_prior_var", "refit_var", "refit_mi", "refit_nll"):
         assert all(math.isfinite(r["scores"][name]) for r in rows), name
     assert all(e["refit_kl_after"] <= e["refit_kl_before"] + 1e-6 for e in results["fold_training"])

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from vtrans import refit
 from vtrans.config import EstimatorConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms, render_prompt
+from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators import registry, spread
 from vtrans.estimators.base import run_forward
 from vtrans.estimators.latent import context_for
@@ -75,10 +76,12 @@ def test_the_estimators_read_the_trained_and_the_refit_scale(module):
     config = EstimatorConfig(samples=4, seed=0)
     context = context_for(module.backbone.model, config, module, len(prompts), indices=list(range(len(prompts))))
     assert registry.why_not("refit_prior_var", module) is not None  # not refit yet
-    assert set(spread.read_prior(forward, context)) == {"prior_var"}
     h_scored = module.states(forward.hidden_states[module.layer], enc)[0]
     _, scale = module.latent.prior_params(h_scored)
-    assert_close(spread.read_prior(forward, context)["prior_var"], scale.pow(2).mean(-1))
+    # the prior's spread as trained is posterior_var already (a conditional prior's inference
+    # distribution without the answer): the refit starts from these rows
+    trained = latent_estimators.read_encoders(forward, context)["posterior_var"]
+    assert_close(trained, scale.pow(2).mean(-1))
     module.refit = refit.fit(module, *held(12))
     try:
         assert registry.why_not("refit_prior_var", module) is None and registry.why_not("refit_mi", module) is None

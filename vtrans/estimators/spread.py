@@ -1,9 +1,8 @@
-"""The prior's own spread, as trained and as refit on held-out idioms (``vtrans.refit``).
+"""The prior's spread refit on held-out idioms (``vtrans.refit``).
 
-* ``prior_var``: the mean over dimensions of the trained prior's variance s(x)² at the scored
-  position: what the prior, trained on memorised idioms only, says of its own guess;
-* ``refit_prior_var``: the same with the scale rows refit on idioms the latent never trained on
-  (``vtrans crossval --refit_spread``): the prior's expected miss on a new prompt;
+* ``refit_prior_var``: the mean over dimensions of the refit prior's variance s(x)² at the scored
+  position: the prior's expected miss on a new prompt (``posterior_var`` is the same mean of
+  the prior as trained, for a conditional-prior latent);
 * over S draws z_s ~ N(m(x), diag s_refit(x)²) (each item's noise from its own seed, the z draws'
   stream), p_s(·) = p(·|prompt, z_s): ``refit_var``, the variance over draws of log p_s(ŷ);
   ``refit_mi`` = (1/S) Σ_s KL(p_s ‖ p̄), the mutual information between the next token and z; and
@@ -25,17 +24,12 @@ def _prior(forward: Forward, context: Context):
     h = layer_state(forward, module)
     h_scored = module.states(h, forward.enc)[0]
     loc, scale = module.latent.prior_params(h_scored)
-    refit = getattr(module, "refit", None)
-    refit_scale = None if refit is None else refit.scale(features(module, h_scored)).to(loc)
-    return h, loc, scale, refit_scale
+    return h, loc, scale, module.refit.scale(features(module, h_scored)).to(loc)
 
 
 def read_prior(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
-    _, _, scale, refit_scale = _prior(forward, context)
-    out = {"prior_var": scale.pow(2).mean(-1)}
-    if refit_scale is not None:
-        out["refit_prior_var"] = refit_scale.pow(2).mean(-1)
-    return out
+    _, _, _, refit_scale = _prior(forward, context)
+    return {"refit_prior_var": refit_scale.pow(2).mean(-1)}
 
 
 def read_samples(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
@@ -50,13 +44,9 @@ def read_samples(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
 
 PRIOR = Family(
     "prior_spread",
-    {
-        "prior_var": "mean variance of the prior p(z|prompt) at the scored position, as trained",
-        "refit_prior_var": "mean variance of the prior p(z|prompt) refit on held-out idioms: its expected miss",
-    },
+    {"refit_prior_var": "mean variance of the prior p(z|prompt) refit on held-out idioms: its expected miss"},
     read_prior,
-    needs=frozenset({"latent", "variational", "conditional_prior", "hidden_states"}),
-    name_needs={"refit_prior_var": frozenset({"refit"})},
+    needs=frozenset({"latent", "variational", "conditional_prior", "refit", "hidden_states"}),
     default_score=False,
 )
 SAMPLES = Family(
