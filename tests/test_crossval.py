@@ -349,7 +349,7 @@ def test_a_nan_in_a_fold_stops_the_run_with_one_line_naming_the_seed_and_fold(mi
     assert sorted(p.name for p in (out / "units").iterdir()) == ["base.json", "manifest.json", "seed0.json"]
 
 
-def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_file, tmp_path, capsys, monkeypatch):
+def test_a_rerun_reads_its_units_one_with_other_settings_is_refused_and_more_seeds_extend_it(mixed_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cv"
     common = ["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0,1", "--epochs", "1",
               "--n_boot", "100", "--estimators", "msp,posterior_var,latent_kl,latent_mi,probe", "--out", out]
@@ -360,6 +360,7 @@ def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_fi
         + [f"seed{s}-fold{f}.{ext}" for s in (0, 1) for f in (0, 1) for ext in ("json", "ckpt")]
     )
     first = {name: (out / name).read_bytes() for name in ("results.json", "scores.jsonl", "report.md")}
+    real_latent = FoldLatents.latent
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished unit was computed again")
@@ -373,6 +374,17 @@ def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_fi
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "eval.samples (4 there, 8 here)" in err and "another --out" in err
     assert {name: (out / name).read_bytes() for name in first} == first
+    # more seeds extend the run: seeds 0 and 1 read back, only seed 2's latents trained
+    trained: list[int] = []
+    monkeypatch.setattr(FoldLatents, "latent", lambda self, seed, fold, train, member=0: (
+        trained.append(seed), real_latent(self, seed, fold, train, member))[1])
+    extended = [*common[: common.index("--seeds") + 1], "0,1,2", *common[common.index("--seeds") + 2 :]]
+    run_cli([*extended, "--samples", "4"], capsys)
+    assert trained == [2, 2]
+    before = [json.loads(line) for line in first["scores.jsonl"].decode().splitlines()]
+    after = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["scores"] for r in after] == [r["scores"] for r in before]  # seed 0's, read back
+    assert [r["scores_by_seed"]["1"] for r in after] == [r["scores_by_seed"]["1"] for r in before]
 
 
 # the clock of the runs below: every reading one tick after the last, in the modules whose

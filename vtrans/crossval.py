@@ -27,7 +27,8 @@ A run resumes. Its units are recorded under ``OUT/units/`` as each finishes
 fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, with ``--ensemble M`` the M − 1 other members
 as ``seed{s}-fold{f}-member{m}.ckpt``, and its scores of fold f) and, for each
 fitted family, ``seed{s}-{family}`` (``seed{s}-probe``). The same command on the same ``--out``
-reads the finished units and computes the others; one with other settings is refused. The files are assembled from the units alone,
+reads the finished units and computes the others; one with other settings is refused, but
+one with other seeds is not (each seed's units are its own): a run extends by more seeds. The files are assembled from the units alone,
 each unit's recorded seconds included, so a resumed run writes the results an uninterrupted one does.
 """
 
@@ -93,7 +94,7 @@ class CrossFit:
     def run(self, markdown: str | Path | None = None) -> dict:
         """Cross-fit and score unit by unit, then write results.json, scores.jsonl, report.md and the plots."""
         cfg, plan = self.cfg, self.plan
-        units = Units(self.out / "units", self.manifest())
+        units = Units(self.out / "units", self.manifest(), free=("seeds",))  # more seeds extend a run
         names, dropped = list(self.eval.estimators), {}
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)
