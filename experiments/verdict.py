@@ -34,6 +34,7 @@ KIND = {
     "latent_nll": "mean", "adapter_nll": "mean", "ensemble_nll": "mean", "laplace_nll": "mean",
     "posterior_var": "spread", "latent_kl": "spread", "latent_mi": "spread", "ensemble_var": "spread",
     "ensemble_mi": "spread", "laplace_loc_var": "spread", "laplace_var": "spread", "laplace_mi": "spread",
+    "refit_prior_var": "spread", "refit_var": "spread", "refit_mi": "spread", "refit_nll": "mean",
     "lens_ce": "baseline", "lens_area": "baseline", "attention_entropy": "baseline", "mc_dropout_var": "baseline",
     "mc_dropout_entropy": "baseline", "mc_dropout_mi": "baseline", "margin": "baseline", "probe": "fitted",
 }
@@ -172,6 +173,46 @@ def figure(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def finding(record: dict) -> str:
+    """Where an estimator stands against ``msp`` on its model: ahead or behind (the paired interval
+    excludes 0), or not told apart."""
+    d = record.get("vs_msp")
+    if d is None:
+        return "reference"
+    lo, hi = d["ci"]
+    return "ahead" if lo > 0 else "behind" if hi < 0 else "not separated"
+
+
+def across(first: str, records: list[dict], models: list[tuple[str, list[dict], Run]]) -> list[str]:
+    """Each estimator on the first model and on each other model, side by side, with whether its
+    standing against ``msp`` (ahead, behind, not separated) replicates. Labels differ between
+    models (each model's own completions), so nothing is paired across models."""
+    heads = [first, *(name for name, _, _ in models)]
+    lines = [
+        "| estimator | kind | " + " | ".join(f"{h}: AUROC, mean ± sd over seeds | {h}: Δ vs `msp` [95% CI]" for h in heads)
+        + " | replicates? |",
+        "|:---|:---|" + "---:|---:|" * len(heads) + ":---|",
+    ]
+    by_model = [{r["estimator"]: r for r in recs} for _, recs, _ in models]
+    for record in records:
+        name = record["estimator"]
+        others = [m.get(name) for m in by_model]
+        if " (" in name or any(o is None for o in others):
+            continue
+        cells, standings = [], []
+        for rec in (record, *others):
+            spread = metrics.spread(rec["aurocs"])
+            sd = f" ± {spread['sd']:.3f} ({len(rec['aurocs'])})" if len(rec["aurocs"]) > 1 else " (1)"
+            d = rec.get("vs_msp")
+            delta = "—" if d is None else f"{d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+            cells += [f"{spread['mean']:.3f}{sd}", delta]
+            standings.append(finding(rec))
+        same = "—" if standings[0] == "reference" else ("yes: " + standings[0]) if len(set(standings)) == 1 else (
+            "no: " + ", ".join(standings))
+        lines.append(f"| `{name}` | {record['kind']} | " + " | ".join(cells) + f" | {same} |")
+    return lines
+
+
 def describe(run: Run) -> str:
     """One line on what a run trained and scored, from its results.json."""
     protocol = run.results["protocol"]
@@ -189,13 +230,41 @@ def ranked(lines: list[str], records: list[dict]) -> list[str]:
 
 
 def page(
-    runs: list[Run], lines: list[str], records: list[dict], figure_path: str, transfer: tuple[list[Run], list[str], list[dict]] | None
+    runs: list[Run],
+    lines: list[str],
+    records: list[dict],
+    figure_path: str,
+    transfer: tuple[list[Run], list[str], list[dict]] | None,
+    models: list[tuple[str, list[dict], Run]] = (),
 ) -> str:
-    """The results page: the protocol, the table (highest mean AUROC first), the figure, the transfer check, the runs."""
+    """The results page: the protocol, the table (highest mean AUROC first), the figure, the
+    other models side by side, the transfer check, the runs."""
     first = runs[0]
     n, acc = len(first.errors), 1 - first.errors.mean()
     protocol = first.results["protocol"]
     body = ranked(lines, records)
+    order = sorted(records, key=lambda r: -float(np.nanmean(r["aurocs"])))
+    side = []
+    for name, _, run in models:
+        other = run.results
+        side += [
+            f"- **{name}** (`{run.folder}`): {len(run.errors)} idioms, accuracy {1 - run.errors.mean():.3f}, "
+            f"{other['protocol'].get('folds')} folds, seeds {', '.join(run.seeds)}, latent from "
+            f"`{other['protocol'].get('training_config')}`; every setting its config's, fixed before the run.",
+        ]
+    if models:
+        side = [
+            "## Across models: does each finding replicate?",
+            "",
+            f"The same protocol on another model family: the same {n} idioms, each model's own greedy completions "
+            "(so its own labels: nothing is paired across models). *Replicates?* compares where each estimator stands "
+            "against `msp` on its own model: ahead or behind (the paired 95% interval excludes 0) or not separated.",
+            "",
+            *side,
+            "",
+            *across(first.results.get("model", "first"), order, models),
+            "",
+        ]
     moved = []
     if transfer is not None:
         t_runs, t_lines, t_records = transfer
@@ -237,6 +306,7 @@ def page(
         "",
         f"![Each estimator's rank against msp's, correct and wrong completions apart]({figure_path})",
         "",
+        *side,
         *moved,
         "## The runs",
         "",
@@ -257,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--markdown", default=None, help="also write the results page here (e.g. docs/results.md)")
     parser.add_argument("--transfer", action="append", default=[], help="a run of the transfer check (repeat): its own table")
+    parser.add_argument(
+        "--model", action="append", default=[],
+        help="NAME=FOLDER: another model's cross-fitted run, set beside the first model's estimators (repeat)",
+    )
     args = parser.parse_args(argv)
     runs = [Run(r) for r in args.run]
     transfer_runs = [Run(r) for r in args.transfer]
@@ -282,10 +356,18 @@ def main(argv: list[str] | None = None) -> None:
         transfer = (transfer_runs, t_lines, t_records)
         (out / "transfer.md").write_text("\n".join(t_lines) + "\n", encoding="utf-8")
         (out / "transfer.json").write_text(json.dumps(t_records, indent=1) + "\n", encoding="utf-8")
+    models = []
+    for spec in args.model:
+        name, _, folder = spec.rpartition("=")
+        run = Run(folder)
+        models.append((name or run.results.get("model", folder), table([run], args.n_boot)[1], run))
+    if models:
+        side = across(runs[0].results.get("model", "first"), sorted(records, key=lambda r: -float(np.nanmean(r["aurocs"]))), models)
+        (out / "models.md").write_text("\n".join(side) + "\n", encoding="utf-8")
     if args.markdown:
         md = Path(args.markdown)
         figure_path = os.path.relpath(out / "mean_vs_spread.png", md.parent)
-        md.write_text(page(runs, lines, records, figure_path, transfer), encoding="utf-8")
+        md.write_text(page(runs, lines, records, figure_path, transfer, models), encoding="utf-8")
     print("\n".join(head + lines))
 
 

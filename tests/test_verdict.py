@@ -73,3 +73,30 @@ def test_runs_over_other_items_or_labels_are_refused(tmp_path):
     b = write_run(tmp_path / "b", 1 - errors, [0], {0: {"msp": errors}})
     with pytest.raises(SystemExit, match="same items"):
         verdict.main(["--run", str(a), "--run", str(b), "--out", str(tmp_path / "out")])
+
+
+def test_another_models_run_is_set_beside_and_each_finding_compared(tmp_path):
+    """A second model's run (its own labels: nothing paired across models) gets a column pair per
+    model, and an estimator's standing against msp (ahead, behind, not separated) replicates or not."""
+    verdict = load()
+    gen = np.random.default_rng(1)
+    errors = (gen.random(200) < 0.5).astype(float)
+    other = (gen.random(200) < 0.3).astype(float)  # the other model's own labels
+    noise = gen.normal(size=(4, 200))
+    first = write_run(tmp_path / "first", errors, [0], {0: {
+        "msp": errors + 1.0 * noise[0], "latent_nll": errors + 0.3 * noise[1], "posterior_var": noise[2]}})
+    second = write_run(tmp_path / "second", other, [0, 1], {s: {
+        "msp": other + 1.0 * noise[0], "latent_nll": other + 3.0 * noise[1 + s], "posterior_var": other + 0.2 * noise[3]}
+        for s in (0, 1)})
+    page = tmp_path / "results.md"
+    verdict.main(["--run", str(first), "--model", f"other={second}", "--out", str(tmp_path / "out"), "--n-boot", "200",
+                  "--markdown", str(page)])
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "out" / "models.md").read_text().splitlines()
+            if line.startswith("| `")}
+    assert rows["| `latent_nll`"].endswith("| no: ahead, behind |")  # ahead on the first, far noisier on the other
+    assert rows["| `posterior_var`"].endswith("| no: behind, ahead |")
+    assert rows["| `msp`"].endswith("| — |")
+    assert " ± " in rows["| `latent_nll`"].split(" | ")[4]  # the other model's two seeds: a spread
+    text = page.read_text()
+    assert "## Across models" in text and "**other**" in text
+    assert f"accuracy {1 - other.mean():.3f}" in text

@@ -156,6 +156,10 @@ class CrossvalConfig:
         ensemble: M, the latents trained per seed and fold from their own seeds (member m of
             seed s trains with seed s + 1000·m; member 0 is the seed's own latent, which every
             other latent estimator reads); M >= 2 adds the ensemble's estimators (``ensemble_*``).
+        refit_spread: each fold's latent trains on all but a third of its training idioms
+            (dealt by a hash seeded with ``fold_seed`` and the fold), and its prior's spread is
+            refit on that third, which it never trained on (``vtrans.latent.refit``); adds the
+            ``refit_*`` estimators. Every latent estimator then reads that latent.
         eval: estimator settings (estimators, passes, samples, batch size, ...); its ``seed``
             is replaced by each training seed and its ``data``, ``split`` and ``template`` are not used.
     """
@@ -172,6 +176,7 @@ class CrossvalConfig:
     template: str | None = None
     self_targets: bool = False
     ensemble: int = 1
+    refit_spread: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def member_seed(self, seed: int, member: int) -> int:

@@ -344,7 +344,7 @@ def test_a_nan_in_a_fold_stops_the_run_with_one_line_naming_the_seed_and_fold(mi
     assert sorted(p.name for p in (out / "units").iterdir()) == ["base.json", "manifest.json", "seed0.json"]
 
 
-def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_file, tmp_path, capsys, monkeypatch):
+def test_a_rerun_reads_its_units_one_with_other_settings_is_refused_and_more_seeds_extend_it(mixed_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cv"
     common = ["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0,1", "--epochs", "1",
               "--n_boot", "100", "--estimators", "msp,posterior_var,latent_kl,latent_mi,probe", "--out", out]
@@ -355,6 +355,7 @@ def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_fi
         + [f"seed{s}-fold{f}.{ext}" for s in (0, 1) for f in (0, 1) for ext in ("json", "ckpt")]
     )
     first = {name: (out / name).read_bytes() for name in ("results.json", "scores.jsonl", "report.md")}
+    real_latent = FoldLatents.latent
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished unit was computed again")
@@ -368,6 +369,17 @@ def test_a_rerun_reads_its_units_and_one_with_other_settings_is_refused(mixed_fi
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "eval.samples (4 there, 8 here)" in err and "another --out" in err
     assert {name: (out / name).read_bytes() for name in first} == first
+    # more seeds extend the run: seeds 0 and 1 read back, only seed 2's latents trained
+    trained: list[int] = []
+    monkeypatch.setattr(FoldLatents, "latent", lambda self, seed, fold, train, member=0: (
+        trained.append(seed), real_latent(self, seed, fold, train, member))[1])
+    extended = [*common[: common.index("--seeds") + 1], "0,1,2", *common[common.index("--seeds") + 2 :]]
+    run_cli([*extended, "--samples", "4"], capsys)
+    assert trained == [2, 2]
+    before = [json.loads(line) for line in first["scores.jsonl"].decode().splitlines()]
+    after = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["scores"] for r in after] == [r["scores"] for r in before]  # seed 0's, read back
+    assert [r["scores_by_seed"]["1"] for r in after] == [r["scores_by_seed"]["1"] for r in before]
 
 
 # the clock of the runs below: every reading one tick after the last, in the modules whose
@@ -426,3 +438,69 @@ def test_a_run_killed_mid_fold_resumes_and_writes_the_files_of_an_uninterrupted_
     results = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert len(results["fold_training"]) == 6 and results["estimators"]["latent_mi"]["n"] == 30
 
+
+
+@pytest.mark.slow
+def test_the_records_equal_those_written_before_the_speed_ups(mixed_file, tmp_path, capsys):
+    """Every estimator whose computation was made cheaper (the sampled completions: each prompt run
+    once for its K samples, decoding stopped once every word is final; MC dropout: the unembedding
+    at the scored columns only), and the latent's, scores every item as the code before did: the
+    records of ``tests/fixtures/crossval_before.json`` were written by commit 438bf73 with this command.
+    The draws are the same (the same seeded streams over the same shapes), so the only differences
+    are float32 reorderings between batch shapes and CPUs, ~1e-6 on scores of size ~1 (and on the
+    one epoch of tiny training): 1e-4 absolute holds with margin; the sampled words compare
+    exactly through their shares of K. The AUROCs agree to the third decimal."""
+    before = json.loads((TESTS / "fixtures" / "crossval_before.json").read_text())
+    names = list(before["rows"][0]["scores"])
+    out = tmp_path / "cv"
+    run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "3", "--seeds", "0,1", "--epochs", "1",
+             "--samples", "4", "--passes", "3", "--agreement_samples", "4", "--n_boot", "100",
+             "--estimators", ",".join(names), "--out", out], capsys)
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["idiom"] for r in rows] == [r["idiom"] for r in before["rows"]]
+    for now, then in zip(rows, before["rows"], strict=True):
+        assert (now["completion_word"], now["correct"], now["fold"]) == (then["completion_word"], then["correct"], then["fold"])
+        for seed_now, seed_then in [(now["scores"], then["scores"]), *((now["scores_by_seed"][s], v) for s, v in then["scores_by_seed"].items())]:
+            for name in names:
+                assert seed_now[name] == pytest.approx(seed_then[name], abs=1e-4), (now["idiom"], name)
+    results = json.loads((out / "results.json").read_text())
+    for name, aurocs in before["auroc"].items():
+        assert results["estimators"][name]["seeds"]["auroc"] == pytest.approx(aurocs, abs=1e-3), name
+
+
+@pytest.mark.slow
+def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_there(mixed_file, tmp_path, capsys, monkeypatch):
+    """With --refit_spread fold f's latent trains on its outside idioms but a held-out third, and its
+    prior's spread is refit on exactly that third: never on a scored idiom, never on one it trained on."""
+    from vtrans.latent import refit
+
+    trained_on: list[set[str]] = []
+    refit_on: list[set[str]] = []
+    real_from_items = IdiomDataModule.from_items.__func__
+    real_fit = refit.fit
+
+    def recording(cls, train, *args, **kwargs):
+        trained_on.append({_idiom_key(it.idiom) for it in train})
+        return real_from_items(cls, train, *args, **kwargs)
+
+    def fit_recording(module, prompts, targets, *args, **kwargs):
+        refit_on.append({_idiom_key(p.removeprefix(DEFAULT_TEMPLATE.split("{prefix}")[0]) + " " + t) for p, t in zip(prompts, targets, strict=True)})
+        return real_fit(module, prompts, targets, *args, **kwargs)
+
+    monkeypatch.setattr(IdiomDataModule, "from_items", classmethod(recording))
+    monkeypatch.setattr(refit, "fit", fit_recording)
+    out = tmp_path / "cv"
+    run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "3", "--seeds", "0", "--epochs", "1",
+             "--samples", "4", "--n_boot", "100", "--refit_spread", "--out", out,
+             "--estimators", "msp,refit_prior_var,refit_var,refit_mi,refit_nll,latent_nll"], capsys)
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    assert len(trained_on) == len(refit_on) == 3
+    for fold, (train, held) in enumerate(zip(trained_on, refit_on, strict=True)):
+        scored = {_idiom_key(r["idiom"]) for r in rows if r["fold"] == fold}
+        outside = {_idiom_key(r["idiom"]) for r in rows} - scored
+        assert not train & held and not held & scored and train | held == outside
+        assert len(held) in {len(outside) // 3, len(outside) // 3 + 1}
+    for name in ("refit_prior_var", "refit_var", "refit_mi", "refit_nll"):
+        assert all(math.isfinite(r["scores"][name]) for r in rows), name
+    assert all(e["refit_kl_after"] <= e["refit_kl_before"] + 1e-6 for e in results["fold_training"])

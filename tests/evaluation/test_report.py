@@ -342,5 +342,5 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, cheap, fitted))
     after = " ".join(prose._what_the_numbers_are().split())
     assert "of `msp`, `entropy`, `margin`, the sampled-word agreement" in after and "and `top2`, the one" in after
-    assert "`posterior_var`, `latent_kl`, `top2`) share one forward" in after
+    assert "`posterior_var`, `latent_kl`, `refit_prior_var`, `top2`) share one forward" in after
     assert "the probe is the shared forward plus its fit; the signed margin is the shared forward plus its fit." in after

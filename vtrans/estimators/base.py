@@ -32,6 +32,7 @@ NEEDS = {
     "variational": "a variational latent (prior: standard or conditional, not the deterministic twin)",
     "ensemble": "an ensemble of latents (crossval --ensemble M, M >= 2)",
     "laplace": "a Laplace posterior fitted on the latent's training prompts (crossval fits one per fold)",
+    "refit": "the prior's spread refit on idioms the latent never trained on (crossval --refit_spread)",
 }
 
 

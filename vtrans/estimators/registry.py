@@ -28,6 +28,7 @@ from vtrans.estimators import (
     mc_dropout,
     probe,
     sampling,
+    spread,
 )
 from vtrans.estimators.base import NEEDS, Family
 
@@ -42,6 +43,8 @@ FAMILIES: tuple[Family, ...] = (
     adapter.FAMILY,
     ensemble.FAMILY,
     laplace.FAMILY,
+    spread.PRIOR,
+    spread.SAMPLES,
     sampling.FAMILY,
     probe.FAMILY,
 )
@@ -150,6 +153,8 @@ def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) 
         return "needs a latent trained with prior: conditional (its prior network is what the Laplace posterior is over)"
     if "laplace" in needs and getattr(module, "laplace", None) is None:  # a checkpoint never holds one
         return "needs a Laplace posterior fitted on the latent's training prompts (vtrans crossval fits one per fold)"
+    if "refit" in needs and getattr(module, "refit", None) is None:  # a checkpoint never holds one
+        return "needs the prior's spread refit on idioms the latent never trained on (crossval --refit_spread)"
     if "ensemble" in needs and members < 2:
         return "needs an ensemble of latents (crossval --ensemble M, M >= 2)"
     if family.first_token_only and aggregate != "first":
@@ -163,7 +168,7 @@ def table() -> str:
     rows = [("name", "family", "needs", "score", "what it measures (higher = more uncertain)")]
     for family in FAMILIES:
         for name in family.names:
-            needs = sorted(family.needs_of(name) & {"latent", "variational", "conditional_prior", "ensemble", "laplace"})
+            needs = sorted(family.needs_of(name) & {"latent", "variational", "conditional_prior", "ensemble", "laplace", "refit"})
             needs += ["labels"] if family.fit else []
             passes = ["extra passes"] if family.extra_passes else []
             default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")

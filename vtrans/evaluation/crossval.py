@@ -27,9 +27,10 @@ A run resumes. Its units are recorded under ``OUT/units/`` as each finishes
 fold f, kept beside it as ``seed{s}-fold{f}.ckpt``, with ``--ensemble M`` the M − 1 other members
 as ``seed{s}-fold{f}-member{m}.ckpt``, and its scores of fold f) and, for each
 fitted family, ``seed{s}-{family}`` (``seed{s}-probe``). The same command on the same ``--out``
-reads the finished units and computes the others; one with other settings is refused. The files are assembled from the units alone,
-each unit's recorded seconds included, so a resumed run writes the results an uninterrupted one does
-(``vtrans.evaluation.crossval_results``).
+reads the finished units and computes the others; one with other settings is refused, but
+one with other seeds is not (each seed's units are its own): a run extends by more seeds. The files
+are assembled from the units alone, each unit's recorded seconds included, so a resumed run writes
+the results an uninterrupted one does (``vtrans.evaluation.crossval_results``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation.crossval_results import assemble, write
 from vtrans.evaluation.fitted import cross_fitted
-from vtrans.evaluation.folds import FoldLatents, FoldPlan
+from vtrans.evaluation.folds import FoldLatents, FoldPlan, assign_folds
 from vtrans.evaluation.units import Units
-from vtrans.latent import laplace
+from vtrans.latent import laplace, refit
 from vtrans.latent.training import read_training_config
 from vtrans.log import log
 
@@ -95,7 +96,7 @@ class CrossFit:
     def run(self, markdown: str | Path | None = None) -> dict:
         """Cross-fit and score unit by unit, then write results.json, scores.jsonl, report.md and the plots."""
         cfg, plan = self.cfg, self.plan
-        units = Units(self.out / "units", self.manifest())
+        units = Units(self.out / "units", self.manifest(), free=("seeds",))  # more seeds extend a run
         names, dropped = list(self.eval.estimators), {}
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)
@@ -187,11 +188,21 @@ class UnitWork:
         """What fold f's latent trains on: the items outside f, the extra idioms (all of it with one
         fold) and, with ``self_targets``, the base model's own wrong answers to the prompts outside f."""
         plan, outside = self.plan, self.plan.outside(fold)
-        train = [plan.items[i] for i in outside] + plan.extra
+        held = set(self._held_out(fold))
+        train = [plan.items[i] for i in outside if i not in held] + plan.extra
         if self.cfg.self_targets:
             own = [(plan.items[i].prefix, labels.completions[i].word) for i in outside if not labels.correct[i]]
             train += [IdiomItem(f"{prefix} {word}", prefix, word) for prefix, word in own if word]
         return train
+
+    def _held_out(self, fold: int) -> list[int]:
+        """With ``refit_spread``: the third of fold f's training idioms its latent leaves out for the
+        spread's refit (dealt as folds are, by a hash seeded with the fold seed and f); else none."""
+        if not self.cfg.refit_spread:
+            return []
+        outside = self.plan.outside(fold)
+        inner = assign_folds([self.plan.items[i] for i in outside], refit.HELD_OUT, seed=1_000_003 * (fold + 1) + self.cfg.fold_seed)
+        return [i for i, part in zip(outside, inner, strict=True) if part == 0]
 
     def fold(self, seed: int, fold: int, train: list[IdiomItem], names: list[str], labels: Labels) -> dict:
         """The unit ``seed{s}-fold{f}``: the latent trained without fold f, and its scores of fold f."""
@@ -207,12 +218,21 @@ class UnitWork:
             t0 = time.perf_counter()
             module.laplace = laplace.fit(module, [render_prompt(self.eval.template, it.prefix) for it in train])
             seconds["laplace_fit"] = time.perf_counter() - t0
+        if any("refit" in family_of(nm).needs_of(nm) for nm in names) and module.latent.prior == "conditional":
+            t0 = time.perf_counter()
+            held = [plan.items[i] for i in self._held_out(fold)]
+            prompts = [render_prompt(self.eval.template, it.prefix) for it in held]
+            module.refit = refit.fit(module, prompts, [it.target for it in held])
+            seconds["prior_spread_fit"] = seconds["refit_samples_fit"] = time.perf_counter() - t0  # both families' fit
         runner = Runner(self.backbone, module, replace(self.eval, seed=seed), progress=False, members=members)
         prompts, completions = [labels.prompts[i] for i in idx], [labels.completions[i] for i in idx]
         scores = runner.scores(prompts, completions, names, seconds=seconds, indices=idx)
         entry = {"seed": seed, "fold": fold, "n_train": len(train), "n_scored": len(idx), "train_seconds": trained,
                  "latents": len(members)}
         entry.update({k: stats[k] for k in ("kl", "nll", "active_units") if k in stats})
+        if getattr(module, "refit", None) is not None:
+            entry.update(refit_items=module.refit.n_items, refit_kl_before=module.refit.kl_before,
+                         refit_kl_after=module.refit.kl_after)
         if self.cfg.from_checkpoints:
             how = f"loaded the latent trained on its {len(train)} idioms"
         else:

@@ -58,7 +58,12 @@ class Units:
         ConfigError: (on creation) the folder holds the units of a run whose manifest differs.
     """
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], free: tuple[str, ...] = ()) -> None:
+        """Args:
+            free: settings that may differ between runs sharing the folder, because no unit
+                depends on them (a cross-fitted run's ``seeds``: each seed's units are its own,
+                named by it, so a run can be extended by more seeds).
+        """
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):  # a write that a kill interrupted
@@ -66,7 +71,8 @@ class Units:
         manifest = json.loads(json.dumps(manifest))  # as it reads back
         path = self.folder / "manifest.json"
         if path.is_file():
-            found = differences(self._read(path), manifest)
+            recorded = {k: v for k, v in self._read(path).items() if k not in free}
+            found = differences(recorded, {k: v for k, v in manifest.items() if k not in free})
             if found:
                 raise ConfigError(
                     f"{self.folder} holds the units of a run with other settings: {'; '.join(found[:3])}"
