@@ -103,3 +103,21 @@ def test_training_resumes_from_a_checkpoint_of_the_flat_layout_under_its_old_con
     assert resumed["vtrans"] == checkpoint.read(OLD / "tiny.ckpt")["vtrans"]  # the same backbone, by spec and fingerprint
     saved = (tmp_path / "runs" / "tiny" / "version_0" / "config.yaml").read_text()
     assert "class_path: vtrans.loading.Backbone" in saved  # the run's own config names them as given
+
+
+def test_a_config_rewritten_to_the_new_paths_is_the_content_a_run_recorded_before_the_move(tmp_path):
+    """A cross-fitted run records its training YAML's content; the configs' class paths moved to
+    the new modules, and the runs recorded before must still resume: the record spells class
+    paths as the flat layout did, so both spellings give the recorded digest of the old file."""
+    import hashlib
+
+    from vtrans.evaluation.crossval import config_digest
+
+    old = "model:\n  backbone:\n    class_path: vtrans.loading.Backbone\n    init_args: {name: tiny-gpt2}\r\n"
+    new = old.replace("vtrans.loading.Backbone", "vtrans.backbone.loading.Backbone")
+    (tmp_path / "old.yaml").write_bytes(old.encode())
+    (tmp_path / "new.yaml").write_bytes(new.encode())
+    recorded = hashlib.sha256(old.encode()).hexdigest()[:16]  # how a run before the move recorded it: its bytes
+    assert config_digest(tmp_path / "old.yaml") == config_digest(tmp_path / "new.yaml") == recorded
+    (tmp_path / "other.yaml").write_bytes(new.replace("tiny-gpt2", "tiny-llama").encode())
+    assert config_digest(tmp_path / "other.yaml") != recorded

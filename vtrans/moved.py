@@ -51,6 +51,16 @@ MOVED: dict[str, str] = {
 """Old module path -> the module that holds its content now."""
 
 
+def flat_spelling(text: str) -> str:
+    """``text`` with every class path of a moved module spelt as the flat layout spelt it
+    (``vtrans.backbone.loading.Backbone`` -> ``vtrans.loading.Backbone``): what a record of a
+    config's content is taken over, so that the configs' move to the new paths leaves the runs
+    recorded before it resumable (``vtrans.evaluation.crossval``'s manifest)."""
+    for old, new in MOVED.items():
+        text = text.replace(f"{new}.", f"{old}.")
+    return text
+
+
 class _Alias(importlib.abc.Loader):
     """Loads an old path as the module it moved to: that module object, not a copy."""
 

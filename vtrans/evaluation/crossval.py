@@ -59,6 +59,14 @@ from vtrans.evaluation.units import Units
 from vtrans.latent import laplace, refit
 from vtrans.latent.training import read_training_config
 from vtrans.log import log
+from vtrans.moved import flat_spelling
+
+
+def config_digest(path: str | Path) -> str:
+    """A training YAML's content, as a run's manifest records it: its class paths spelt as the flat
+    layout spelt them (:func:`vtrans.moved.flat_spelling`), so that runs recorded before the move resume."""
+    text = Path(path).read_bytes().decode("utf-8")  # its bytes as they are: no newline translation
+    return hashlib.sha256(flat_spelling(text).encode("utf-8")).hexdigest()[:16]
 
 
 def _seed_free(name: str) -> bool:
@@ -88,7 +96,7 @@ class CrossFit:
         return {
             **asdict(self.cfg),
             "device": self.latents.device,
-            "training config content": hashlib.sha256(Path(self.cfg.config).read_bytes()).hexdigest()[:16],
+            "training config content": config_digest(self.cfg.config),
             "backbone weights": self.backbone.fingerprint(),
             "idioms and folds": self.plan.digest(),
         }
