@@ -115,7 +115,8 @@ def mib(n: float) -> float:
 
 
 def single_pass_and_latent_mi() -> list[str]:
-    """Every single-pass estimator (no extra passes, nothing fitted, no ensemble or Laplace), then ``latent_mi``."""
+    """Every single-pass estimator (no extra passes, nothing fitted, no ensemble, Laplace posterior or
+    refit spread), then ``latent_mi``."""
     from vtrans.estimators import latent, registry
 
     single = [
@@ -123,6 +124,7 @@ def single_pass_and_latent_mi() -> list[str]:
         for family in registry.FAMILIES
         if family.read is not None and not family.extra_passes
         for name in family.names
+        if not family.needs_of(name) & {"ensemble", "laplace", "refit"}
     ]
     return single + list(latent.SAMPLES.names)
 

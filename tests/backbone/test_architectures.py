@@ -31,6 +31,7 @@ from vtrans.estimators.runner import Runner
 from vtrans.latent.datamodule import IdiomDataModule
 from vtrans.latent.laplace import fit as fit_laplace
 from vtrans.latent.module import LatentLM
+from vtrans.latent.refit import fit as fit_refit
 from vtrans.scoring.scorer import Scorer
 
 FAMILIES = [arch.name for arch in architectures.ARCHITECTURES]
@@ -216,6 +217,7 @@ def trained(backbone, tmp_path_factory) -> LatentLM:
     assert not torch.equal(module.latent.proj.weight.detach(), before)  # it trained
     module.eval()
     module.laplace = fit_laplace(module, PROMPTS)
+    module.refit = fit_refit(module, PROMPTS, ["cake", "there", "moon"])  # the held-out idioms' targets
     return module
 
 
@@ -226,7 +228,7 @@ def test_every_estimator_without_labels_scores_the_trained_latent(backbone, trai
     config = EstimatorConfig(batch_size=2, passes=2, samples=3, agreement_samples=2, max_new_tokens=3)
     runner = Runner(backbone, trained, config, progress=False, members=(trained, member))
     names = runner.runnable(SCORABLE)
-    assert names == list(SCORABLE)  # every one applies: a latent, the conditional prior, an ensemble, a Laplace posterior
+    assert names == list(SCORABLE)  # every one applies: a latent, the conditional prior, an ensemble, a Laplace posterior, a refit spread
     completions = runner.complete(PROMPTS)
     scores = runner.scores(PROMPTS, completions, names)
     for name in names:
