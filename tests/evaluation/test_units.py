@@ -70,3 +70,12 @@ def test_a_damaged_unit_is_one_line_saying_what_to_do(tmp_path):
     (tmp_path / "base.json").write_text('{"record": ')
     with pytest.raises(ConfigError, match="delete it, and the run computes it again"):
         units.record("base", dict)
+
+
+def test_free_settings_may_differ_and_an_added_one_reads_as_what_older_runs_did(tmp_path):
+    Units(tmp_path, {"folds": 5, "seeds": [0]})  # recorded before "refit" existed
+    Units(tmp_path, {"folds": 5, "seeds": [0, 1, 2], "refit": False}, free=("seeds",), added={"refit": False})
+    with pytest.raises(ConfigError, match=r"refit \(False there, True here\)"):
+        Units(tmp_path, {"folds": 5, "seeds": [0], "refit": True}, free=("seeds",), added={"refit": False})
+    with pytest.raises(ConfigError, match="seeds"):  # not free unless said so
+        Units(tmp_path, {"folds": 5, "seeds": [0, 1], "refit": False}, added={"refit": False})

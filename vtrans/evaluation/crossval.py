@@ -104,7 +104,8 @@ class CrossFit:
     def run(self, markdown: str | Path | None = None) -> dict:
         """Cross-fit and score unit by unit, then write results.json, scores.jsonl, report.md and the plots."""
         cfg, plan = self.cfg, self.plan
-        units = Units(self.out / "units", self.manifest(), free=("seeds",))  # more seeds extend a run
+        # more seeds extend a run; one recorded before --refit_spread existed did without it
+        units = Units(self.out / "units", self.manifest(), free=("seeds",), added={"refit_spread": False})
         names, dropped = list(self.eval.estimators), {}
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)

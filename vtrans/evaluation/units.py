@@ -58,11 +58,15 @@ class Units:
         ConfigError: (on creation) the folder holds the units of a run whose manifest differs.
     """
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any], free: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, folder: str | Path, manifest: dict[str, Any], free: tuple[str, ...] = (), added: dict[str, Any] | None = None
+    ) -> None:
         """Args:
             free: settings that may differ between runs sharing the folder, because no unit
                 depends on them (a cross-fitted run's ``seeds``: each seed's units are its own,
                 named by it, so a run can be extended by more seeds).
+            added: settings added after some runs were recorded, each with the value that does
+                what those runs did: a recorded manifest without one reads as having that value.
         """
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,8 @@ class Units:
         manifest = json.loads(json.dumps(manifest))  # as it reads back
         path = self.folder / "manifest.json"
         if path.is_file():
-            recorded = {k: v for k, v in self._read(path).items() if k not in free}
+            recorded = {**(added or {}), **self._read(path)}
+            recorded = {k: v for k, v in recorded.items() if k not in free}
             found = differences(recorded, {k: v for k, v in manifest.items() if k not in free})
             if found:
                 raise ConfigError(
