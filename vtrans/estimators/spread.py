@@ -23,18 +23,18 @@ def _prior(forward: Forward, context: Context):
     module = context.module
     h = layer_state(forward, module)
     h_scored = module.states(h, forward.enc)[0]
-    loc, scale = module.latent.prior_params(h_scored)
-    return h, loc, scale, module.refit.scale(features(module, h_scored)).to(loc)
+    loc, _ = module.latent.prior_params(h_scored)
+    return h, loc, module.refit.scale(features(module, h_scored)).to(loc)
 
 
 def read_prior(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
-    _, _, _, refit_scale = _prior(forward, context)
+    _, _, refit_scale = _prior(forward, context)
     return {"refit_prior_var": refit_scale.pow(2).mean(-1)}
 
 
 def read_samples(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     module, enc, cfg = context.module, forward.enc, context.config
-    h, loc, _, scale = _prior(forward, context)
+    h, loc, scale = _prior(forward, context)
     eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed, cfg.z_draws).to(loc)
     z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, d_z)
     logits = torch.cat([part for _, part in sample_chunks(module, h, enc, forward.cache, z)])

@@ -40,7 +40,6 @@ import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -52,7 +51,7 @@ from vtrans.estimators import registry
 from vtrans.estimators.base import Family
 from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
 from vtrans.estimators.runner import Runner
-from vtrans.evaluation.crossval_results import assemble, write
+from vtrans.evaluation.crossval_results import Labels, assemble, write
 from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents, FoldPlan, assign_folds
 from vtrans.evaluation.units import Units
@@ -256,14 +255,6 @@ class UnitWork:
         start = time.perf_counter()
         fitted = cross_fitted(family, scores, labels.correct, self.plan.folds, self.cfg.folds)
         return {"scores": fitted.tolist(), "seconds": time.perf_counter() - start}
-
-
-class Labels(NamedTuple):
-    """The scored items' prompts, the base model's completions of them, and whether each is correct."""
-
-    prompts: list[str]
-    completions: list[Completion]
-    correct: list[bool]
 
 
 def _pack(scores: dict[str, torch.Tensor]) -> dict[str, list]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -23,10 +23,31 @@ from vtrans.evaluation import metrics, report
 from vtrans.evaluation.scored import costs
 
 if TYPE_CHECKING:
-    from vtrans.evaluation.crossval import CrossFit, Labels
+    from vtrans.backbone.generate import Completion
+    from vtrans.backbone.loading import Backbone
+    from vtrans.config import CrossvalConfig, EvalConfig
+    from vtrans.evaluation.folds import FoldLatents, FoldPlan
 
 
-def assemble(fit: CrossFit, names, by_seed, labels: Labels, fields: dict[str, torch.Tensor], seconds):
+class Labels(NamedTuple):
+    """The scored items' prompts, the base model's completions of them, and whether each is correct."""
+
+    prompts: list[str]
+    completions: list[Completion]
+    correct: list[bool]
+
+
+class Run(Protocol):
+    """What the results read of a cross-fitted run (``vtrans.evaluation.crossval.CrossFit``)."""
+
+    cfg: CrossvalConfig
+    eval: EvalConfig
+    plan: FoldPlan
+    latents: FoldLatents
+    backbone: Backbone
+
+
+def assemble(fit: Run, names, by_seed, labels: Labels, fields: dict[str, torch.Tensor], seconds):
     """results.json's content and scores.jsonl's rows, from every seed's scores of every item and
     the per-item fields (seed-free)."""
     cfg, plan, spec = fit.cfg, fit.plan, fit.latents.spec
