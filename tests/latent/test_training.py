@@ -195,6 +195,16 @@ def test_gemma3_config_is_smollm2_s_on_gemma3_s_middle_block(capsys):
     assert gemma == smollm2
 
 
+@pytest.mark.parametrize("latent", ["tiny", "smollm2", "gemma3-270m"])
+def test_each_twin_config_is_its_latent_s_with_a_deterministic_z(latent, capsys):
+    """The twin differs from the latent it is compared with in ``prior`` alone (and where it logs and saves)."""
+    model, twin = _print_config(CONFIGS / f"{latent}.yaml", capsys), _print_config(CONFIGS / f"{latent}-twin.yaml", capsys)
+    assert (model["model"]["prior"], twin["model"]["prior"]) == ("conditional", "deterministic")
+    for config in (model, twin):
+        del config["model"]["prior"], config["trainer"]["logger"], config["trainer"]["callbacks"]
+    assert twin == model
+
+
 def test_a_misspelled_config_key_is_refused(tmp_path, capsys):
     bad = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     bad["model"]["d_zz"] = bad["model"].pop("d_z")

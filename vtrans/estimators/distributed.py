@@ -16,8 +16,10 @@ Two ways in:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -90,14 +92,38 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
+    """One rank: join the group, run ``fn``, leave the group, and end the process with ``fn``'s exit code.
+
+    A rank that finished (or left by ``SystemExit``, a user error) ends with ``os._exit`` once its
+    streams are flushed, as a forked ``multiprocessing`` child does: the interpreter's teardown
+    would otherwise race the group's C++ threads, and now and then abort (SIGABRT) a run whose
+    work and output were complete. Any other exception propagates, so that ``torch.multiprocessing``
+    reports its traceback.
+    """
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
     )
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         fn(*args)
+        code = 0
+        dist.barrier()  # every rank is done with every exchange before any leaves the group
+    except SystemExit as stop:
+        code = _exit_code(stop)
     finally:
         dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def _exit_code(stop: SystemExit) -> int:
+    """The process exit code ``SystemExit`` stands for (its message, if any, goes to stderr)."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
 
 
 def launch(fn: Callable, devices: int, device: str, *args: Any) -> None:
