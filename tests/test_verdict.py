@@ -100,3 +100,29 @@ def test_another_models_run_is_set_beside_and_each_finding_compared(tmp_path):
     text = page.read_text()
     assert "## Across models" in text and "**other**" in text
     assert f"accuracy {1 - other.mean():.3f}" in text
+
+
+def test_a_models_twin_run_is_read_with_its_tag_and_set_beside_the_first_models_twin(tmp_path):
+    """``--model NAME:TAG=FOLDER`` adds another run of that model (its twin): its estimators read
+    "name (TAG)" and sit in the row of the first model's run of the same tag; a run of that model over
+    other labels is refused."""
+    verdict = load()
+    gen = np.random.default_rng(2)
+    errors = (gen.random(200) < 0.5).astype(float)
+    other = (gen.random(200) < 0.4).astype(float)
+    noise = gen.normal(size=(4, 200))
+    first = write_run(tmp_path / "first", errors, [0], {0: {"msp": errors + noise[0], "latent_nll": errors + 0.3 * noise[1]}})
+    twin = write_run(tmp_path / "twin", errors, [0], {0: {"msp": errors + noise[0], "adapter_nll": errors + 0.3 * noise[2]}})
+    second = write_run(tmp_path / "second", other, [0], {0: {"msp": other + noise[0], "latent_nll": other + 0.3 * noise[1]}})
+    second_twin = write_run(tmp_path / "second-twin", other, [0], {0: {"msp": other + noise[0], "adapter_nll": noise[3]}})
+    args = ["--run", str(first), "--run", f"twin={twin}", "--model", f"other={second}", "--out", str(tmp_path / "out"),
+            "--n-boot", "200", "--markdown", str(tmp_path / "results.md")]
+    verdict.main([*args, "--model", f"other:twin={second_twin}"])
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "out" / "models.md").read_text().splitlines()
+            if line.startswith("| `")}
+    assert rows["| `adapter_nll (twin)`"].endswith("| no: ahead, behind |")  # the other model's twin is noise
+    assert rows["| `latent_nll`"].endswith("| yes: ahead |")
+    assert f"with `{second_twin}`" in (tmp_path / "results.md").read_text()
+    bad = write_run(tmp_path / "bad", 1 - other, [0], {0: {"msp": other, "adapter_nll": other}})
+    with pytest.raises(SystemExit, match="same items"):
+        verdict.main([*args, "--model", f"other:twin={bad}"])

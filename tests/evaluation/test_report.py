@@ -333,6 +333,8 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     before = " ".join(prose._what_the_numbers_are().split())
     assert "of `msp`, `entropy`, `margin` and the sampled-word agreement" in before
     assert "the probe is the shared forward plus its fit" in before
+    # a fitted family whose features take passes of their own is charged those
+    assert "the probe with the latent's prediction is what its features cost plus its fit" in before
     cheap = Family("cheap", {"top2": "p(top-2)"}, lambda forward, context: {}, reference=True)
     fitted = Family(
         "signed", {"signed_margin": "the margin, signed"}, None, fitted="items",
@@ -343,4 +345,4 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     after = " ".join(prose._what_the_numbers_are().split())
     assert "of `msp`, `entropy`, `margin`, the sampled-word agreement" in after and "and `top2`, the one" in after
     assert "`posterior_var`, `latent_kl`, `refit_prior_var`, `top2`) share one forward" in after
-    assert "the probe is the shared forward plus its fit; the signed margin is the shared forward plus its fit." in after
+    assert "plus its fit; the signed margin is the shared forward plus its fit." in after

@@ -87,14 +87,14 @@ def fit(x: torch.Tensor, errors: torch.Tensor, names: list[str], l2: float = 1.0
     return LogisticProbe(mean, std, weight.detach(), bias.detach(), names)
 
 
-def fit_on(scores: dict[str, torch.Tensor], errors: torch.Tensor) -> Predict:
-    """The family's ``fit``: the probe fitted on these items' :func:`features`, as a ``predict``
-    of other items' probability of being wrong (from the same features)."""
-    x, names = features(scores)
+def fit_on(scores: dict[str, torch.Tensor], errors: torch.Tensor, keys: Sequence[str] = FEATURES) -> Predict:
+    """The family's ``fit``: the probe fitted on these items' :func:`features` (of ``keys``), as a
+    ``predict`` of other items' probability of being wrong (from the same features)."""
+    x, names = features(scores, keys)
     fitted = fit(x, errors, names)
 
     def predict(other: dict[str, torch.Tensor]) -> torch.Tensor:
-        x_other, other_names = features(other)
+        x_other, other_names = features(other, keys)
         if other_names != names:
             raise RuntimeError(f"probe features differ between fitted and scored items: {names} vs {other_names}")
         return fitted.predict(x_other)

@@ -27,6 +27,7 @@ from vtrans.estimators import (
     margin,
     mc_dropout,
     probe,
+    probe_latent,
     sampling,
     spread,
 )
@@ -47,6 +48,7 @@ FAMILIES: tuple[Family, ...] = (
     spread.SAMPLES,
     sampling.FAMILY,
     probe.FAMILY,
+    probe_latent.FAMILY,
 )
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
