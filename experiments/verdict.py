@@ -37,6 +37,7 @@ KIND = {
     "refit_prior_var": "spread", "refit_var": "spread", "refit_mi": "spread", "refit_nll": "mean",
     "lens_ce": "baseline", "lens_area": "baseline", "attention_entropy": "baseline", "mc_dropout_var": "baseline",
     "mc_dropout_entropy": "baseline", "mc_dropout_mi": "baseline", "margin": "baseline", "probe": "fitted",
+    "probe_latent": "fitted",
 }
 FIGURE = ("latent_nll", "adapter_nll (twin)", "ensemble_nll", "posterior_var", "latent_mi", "laplace_var",
           "ensemble_var", "ensemble_mi")
