@@ -185,14 +185,16 @@ def finding(record: dict) -> str:
 
 
 def across(first: str, records: list[dict], models: list[tuple[str, list[dict], list[Run]]]) -> list[str]:
-    """Each estimator on the first model and on each other model, side by side, with whether its
+    """Each estimator on the first model and on each other model, side by side: its AUROC, its Δ
+    against ``msp`` and against ``latent_nll`` (each paired within its model), and whether its
     standing against ``msp`` (ahead, behind, not separated) replicates. Labels differ between
     models (each model's own completions), so nothing is paired across models."""
     heads = [first, *(name for name, _, _ in models)]
     lines = [
-        "| estimator | kind | " + " | ".join(f"{h}: AUROC, mean ± sd over seeds | {h}: Δ vs `msp` [95% CI]" for h in heads)
+        "| estimator | kind | " + " | ".join(
+            f"{h}: AUROC, mean ± sd over seeds | {h}: Δ vs `msp` [95% CI] | {h}: Δ vs `latent_nll` [95% CI]" for h in heads)
         + " | replicates? |",
-        "|:---|:---|" + "---:|---:|" * len(heads) + ":---|",
+        "|:---|:---|" + "---:|---:|---:|" * len(heads) + ":---|",
     ]
     by_model = [{r["estimator"]: r for r in recs} for _, recs, _ in models]
     for record in records:
@@ -204,9 +206,11 @@ def across(first: str, records: list[dict], models: list[tuple[str, list[dict], 
         for rec in (record, *others):
             spread = metrics.spread(rec["aurocs"])
             sd = f" ± {spread['sd']:.3f} ({len(rec['aurocs'])})" if len(rec["aurocs"]) > 1 else " (1)"
-            d = rec.get("vs_msp")
-            delta = "—" if d is None else f"{d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-            cells += [f"{spread['mean']:.3f}{sd}", delta]
+            deltas = [
+                "—" if d is None else f"{d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                for d in (rec.get("vs_msp"), rec.get("vs_latent_nll"))
+            ]
+            cells += [f"{spread['mean']:.3f}{sd}", *deltas]
             standings.append(finding(rec))
         same = "—" if standings[0] == "reference" else ("yes: " + standings[0]) if len(set(standings)) == 1 else (
             "no: " + ", ".join(standings))
@@ -259,8 +263,10 @@ def page(
             "## Across models: does each finding replicate?",
             "",
             f"The same protocol on another model family: the same {n} idioms, each model's own greedy completions "
-            "(so its own labels: nothing is paired across models). *Replicates?* compares where each estimator stands "
-            "against `msp` on its own model: ahead or behind (the paired 95% interval excludes 0) or not separated.",
+            "(so its own labels: nothing is paired across models). Each Δ is paired within its model, against that "
+            "model's own `msp` and its own variational latent's `latent_nll`. *Replicates?* compares where each "
+            "estimator stands against `msp` on its own model: ahead or behind (the paired 95% interval excludes 0) "
+            "or not separated.",
             "",
             *side,
             "",

@@ -96,7 +96,8 @@ def test_another_models_run_is_set_beside_and_each_finding_compared(tmp_path):
     assert rows["| `latent_nll`"].endswith("| no: ahead, behind |")  # ahead on the first, far noisier on the other
     assert rows["| `posterior_var`"].endswith("| no: behind, ahead |")
     assert rows["| `msp`"].endswith("| — |")
-    assert " ± " in rows["| `latent_nll`"].split(" | ")[4]  # the other model's two seeds: a spread
+    assert " ± " in rows["| `latent_nll`"].split(" | ")[5]  # the other model's two seeds: a spread
+    assert rows["| `posterior_var`"].split(" | ")[4].startswith("-")  # behind latent_nll on the first model
     text = page.read_text()
     assert "## Across models" in text and "**other**" in text
     assert f"accuracy {1 - other.mean():.3f}" in text
@@ -122,6 +123,8 @@ def test_a_models_twin_run_is_read_with_its_tag_and_set_beside_the_first_models_
             if line.startswith("| `")}
     assert rows["| `adapter_nll (twin)`"].endswith("| no: ahead, behind |")  # the other model's twin is noise
     assert rows["| `latent_nll`"].endswith("| yes: ahead |")
+    # the other model's twin is paired with that model's own latent_nll: noise against a good score
+    assert rows["| `adapter_nll (twin)`"].split(" | ")[7].startswith("-0.")
     assert f"with `{second_twin}`" in (tmp_path / "results.md").read_text()
     bad = write_run(tmp_path / "bad", 1 - other, [0], {0: {"msp": other, "adapter_nll": other}})
     with pytest.raises(SystemExit, match="same items"):
