@@ -71,3 +71,13 @@ def test_score_command_on_two_devices_prints_the_records_of_one(tiny_ckpt, tmp_p
     bad = subprocess.run([*args[:-1], "--devices", "2", "--ckpt", str(tmp_path / "missing.ckpt")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1  # one rank speaks, one line
+
+
+def test_a_rank_ends_with_the_exit_code_its_system_exit_stands_for(capsys):
+    """A rank ends by ``os._exit`` (the interpreter's teardown raced gloo's threads and aborted
+    finished runs), so it must turn ``SystemExit`` into the code Python itself would exit with."""
+    from vtrans.estimators.distributed import _exit_code
+
+    assert [_exit_code(SystemExit(c)) for c in (None, 0, 2, 130)] == [0, 0, 2, 130]
+    assert _exit_code(SystemExit("error: bad input")) == 1
+    assert capsys.readouterr().err == "error: bad input\n"  # its message, as Python prints it
