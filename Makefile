@@ -46,7 +46,7 @@ crossval-gemma: $(STAMP)
 		--estimators $(GEMMA_ESTIMATORS)
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/crossval-gemma3-passes \
 		--estimators msp,entropy,mc_dropout_var,mc_dropout_entropy,mc_dropout_mi,sample_disagreement,sample_word_entropy
-	$(BIN)/vtrans crossval --train_config configs/gemma3-270m-twin.yaml --folds 5 --seeds 0 --out docs/verdict/gemma3-twin \
+	$(BIN)/vtrans crossval --train_config configs/gemma3-270m-twin.yaml --folds 5 --seeds 0,1,2 --out docs/verdict/gemma3-twin \
 		--estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/verdict/gemma3-probe \
 		--from_checkpoints docs/crossval-gemma3/units \
