@@ -138,10 +138,13 @@ def test_crossval_scores_every_item_out_of_fold(mixed_file, tmp_path, capsys, mo
     assert any(r["scores"]["latent_mi"] != r["scores_by_seed"]["1"]["latent_mi"] for r in rows)
     assert all(r["scores"]["msp"] == r["scores_by_seed"]["1"]["msp"] for r in rows)  # deterministic: run once
     assert results["protocol"]["folds"] == 3 and results["protocol"]["seeds"] == [0, 1]
+    # where it ran: a trained latent's last bits depend on the thread count (its summation order)
+    assert results["computed_with"] == [{"threads": torch.get_num_threads(), "torch": torch.__version__}]
     for plot in ("roc.png", "auroc_forest.png", "risk_coverage.png", "lens_by_layer.png"):
         assert (out / plot).is_file()
     md = (tmp_path / "docs" / "results.md").read_text()
     assert "](../cv/auroc_forest.png)" in md and "30 idioms" in md
+    assert f"({torch.get_num_threads()} thread(s), torch {torch.__version__})." in md
     assert "posterior_var" in stdout and "AUROC over seeds" in stdout
 
 

@@ -79,3 +79,17 @@ def test_free_settings_may_differ_and_an_added_one_reads_as_what_older_runs_did(
         Units(tmp_path, {"folds": 5, "seeds": [0], "refit": True}, free=("seeds",), added={"refit": False})
     with pytest.raises(ConfigError, match="seeds"):  # not free unless said so
         Units(tmp_path, {"folds": 5, "seeds": [0, 1], "refit": False}, added={"refit": False})
+
+
+def test_each_unit_records_where_it_ran_and_a_resumed_run_gathers_every_stamp(tmp_path):
+    first = Units(tmp_path, {"a": 1}, stamp={"threads": 2})
+    first.record("one", lambda: {"x": 1})
+    assert json.loads((tmp_path / "one.json").read_text())["stamp"] == {"threads": 2}
+    later = Units(tmp_path, {"a": 1}, stamp={"threads": 1})  # the stamp is no setting: not refused
+    later.record("one", lambda: {"x": 2})
+    later.record("two", lambda: {"x": 3})
+    later.record("one", lambda: {"x": 4})  # read again: no second entry for the same stamp
+    assert later.stamps == [{"threads": 2}, {"threads": 1}]
+    unstamped = Units(tmp_path / "old", {"a": 1})  # no stamp given: units without one, none gathered
+    unstamped.record("one", lambda: {"x": 1})
+    assert "stamp" not in json.loads((tmp_path / "old" / "one.json").read_text()) and unstamped.stamps == []

@@ -104,7 +104,8 @@ class CrossFit:
         """Cross-fit and score unit by unit, then write results.json, scores.jsonl, report.md and the plots."""
         cfg, plan = self.cfg, self.plan
         # more seeds extend a run; one recorded before --refit_spread existed did without it
-        units = Units(self.out / "units", self.manifest(), free=("seeds",), added={"refit_spread": False})
+        stamp = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+        units = Units(self.out / "units", self.manifest(), free=("seeds",), added={"refit_spread": False}, stamp=stamp)
         names, dropped = list(self.eval.estimators), {}
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)
@@ -133,7 +134,7 @@ class CrossFit:
                 dropped[nm] = why or "not computed on this model"
         fields = {key: fixed[key] for key in registry.fields() if key in fixed}
         results, rows = assemble(self, names, by_seed, labels, fields, seconds)
-        results.update(dropped=dropped, fold_training=fold_log, seconds_total=units.seconds)
+        results.update(dropped=dropped, fold_training=fold_log, seconds_total=units.seconds, computed_with=units.stamps)
         write(self.out, results, rows, markdown)
         return results
 

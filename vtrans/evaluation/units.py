@@ -8,7 +8,10 @@ computing them again, and is refused when its settings differ (its units would m
 
 Each unit records the seconds it took, and :attr:`Units.seconds` adds up those of the units a
 run has used: a resumed run counts every unit once, at its own recorded time, so that what it
-assembles from its units (timings included) is the same as an uninterrupted run's.
+assembles from its units (timings included) is the same as an uninterrupted run's. A unit also
+records where it ran (the ``stamp`` a run gives: for a cross-fitted run, the thread count and
+the torch version, on which a trained latent's last bits depend) and :attr:`Units.stamps`
+gathers those of the units used.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Units:
 
     Attributes:
         seconds: the recorded seconds of every unit :meth:`record` has returned.
+        stamps: the distinct stamps of those units, in the order first met (a unit recorded
+            before stamps existed has none and adds none).
         computed: the names of the units computed by this process (the others were read back).
 
     Raises:
@@ -59,7 +64,12 @@ class Units:
     """
 
     def __init__(
-        self, folder: str | Path, manifest: dict[str, Any], free: tuple[str, ...] = (), added: dict[str, Any] | None = None
+        self,
+        folder: str | Path,
+        manifest: dict[str, Any],
+        free: tuple[str, ...] = (),
+        added: dict[str, Any] | None = None,
+        stamp: dict[str, Any] | None = None,
     ) -> None:
         """Args:
             free: settings that may differ between runs sharing the folder, because no unit
@@ -67,6 +77,8 @@ class Units:
                 named by it, so a run can be extended by more seeds).
             added: settings added after some runs were recorded, each with the value that does
                 what those runs did: a recorded manifest without one reads as having that value.
+            stamp: where this process computes (plain JSON data), recorded in each unit it computes;
+                not a setting: units computed elsewhere are read back all the same.
         """
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +98,9 @@ class Units:
                 )
         else:
             write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+        self.stamp = json.loads(json.dumps(stamp)) if stamp else None
         self.seconds = 0.0
+        self.stamps: list[dict[str, Any]] = []
         self.computed: set[str] = set()
 
     def finished(self) -> list[str]:
@@ -107,11 +121,15 @@ class Units:
             start = time.perf_counter()
             unit = {"record": compute()}
             unit["seconds"] = time.perf_counter() - start
+            if self.stamp is not None:
+                unit["stamp"] = self.stamp
             text = json.dumps(unit)
             write_atomic(path, text + "\n")
             unit = json.loads(text)
             self.computed.add(name)
         self.seconds += unit["seconds"]
+        if unit.get("stamp") is not None and unit["stamp"] not in self.stamps:
+            self.stamps.append(unit["stamp"])
         return unit["record"]
 
     @staticmethod

@@ -197,7 +197,9 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
             )
     total = results.get("seconds_total")
     if total:
-        parts.append(f"The whole run took {total / 60:.1f} min.")
+        stamps = results.get("computed_with") or []
+        where = "; ".join(f"{s.get('threads')} thread(s), torch {s.get('torch')}" for s in stamps)
+        parts.append(f"The whole run took {total / 60:.1f} min" + (f" ({where})." if where else "."))
     parts.append(_what_the_numbers_are())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
