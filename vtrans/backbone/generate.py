@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
+from vtrans.backbone import sample_tree
 from vtrans.backbone.architectures import non_text_ids
 from vtrans.backbone.attention import full_cache
 from vtrans.data import first_word, word_is_final
@@ -131,7 +132,9 @@ def generate_batch(
         copies: complete each prompt this many times (rows ``i·copies … (i+1)·copies − 1`` are
             prompt i's): what ``prompts`` repeated that many times would give, each copy drawn
             on its own, but the prompts' tokens but the last are run once per prompt and their
-            keys and values shared by the copies (:func:`_shared_prompt_cache`).
+            keys and values shared by the copies (:func:`_shared_prompt_cache`); sampled copies
+            run each distinct prefix once (:mod:`vtrans.backbone.sample_tree`: ``generate``'s
+            draws, its steps on fewer rows).
         words_only: only the completion words are wanted: a row stops once its word is final
             (:func:`vtrans.data.word_is_final`), the batch once every row has; ``text`` then ends
             soon after the word. The draws up to there are the ones a full-length call makes.
@@ -144,6 +147,22 @@ def generate_batch(
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
     suppressed = non_text_ids(model, tokenizer)
     shared = copies > 1 and not (logits or hidden_states or attentions or cache) and enc["input_ids"].shape[1] > 1
+    stop = _WordFinal(tokenizer, enc["input_ids"].shape[1]) if words_only else None
+    if shared and do_sample and sample_tree.applies(model):  # generate's draws, each distinct prefix run once
+        width = enc["input_ids"].shape[1]
+        sequences = sample_tree.sample(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            copies,
+            max_new_tokens,
+            temperature,
+            tokenizer.pad_token_id,
+            suppressed,
+            finished=None if stop is None else stop.words_final,
+        )
+        generation = Generation(enc["attention_mask"].repeat_interleave(copies, 0), sequences)
+        return [_completion(tokenizer, row) for row in sequences[:, width:].tolist()], generation
     kv = _shared_prompt_cache(model, enc, copies) if shared else full_cache()
     if copies > 1:
         enc = {key: value.repeat_interleave(copies, 0) for key, value in enc.items()}
@@ -160,7 +179,7 @@ def generate_batch(
         use_cache=True,
         cache=kv,  # every position's keys, sliding-window blocks' too: the forward is laid out from them
         suppress_tokens=suppressed or None,  # their logits -inf when choosing; output_logits keeps the raw ones
-        stopping_criteria=StoppingCriteriaList([_WordFinal(tokenizer, enc["input_ids"].shape[1])]) if words_only else None,
+        stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
         **sampling,
     )
     width = enc["input_ids"].shape[1]
@@ -182,8 +201,12 @@ class _WordFinal(StoppingCriteria):
         self.tokenizer, self.width = tokenizer, width
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        return torch.tensor([word_is_final(t) for t in texts], device=input_ids.device)
+        return self.words_final(input_ids[:, self.width :])
+
+    def words_final(self, generated: torch.Tensor) -> torch.BoolTensor:
+        """Of rows of generated tokens, (n, j): whose completion word is final."""
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return torch.tensor([word_is_final(t) for t in texts], dtype=torch.bool, device=generated.device)
 
 
 def _shared_prompt_cache(model, enc, copies: int) -> DynamicCache:
