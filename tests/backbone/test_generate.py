@@ -190,14 +190,12 @@ def test_a_word_is_final_once_something_that_is_no_word_follows_it(text, final):
 
 
 @pytest.mark.parametrize(("name", "temperature"), [("tiny-gpt2", 1.0), ("tiny-llama", 0.7), ("tiny-gemma3", 1.3)])
-def test_the_sample_tree_draws_what_generate_draws_running_each_distinct_prefix_once(name, temperature, monkeypatch):
+def test_the_sample_tree_draws_what_generate_draws_running_each_distinct_prefix_once(name, temperature):
     """Sampled copies run one row per distinct prefix (vtrans.backbone.sample_tree) and draw
     ``generate``'s tokens: compared exactly, since both draw from the same seeded stream, one
     ``multinomial`` over the same (rows x vocabulary) shape a step, and their logits differ only
     by float32 rounding between batch sizes (~1e-7), far from moving a draw here. tiny-gemma3
     suppresses its image tokens, and a temperature other than 1 divides the logits."""
-    from vtrans.backbone import sample_tree
-
     backbone = Backbone(name)
     model, tokenizer = backbone.model, backbone.tokenizer
     prompts = [*PROMPTS, "Complete the idiom: a"]
@@ -205,14 +203,12 @@ def test_the_sample_tree_draws_what_generate_draws_running_each_distinct_prefix_
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0] * out.shape[1]))
     runs = {}
     try:
-        for path in ("tree", "generate"):
-            if path == "generate":
-                monkeypatch.setattr(sample_tree, "applies", lambda model: False)
+        for tree in (True, False):
             rows.clear()
-            runs[path] = complete(model, tokenizer, prompts, max_new_tokens=5, do_sample=True, temperature=temperature,
-                                  seed=3, batch_size=len(prompts), copies=8, words_only=True), sum(rows)
+            runs[tree] = complete(model, tokenizer, prompts, max_new_tokens=5, do_sample=True, temperature=temperature,
+                                  seed=3, batch_size=len(prompts), copies=8, words_only=True, tree=tree), sum(rows)
     finally:
         hook.remove()
-    (tree, tree_tokens), (generated, generate_tokens) = runs["tree"], runs["generate"]
+    (tree, tree_tokens), (generated, generate_tokens) = runs[True], runs[False]
     assert [(c.word, c.first_token, c.word_ids) for c in tree] == [(c.word, c.first_token, c.word_ids) for c in generated]
     assert tree_tokens < generate_tokens  # the tokens fed: shared prefixes and finished rows run no more

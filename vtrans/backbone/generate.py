@@ -120,6 +120,7 @@ def generate_batch(
     cache: bool = False,
     copies: int = 1,
     words_only: bool = False,
+    tree: bool = True,
 ) -> tuple[list[Completion], Generation]:
     """One batch of greedy (or sampled, from the global random state) completions, left-padded.
 
@@ -138,6 +139,8 @@ def generate_batch(
         words_only: only the completion words are wanted: a row stops once its word is final
             (:func:`vtrans.data.word_is_final`), the batch once every row has; ``text`` then ends
             soon after the word. The draws up to there are the ones a full-length call makes.
+        tree: sampled copies run each distinct prefix once (:mod:`vtrans.backbone.sample_tree`);
+            False runs ``generate``'s own loop over every row (the same draws; for comparison).
 
     Returns:
         the completions and the :class:`Generation` they came from.
@@ -148,7 +151,7 @@ def generate_batch(
     suppressed = non_text_ids(model, tokenizer)
     shared = copies > 1 and not (logits or hidden_states or attentions or cache) and enc["input_ids"].shape[1] > 1
     stop = _WordFinal(tokenizer, enc["input_ids"].shape[1]) if words_only else None
-    if shared and do_sample and sample_tree.applies(model):  # generate's draws, each distinct prefix run once
+    if tree and shared and do_sample and sample_tree.applies(model):  # generate's draws, each distinct prefix run once
         width = enc["input_ids"].shape[1]
         sequences = sample_tree.sample(
             model,
@@ -252,6 +255,7 @@ def complete(
     progress=None,
     copies: int = 1,
     words_only: bool = False,
+    tree: bool = True,
 ) -> list[Completion]:
     """Greedy (or sampled) completions, batched with left padding.
 
@@ -259,7 +263,7 @@ def complete(
     is cut there. Sampled completions draw from a generator seeded ``seed``; the global random
     state is left as it was. With ``copies`` c, each prompt is completed c times (c consecutive
     completions), as ``prompts`` repeated c times each would be with ``batch_size · c`` rows a
-    batch, each prompt's tokens run once; ``words_only``: see :func:`generate_batch`.
+    batch, each prompt's tokens run once; ``words_only`` and ``tree``: see :func:`generate_batch`.
     """
     device = next(model.parameters()).device
     out: list[Completion] = []
@@ -268,7 +272,8 @@ def complete(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             out += generate_batch(
-                model, tokenizer, chunk, max_new_tokens, do_sample, temperature, copies=copies, words_only=words_only
+                model, tokenizer, chunk, max_new_tokens, do_sample, temperature, copies=copies, words_only=words_only,
+                tree=tree,
             )[0]
             if progress is not None:
                 progress(len(chunk))
