@@ -212,3 +212,19 @@ def test_the_sample_tree_draws_what_generate_draws_running_each_distinct_prefix_
     (tree, tree_tokens), (generated, generate_tokens) = runs[True], runs[False]
     assert [(c.word, c.first_token, c.word_ids) for c in tree] == [(c.word, c.first_token, c.word_ids) for c in generated]
     assert tree_tokens < generate_tokens  # the tokens fed: shared prefixes and finished rows run no more
+
+
+def test_a_generation_setting_the_sample_tree_does_not_apply_leaves_the_draws_to_generate(gpt2):
+    from vtrans.backbone import sample_tree
+
+    config = gpt2.model.generation_config
+    assert sample_tree.applies(gpt2.model)
+    saved = config.repetition_penalty
+    config.repetition_penalty = 1.3  # a logits processor of generate's own
+    try:
+        assert not sample_tree.applies(gpt2.model)
+        penalised = complete(gpt2.model, gpt2.tokenizer, PROMPTS, do_sample=True, seed=5, copies=4, words_only=True)
+        looped = complete(gpt2.model, gpt2.tokenizer, PROMPTS, do_sample=True, seed=5, copies=4, words_only=True, tree=False)
+    finally:
+        config.repetition_penalty = saved
+    assert penalised == looped  # generate drew both: the penalty applies to each
