@@ -34,8 +34,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	VTRANS_TEST_ORDER=reverse OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# the headline run's estimators: the baselines, the lens, attention, MC dropout, the sampled words, the
+# latent's own and the probe (the twin, the ensemble, the Laplace and refit spreads: make verdict)
+CROSSVAL_ESTIMATORS := msp,entropy,margin,attention_entropy,lens_ce,lens_area,mc_dropout_var,mc_dropout_entropy,mc_dropout_mi,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll,sample_disagreement,sample_word_entropy,probe
 crossval: $(STAMP)
-	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --save_checkpoints
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --out docs/crossval --save_checkpoints \
+		--estimators $(CROSSVAL_ESTIMATORS)
 
 # the committed run's estimators: every one but MC dropout and the sampled words, whose passes over a
 # 262,144-token vocabulary cost about 28 min a seed on 2 cores: they run on their own (docs/crossval-gemma3-passes)

@@ -508,3 +508,18 @@ def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_t
     for name in ("refit_prior_var", "refit_var", "refit_mi", "refit_nll"):
         assert all(math.isfinite(r["scores"][name]) for r in rows), name
     assert all(e["refit_kl_after"] <= e["refit_kl_before"] + 1e-6 for e in results["fold_training"])
+
+
+def test_without_refit_spread_the_refit_estimators_are_dropped_saying_why_and_the_run_goes_on(mixed_file, tmp_path, capsys):
+    """A run that asks for every estimator (no --estimators) asks for the refit ones too: without
+    --refit_spread there is no held-out third to refit on, so they are left out with the reason,
+    before any latent trains, instead of stopping the run at its first fold."""
+    out = tmp_path / "cv"
+    run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "1",
+             "--samples", "4", "--n_boot", "100", "--out", out,
+             "--estimators", "msp,latent_nll,refit_prior_var,refit_var"], capsys)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["estimators"]) == {"msp", "latent_nll"}
+    for name in ("refit_prior_var", "refit_var"):
+        assert "--refit_spread" in results["dropped"][name]
+    assert "--refit_spread" in (out / "report.md").read_text()

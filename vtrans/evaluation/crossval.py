@@ -68,6 +68,11 @@ def config_digest(path: str | Path) -> str:
     return hashlib.sha256(flat_spelling(text).encode("utf-8")).hexdigest()[:16]
 
 
+def _needs_refit(name: str) -> bool:
+    """Read off the prior's spread refit on held-out idioms: only a run with ``refit_spread`` has one."""
+    return "refit" in family_of(name).needs_of(name)
+
+
 def _seed_free(name: str) -> bool:
     """Read off the shared forward alone, with no latent: the same for every seed, so run once."""
     family = family_of(name)
@@ -110,6 +115,9 @@ class CrossFit:
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)
             dropped[name] = "with one fold no scored item has out-of-fold latent features to fit it on"
+        for name in [nm for nm in names if _needs_refit(nm)] if not cfg.refit_spread else ():
+            names.remove(name)
+            dropped[name] = "needs the prior's spread refit on idioms the latent never trained on (--refit_spread)"
         runnable = Runner(self.backbone, None, self.eval, self.progress).runnable(names)  # no latent's names: no module
         extra = f", +{len(plan.extra)} extra training idioms" if plan.extra else ""
         log.info(f"cross-fitting {len(plan.items)} idioms of {plan.data} in {cfg.folds} fold(s) x {len(cfg.seeds)} seed(s){extra}")
@@ -227,7 +235,7 @@ class UnitWork:
             t0 = time.perf_counter()
             module.laplace = laplace.fit(module, [render_prompt(self.eval.template, it.prefix) for it in train])
             seconds["laplace_fit"] = time.perf_counter() - t0
-        if any("refit" in family_of(nm).needs_of(nm) for nm in names) and module.latent.prior == "conditional":
+        if any(_needs_refit(nm) for nm in names) and module.latent.prior == "conditional":
             t0 = time.perf_counter()
             held = [plan.items[i] for i in self._held_out(fold)]
             prompts = [render_prompt(self.eval.template, it.prefix) for it in held]
