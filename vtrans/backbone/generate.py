@@ -133,7 +133,7 @@ def generate_batch(
         copies: complete each prompt this many times (rows ``i·copies … (i+1)·copies − 1`` are
             prompt i's): what ``prompts`` repeated that many times would give, each copy drawn
             on its own, but the prompts' tokens but the last are run once per prompt and their
-            keys and values shared by the copies (:func:`_shared_prompt_cache`); sampled copies
+            keys and values shared by the copies (:func:`_prompt_cache`); sampled copies
             run each distinct prefix once (:mod:`vtrans.backbone.sample_tree`: ``generate``'s
             draws, its steps on fewer rows).
         words_only: only the completion words are wanted: a row stops once its word is final
@@ -151,10 +151,12 @@ def generate_batch(
     suppressed = non_text_ids(model, tokenizer)
     shared = copies > 1 and not (logits or hidden_states or attentions or cache) and enc["input_ids"].shape[1] > 1
     stop = _WordFinal(tokenizer, enc["input_ids"].shape[1]) if words_only else None
+    kv = _prompt_cache(model, enc) if shared else full_cache()
     if tree and shared and do_sample and sample_tree.applies(model):  # generate's draws, each distinct prefix run once
         width = enc["input_ids"].shape[1]
         sequences = sample_tree.sample(
             model,
+            kv,
             enc["input_ids"],
             enc["attention_mask"],
             copies,
@@ -166,7 +168,8 @@ def generate_batch(
         )
         generation = Generation(enc["attention_mask"].repeat_interleave(copies, 0), sequences)
         return [_completion(tokenizer, row) for row in sequences[:, width:].tolist()], generation
-    kv = _shared_prompt_cache(model, enc, copies) if shared else full_cache()
+    if shared:
+        kv.batch_repeat_interleave(copies)  # each prompt's keys and values, shared by its copies
     if copies > 1:
         enc = {key: value.repeat_interleave(copies, 0) for key, value in enc.items()}
     out = model.generate(
@@ -212,15 +215,14 @@ class _WordFinal(StoppingCriteria):
         return torch.tensor([word_is_final(t) for t in texts], dtype=torch.bool, device=generated.device)
 
 
-def _shared_prompt_cache(model, enc, copies: int) -> DynamicCache:
-    """The keys and values of every prompt token but the last (a column every row has), computed
-    once per prompt and repeated ``copies`` times: ``generate`` then runs the last column and the
-    new tokens only. The positions are the ones ``generate`` gives a left-padded row."""
+def _prompt_cache(model, enc) -> DynamicCache:
+    """The keys and values of every prompt token but the last (a column every row has), one row per
+    prompt: ``generate`` (or the sample tree) then runs the last column and the new tokens only.
+    The positions are the ones ``generate`` gives a left-padded row."""
     ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     kv = full_cache()
     model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True)
-    kv.batch_repeat_interleave(copies)
     return kv
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-
-from vtrans.backbone.attention import full_cache
+from transformers.cache_utils import DynamicCache
 
 # generation settings that would add a logits processor this path does not apply, each with the
 # value that adds none
@@ -65,6 +64,7 @@ def eos_ids(model) -> list[int]:
 @torch.no_grad()
 def sample(
     model,
+    cache: DynamicCache,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     copies: int,
@@ -80,6 +80,8 @@ def sample(
     ``pad_token_id``, as ``generate`` writes them.
 
     Args:
+        cache: the keys and values of every prompt column but the last, one row per prompt
+            (``vtrans.backbone.generate``'s prompt cache); the steps extend and regroup it.
         finished: given the generated tokens of the rows still going, (n, j), which of them are
             done (a stopping criterion: the completion word is final); an end-of-sequence token
             ends a row too.
@@ -89,19 +91,13 @@ def sample(
     device = input_ids.device
     rows = input_ids.shape[0] * copies
     eos = torch.tensor(eos_ids(model), dtype=torch.long, device=device)
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    cache = full_cache()
-    model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=positions[:, :-1],
-        cache=cache,
-        use_cache=True,
-    )
     # the rows the next step runs: one per distinct prefix, each with its last token, mask and position
-    feed, mask, position = input_ids[:, -1:], attention_mask, positions[:, -1:]
+    # (a left-padded prompt's last column is a token: its position is the prompt's length − 1)
+    feed, mask = input_ids[:, -1:], attention_mask
+    position = attention_mask.long().sum(-1, keepdim=True) - 1
     source = torch.arange(rows, device=device) // copies  # each row's prefix among them
     going = torch.ones(rows, dtype=torch.bool, device=device)
+    live = torch.arange(rows, device=device)  # the rows going, as indices
     blocked = torch.tensor(list(suppressed), dtype=torch.long, device=device)
     steps: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
@@ -115,14 +111,13 @@ def sample(
         drawn = torch.multinomial(probs, num_samples=1).squeeze(1)
         drawn = torch.where(going, drawn, torch.full_like(drawn, pad_token_id))
         steps.append(drawn)
-        live = going.nonzero().squeeze(1)
         done = torch.isin(drawn[live], eos)
-        if finished is not None and len(live):
+        if finished is not None:
             done |= finished(torch.stack(steps, 1)[live]).to(device)
         going[live[done]] = False
-        if not going.any():
+        live = live[~done]
+        if not len(live):
             break
-        live = going.nonzero().squeeze(1)
         vocab = probs.shape[1]
         prefixes, source_live = torch.unique(source[live] * vocab + drawn[live], return_inverse=True)
         parents, tokens = prefixes // vocab, prefixes % vocab
