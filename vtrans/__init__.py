@@ -19,10 +19,6 @@ from __future__ import annotations
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
-from vtrans import moved
-
-moved.install()  # the module paths of the flat layout (vtrans.loading, ...) import as the modules they became
-
 try:
     __version__ = version("vtrans")
 except PackageNotFoundError:  # run from a source tree that was never installed

@@ -50,9 +50,9 @@ def test_the_first_load_says_where_how_large_and_once_before_the_work(tmp_path, 
         records.append("<dequantising>")
         raise Dequantised
 
-    monkeypatch.setattr(embedded, "_load_gguf", dequantise)
+    monkeypatch.setattr(embedded, "load_gguf", dequantise)
     with pytest.raises(Dequantised):
-        embedded._load_embedded("smollm2", None, "eager")
+        embedded.load_embedded("smollm2", None, "eager")
     notice, work = records
     assert work == "<dequantising>"
     assert str(tmp_path / "smollm2-135m-instruct") in notice
@@ -65,9 +65,9 @@ def test_a_cached_model_loads_without_a_notice(tmp_path, monkeypatch, records):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
     monkeypatch.setattr(embedded, "smollm2_gguf", lambda: tmp_path / embedded.SMOLLM2_GGUF)
-    monkeypatch.setattr(embedded, "_load_gguf", lambda *args: pytest.fail("dequantised again"))
-    monkeypatch.setattr(embedded, "_load_folder", lambda path, dtype, attn: ("model", path))
-    assert embedded._load_embedded("smollm2", None, "eager") == ("model", folder)
+    monkeypatch.setattr(embedded, "load_gguf", lambda *args: pytest.fail("dequantised again"))
+    monkeypatch.setattr(embedded, "load_folder", lambda path, dtype, attn: ("model", path))
+    assert embedded.load_embedded("smollm2", None, "eager") == ("model", folder)
     assert records == []
 
 
@@ -94,7 +94,7 @@ def test_the_dequantisation_bar_follows_quiet(tmp_path, monkeypatch, capsys, qui
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: "tokenizer")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setitem(vlog._state, "quiet", quiet)
-    assert files._load_gguf(tmp_path / "model.gguf", None, "eager") == ("model", "tokenizer")
+    assert files.load_gguf(tmp_path / "model.gguf", None, "eager") == ("model", "tokenizer")
     assert ("de-quantizing" in capsys.readouterr().err) is not quiet
 
 
@@ -154,9 +154,9 @@ def test_gemma3_is_assembled_dequantised_and_cached_once_and_its_gguf_removed(tm
 
     def dequantise(path, dtype, attn):  # the GGUF is there while it is read; a tiny model stands in for its weights
         seen.append(path.is_file())
-        return random_weights._tiny("tiny-gemma3", torch.float32, attn)
+        return random_weights.load_tiny("tiny-gemma3", torch.float32, attn)
 
-    monkeypatch.setattr(embedded, "_load_gguf", dequantise)
+    monkeypatch.setattr(embedded, "load_gguf", dequantise)
     backbone = loading.Backbone("gemma3-270m")
     folder = tmp_path / "gemma3-270m"
     assert seen == [True] and not package.assembled[0].exists()  # joined for the dequantisation, then removed
@@ -164,7 +164,7 @@ def test_gemma3_is_assembled_dequantised_and_cached_once_and_its_gguf_removed(tm
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
     assert records == [embedded.dequantise_notice(folder, "gemma3-270m", embedded.GEMMA3_CACHE_MB)]
     assert backbone.family == "gemma3" and backbone.spec["name"] == "gemma3-270m"
-    monkeypatch.setattr(embedded, "_load_gguf", lambda *a: pytest.fail("dequantised again"))
+    monkeypatch.setattr(embedded, "load_gguf", lambda *a: pytest.fail("dequantised again"))
     again = loading.Backbone("gemma3-270m")
     assert again.fingerprint() == backbone.fingerprint() and len(records) == 1
 
@@ -172,7 +172,7 @@ def test_gemma3_is_assembled_dequantised_and_cached_once_and_its_gguf_removed(tm
 def test_a_gemma3_gguf_that_does_not_assemble_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("VTRANS_CACHE", str(tmp_path))
     monkeypatch.setattr(embedded, "gemma3_package", lambda: FakeGemmaPackage(fail=True))
-    monkeypatch.setattr(embedded, "_load_gguf", lambda *a: pytest.fail("read a GGUF that did not assemble"))
+    monkeypatch.setattr(embedded, "load_gguf", lambda *a: pytest.fail("read a GGUF that did not assemble"))
     with pytest.raises(loading.BackboneError, match="cannot be assembled .*sha256.*reinstall") as err:
         loading.Backbone("gemma3-270m")
     assert "\n" not in str(err.value)

@@ -23,7 +23,7 @@ from vtrans.backbone.generate import complete
 from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms, normalize_word, render_prompt
-from vtrans.data.items import _idiom_key
+from vtrans.data.items import idiom_key
 from vtrans.estimators import probe
 from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents
@@ -95,7 +95,7 @@ def test_crossval_scores_every_item_out_of_fold(mixed_file, tmp_path, capsys, mo
     real_from_items = IdiomDataModule.from_items.__func__
 
     def recording(cls, train, *args, **kwargs):
-        trained_on.append({_idiom_key(it.idiom) for it in train})
+        trained_on.append({idiom_key(it.idiom) for it in train})
         return real_from_items(cls, train, *args, **kwargs)
 
     monkeypatch.setattr(IdiomDataModule, "from_items", classmethod(recording))
@@ -122,8 +122,8 @@ def test_crossval_scores_every_item_out_of_fold(mixed_file, tmp_path, capsys, mo
     assert len(trained_on) == 3 * 2
     for k, train in enumerate(trained_on):
         fold = k % 3
-        scored = {_idiom_key(r["idiom"]) for r in rows if r["fold"] == fold}
-        outside = {_idiom_key(r["idiom"]) for r in rows if r["fold"] != fold}
+        scored = {idiom_key(r["idiom"]) for r in rows if r["fold"] == fold}
+        outside = {idiom_key(r["idiom"]) for r in rows if r["fold"] != fold}
         assert train == outside and not train & scored
     # the probe of each fold is fitted on the items outside it only
     sizes = sorted({sum(r["fold"] != f for r in rows) for f in range(3)})
@@ -154,7 +154,7 @@ def test_one_fold_trains_on_the_extra_idioms_without_the_scored_ones(mixed_file,
     real_from_items = IdiomDataModule.from_items.__func__
 
     def recording(cls, train, *args, **kwargs):
-        trained_on.append({_idiom_key(it.idiom) for it in train})
+        trained_on.append({idiom_key(it.idiom) for it in train})
         return real_from_items(cls, train, *args, **kwargs)
 
     monkeypatch.setattr(IdiomDataModule, "from_items", classmethod(recording))
@@ -171,7 +171,7 @@ def test_one_fold_trains_on_the_extra_idioms_without_the_scored_ones(mixed_file,
     )
     results = json.loads((out / "results.json").read_text())
     assert len(trained_on) == 1
-    assert trained_on[0] == {_idiom_key(it.idiom) for it in load_idioms("builtin")[200:240]}
+    assert trained_on[0] == {idiom_key(it.idiom) for it in load_idioms("builtin")[200:240]}
     assert results["protocol"]["n_extra_train"] == 40
     assert "probe" in results["dropped"] and "probe" in stderr
     assert results["estimators"]["posterior_var"]["n"] == 30
@@ -484,11 +484,11 @@ def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_t
     real_fit = refit.fit
 
     def recording(cls, train, *args, **kwargs):
-        trained_on.append({_idiom_key(it.idiom) for it in train})
+        trained_on.append({idiom_key(it.idiom) for it in train})
         return real_from_items(cls, train, *args, **kwargs)
 
     def fit_recording(module, prompts, targets, *args, **kwargs):
-        refit_on.append({_idiom_key(p.removeprefix(DEFAULT_TEMPLATE.split("{prefix}")[0]) + " " + t) for p, t in zip(prompts, targets, strict=True)})
+        refit_on.append({idiom_key(p.removeprefix(DEFAULT_TEMPLATE.split("{prefix}")[0]) + " " + t) for p, t in zip(prompts, targets, strict=True)})
         return real_fit(module, prompts, targets, *args, **kwargs)
 
     monkeypatch.setattr(IdiomDataModule, "from_items", classmethod(recording))
@@ -501,8 +501,8 @@ def test_refit_spread_trains_each_latent_without_a_third_and_refits_its_spread_t
     results = json.loads((out / "results.json").read_text())
     assert len(trained_on) == len(refit_on) == 3
     for fold, (train, held) in enumerate(zip(trained_on, refit_on, strict=True)):
-        scored = {_idiom_key(r["idiom"]) for r in rows if r["fold"] == fold}
-        outside = {_idiom_key(r["idiom"]) for r in rows} - scored
+        scored = {idiom_key(r["idiom"]) for r in rows if r["fold"] == fold}
+        outside = {idiom_key(r["idiom"]) for r in rows} - scored
         assert not train & held and not held & scored and train | held == outside
         assert len(held) in {len(outside) // 3, len(outside) // 3 + 1}
     for name in ("refit_prior_var", "refit_var", "refit_mi", "refit_nll"):

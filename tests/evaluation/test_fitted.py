@@ -12,7 +12,7 @@ from conftest import CONFIGS
 from vtrans.backbone.generate import complete
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_split, normalize_word, render_prompt, split_idiom, split_items
-from vtrans.data.items import _idiom_key
+from vtrans.data.items import idiom_key
 from vtrans.evaluation.fitted import Unfittable, fit_items
 
 # --------------------------------------------------------------------------- 5. the probe on any file
@@ -21,7 +21,7 @@ BUILTIN_SPLIT = {"data": "builtin", "seed": 0, "val_fraction": 0.15, "test_fract
 
 
 def _keys(items) -> set[str]:
-    return {_idiom_key(it.idiom) for it in items}
+    return {idiom_key(it.idiom) for it in items}
 
 
 def _rewritten(idiom: str) -> str:

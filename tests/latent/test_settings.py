@@ -76,7 +76,7 @@ def test_an_attention_implementation_whose_package_is_missing_is_a_backbone_erro
     def missing(*args, **kwargs):
         raise ImportError("the package for FlashAttention2 doesn't seem to be installed.\nmore detail")
 
-    monkeypatch.setattr(loading, "_tiny", missing)
+    monkeypatch.setattr(loading, "load_tiny", missing)
     with pytest.raises(BackboneError) as err:
         Backbone("tiny-gpt2", attn_implementation="flash_attention_2")
     assert str(err.value) == (

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vtrans.backbone.files import _load_folder, _load_gguf
+from vtrans.backbone.files import load_folder, load_gguf
 from vtrans.errors import BackboneError
 from vtrans.log import log
 
@@ -100,9 +100,9 @@ EMBEDDED = {"smollm2": _smollm2_folder, "gemma3-270m": _gemma3_folder}
 """The models shipped as GGUF files inside PyPI packages, by name: the cache folder of each, written on first use."""
 
 
-def _load_embedded(name: str, dtype: torch.dtype, attn: str):
+def load_embedded(name: str, dtype: torch.dtype, attn: str):
     """An embedded model (:data:`EMBEDDED`) from its safetensors cache."""
-    return _load_folder(EMBEDDED[name](attn), dtype, attn)
+    return load_folder(EMBEDDED[name](attn), dtype, attn)
 
 
 def _dequantised(name: str, folder: Path, megabytes: int, attn: str, gguf) -> Path:
@@ -117,7 +117,7 @@ def _dequantised(name: str, folder: Path, megabytes: int, attn: str, gguf) -> Pa
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         with gguf(tmp) as path:
-            model, tokenizer = _load_gguf(path, torch.float32, attn)
+            model, tokenizer = load_gguf(path, torch.float32, attn)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["_name_or_path"] = name

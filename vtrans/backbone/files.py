@@ -37,7 +37,7 @@ def gpt2_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
+def load_gguf(path: Path, dtype: torch.dtype, attn: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=path.name)
@@ -49,7 +49,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
     return model, tokenizer
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
+def load_folder(folder: Path, dtype: torch.dtype, attn: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -72,7 +72,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, attn: str):
     return model, tokenizer
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype, attn: str):
+def load_hub(repo_id: str, dtype: torch.dtype, attn: str):
     """A hub id, from the local cache only: nothing is downloaded."""
     from huggingface_hub import snapshot_download
 
@@ -83,9 +83,9 @@ def _load_hub(repo_id: str, dtype: torch.dtype, attn: str):
             f"model {repo_id!r} is not available offline: put its files in the Hugging Face cache "
             f"(HF_HOME) or pass a local folder written by save_pretrained ({type(err).__name__})"
         ) from None
-    return _load_folder(folder, dtype, attn)
+    return load_folder(folder, dtype, attn)
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from vtrans.backbone.architectures import d_model, family, n_layers, unembedding
-from vtrans.backbone.embedded import EMBEDDED, _load_embedded
-from vtrans.backbone.files import _load_folder, _load_gguf, _load_hub, _looks_like_hub_id
-from vtrans.backbone.random_weights import RANDOM, RANDOM_WEIGHTS, TINY, _random, _tiny
+from vtrans.backbone.embedded import EMBEDDED, load_embedded
+from vtrans.backbone.files import load_folder, load_gguf, load_hub, looks_like_hub_id
+from vtrans.backbone.random_weights import RANDOM, RANDOM_WEIGHTS, TINY, load_random, load_tiny
 from vtrans.errors import BackboneError, ConfigError
 
 ALIASES = {"gpt2-xl": "openai-community/gpt2-xl", "gpt2": "openai-community/gpt2"}
@@ -117,21 +117,21 @@ def _load(name: str, torch_dtype: torch.dtype, attn_implementation: str):
     """``(model, tokenizer)`` from the source ``name`` names."""
     path = Path(name).expanduser()
     if name in TINY:
-        model, tokenizer = _tiny(name, torch_dtype, attn_implementation)
+        model, tokenizer = load_tiny(name, torch_dtype, attn_implementation)
     elif name.startswith(RANDOM):
-        model, tokenizer = _random(name, torch_dtype, attn_implementation)
+        model, tokenizer = load_random(name, torch_dtype, attn_implementation)
     elif name in EMBEDDED:
-        model, tokenizer = _load_embedded(name, torch_dtype, attn_implementation)
+        model, tokenizer = load_embedded(name, torch_dtype, attn_implementation)
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise BackboneError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf(path, torch_dtype, attn_implementation)
+        model, tokenizer = load_gguf(path, torch_dtype, attn_implementation)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise BackboneError(f"{path} is not a model folder: it has no config.json")
-        model, tokenizer = _load_folder(path, torch_dtype, attn_implementation)
-    elif _looks_like_hub_id(ALIASES.get(name, name)):
-        model, tokenizer = _load_hub(ALIASES.get(name, name), torch_dtype, attn_implementation)
+        model, tokenizer = load_folder(path, torch_dtype, attn_implementation)
+    elif looks_like_hub_id(ALIASES.get(name, name)):
+        model, tokenizer = load_hub(ALIASES.get(name, name), torch_dtype, attn_implementation)
     else:
         raise BackboneError(
             f"unknown model or missing folder {name!r}: use smollm2, gemma3-270m, tiny-gpt2, tiny-llama, gpt2-xl, "

@@ -80,7 +80,7 @@ TINY = {
 """Small random models, one per family in ``vtrans.backbone.architectures.ARCHITECTURES`` (``tiny-`` and its name, ``_`` as ``-``), for tests."""
 
 
-def _tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
+def load_tiny(name: str, dtype: torch.dtype, attn: str, seed: int = 0):
     """A small random model of one family (:data:`TINY`), built offline with the GPT-2 tokenizer."""
     return _from_config(_config(TINY[name]), name, dtype, attn, seed), gpt2_tokenizer()
 
@@ -110,7 +110,7 @@ def random_names() -> list[str]:
     return [*RANDOM_CONFIGS, *EMBEDDED, *TINY]
 
 
-def _random(name: str, dtype: torch.dtype, attn: str):
+def load_random(name: str, dtype: torch.dtype, attn: str):
     """``random:NAME[@SEED]``: NAME's architecture with weights drawn from SEED (default 0), and NAME's own tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 

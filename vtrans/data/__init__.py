@@ -11,8 +11,6 @@ so they never depend on file order or ``PYTHONHASHSEED``.
   prompt template, and the idiom's stable hash;
 * ``formats``: data specs and the readers of each file format (plain Python, one-line errors);
 * ``splits``: the seeded split by idiom.
-
-The package keeps the names of the module it was (``from vtrans.data import load_split``).
 """
 
 from vtrans.data.formats import FILE_KINDS, KINDS, SPLITS, WORDNET_POS, load_idioms, parse_spec
@@ -20,8 +18,8 @@ from vtrans.data.items import (
     DEFAULT_TEMPLATE,
     DataError,
     IdiomItem,
-    _idiom_key,  # noqa: F401  (imported from here by modules written before the package)
     first_word,
+    idiom_key,
     idiom_hash,
     normalize_word,
     render_prompt,
@@ -29,7 +27,7 @@ from vtrans.data.items import (
     validate_template,
     word_is_final,
 )
-from vtrans.data.splits import _check_fractions, load_split, split_items  # noqa: F401  (the same)
+from vtrans.data.splits import check_fractions, load_split, split_items
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -39,8 +37,10 @@ __all__ = [
     "WORDNET_POS",
     "DataError",
     "IdiomItem",
+    "check_fractions",
     "first_word",
     "idiom_hash",
+    "idiom_key",
     "load_idioms",
     "load_split",
     "normalize_word",

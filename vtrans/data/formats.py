@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from vtrans.data.items import DataError, IdiomItem, _idiom_key, split_idiom
+from vtrans.data.items import DataError, IdiomItem, idiom_key, split_idiom
 
 SPLITS = ("train", "val", "test")
 FILE_KINDS = ("txt", "epie", "slide", "magpie", "wordnet")
@@ -212,7 +212,7 @@ def _dedupe(located: Iterator[tuple[str, str]], name: str) -> list[IdiomItem]:
             item = split_idiom(idiom)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
-        items.setdefault(_idiom_key(item.idiom), item)
+        items.setdefault(idiom_key(item.idiom), item)
     if not items:
         raise DataError(f"{name}: no idioms found")
     return list(items.values())

@@ -151,7 +151,7 @@ def render_prompt(template: str, prefix: str) -> str:
     return template.format(prefix=prefix)
 
 
-def _idiom_key(idiom: str) -> str:
+def idiom_key(idiom: str) -> str:
     """The normalised idiom: what deduplication and splitting compare."""
     return " ".join(word for word in map(normalize_word, idiom.split()) if word)
 
@@ -168,4 +168,4 @@ def idiom_hash(idiom: str) -> str:
     Returns:
         16 hex characters (blake2b, 8 bytes) of the idiom's normalised form.
     """
-    return hashlib.blake2b(_idiom_key(idiom).encode(), digest_size=8, person=b"vtrans-idiom").hexdigest()
+    return hashlib.blake2b(idiom_key(idiom).encode(), digest_size=8, person=b"vtrans-idiom").hexdigest()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 
 from vtrans.data.formats import SPLITS, load_idioms, parse_spec
-from vtrans.data.items import DataError, IdiomItem, _idiom_key
+from vtrans.data.items import DataError, IdiomItem, idiom_key
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
             raise DataError(f"{name}={value} is out of range; use a value in [0, 1)")
@@ -54,13 +54,13 @@ def split_items(
     """
     if split not in (*SPLITS, "all"):
         raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}, all")
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     if split == "all":
         return list(items)
     return [
         item
         for item in items
-        if _split_of(_idiom_key(item.idiom), seed, val_fraction, test_fraction) == split
+        if _split_of(idiom_key(item.idiom), seed, val_fraction, test_fraction) == split
     ]
 
 

@@ -14,7 +14,7 @@ import torch
 
 from vtrans.backbone.generate import Completion
 from vtrans.data import DataError, IdiomItem, idiom_hash, load_split
-from vtrans.data.items import _idiom_key
+from vtrans.data.items import idiom_key
 from vtrans.estimators.base import Family
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation.scored import complete_items
@@ -88,7 +88,7 @@ def fit_items(
     Raises:
         Unfittable: the checkpoint does not record its training data, or it cannot be read.
     """
-    evaluated_keys = {_idiom_key(it.idiom) for it in evaluated}
+    evaluated_keys = {idiom_key(it.idiom) for it in evaluated}
     if trained_with is None:
         source = "builtin:train+val"
         candidates = load_split("builtin", "train") + load_split("builtin", "val")
@@ -101,14 +101,14 @@ def fit_items(
         source = f"the val split of {spec} (seed {split.get('seed', 0)}), held out from the checkpoint's training"
         try:
             candidates = load_split(spec, "val", **split)
-            excluded = {_idiom_key(it.idiom) for it in load_split(spec, "train", **split)}
+            excluded = {idiom_key(it.idiom) for it in load_split(spec, "train", **split)}
         except DataError as err:
             raise Unfittable(f"the checkpoint's training data cannot be read: {err}") from None
     trained = trained or set()
     items = [
         it
         for it in candidates
-        if _idiom_key(it.idiom) not in evaluated_keys | excluded and idiom_hash(it.idiom) not in trained
+        if idiom_key(it.idiom) not in evaluated_keys | excluded and idiom_hash(it.idiom) not in trained
     ]
     return items, source
 

@@ -22,7 +22,7 @@ import torch
 from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
 from vtrans.config import CrossvalConfig
-from vtrans.data import IdiomItem, _idiom_key, idiom_hash, load_idioms, parse_spec
+from vtrans.data import IdiomItem, idiom_key, idiom_hash, load_idioms, parse_spec
 from vtrans.errors import ConfigError, TrainingStopped
 from vtrans.latent import checkpoint, training
 from vtrans.latent.training import TrainingSpec
@@ -36,7 +36,7 @@ def assign_folds(items: list[IdiomItem], folds: int, seed: int = 0) -> list[int]
     """
 
     def key(item: IdiomItem) -> bytes:
-        return hashlib.blake2b(f"fold\0{seed}\0{_idiom_key(item.idiom)}".encode(), digest_size=8).digest()
+        return hashlib.blake2b(f"fold\0{seed}\0{idiom_key(item.idiom)}".encode(), digest_size=8).digest()
 
     order = sorted(range(len(items)), key=lambda i: key(items[i]))
     assigned = [0] * len(items)
@@ -47,7 +47,7 @@ def assign_folds(items: list[IdiomItem], folds: int, seed: int = 0) -> list[int]
 
 def _variant_key(item: IdiomItem) -> tuple[str, str]:
     """An idiom's first and last word, normalised: what two spellings of one idiom share."""
-    return _idiom_key(item.prefix).split(" ")[0], _idiom_key(item.target)
+    return idiom_key(item.prefix).split(" ")[0], idiom_key(item.target)
 
 
 def extra_training_items(extra: list[IdiomItem], scored: list[IdiomItem]) -> list[IdiomItem]:
@@ -58,9 +58,9 @@ def extra_training_items(extra: list[IdiomItem], scored: list[IdiomItem]) -> lis
     "blow one's stack" and "blow your stack"), so that no scored idiom is trained on in
     another spelling.
     """
-    keys = {_idiom_key(it.idiom) for it in scored}
+    keys = {idiom_key(it.idiom) for it in scored}
     variants = {_variant_key(it) for it in scored}
-    return [it for it in extra if _idiom_key(it.idiom) not in keys and _variant_key(it) not in variants]
+    return [it for it in extra if idiom_key(it.idiom) not in keys and _variant_key(it) not in variants]
 
 
 @dataclass(frozen=True)

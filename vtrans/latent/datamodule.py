@@ -24,7 +24,7 @@ from vtrans.data import (
     render_prompt,
     validate_template,
 )
-from vtrans.data.splits import _check_fractions
+from vtrans.data.splits import check_fractions
 from vtrans.errors import ConfigError
 
 BATCH_KEYS = ("idiom", "prefix", "target", "prompt")
@@ -127,7 +127,7 @@ def check_settings(
     try:  # the checks that the data functions share with evaluate and score
         parse_spec(data)
         validate_template(template)
-        _check_fractions(val_fraction, test_fraction)
+        check_fractions(val_fraction, test_fraction)
     except DataError as err:
         raise ConfigError(str(err)) from None
 
