@@ -118,17 +118,27 @@ def _predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.
     the spread, rather than as the difference of two entropies of several nats each, and in
     float64: written as that difference in float32, an MI of 3e-3 kept only 3 or 4 digits, and
     which ones depended on the CPU's summation order.
+
+    One exponential per logit: p_s = exp(l − max) / Z_s, and log p_s = l − max − log Z_s is
+    read off the same pass, with no second ``exp`` of it; log p̄ is a logarithm of the V means,
+    not a log-sum-exp over the S × V logits. (A mean that underflows to 0 is clamped to the
+    smallest float64, where every p_s it averages is 0 too, so its terms stay 0.)
     """
     samples = logits.shape[1]
-    logp = torch.log_softmax(logits.double(), dim=-1)  # (B, S, V)
-    probs = logp.exp()
-    log_mean = torch.logsumexp(logp, dim=1) - math.log(samples)  # (B, V): log p̄
+    x = logits.double()  # (B, S, V), a copy: worked on in place below
+    top = x.amax(-1, keepdim=True)  # (B, S, 1)
+    probs = x.sub_(top).exp()  # (B, S, V): exp(l − max), normalised below
+    log_z = probs.sum(-1, keepdim=True).log_()  # (B, S, 1)
+    probs.div_(log_z.exp())  # p_s
+    logp = x.sub_(log_z)  # (B, S, V): log p_s
+    mean = probs.mean(1)  # (B, V): p̄
+    log_mean = mean.clamp_min(torch.finfo(torch.float64).tiny).log()  # (B, V): log p̄
     logp_y = logp.gather(-1, y.view(-1, 1, 1).expand(-1, samples, 1)).squeeze(-1)  # (B, S)
     kl = (probs * (logp - log_mean.unsqueeze(1))).sum(-1)  # (B, S): KL(p_s ‖ p̄) ≥ 0
     return {
         "var": logp_y.exp().var(1, unbiased=False).float(),
         "log_var": logp_y.var(1, unbiased=False).float(),
-        "entropy": (-(log_mean.exp() * log_mean).sum(-1)).float(),
+        "entropy": (-(mean * log_mean).sum(-1)).float(),
         "mi": kl.mean(1).clamp_min(0.0).float(),
         "nll": (math.log(samples) - torch.logsumexp(logp_y, dim=1)).float(),
     }
