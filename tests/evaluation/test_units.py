@@ -72,13 +72,15 @@ def test_a_damaged_unit_is_one_line_saying_what_to_do(tmp_path):
         units.record("base", dict)
 
 
-def test_free_settings_may_differ_and_an_added_one_reads_as_what_older_runs_did(tmp_path):
-    Units(tmp_path, {"folds": 5, "seeds": [0]})  # recorded before "refit" existed
-    Units(tmp_path, {"folds": 5, "seeds": [0, 1, 2], "refit": False}, free=("seeds",), added={"refit": False})
+def test_free_settings_may_differ_and_every_other_one_must_match(tmp_path):
+    Units(tmp_path, {"folds": 5, "seeds": [0], "refit": False})
+    Units(tmp_path, {"folds": 5, "seeds": [0, 1, 2], "refit": False}, free=("seeds",))
     with pytest.raises(ConfigError, match=r"refit \(False there, True here\)"):
-        Units(tmp_path, {"folds": 5, "seeds": [0], "refit": True}, free=("seeds",), added={"refit": False})
+        Units(tmp_path, {"folds": 5, "seeds": [0], "refit": True}, free=("seeds",))
     with pytest.raises(ConfigError, match="seeds"):  # not free unless said so
-        Units(tmp_path, {"folds": 5, "seeds": [0, 1], "refit": False}, added={"refit": False})
+        Units(tmp_path, {"folds": 5, "seeds": [0, 1], "refit": False})
+    with pytest.raises(ConfigError, match="refit"):  # a setting the record lacks is a difference
+        Units(tmp_path, {"folds": 5, "seeds": [0]}, free=("seeds",))
 
 
 def test_each_unit_records_where_it_ran_and_a_resumed_run_gathers_every_stamp(tmp_path):

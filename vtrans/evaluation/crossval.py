@@ -58,14 +58,12 @@ from vtrans.evaluation.units import Units
 from vtrans.latent import laplace, refit
 from vtrans.latent.training import read_training_config
 from vtrans.log import log
-from vtrans.moved import flat_spelling
 
 
 def config_digest(path: str | Path) -> str:
-    """A training YAML's content, as a run's manifest records it: its class paths spelt as the flat
-    layout spelt them (:func:`vtrans.moved.flat_spelling`), so that runs recorded before the move resume."""
-    text = Path(path).read_bytes().decode("utf-8")  # its bytes as they are: no newline translation
-    return hashlib.sha256(flat_spelling(text).encode("utf-8")).hexdigest()[:16]
+    """A training YAML's content, as a run's manifest records it: the digest of its bytes as they are
+    (no newline translation), so that an edited config is a different run."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _needs_refit(name: str) -> bool:
@@ -108,9 +106,9 @@ class CrossFit:
     def run(self, markdown: str | Path | None = None) -> dict:
         """Cross-fit and score unit by unit, then write results.json, scores.jsonl, report.md and the plots."""
         cfg, plan = self.cfg, self.plan
-        # more seeds extend a run; one recorded before --refit_spread existed did without it
+        # more seeds extend a run
         stamp = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-        units = Units(self.out / "units", self.manifest(), free=("seeds",), added={"refit_spread": False}, stamp=stamp)
+        units = Units(self.out / "units", self.manifest(), free=("seeds",), stamp=stamp)
         names, dropped = list(self.eval.estimators), {}
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)

@@ -22,7 +22,7 @@ import torch
 from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
 from vtrans.config import CrossvalConfig
-from vtrans.data import IdiomItem, idiom_key, idiom_hash, load_idioms, parse_spec
+from vtrans.data import IdiomItem, idiom_hash, idiom_key, load_idioms, parse_spec
 from vtrans.errors import ConfigError, TrainingStopped
 from vtrans.latent import checkpoint, training
 from vtrans.latent.training import TrainingSpec

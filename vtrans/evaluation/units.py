@@ -68,15 +68,12 @@ class Units:
         folder: str | Path,
         manifest: dict[str, Any],
         free: tuple[str, ...] = (),
-        added: dict[str, Any] | None = None,
         stamp: dict[str, Any] | None = None,
     ) -> None:
         """Args:
             free: settings that may differ between runs sharing the folder, because no unit
                 depends on them (a cross-fitted run's ``seeds``: each seed's units are its own,
                 named by it, so a run can be extended by more seeds).
-            added: settings added after some runs were recorded, each with the value that does
-                what those runs did: a recorded manifest without one reads as having that value.
             stamp: where this process computes (plain JSON data), recorded in each unit it computes;
                 not a setting: units computed elsewhere are read back all the same.
         """
@@ -87,7 +84,7 @@ class Units:
         manifest = json.loads(json.dumps(manifest))  # as it reads back
         path = self.folder / "manifest.json"
         if path.is_file():
-            recorded = {**(added or {}), **self._read(path)}
+            recorded = self._read(path)
             recorded = {k: v for k, v in recorded.items() if k not in free}
             found = differences(recorded, {k: v for k, v in manifest.items() if k not in free})
             if found:

@@ -34,10 +34,7 @@ import torch
 from vtrans.backbone.loading import SPEC_KEYS, Backbone
 from vtrans.errors import CheckpointError
 from vtrans.latent.model import LatentModel
-from vtrans.latent.saved import (
-    TRAINING_KEYS,  # noqa: F401  (read here before it moved to vtrans.latent.saved)
-    read_pretrained,
-)
+from vtrans.latent.saved import read_pretrained
 
 # --------------------------------------------------------------------------- reading
 
@@ -213,14 +210,3 @@ def split_settings(path: str | Path) -> dict:
     ``val_fraction`` and ``test_fraction``, those the checkpoint records (none for an older one)."""
     hparams = read(path).get("datamodule_hyper_parameters", {})
     return {k: hparams[k] for k in ("data", *SPLIT_KEYS) if k in hparams}
-
-
-def __getattr__(name: str):
-    """``vtrans.checkpoint.AtomicCheckpointIO`` (this module's path in the flat layout, ``vtrans.moved``),
-    the ``class_path`` that training configs written before the class moved to ``vtrans.checkpoint_io``
-    name; it is ``vtrans.latent.checkpoint_io``'s now (imported on use: it needs Lightning)."""
-    if name == "AtomicCheckpointIO":
-        from vtrans.latent.checkpoint_io import AtomicCheckpointIO
-
-        return AtomicCheckpointIO
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
