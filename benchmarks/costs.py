@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     backbone = Backbone(args.model, dtype=args.dtype, attn_implementation="sdpa").to(device)
     model, tok = backbone.model, backbone.tokenizer
-    module = LatentLM(backbone, d_z=16, prior="conditional").to(device)
+    lm = LatentLM(backbone, d_z=16, prior="conditional").to(device)
+    module = lm.model  # what scoring reads
     torch.nn.init.normal_(module.latent.proj.weight, std=0.02)  # a latent that does something
 
     items = load_split("builtin", "test")[: args.batch_size]
@@ -265,8 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
             m.p = 0.0
     finetune_opt = torch.optim.AdamW(finetune_model.parameters(), lr=1e-6)
     ft_enc = module.encode(batch["prompt"], module.target_ids(batch["target"]))
-    module.log = lambda *a, **k: None  # no trainer attached
-    elbo_opt = module.configure_optimizers()
+    lm.log = lambda *a, **k: None  # no trainer attached
+    elbo_opt = lm.configure_optimizers()
 
     def forward():
         with torch.no_grad():
@@ -282,9 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
         mc_dropout.FAMILY.read(forward_mc, context)
 
     def elbo_step():
-        module.train()
+        lm.train()
         elbo_opt.zero_grad()
-        module._shared_step(batch, "train").backward()
+        lm._shared_step(batch, "train").backward()
         elbo_opt.step()
 
     def finetune_step():

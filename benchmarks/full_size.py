@@ -197,7 +197,7 @@ def train(args, backbone, memory: Memory) -> tuple[object, dict]:
 
     clock = Clock()
     built.trainer.callbacks.append(clock)
-    latent_params = sum(p.numel() for p in built.module.latent.parameters())
+    latent_params = sum(p.numel() for p in built.module.model.latent.parameters())
     memory.reset()
     start = time.perf_counter()
     training.fit(built)
@@ -226,9 +226,9 @@ def train(args, backbone, memory: Memory) -> tuple[object, dict]:
             "peak_above_step_start_per_item_mib": mib(max(s["peak_above_start"] / s["items"] for s in steps)),
         }
 
-    return built.module, {
+    return built.module.model, {
         "config": os.path.relpath(args.config, REPO),
-        "layer": built.module.layer,
+        "layer": built.module.model.layer,
         "items": len(items),
         "training_split_items": len(split),
         "batch_size": args.batch_size,

@@ -16,7 +16,7 @@ from vtrans.backbone.tokens import encode, target_ids
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators import lens, mc_dropout
-from vtrans.latent.module import LatentLM
+from vtrans.latent.model import LatentModel
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     backbone = Backbone(args.model, attn_implementation="sdpa")
     model, tok = backbone.model, backbone.tokenizer
-    module = LatentLM(backbone, d_z=16)
+    module = LatentModel(backbone, d_z=16)
     torch.nn.init.normal_(module.latent.proj.weight, std=0.02)
     items = load_split("builtin", "test")[: args.batch_size]
     prompts = [render_prompt(DEFAULT_TEMPLATE, it.prefix) for it in items]

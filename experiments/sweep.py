@@ -35,7 +35,7 @@ from vtrans.estimators.runner import Runner
 from vtrans.evaluation import metrics
 from vtrans.evaluation.scored import score_items
 from vtrans.latent import training
-from vtrans.latent.module import LatentLM
+from vtrans.latent.model import LatentModel
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
 
@@ -64,7 +64,7 @@ def grid(n_layers: int) -> list[dict]:
 
 def train_variant(
     config: Path, backbone: Backbone, caches: dict, hp: dict, epochs: int, seed: int, log_dir: Path
-) -> tuple[LatentLM, dict]:
+) -> tuple[LatentModel, dict]:
     """The latent of one variant, trained from ``config`` with the variant's settings, and its last validation metrics."""
     overrides = {
         "seed_everything": seed,
@@ -84,7 +84,7 @@ def train_variant(
     built = training.build(config, overrides, backbone=backbone, frozen=frozen)
     training.fit(built)
     logged = {k: float(v) for k, v in built.trainer.callback_metrics.items() if k.startswith("val/")}
-    return built.module.eval(), logged
+    return built.module.model.eval(), logged
 
 
 def _latent_summaries(backbone, module, config, scored, errors, n_boot, seed) -> dict:

@@ -34,13 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     module = checkpoint.load(args.ckpt)
-    recorded = checkpoint.split_settings(args.ckpt) or {}
+    contents = checkpoint.read(args.ckpt)
+    recorded = checkpoint.split_settings(contents) or {}
     settings = {k: v for k, v in recorded.items() if k in ("seed", "val_fraction", "test_fraction")}
     items = load_split(args.data, None, **settings)
-    trained = checkpoint.trained_idiom_hashes(args.ckpt) or set()
+    trained = checkpoint.trained_idiom_hashes(contents) or set()
     items = [it for it in items if idiom_hash(it.idiom) not in trained]
     base = Runner(module.backbone, module, EvalConfig(), progress=False)
-    prompts, completions, correct = base.label(items, checkpoint.template_of(args.ckpt) or EvalConfig().template)
+    prompts, completions, correct = base.label(items, checkpoint.template_in(contents) or EvalConfig().template)
     errors = np.array([0.0 if c else 1.0 for c in correct])
     rows = []
     for samples in [int(s) for s in args.samples.split(",")]:

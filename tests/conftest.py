@@ -91,12 +91,12 @@ def tiny_backbone(request) -> Backbone:
 @pytest.fixture(scope="module")
 def random_latent(tiny_gpt2):
     """A tiny conditional latent with random heads and projection: z moves the logits, q differs from p."""
-    from vtrans.latent.module import LatentLM
+    from vtrans.latent.model import LatentModel
 
     assert tiny_gpt2.model.config.n_layer == 4
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = LatentLM(tiny_gpt2, d_z=4, prior="conditional", hidden=16).eval()
+        module = LatentModel(tiny_gpt2, d_z=4, prior="conditional", hidden=16).eval()
         with torch.no_grad():
             for linear, std in (
                 (module.latent.posterior_head.net[-1], 0.2),

@@ -41,7 +41,7 @@ class NaNAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             with torch.no_grad():
-                pl_module.latent.proj.weight.fill_(float("nan"))
+                pl_module.model.latent.proj.weight.fill_(float("nan"))
 
 
 class NaNActivationsAtStep(L.Callback):
@@ -52,7 +52,7 @@ class NaNActivationsAtStep(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            pl_module.latent.posterior_head.register_forward_hook(lambda m, args, out: (out[0] * float("nan"), out[1]))
+            pl_module.model.latent.posterior_head.register_forward_hook(lambda m, args, out: (out[0] * float("nan"), out[1]))
 
 
 class KillInRun(L.Callback):

@@ -5,7 +5,7 @@ about 10 GB and minutes of CPU each) are marked ``full_size`` and run only when 
 
     python -m pytest -m full_size tests/test_full_size.py
 
-They check issue 18's target: the random full-size GPT-2 XL builds, trains the latent a few steps,
+They check that the random full-size GPT-2 XL builds, trains the latent a few steps,
 evaluates 8 items with every single-pass estimator and ``latent_mi``, and scores prompts, on a CPU
 of 24 GiB without running out of memory, every output saying "random weights".
 """

@@ -30,6 +30,7 @@ from vtrans.estimators.registry import SCORABLE
 from vtrans.estimators.runner import Runner
 from vtrans.latent.datamodule import IdiomDataModule
 from vtrans.latent.laplace import fit as fit_laplace
+from vtrans.latent.model import LatentModel
 from vtrans.latent.module import LatentLM
 from vtrans.latent.refit import fit as fit_refit
 from vtrans.scoring.scorer import Scorer
@@ -173,9 +174,9 @@ def test_some_blocks_and_the_frozen_prefix_reproduce_the_whole_model(backbone):
     assert len(architectures.blocks(model)) == 4 and len(attention.layer_types(model)) == 4  # put back
     # an untrained latent leaves the logits as they were, through the frozen cache's two-region layout
     # (prefix and suffix regions each left-padded: columns are not positions there)
-    module = LatentLM(backbone, d_z=4, hidden=16).eval()
+    module = LatentModel(backbone, d_z=4, hidden=16).eval()
     targets = module.target_ids(TARGETS)
-    cache_enc, h, prefix = FrozenCache().batch(module, PROMPTS, targets)
+    cache_enc, h, prefix = FrozenCache().batch(module.backbone, module.layer, PROMPTS, targets)
     z = torch.randn(len(PROMPTS), 3, 4, generator=torch.Generator().manual_seed(0)) * 3  # (B, S, d_z)
     logits = module.decode(h, z[:, 0], cache_enc, prefix)  # (B, N, V)
     base = tokens.slot_positions(model(**enc.inputs).logits, enc)  # (B, N, V)
@@ -196,12 +197,12 @@ def test_some_blocks_and_the_frozen_prefix_reproduce_the_whole_model(backbone):
 
 
 @pytest.fixture(scope="module")
-def trained(backbone, tmp_path_factory) -> LatentLM:
-    """A conditional-prior latent after two training steps, with a Laplace posterior over its prior network."""
+def trained(backbone, tmp_path_factory) -> LatentModel:
+    """A conditional-prior latent after two training steps."""
     with torch.random.fork_rng():
         L.seed_everything(0, verbose=False)
         module = LatentLM(backbone, d_z=4, hidden=16, prior="conditional", lr=1e-2)
-        before = module.latent.proj.weight.detach().clone()
+        before = module.model.latent.proj.weight.detach().clone()
         trainer = L.Trainer(
             accelerator="cpu",
             max_steps=2,
@@ -214,19 +215,25 @@ def trained(backbone, tmp_path_factory) -> LatentLM:
         )
         trainer.fit(module, IdiomDataModule(batch_size=4, max_items=8))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert not torch.equal(module.latent.proj.weight.detach(), before)  # it trained
-    module.eval()
-    module.laplace = fit_laplace(module, PROMPTS)
-    module.refit = fit_refit(module, PROMPTS, ["cake", "there", "moon"])  # the held-out idioms' targets
-    return module
+    assert not torch.equal(module.model.latent.proj.weight.detach(), before)  # it trained
+    return module.model.eval()
 
 
-def test_every_estimator_without_labels_scores_the_trained_latent(backbone, trained):
+@pytest.fixture(scope="module")
+def posteriors(trained) -> dict:
+    """A Laplace posterior over the trained latent's prior network, and its prior's spread refit."""
+    return {
+        "laplace": fit_laplace(trained, PROMPTS),
+        "refit": fit_refit(trained, PROMPTS, ["cake", "there", "moon"]),  # the held-out idioms' targets
+    }
+
+
+def test_every_estimator_without_labels_scores_the_trained_latent(backbone, trained, posteriors):
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        member = LatentLM(backbone, d_z=4, hidden=16, prior="conditional").eval()  # a second, untrained member
+        member = LatentModel(backbone, d_z=4, hidden=16, prior="conditional").eval()  # a second, untrained member
     config = EstimatorConfig(batch_size=2, passes=2, samples=3, agreement_samples=2, max_new_tokens=3)
-    runner = Runner(backbone, trained, config, progress=False, members=(trained, member))
+    runner = Runner(backbone, trained, config, progress=False, members=(trained, member), posteriors=posteriors)
     names = runner.runnable(SCORABLE)
     assert names == list(SCORABLE)  # every one applies: a latent, the conditional prior, an ensemble, a Laplace posterior, a refit spread
     completions = runner.complete(PROMPTS)

@@ -62,7 +62,7 @@ def in_memory(model_folder) -> Backbone:
 
 
 @pytest.fixture(scope="module")
-def fit(in_memory, tmp_path_factory) -> tuple[LatentLM, Path]:
+def fit(in_memory, tmp_path_factory) -> tuple[LatentModel, Path]:
     """A latent trained two steps on the model in memory, by Lightning, as a user would train
     it, and the checkpoint Lightning wrote of it."""
     torch.manual_seed(0)
@@ -82,12 +82,12 @@ def fit(in_memory, tmp_path_factory) -> tuple[LatentLM, Path]:
         warnings.simplefilter("ignore")
         trainer.fit(module, IdiomDataModule(batch_size=4, max_items=8))
     trainer.save_checkpoint(root / "last.ckpt")
-    assert module.latent.proj.weight.abs().sum() > 0  # trained: z now moves the logits
-    return module.eval(), root / "last.ckpt"
+    assert module.model.latent.proj.weight.abs().sum() > 0  # trained: z now moves the logits
+    return module.model.eval(), root / "last.ckpt"
 
 
 @pytest.fixture(scope="module")
-def trained(fit) -> LatentLM:
+def trained(fit) -> LatentModel:
     return fit[0]
 
 
@@ -191,7 +191,7 @@ def test_the_folder_holds_safetensors_and_json_only_and_no_backbone_weight(saved
     assert config == {
         "format": "vtrans-latent",
         "format_version": 1,
-        "settings": {k: v for k, v in trained.hparams.items()},
+        "settings": dict(trained.settings),
         "backbone": {"name": "my-gpt2", "dtype": "float32", "attn_implementation": "sdpa", "source": "memory"},  # as loaded
         "fingerprint": in_memory.fingerprint(),
         "template": DEFAULT_TEMPLATE,
@@ -211,15 +211,16 @@ def test_from_pretrained_gives_the_same_weights_and_the_same_scores(saved, train
     assert list(loaded.state_dict()) == list(trained.state_dict())
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, atol=0, rtol=0)
-    assert dict(loaded.hparams) == dict(trained.hparams) and loaded.template == DEFAULT_TEMPLATE
+    assert loaded.settings == trained.settings and loaded.template == DEFAULT_TEMPLATE
     expected = records(Scorer(trained, template=DEFAULT_TEMPLATE, quiet=True, **SCORING))
     assert records(Scorer(loaded, template=DEFAULT_TEMPLATE, quiet=True, **SCORING)) == expected
     # scoring straight from the folder applies the template it records
     assert records(Scorer.from_pretrained(saved, backbone=in_memory, quiet=True, **SCORING)) == expected
     assert records(Scorer.from_checkpoint(saved, backbone=in_memory, quiet=True, **SCORING)) == expected
     # and the LightningModule, to train on from there
-    again = LatentLM.from_pretrained(saved, backbone=in_memory)
-    assert type(again) is LatentLM and dict(again.hparams) == dict(trained.hparams)
+    again = LatentLM.from_model(LatentModel.from_pretrained(saved, backbone=in_memory))
+    assert type(again) is LatentLM and type(again.model) is LatentModel and again.model.settings == trained.settings
+    assert {k: again.hparams[k] for k in trained.settings} == trained.settings  # its training settings are the saved ones
     # saved again, the folder is the same
     resaved = loaded.save_pretrained(saved.parent / "again")
     assert (resaved / "config.json").read_text() == (saved / "config.json").read_text()
@@ -312,7 +313,7 @@ def test_a_folder_of_a_model_named_scores_from_the_command_line(tiny_ckpt, tiny_
     """A training checkpoint converted to a folder: by name it needs nothing but the folder."""
     folder = checkpoint.load(tiny_ckpt).save_pretrained(tmp_path / "tiny-latent")
     config = json.loads((folder / "config.json").read_text())
-    assert config["backbone"] == tiny_gpt2.spec and config["template"] == checkpoint.template_of(tiny_ckpt)
+    assert config["backbone"] == tiny_gpt2.spec and config["template"] == checkpoint.template_in(checkpoint.read(tiny_ckpt))
     args = ["--quiet", "--device", "cpu", "--estimators", "msp,latent_nll", "--samples", "2", *PROMPTS]
     main(["score", "--ckpt", str(folder), *args])
     from_folder = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -17,6 +17,7 @@ from vtrans.backbone.tokens import encode
 from vtrans.estimators import adapter
 from vtrans.estimators.base import context_for, run_forward
 from vtrans.estimators.registry import why_not
+from vtrans.latent.model import LatentModel
 from vtrans.latent.module import LatentLM
 
 PROMPTS = ["Complete the idiom: a piece of", "Complete the idiom: kill two birds with one", "Complete the idiom: the"]
@@ -33,7 +34,7 @@ def randomized(backbone, prior: str, seed: int = 0) -> LatentLM:
     """A tiny latent whose heads and projection are random, so z moves the logits."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        module = LatentLM(backbone, d_z=4, prior=prior, hidden=16).eval()
+        module = LatentModel(backbone, d_z=4, prior=prior, hidden=16).eval()
         with torch.no_grad():
             for head in (module.latent.posterior_head, module.latent.prior_head):
                 if head is not None:
@@ -76,7 +77,7 @@ def test_adapter_nll_is_minus_log_p_of_y_with_z_at_its_mean(tiny_gpt2, prior):
 
 
 def test_the_twin_has_no_posterior_and_refuses_every_estimator_of_a_spread(tiny_gpt2):
-    twin = LatentLM(tiny_gpt2, d_z=4, prior="deterministic", hidden=16)
+    twin = LatentModel(tiny_gpt2, d_z=4, prior="deterministic", hidden=16)
     assert twin.latent.posterior_head is None and twin.latent.prior_head is not None
     assert not [k for k in twin.state_dict() if "posterior_head" in k]
     with pytest.raises(ValueError, match="no posterior"):
@@ -108,9 +109,9 @@ def test_the_twin_trains_by_maximum_likelihood_of_the_target(tiny_gpt2):
         torch.manual_seed(0)
         twin = LatentLM(tiny_gpt2, d_z=4, prior="deterministic", hidden=16, lr=0.01, cache_frozen=False)
     # before any step z = 0 and proj = 0: the loss is the base model's own NLL of the targets, summed over tokens
-    enc = encode(tiny_gpt2.tokenizer, PROMPTS, twin.target_ids(batch["target"]), "cpu")
+    enc = encode(tiny_gpt2.tokenizer, PROMPTS, twin.model.target_ids(batch["target"]), "cpu")
     with torch.no_grad():
-        logits = twin.decode(twin.lower(enc), torch.zeros(3, 4), enc)
+        logits = twin.model.decode(twin.model.lower(enc), torch.zeros(3, 4), enc)
     logp = torch.log_softmax(logits.float(), -1).gather(-1, enc.targets.unsqueeze(-1)).squeeze(-1)
     base_nll = -(logp * enc.target_mask).sum(-1).mean()
     frozen = copy.deepcopy(tiny_gpt2.model.state_dict())

@@ -1,5 +1,5 @@
 """The baselines (``vtrans.estimators.baselines``): ``msp`` keeps ranking where p(ŷ) rounds to 1 in
-float32 (found in review, issue 8), on cases constructed to fail without it."""
+float32, on cases constructed to fail without it."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from vtrans.estimators.base import run_forward
 from vtrans.estimators.common import entropy_of_probs, linear_at, log_partition, predictive_stats
 from vtrans.evaluation.metrics import auroc
 from vtrans.latent.gaussian import kl_normal
+from vtrans.latent.model import LatentModel
 
 FAMILIES = ["tiny-gpt2", "tiny-llama"]
 # different lengths, so that the batch is left-padded
@@ -467,12 +468,12 @@ def test_mc_dropout_restores_the_model(models, name):
 @pytest.fixture(scope="module")
 def latent_modules(models):
     """Untrained tiny latents (zero projection) of both priors on the GPT-2 backbone."""
-    from vtrans.latent.module import LatentLM
+    from vtrans.latent.model import LatentModel
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return {
-            prior: LatentLM(models["tiny-gpt2"], d_z=4, prior=prior, hidden=16).eval()
+            prior: LatentModel(models["tiny-gpt2"], d_z=4, prior=prior, hidden=16).eval()
             for prior in ("standard", "conditional")
         }
 
@@ -518,11 +519,10 @@ def test_untrained_latent_has_no_effect(latent_modules, models, prior):
 
 def test_latent_estimators_with_trained_heads(models):
     """Random heads and projection: posterior_var, latent_kl and latent_mi against hand computations."""
-    from vtrans.latent.module import LatentLM
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = LatentLM(models["tiny-gpt2"], d_z=4, prior="conditional", hidden=16).eval()
+        module = LatentModel(models["tiny-gpt2"], d_z=4, prior="conditional", hidden=16).eval()
     _randomize(module.latent.posterior_head.net[-1], 1, 0.2)
     _randomize(module.latent.prior_head.net[-1], 2, 0.2)
     _randomize(module.latent.proj, 3, 2.0)

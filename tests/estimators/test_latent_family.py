@@ -1,4 +1,4 @@
-"""The latent family (``vtrans.estimators.latent``), two fixes found in review (issue 8), each
+"""The latent family (``vtrans.estimators.latent``), two behaviours, each
 against a case constructed to fail without it.
 
 1. ``latent_mi`` draws each item's z noise from its own seed: fresh from item to item, reproducibly,

@@ -1,5 +1,5 @@
 """The registry's rule that ``aggregate=mean|max`` refuses the estimators that read the first token
-only, visibly (found in review, issue 8), on a case constructed to fail without it."""
+only, visibly, on a case constructed to fail without it."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ FIRST_TOKEN_ONLY = ["attention_entropy", "mc_dropout_var", "mc_dropout_entropy",
 def test_aggregate_refuses_the_first_token_only_estimators(random_latent, how, tmp_path, monkeypatch):
     from vtrans.latent import checkpoint
 
-    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: random_latent)
-    monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
-    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: None)
+    monkeypatch.setattr(checkpoint, "read", lambda path: {})  # no file to read
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None, ckpt=None: random_latent)
+    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda ckpt: None)
     names = ["msp", *FIRST_TOKEN_ONLY, "posterior_var", "latent_kl"]
     config = EvalConfig(data="builtin", max_items=4, estimators=names, aggregate=how, passes=2, samples=2, n_boot=100)
     results = evaluate(config, tmp_path / "run", ckpt="random.ckpt", progress=False)

@@ -14,7 +14,7 @@ from vtrans.estimators import attention, baselines, lens, registry
 from vtrans.estimators import latent as latent_estimators
 from vtrans.estimators.base import Family, run_forward
 from vtrans.estimators.runner import Runner
-from vtrans.latent.module import LatentLM
+from vtrans.latent.model import LatentModel
 
 PROMPTS = ["Complete the idiom: the early bird catches the", "Complete the idiom: a piece of", "once in a blue"]
 SINGLE_PASS = ["msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl"]
@@ -27,7 +27,7 @@ def latent(request):
     backbone = Backbone(request.param, attn_implementation="sdpa")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = LatentLM(backbone, d_z=4, prior="conditional", hidden=16).eval()
+        module = LatentModel(backbone, d_z=4, prior="conditional", hidden=16).eval()
         with torch.no_grad():
             for linear, std in ((module.latent.posterior_head.net[-1], 0.2), (module.latent.proj, 2.0)):
                 linear.weight.normal_(0.0, std)

@@ -107,12 +107,12 @@ def test_evaluate_writes_both_names(tmp_path, capsys):
 
 
 def test_scorer_runs_the_family(gpt2):
-    from vtrans.latent.module import LatentLM
+    from vtrans.latent.model import LatentModel
     from vtrans.scoring.scorer import Scorer
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
+        module = LatentModel(gpt2, d_z=4, prior="standard", hidden=16).eval()
     prompts = ["Complete the idiom: a piece of", "Complete the idiom: break the"]
     with_family = list(Scorer(module, ["msp", *NAMES], agreement_samples=3, quiet=True).score(prompts))
     without = list(Scorer(module, ["msp"], quiet=True).score(prompts))

@@ -77,10 +77,10 @@ def test_idiom_hash_matches_normalised_forms_only():
 def test_checkpoint_records_exactly_its_training_idioms(tiny_ckpt, trained):
     raw = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)[IdiomDataModule.__qualname__]
     assert raw["train_idiom_hashes"] == sorted(idiom_hash(i) for i in trained)  # sorted, hashes only
-    assert checkpoint.trained_idiom_hashes(tiny_ckpt) == {idiom_hash(i) for i in trained}
+    assert checkpoint.trained_idiom_hashes(checkpoint.read(tiny_ckpt)) == {idiom_hash(i) for i in trained}
     later = load_split("builtin", "train")[TRAIN_ITEMS:]  # in the train split but cut by max_items: not trained on
-    assert later and not {idiom_hash(it.idiom) for it in later} & checkpoint.trained_idiom_hashes(tiny_ckpt)
-    assert checkpoint.split_settings(tiny_ckpt) == {"data": "builtin", "seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
+    assert later and not {idiom_hash(it.idiom) for it in later} & checkpoint.trained_idiom_hashes(checkpoint.read(tiny_ckpt))
+    assert checkpoint.split_settings(checkpoint.read(tiny_ckpt)) == {"data": "builtin", "seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
 
 
 def test_datamodule_records_a_txt_file_and_keeps_a_resumed_runs(tmp_path):
@@ -157,7 +157,7 @@ def test_builtin_test_is_the_test_split_the_latent_was_kept_from(tiny_ckpt, tmp_
 @pytest.mark.slow
 def test_an_older_checkpoint_is_split_its_way_and_warns_it_cannot_check(tiny_ckpt, tmp_path, capsys):
     ckpt = write_ckpt(tiny_ckpt, tmp_path / "old.ckpt", seed=1, drop_record=True)
-    assert checkpoint.trained_idiom_hashes(ckpt) is None
+    assert checkpoint.trained_idiom_hashes(checkpoint.read(ckpt)) is None
     out = tmp_path / "run"
     _, stderr = run_cli(["--ckpt", ckpt, "--data", "builtin:test", "--max_items", "8", "--out", out], capsys, quiet=False)
     results, rows, report = read_outputs(out)

@@ -445,30 +445,30 @@ def test_a_run_killed_mid_fold_resumes_and_writes_the_files_of_an_uninterrupted_
 
 
 @pytest.mark.slow
-def test_the_records_equal_those_written_before_the_speed_ups(mixed_file, tmp_path, capsys):
-    """Every estimator whose computation was made cheaper (the sampled completions: each prompt run
+def test_the_shared_prompt_and_scored_column_paths_score_every_item_as_the_full_computation(mixed_file, tmp_path, capsys):
+    """The estimators whose computation takes a shortcut (the sampled completions: each prompt run
     once for its K samples, decoding stopped once every word is final; MC dropout: the unembedding
-    at the scored columns only), and the latent's, scores every item as the code before did: the
-    records of ``tests/fixtures/crossval_before.json`` were written by commit 438bf73 with this command.
+    at the scored columns only), and the latent's, score every item as the full computation does:
+    the records of ``tests/fixtures/crossval_reference.json``, computed with this command without the shortcuts.
     The draws are the same (the same seeded streams over the same shapes), so the only differences
     are float32 reorderings between batch shapes and CPUs, ~1e-6 on scores of size ~1 (and on the
     one epoch of tiny training): 1e-4 absolute holds with margin; the sampled words compare
     exactly through their shares of K. The AUROCs agree to the third decimal."""
-    before = json.loads((TESTS / "fixtures" / "crossval_before.json").read_text())
-    names = list(before["rows"][0]["scores"])
+    reference = json.loads((TESTS / "fixtures" / "crossval_reference.json").read_text())
+    names = list(reference["rows"][0]["scores"])
     out = tmp_path / "cv"
     run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "3", "--seeds", "0,1", "--epochs", "1",
              "--samples", "4", "--passes", "3", "--agreement_samples", "4", "--n_boot", "100",
              "--estimators", ",".join(names), "--out", out], capsys)
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
-    assert [r["idiom"] for r in rows] == [r["idiom"] for r in before["rows"]]
-    for now, then in zip(rows, before["rows"], strict=True):
+    assert [r["idiom"] for r in rows] == [r["idiom"] for r in reference["rows"]]
+    for now, then in zip(rows, reference["rows"], strict=True):
         assert (now["completion_word"], now["correct"], now["fold"]) == (then["completion_word"], then["correct"], then["fold"])
         for seed_now, seed_then in [(now["scores"], then["scores"]), *((now["scores_by_seed"][s], v) for s, v in then["scores_by_seed"].items())]:
             for name in names:
                 assert seed_now[name] == pytest.approx(seed_then[name], abs=1e-4), (now["idiom"], name)
     results = json.loads((out / "results.json").read_text())
-    for name, aurocs in before["auroc"].items():
+    for name, aurocs in reference["auroc"].items():
         assert results["estimators"][name]["seeds"]["auroc"] == pytest.approx(aurocs, abs=1e-3), name
 
 

@@ -34,6 +34,7 @@ from vtrans.estimators.runner import Runner
 from vtrans.evaluation.fitted import fit_items
 from vtrans.evaluation.items import SEPARATING_HALF_WIDTH, auroc_half_width
 from vtrans.evaluation.scored import score_items
+from vtrans.latent.model import LatentModel
 
 REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"idiom", "prompt", "target", "completion", "correct", "scores", "lens_ce_by_layer"}
@@ -300,14 +301,14 @@ def test_evaluate_standard_prior_drops_latent_kl(gpt2, idiom_files, tmp_path, mo
     """A latent with the standard prior has no latent_kl: dropped and said so; the others run."""
     from vtrans.evaluation.evaluate import evaluate
     from vtrans.latent import checkpoint
-    from vtrans.latent.module import LatentLM
+    from vtrans.latent.model import LatentModel
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
-    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: module)
-    monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})  # no file to read them from
-    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: None)
+        module = LatentModel(gpt2, d_z=4, prior="standard", hidden=16).eval()
+    monkeypatch.setattr(checkpoint, "read", lambda path: {})  # no file to read
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None, ckpt=None: module)
+    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda ckpt: None)
     config = EvalConfig(
         data=f"txt:{idiom_files['mixed']}", estimators=["posterior_var", "latent_mi", "latent_kl"], samples=3, n_boot=100
     )
@@ -433,17 +434,16 @@ def test_evaluate_announces_the_seen_idioms_before_loading_the_model(gpt2, idiom
     from vtrans.data import idiom_hash
     from vtrans.evaluation.evaluate import evaluate
     from vtrans.latent import checkpoint
-    from vtrans.latent.module import LatentLM
 
     data = f"txt:{idiom_files['mixed']}"
     items = load_split(data, "all")
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        module = LatentLM(gpt2, d_z=4, prior="standard", hidden=16).eval()
-    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None: module)
+        module = LatentModel(gpt2, d_z=4, prior="standard", hidden=16).eval()
+    monkeypatch.setattr(checkpoint, "read", lambda path: {})  # no file to read
+    monkeypatch.setattr(checkpoint, "load", lambda path, device="cpu", backbone=None, ckpt=None: module)
     _marking(monkeypatch, checkpoint, "load", "loading")
-    monkeypatch.setattr(checkpoint, "split_settings", lambda path: {})
-    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda path: {idiom_hash(it.idiom) for it in items[5:]})
+    monkeypatch.setattr(checkpoint, "trained_idiom_hashes", lambda ckpt: {idiom_hash(it.idiom) for it in items[5:]})
     config = EvalConfig(data=data, split="all", estimators=["msp", "posterior_var"], n_boot=100)
     results = evaluate(config, tmp_path / "run", ckpt="mine.ckpt", progress=False)
     err = stderr.readouterr().err
@@ -583,3 +583,18 @@ def test_a_new_fitted_family_is_one_entry(idiom_files, tmp_path, monkeypatch):
     scores = np.array([r["scores"]["signed_margin"] for r in rows])
     assert np.all(scores <= 1) and np.all(scores >= -1)  # ± a margin
     assert f"The signed_margin was fitted on {n_fit} items of builtin:train+val" in (out / "report.md").read_text()
+
+
+def test_evaluate_reads_the_checkpoint_once(tiny_ckpt, idiom_files, tmp_path, monkeypatch):
+    """The split, the training idioms, the template, the latent and the probe's fitting items all
+    come from one read of the file (a CRC check of every member each time it is read)."""
+    from vtrans.evaluation.evaluate import evaluate
+    from vtrans.latent import checkpoint
+
+    reads, real = [], checkpoint.read
+    monkeypatch.setattr(checkpoint, "read", lambda path: reads.append(str(path)) or real(path))
+    config = EvalConfig(data=f"txt:{idiom_files['mixed']}", estimators=["msp", "posterior_var", "probe"], samples=2, n_boot=100)
+    results = evaluate(config, tmp_path / "run", ckpt=str(tiny_ckpt), progress=False, template="ckpt")
+    assert reads == [str(tiny_ckpt)]
+    assert results["config"]["template"] == checkpoint.template_in(real(tiny_ckpt))  # the template it records
+    assert "posterior_var" in results["estimators"]

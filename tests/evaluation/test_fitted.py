@@ -1,5 +1,5 @@
 """Fitted estimators (``vtrans.evaluation.fitted``): the probe is fitted on items disjoint from the
-evaluated ones and out-of-sample for the latent, on any data file (found in review, issue 8)."""
+evaluated ones and out-of-sample for the latent, on any data file."""
 
 from __future__ import annotations
 

@@ -29,11 +29,13 @@ def test_the_backbone_reads_as_frozen_and_the_latent_as_training(tiny_gpt2):
     module = LatentLM(tiny_gpt2, d_z=8, hidden=32)
     table = summary_table(module)
     by_name = rows(table)
-    assert list(by_name) == ["backbone", "latent", "loss_fn", "stats", "means"]
-    kind, params, trainable, mode = by_name["backbone"]
+    # the latent model holds the frozen backbone and the latent: both shown at the first level
+    assert list(by_name) == ["model", "model.backbone", "model.latent", "loss_fn", "stats", "means"]
+    kind, params, trainable, mode = by_name["model.backbone"]
     assert (kind, trainable, mode) == ("Backbone", "0", "eval") and params.endswith("M")
-    latent = sum(p.numel() for p in module.latent.parameters())
-    assert by_name["latent"][1] == by_name["latent"][2] and by_name["latent"][3] == "train"
+    latent = sum(p.numel() for p in module.model.latent.parameters())
+    assert by_name["model.latent"][1] == by_name["model.latent"][2] and by_name["model.latent"][3] == "train"
+    assert by_name["model"][0] == "LatentModel" and by_name["model"][2] == by_name["model.latent"][2]
     lines = table.splitlines()
     assert any(line.split()[0] == f"{latent / 1000:.1f}" and line.endswith("Trainable params") for line in lines)
     assert "FLOPs" not in table and "Flops" not in table
@@ -41,8 +43,9 @@ def test_the_backbone_reads_as_frozen_and_the_latent_as_training(tiny_gpt2):
 
 def test_max_depth_shows_the_nested_modules(tiny_gpt2):
     module = LatentLM(tiny_gpt2, d_z=8, hidden=32)
-    assert "latent.proj" in rows(summary_table(module, max_depth=2))
-    assert "backbone.model.transformer.h.0.attn" in rows(summary_table(module, max_depth=-1))
+    assert "model.latent.proj" in rows(summary_table(module, max_depth=2))
+    assert "model.latent.proj.weight" not in rows(summary_table(module, max_depth=2))
+    assert "model.backbone.model.transformer.h.0.attn" in rows(summary_table(module, max_depth=-1))
 
 
 @pytest.mark.parametrize(("flag", "summaries"), [([], [Summary]), (["--trainer.enable_model_summary", "false"], [])])

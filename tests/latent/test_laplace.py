@@ -55,17 +55,18 @@ def test_a_prompt_among_the_training_prompts_has_a_narrower_location(tiny_gpt2):
 
 def test_the_read_equals_draws_of_the_location_by_hand(tiny_gpt2):
     module = randomized(tiny_gpt2, "conditional")
-    module.laplace = laplace.fit(module, TRAINING)
+    posterior = laplace.fit(module, TRAINING)
     enc, y = own_tokens(tiny_gpt2)
     samples, seed = 6, 3
     context = context_for(tiny_gpt2.model, module=module, n=len(PROMPTS))
+    context.posteriors = {"laplace": posterior}
     context.config.samples, context.config.seed = samples, seed
     forward = run_forward(tiny_gpt2.model, enc, hidden_states=True, cache=True)
     got = laplace_family.FAMILY.read(forward, context)
 
     h = laplace.scored_states(module, PROMPTS)  # the prompts alone: their last token is the scored one
     loc, _ = module.latent.prior_params(h)
-    variance = module.laplace.location_variance(laplace.features(module, h))
+    variance = posterior.location_variance(laplace.features(module, h))
     assert_close(got["laplace_loc_var"], variance.mean(-1), rtol=1e-4, atol=1e-6)
     eps = item_noise(list(range(len(PROMPTS))), samples, loc.shape[1], seed + laplace_family.NOISE_STREAM)
     z = loc.unsqueeze(1) + variance.sqrt().unsqueeze(1) * eps
@@ -81,6 +82,8 @@ def test_without_a_fitted_posterior_it_does_not_run(tiny_gpt2):
     assert "Laplace posterior" in why_not("laplace_mi", module)
     assert "Laplace posterior" in why_not("laplace_mi", "conditional")  # a checkpoint never holds one
     assert "conditional" in why_not("laplace_mi", randomized(tiny_gpt2, "deterministic"))
-    module.laplace = laplace.fit(module, TRAINING[:2])
-    assert why_not("laplace_mi", module) is None
-    assert "laplace" not in module.state_dict() and not [k for k in module.state_dict() if "laplace" in k]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    laplace.fit(module, TRAINING[:2])
+    assert why_not("laplace_mi", module, posteriors=("laplace",)) is None
+    after = module.state_dict()  # fitting leaves the latent as it was: the posterior is the run's, not the latent's
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -32,7 +32,7 @@ def perturb_encoders(module: LatentLM, seed: int = 1) -> None:
     """Random encoder weights (q and p away from N(0, I)); ``proj`` stays as it is."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.latent.named_parameters():
+        for name, p in module.model.latent.named_parameters():
             if not name.startswith("proj"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
@@ -40,13 +40,13 @@ def perturb_encoders(module: LatentLM, seed: int = 1) -> None:
 def perturb_proj(module: LatentLM, seed: int = 2) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        w = module.latent.proj.weight
+        w = module.model.latent.proj.weight
         w.copy_(torch.randn(w.shape, generator=gen))
 
 
 def batch_inputs(module: LatentLM):
-    enc = module.encode(BATCH["prompt"], module.target_ids(BATCH["target"]))
-    return enc, module.lower(enc)  # (B, T, C)
+    enc = module.model.encode(BATCH["prompt"], module.model.target_ids(BATCH["target"]))
+    return enc, module.model.lower(enc)  # (B, T, C)
 
 
 @torch.no_grad()
@@ -73,7 +73,7 @@ def test_untrained_latent_leaves_the_logits_unchanged(tiny_backbone, prior):
     assert enc.targets.shape[1] == 2 and not enc.target_mask.all()  # mixed target lengths
     z = torch.randn(enc.targets.shape[0], D_Z) * 3
     with torch.no_grad():
-        logits = module.decode(h, z, enc)  # (B, N, V)
+        logits = module.model.decode(h, z, enc)  # (B, N, V)
     torch.testing.assert_close(logits, base_logits(tiny_backbone, enc), atol=1e-5, rtol=0)
 
 
@@ -84,7 +84,7 @@ def test_a_trained_projection_makes_the_logits_depend_on_z(tiny_gpt2):
     enc, h = batch_inputs(module)
     z = torch.randn(enc.targets.shape[0], D_Z)
     with torch.no_grad():
-        moved = module.decode(h, z, enc)
+        moved = module.model.decode(h, z, enc)
     assert (moved - base_logits(tiny_gpt2, enc)).abs().max() > 1e-2
 
 
@@ -118,26 +118,27 @@ def test_only_the_latent_trains(tiny_backbone, prior):
     pyro.clear_param_store()
     module = latent_lm(tiny_backbone, prior).train()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"latent." + n for n, _ in module.latent.named_parameters()}
-    assert any(n.startswith("latent.proj") for n in trainable)
-    assert (prior == "conditional") == any(n.startswith("latent.prior_head") for n in trainable)
+    assert trainable == {"model.latent." + n for n, _ in module.model.latent.named_parameters()}
+    assert any(n.startswith("model.latent.proj") for n in trainable)
+    assert (prior == "conditional") == any(n.startswith("model.latent.prior_head") for n in trainable)
 
     loss = module._shared_step(BATCH, "train")
     loss.backward()
     got_grad = {n for n, p in module.named_parameters() if p.grad is not None}
     assert got_grad == trainable
-    assert module.latent.proj.weight.grad.abs().sum() > 0  # the signal reaches the injection
+    assert module.model.latent.proj.weight.grad.abs().sum() > 0  # the signal reaches the injection
     assert all(p.grad is None for p in tiny_backbone.parameters())
     assert len(pyro.get_param_store().keys()) == 0  # Pyro holds no parameter, backbone least of all
 
     optimizer = module.configure_optimizers()
     in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
-    assert len(in_optimizer) == len(list(module.latent.parameters()))
-    assert {id(p) for p in in_optimizer} == {id(p) for p in module.latent.parameters()}
+    assert len(in_optimizer) == len(list(module.model.latent.parameters()))
+    assert {id(p) for p in in_optimizer} == {id(p) for p in module.model.latent.parameters()}
 
-    state = module.state_dict()
-    assert state and not any(k.startswith("backbone.") for k in state)
-    assert {k for k in state if k.startswith("latent.")} == trainable
+    state = module.state_dict()  # the latent model's, keys as it names them: a checkpoint reads as one of it
+    assert state and not any("backbone." in k for k in state)
+    assert {f"model.{k}" for k in state if k.startswith("latent.")} == trainable
+    assert state.keys() == module.model.state_dict().keys()
 
 
 def test_a_state_dict_with_backbone_weights_is_refused(tiny_gpt2):
@@ -187,7 +188,7 @@ class Recorder:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         self.z.append(z.detach().clone())
-        return self.module.decode(self.h, z, self.enc)
+        return self.module.model.decode(self.h, z, self.enc)
 
 
 def _elbo_setup(backbone):
@@ -196,7 +197,7 @@ def _elbo_setup(backbone):
     perturb_proj(module)  # the NLL depends on z, so it must be evaluated at the z Pyro drew
     enc, h = batch_inputs(module)
     with torch.no_grad():
-        q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
+        q_loc, q_scale, p_loc, p_scale = module.model.distributions(h, enc)
     return module, enc, h, (q_loc, q_scale, p_loc, p_scale)
 
 
@@ -212,7 +213,7 @@ def test_meanfield_loss_is_nll_plus_beta_kl(tiny_gpt2):
         torch.manual_seed(0)
         losses[beta] = loss_fn(ELBOInputs(*params, decode, enc.targets, enc.target_mask, beta))
         (z,) = decode.z
-        by_hand = target_nll(module.decode(h, z, enc), enc) + beta * kl
+        by_hand = target_nll(module.model.decode(h, z, enc), enc) + beta * kl
         torch.testing.assert_close(losses[beta], by_hand)
     # same seed, same z: the difference is exactly the analytic KL
     torch.testing.assert_close(losses[2.0] - losses[1.0], kl)
@@ -227,7 +228,7 @@ def test_trace_loss_is_nll_plus_beta_log_ratio(tiny_gpt2):
     loss = make_loss("trace")(ELBOInputs(q_loc, q_scale, p_loc, p_scale, decode, enc.targets, enc.target_mask, beta))
     (z,) = decode.z
     log_ratio = Normal(q_loc, q_scale).log_prob(z).sum() - Normal(p_loc, p_scale).log_prob(z).sum()
-    torch.testing.assert_close(loss, target_nll(module.decode(h, z, enc), enc) + beta * log_ratio)
+    torch.testing.assert_close(loss, target_nll(module.model.decode(h, z, enc), enc) + beta * log_ratio)
 
 
 def test_free_bits_penalty_value_and_gradient():
@@ -251,7 +252,7 @@ def test_module_loss_is_nll_plus_beta_sum_of_max_lambda_kl(tiny_llama, free_bits
     perturb_encoders(module)
     enc, h = batch_inputs(module)
     with torch.no_grad():
-        kl_dim = kl_normal(*module.distributions(h, enc))  # (B, d_z)
+        kl_dim = kl_normal(*module.model.distributions(h, enc))  # (B, d_z)
     kl_bar = kl_dim.mean(0)
     lam = kl_bar.median().item() if free_bits == "median" else 0.0
     module.hparams.free_bits = lam

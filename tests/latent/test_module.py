@@ -66,9 +66,27 @@ def test_the_frozen_backbone_in_eval_mode_raises_no_warning(tiny_gpt2, tmp_path)
     assert not tiny_gpt2.training  # still frozen after training: its dropout stayed off
 
 
+def test_the_warning_filter_lasts_only_until_training_starts(tiny_gpt2, tmp_path):
+    module = LatentLM(tiny_gpt2, d_z=4, hidden=16)
+    before = list(warnings.filters)
+    seen = []
+
+    class During(L.Callback):  # Lightning's check runs between on_fit_start and on_train_start
+        def on_train_start(self, trainer, pl_module):
+            seen.append(list(warnings.filters))
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[During()],
+    )
+    trainer.fit(module, IdiomDataModule(batch_size=4, max_items=8))
+    assert len(seen) == 1 and len(seen[0]) == len(before) + 1  # the callback runs before the module's hook
+    assert warnings.filters == before  # the process's filters as they were: nothing left installed
+
+
 def test_a_trainable_module_left_in_eval_mode_still_warns(tiny_gpt2, tmp_path):
     module = LatentLM(tiny_gpt2, d_z=4, hidden=16)
-    module.latent.proj.eval()
+    module.model.latent.proj.eval()
     in_eval = sum(1 for m in module.modules() if not m.training)
     messages = [m for m in _fit_one_step(module, tmp_path) if EVAL_MODE in m]
     assert messages and f"Found {in_eval} module(s)" in messages[0]

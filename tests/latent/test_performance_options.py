@@ -25,13 +25,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(backbone: Back
     for flag in (False, True):
         torch.manual_seed(0)
         module = LatentLM(backbone, d_z=4, hidden=16, gradient_checkpointing=flag)
-        torch.nn.init.normal_(module.latent.proj.weight, std=0.5)
+        torch.nn.init.normal_(module.model.latent.proj.weight, std=0.5)
         module.log = lambda *a, **k: None
         module.train()
         torch.manual_seed(1)
         loss = module._shared_step(batch, "train")
         loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in module.latent.named_parameters()}))
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in module.model.latent.named_parameters()}))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     assert grads[0][1].keys() == grads[1][1].keys()
     for name in grads[0][1]:

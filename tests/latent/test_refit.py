@@ -82,16 +82,16 @@ def test_the_estimators_read_the_trained_and_the_refit_scale(module):
     # distribution without the answer): the refit starts from these rows
     trained = latent_estimators.read_encoders(forward, context)["posterior_var"]
     assert_close(trained, scale.pow(2).mean(-1))
-    module.refit = refit.fit(module, *held(12))
-    try:
-        assert registry.why_not("refit_prior_var", module) is None and registry.why_not("refit_mi", module) is None
-        out = spread.read_prior(forward, context)
-        from vtrans.latent.laplace import features
+    context.posteriors = {"refit": refit.fit(module, *held(12))}  # on the run's context: the latent is not changed
+    fitted = tuple(context.posteriors)
+    assert registry.why_not("refit_prior_var", module, posteriors=fitted) is None
+    assert registry.why_not("refit_mi", module, posteriors=fitted) is None
+    out = spread.read_prior(forward, context)
+    from vtrans.latent.laplace import features
 
-        assert_close(out["refit_prior_var"], module.refit.scale(features(module, h_scored)).pow(2).mean(-1))
-        samples = spread.read_samples(forward, context)
-        assert set(samples) == {"refit_var", "refit_mi", "refit_nll"}
-        assert all(v.shape == (len(prompts),) and torch.isfinite(v).all() for v in samples.values())
-        assert (samples["refit_mi"] >= 0).all()
-    finally:
-        del module.refit
+    expected = context.posteriors["refit"].scale(features(module, h_scored)).pow(2).mean(-1)
+    assert_close(out["refit_prior_var"], expected)
+    samples = spread.read_samples(forward, context)
+    assert set(samples) == {"refit_var", "refit_mi", "refit_nll"}
+    assert all(v.shape == (len(prompts),) and torch.isfinite(v).all() for v in samples.values())
+    assert (samples["refit_mi"] >= 0).all()

@@ -87,7 +87,7 @@ RELOAD = textwrap.dedent(
     module = checkpoint.load(sys.argv[1])
     prompts, targets, out = sys.argv[3].split("|"), sys.argv[4].split("|"), sys.argv[2]
     enc = module.encode(prompts, module.target_ids(targets))
-    z = torch.randn(len(prompts), module.hparams.d_z, generator=torch.Generator().manual_seed(7))
+    z = torch.randn(len(prompts), module.settings["d_z"], generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         logits = module.decode(module.lower(enc), z, enc)
     torch.save({"logits": logits, "z": z}, out)
@@ -125,12 +125,14 @@ def test_reload_in_a_fresh_process_reproduces_the_logits(tiny_ckpt, tmp_path):
 def test_a_checkpoint_loads_as_the_plain_model_to_score_and_as_the_lightning_module_to_train(tiny_ckpt, tiny_gpt2):
     scoring = checkpoint.load(tiny_ckpt, backbone=tiny_gpt2)
     training = checkpoint.load(tiny_ckpt, backbone=tiny_gpt2, training=True)
-    assert type(scoring) is LatentModel and type(training) is LatentLM and isinstance(training, LatentModel)
-    assert list(scoring.state_dict()) == list(training.state_dict())  # the latent's keys, as written
+    assert type(scoring) is LatentModel and type(training) is LatentLM and type(training.model) is LatentModel
+    raw = checkpoint.read(tiny_ckpt)["state_dict"]
+    assert list(scoring.state_dict()) == list(training.state_dict()) == list(raw)  # the latent's keys, as written
     for key, value in scoring.state_dict().items():
         torch.testing.assert_close(value, training.state_dict()[key], atol=0, rtol=0)
-    assert dict(scoring.hparams) == dict(training.hparams)  # every recorded setting, the training ones too
-    assert scoring.hparams.d_z == training.hparams.d_z == 8 and scoring.device == training.device
+    assert scoring.settings == training.model.settings  # every recorded setting, the training ones too
+    assert {k: training.hparams[k] for k in scoring.settings} == scoring.settings  # and Lightning's record of them
+    assert scoring.settings["d_z"] == training.hparams.d_z == 8 and scoring.device == training.model.device
     assert not scoring.training and not training.training
 
 
@@ -290,7 +292,7 @@ def test_build_takes_overrides_a_loaded_backbone_and_a_fold_s_items(tiny_gpt2):
     items = load_idioms("builtin")[:20]
     overrides = {"trainer.enable_checkpointing": False, "trainer.logger": False, "model.d_z": 4, "data.seed": 5}
     built = training.build(CONFIGS / "tiny.yaml", overrides, items=items, backbone=tiny_gpt2)
-    assert built.module.backbone is tiny_gpt2 and built.module.hparams.d_z == 4
+    assert built.module.model.backbone is tiny_gpt2 and built.module.hparams.d_z == 4
     assert not any(isinstance(cb, ModelCheckpoint) for cb in built.trainer.callbacks)  # the config's is left out
     assert built.datamodule.items["train"] == items and built.datamodule.items["val"] == []
     assert (built.datamodule.hparams.batch_size, built.datamodule.hparams.seed) == (16, 5)
@@ -307,7 +309,7 @@ def test_build_takes_a_loaded_backbone_with_random_weights():
     backbone = Backbone("random:tiny-gpt2")
     overrides = {"trainer.enable_checkpointing": False, "trainer.logger": False, "model.backbone.init_args.name": "random:tiny-gpt2"}
     built = training.build(CONFIGS / "tiny.yaml", overrides, items=load_idioms("builtin")[:20], backbone=backbone)
-    assert built.module.backbone is backbone and built.module.backbone.spec["weights"] == "random"
+    assert built.module.model.backbone is backbone and built.module.model.backbone.spec["weights"] == "random"
 
 
 def _seeded_tiny(tmp_path) -> str:
@@ -382,7 +384,7 @@ def _bf16_fit_step(accelerator: str, tmp_path) -> None:
     L.seed_everything(0)
     backbone = Backbone("tiny-gpt2", dtype="bfloat16", attn_implementation="sdpa")
     module = LatentLM(backbone, d_z=4, hidden=16, lr=1e-2)
-    before = module.latent.proj.weight.detach().clone()
+    before = module.model.latent.proj.weight.detach().clone()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -398,12 +400,33 @@ def _bf16_fit_step(accelerator: str, tmp_path) -> None:
     trainer.fit(module, IdiomDataModule(batch_size=4, max_items=8))
     loss = trainer.callback_metrics["train/loss"]
     assert torch.isfinite(loss), loss
-    assert module.backbone.model.lm_head.weight.dtype == torch.bfloat16
-    assert not torch.equal(module.latent.proj.weight.detach().cpu(), before)  # it trained
-    assert all(p.dtype == torch.float32 for p in module.latent.parameters())
+    assert module.model.backbone.model.lm_head.weight.dtype == torch.bfloat16
+    assert not torch.equal(module.model.latent.proj.weight.detach().cpu(), before)  # it trained
+    assert all(p.dtype == torch.float32 for p in module.model.latent.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_bf16_fit_step_on_gpu(tmp_path):
     _bf16_fit_step("gpu", tmp_path)
+
+
+# --------------------------------------------------------------------------- configs of the flat layout
+
+
+def test_a_config_naming_classes_by_the_flat_layout_s_paths_is_refused_with_the_paths_to_write(tmp_path, capsys):
+    text = (CONFIGS / "tiny.yaml").read_text(encoding="utf-8")
+    old = tmp_path / "old.yaml"
+    old.write_text(text.replace("vtrans.backbone.loading.Backbone", "vtrans.loading.Backbone"), encoding="utf-8")
+    assert old.read_text() != text
+    fix = r"replace vtrans\.loading\.Backbone -> vtrans\.backbone\.loading\.Backbone"
+    with pytest.raises(ConfigError, match=fix):
+        training.read_yaml(old)
+    with pytest.raises(ConfigError, match=fix):
+        training.build(yaml.safe_load(old.read_text()))
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["fit", "--config", str(old)])
+    assert stopped.value.code == 2 and "vtrans.backbone.loading.Backbone" in capsys.readouterr().err
+    for path in sorted(CONFIGS.glob("*.yaml")):  # the configs of this version name none
+        training.refuse_flat_layout(path.read_text(encoding="utf-8"), str(path))
+    training.refuse_flat_layout("class_path: vtrans.backbone.loading.Backbone\n", "a present path")  # no false match

@@ -24,6 +24,7 @@ from vtrans.data import first_word
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES
 from vtrans.latent import checkpoint
+from vtrans.latent.model import LatentModel
 from vtrans.latent.module import LatentLM
 from vtrans.scoring.inputs import (
     MAX_LINE_BYTES,
@@ -161,7 +162,7 @@ def test_estimator_choice(module, tiny_gpt2) -> None:
         Scorer(module, estimators=["nope"])
     with pytest.raises(ConfigError, match="vtrans evaluate"):
         Scorer(module, estimators=["probe"])
-    standard = LatentLM(tiny_gpt2, d_z=2, hidden=8, prior="standard").eval()
+    standard = LatentModel(tiny_gpt2, d_z=2, hidden=8, prior="standard").eval()
     assert "latent_kl" not in Scorer(standard, quiet=True).names
     assert set(Scorer(standard, quiet=True).names) == set(DEFAULT) - {"latent_kl"}
     with pytest.raises(ConfigError, match="conditional"):
@@ -171,7 +172,7 @@ def test_estimator_choice(module, tiny_gpt2) -> None:
 
 def test_from_checkpoint_options(tiny_ckpt) -> None:
     scorer = Scorer.from_checkpoint(tiny_ckpt, device="cpu", estimators=["msp"], batch_size=2, template="ckpt")
-    assert scorer.template == checkpoint.template_of(tiny_ckpt) and scorer.batch_size == 2
+    assert scorer.template == checkpoint.template_in(checkpoint.read(tiny_ckpt)) and scorer.batch_size == 2
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
             Scorer.from_checkpoint(tiny_ckpt, device="cuda")
@@ -353,7 +354,7 @@ def test_cli_end_to_end_streams_json_lines(tmp_path, tiny_ckpt) -> None:
 
 
 def test_the_checkpoints_template_is_the_default_and_none_scores_verbatim(capsys, tiny_ckpt, module) -> None:
-    recorded = checkpoint.template_of(tiny_ckpt)
+    recorded = checkpoint.template_in(checkpoint.read(tiny_ckpt))
     assert recorded and "{prefix}" in recorded
     assert Scorer.from_checkpoint(tiny_ckpt, device="cpu", estimators=["msp"]).template == recorded
     [templated], _ = run_cli(capsys, "--ckpt", str(tiny_ckpt), "--estimators", "msp", PREFIX)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from vtrans.backbone import architectures, attention
+from vtrans.backbone import architectures, attention, tokens
 from vtrans.backbone.tokens import Encoded
 
 # --------------------------------------------------------------------------- frozen prefixes
@@ -122,6 +122,14 @@ def upper_suffix(
 # --------------------------------------------------------------------------- the per-item cache
 
 
+@torch.no_grad()
+def lower(model, layer: int, enc: Encoded) -> torch.Tensor:
+    """The raw residual stream after the first ``layer`` blocks of ``model``, (B, T, C); no autograd."""
+    with architectures.blocks_until(model, layer) as body:
+        out = body(**enc.inputs, use_cache=False)
+    return out.last_hidden_state
+
+
 @dataclass
 class ItemState:
     """The frozen computation for one item.
@@ -157,28 +165,28 @@ class FrozenCache:
         self.items.clear()
 
     @torch.no_grad()
-    def _fill(self, module, prompts: list[str], targets: list[list[int]]) -> None:
-        enc = module.encode(prompts, targets)
-        h = module.lower(enc)  # (B, T, C)
+    def _fill(self, backbone, layer: int, prompts: list[str], targets: list[list[int]]) -> None:
+        enc = tokens.encode(backbone.tokenizer, prompts, targets, backbone.device)
+        h = lower(backbone.model, layer, enc)  # (B, T, C)
         width = h.shape[1]
-        full = upper_prefix(
-            module.backbone.model, module.layer, h, enc.attention_mask, enc.position_ids, split=width
-        )
+        full = upper_prefix(backbone.model, layer, h, enc.attention_mask, enc.position_ids, split=width)
         lengths = enc.attention_mask.sum(1).tolist()
         for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
             first, scored = width - int(lengths[b]), int(enc.scored[b])
             kv = {i: (k[b, :, first:scored].clone(), v[b, :, first:scored].clone()) for i, (k, v) in full.kv.items()}
             self.items[(prompt, tuple(target))] = ItemState(h[b, first:].clone(), kv, tuple(target))
 
-    def batch(self, module, prompts: list[str], targets: list[list[int]]):
-        """``(enc, h, prefix)`` for ``module.decode`` and ``module.distributions``, from cached states."""
-        if self.items and next(iter(self.items.values())).h.device != module.device:
-            self.clear()  # the module moved: states computed elsewhere are stale
+    def batch(self, backbone, layer: int, prompts: list[str], targets: list[list[int]]):
+        """``(enc, h, prefix)`` of these items for the latent after block ``layer`` of ``backbone``
+        (a ``vtrans.backbone.loading.Backbone``), from cached states: what ``LatentModel.decode``
+        and ``LatentModel.distributions`` read."""
+        if self.items and next(iter(self.items.values())).h.device != backbone.device:
+            self.clear()  # the backbone moved: states computed elsewhere are stale
         keys = [(p, tuple(t)) for p, t in zip(prompts, targets, strict=True)]
         for prompt, target in (k for k in dict.fromkeys(keys) if k not in self.items):
-            self._fill(module, [prompt], [list(target)])  # one item at a time: see the class docstring
+            self._fill(backbone, layer, [prompt], [list(target)])  # one item at a time: see the class docstring
         states = [self.items[k] for k in keys]
-        return assemble(states, module.tokenizer.pad_token_id)
+        return assemble(states, backbone.tokenizer.pad_token_id)
 
 
 def assemble(states: list[ItemState], pad_id: int):

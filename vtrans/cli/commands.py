@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Literal
 
 from vtrans import log
@@ -69,18 +68,16 @@ def evaluate_command(
             the estimators not run are still named.
     """
     from vtrans.backbone.loading import resolve_device
-    from vtrans.data import DEFAULT_TEMPLATE
     from vtrans.estimators import distributed
     from vtrans.evaluation.evaluate import evaluate
     from vtrans.evaluation.report import format_table
-    from vtrans.latent import checkpoint
 
     if devices > 1:
         own = dict(out=out, ckpt=ckpt, model=model, template=template, device=device, quiet=quiet)
         return on_devices(evaluate_command, devices, resolve_device(device), dict(settings=settings, **own))
-    template = template or (checkpoint.template_of(ckpt) if ckpt else None) or DEFAULT_TEMPLATE
-    settings = replace(settings, template=template)
-    results = evaluate(settings, out, ckpt=ckpt, model=model, device=resolve_device(device), progress=not quiet)
+    results = evaluate(
+        settings, out, ckpt=ckpt, model=model, device=resolve_device(device), progress=not quiet, template=template or "ckpt"
+    )
     if distributed.current().rank != 0:
         return None
     reasons: dict[str, list[str]] = {}

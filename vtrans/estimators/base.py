@@ -11,7 +11,7 @@ starting from the forward's states rather than from the tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,9 @@ class Context:
         indices: (B,) each item's index in the whole run: the seed of its own random draws, so that
             its scores do not depend on the batch it falls in.
         members: an ensemble's latents, ``module`` first (empty without an ensemble).
+        posteriors: what was fitted on ``module`` after its training, by name: ``laplace`` (a
+            ``vtrans.latent.laplace.LaplacePosterior``), ``refit`` (a ``vtrans.latent.refit.RefitScale``);
+            a checkpoint holds neither (``vtrans crossval`` fits them per fold).
     """
 
     model: Any
@@ -91,6 +94,7 @@ class Context:
     completions: list[Any]
     indices: list[int]
     members: tuple = ()
+    posteriors: Mapping[str, Any] = field(default_factory=dict)
 
 
 Read = Callable[[Forward, Context], dict[str, torch.Tensor]]

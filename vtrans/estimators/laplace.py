@@ -28,7 +28,7 @@ def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     h = layer_state(forward, module)
     h_scored = module.states(h, enc)[0]
     loc, _ = module.latent.prior_params(h_scored)  # (B, d_z) at the trained weights
-    variance = module.laplace.location_variance(features(module, h_scored)).to(loc)  # (B, d_z)
+    variance = context.posteriors["laplace"].location_variance(features(module, h_scored)).to(loc)  # (B, d_z)
     eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed + NOISE_STREAM).to(loc)
     z = loc.unsqueeze(1) + variance.sqrt().unsqueeze(1) * eps  # (B, S, d_z)
     logits = torch.cat([part for _, part in sample_chunks(module, h, enc, forward.cache, z)])

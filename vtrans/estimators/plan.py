@@ -10,7 +10,7 @@ the targets each batch is encoded with and reads the families' scores off that b
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +21,11 @@ from vtrans.estimators import registry
 from vtrans.estimators.base import Context, Forward
 
 
-def runnable(names: Sequence[str], module, aggregate: str, members: int) -> list[str]:
-    """``names`` that apply to a run with ``module`` (a latent or None), the ``aggregate`` and
-    ``members`` latents, a fitted one replaced by the estimators that give its features
-    (``registry.computed``)."""
-    return [n for n in registry.computed(names) if registry.why_not(n, module, aggregate, members) is None]
+def runnable(names: Sequence[str], module, aggregate: str, members: int, posteriors: Collection[str] = ()) -> list[str]:
+    """``names`` that apply to a run with ``module`` (a latent or None), the ``aggregate``,
+    ``members`` latents and the ``posteriors`` fitted on the latent, a fitted one replaced by the
+    estimators that give its features (``registry.computed``)."""
+    return [n for n in registry.computed(names) if registry.why_not(n, module, aggregate, members, posteriors) is None]
 
 
 @dataclass

@@ -11,7 +11,7 @@ constants are the families as imported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -133,7 +133,9 @@ def reference_of(aurocs: Mapping[str, float], among: Sequence[str] | None = None
     return max(present, key=lambda n: np.nan_to_num(aurocs[n], nan=-1.0))
 
 
-def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) -> str | None:
+def why_not(
+    name: str, module=None, aggregate: str = "first", members: int = 0, posteriors: Collection[str] = ()
+) -> str | None:
     """Why ``name`` cannot run with this latent and aggregate, or None when it can.
 
     Args:
@@ -141,6 +143,8 @@ def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) 
             ``conditional``, ``deterministic``: what a checkpoint records, so that a request is
             checked before anything loads); None without a checkpoint.
         members: the latents of the ensemble there is (0 or 1: none).
+        posteriors: the names of the posteriors fitted on the latent after its training that
+            there are (``laplace``, ``refit``: ``Context.posteriors``).
     """
     family = family_of(name)
     needs = family.needs_of(name)
@@ -153,9 +157,9 @@ def why_not(name: str, module=None, aggregate: str = "first", members: int = 0) 
         return "needs a latent trained with prior: conditional"
     if "laplace" in needs and prior != "conditional":
         return "needs a latent trained with prior: conditional (its prior network is what the Laplace posterior is over)"
-    if "laplace" in needs and getattr(module, "laplace", None) is None:  # a checkpoint never holds one
+    if "laplace" in needs and "laplace" not in posteriors:  # a checkpoint never holds one
         return "needs a Laplace posterior fitted on the latent's training prompts (vtrans crossval fits one per fold)"
-    if "refit" in needs and getattr(module, "refit", None) is None:  # a checkpoint never holds one
+    if "refit" in needs and "refit" not in posteriors:  # a checkpoint never holds one
         return "needs the prior's spread refit on idioms the latent never trained on (crossval --refit_spread)"
     if "ensemble" in needs and members < 2:
         return "needs an ensemble of latents (crossval --ensemble M, M >= 2)"

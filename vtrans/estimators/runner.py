@@ -26,7 +26,8 @@ processes share a run (``vtrans.estimators.distributed``). ``vtrans evaluate``, 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -96,6 +97,7 @@ class Runner(Completer):
         progress: bool = True,
         shard: Shard | None = None,
         members: Sequence = (),
+        posteriors: Mapping[str, Any] | None = None,
     ) -> None:
         """Args:
             backbone: the base model (``vtrans.backbone.loading.Backbone``).
@@ -105,17 +107,22 @@ class Runner(Completer):
             shard: this process's share of the batches (default: the running process group's,
                 see ``vtrans.estimators.distributed``); every rank ends with the whole run's results.
             members: an ensemble's latents on the same backbone, ``module`` first (the ensemble family's).
+            posteriors: what was fitted on ``module`` after its training (``Context.posteriors``).
         """
         super().__init__(backbone, config, progress, shard)
-        self.module, self.members = module, tuple(members)
+        self.module, self.members, self.posteriors = module, tuple(members), dict(posteriors or {})
+        self._plans: dict[tuple[str, ...], Plan] = {}  # names asked for -> what they run: checked once
 
     def runnable(self, names: Sequence[str]) -> list[str]:
         """``names`` that apply here (latent, prior, aggregate), a fitted one replaced by the
         estimators that give its features (``registry.computed``)."""
-        return runnable(names, self.module, self.config.aggregate, len(self.members))
+        return runnable(names, self.module, self.config.aggregate, len(self.members), tuple(self.posteriors))
 
     def _plan(self, names: Sequence[str]) -> Plan:
-        return Plan.of(self.runnable(names), self.config.aggregate)
+        key = tuple(names)
+        if key not in self._plans:
+            self._plans[key] = Plan.of(self.runnable(names), self.config.aggregate)
+        return self._plans[key]
 
     @torch.no_grad()
     def scores(
@@ -208,7 +215,9 @@ class Runner(Completer):
         return [c for part in self.shard.merge(completions) for c in part], _concat(self.shard.merge(done))
 
     def _context(self, prompts: list[str], completions: list[Completion], indices: list[int]) -> Context:
-        return Context(self.model, self.module, self.tokenizer, self.config, prompts, completions, indices, self.members)
+        return Context(
+            self.model, self.module, self.tokenizer, self.config, prompts, completions, indices, self.members, self.posteriors
+        )
 
     @torch.no_grad()
     def plain_forward_seconds(self, prompts: list[str], completions: list[Completion]) -> float:

@@ -24,7 +24,7 @@ def _prior(forward: Forward, context: Context):
     h = layer_state(forward, module)
     h_scored = module.states(h, forward.enc)[0]
     loc, _ = module.latent.prior_params(h_scored)
-    return h, loc, module.refit.scale(features(module, h_scored)).to(loc)
+    return h, loc, context.posteriors["refit"].scale(features(module, h_scored)).to(loc)
 
 
 def read_prior(forward: Forward, context: Context) -> dict[str, torch.Tensor]:

@@ -228,26 +228,26 @@ class UnitWork:
         if self.cfg.ensemble > 1 and any("ensemble" in family_of(nm).needs for nm in names):
             members += [self.latents.latent(seed, fold, train, m)[0] for m in range(1, self.cfg.ensemble)]
         trained = time.perf_counter() - start
-        idx, seconds = plan.inside(fold), {}
+        idx, seconds, posteriors = plan.inside(fold), {}, {}
         if any("laplace" in family_of(nm).needs for nm in names) and module.latent.prior == "conditional":
             t0 = time.perf_counter()
-            module.laplace = laplace.fit(module, [render_prompt(self.eval.template, it.prefix) for it in train])
+            posteriors["laplace"] = laplace.fit(module, [render_prompt(self.eval.template, it.prefix) for it in train])
             seconds["laplace_fit"] = time.perf_counter() - t0
         if any(_needs_refit(nm) for nm in names) and module.latent.prior == "conditional":
             t0 = time.perf_counter()
             held = [plan.items[i] for i in self._held_out(fold)]
             prompts = [render_prompt(self.eval.template, it.prefix) for it in held]
-            module.refit = refit.fit(module, prompts, [it.target for it in held])
+            posteriors["refit"] = refit.fit(module, prompts, [it.target for it in held])
             seconds["prior_spread_fit"] = seconds["refit_samples_fit"] = time.perf_counter() - t0  # both families' fit
-        runner = Runner(self.backbone, module, replace(self.eval, seed=seed), progress=False, members=members)
+        runner = Runner(self.backbone, module, replace(self.eval, seed=seed), False, members=members, posteriors=posteriors)
         prompts, completions = [labels.prompts[i] for i in idx], [labels.completions[i] for i in idx]
         scores = runner.scores(prompts, completions, names, seconds=seconds, indices=idx)
         entry = {"seed": seed, "fold": fold, "n_train": len(train), "n_scored": len(idx), "train_seconds": trained,
                  "latents": len(members)}
         entry.update({k: stats[k] for k in ("kl", "nll", "active_units") if k in stats})
-        if getattr(module, "refit", None) is not None:
-            entry.update(refit_items=module.refit.n_items, refit_kl_before=module.refit.kl_before,
-                         refit_kl_after=module.refit.kl_after)
+        if "refit" in posteriors:
+            fitted = posteriors["refit"]
+            entry.update(refit_items=fitted.n_items, refit_kl_before=fitted.kl_before, refit_kl_after=fitted.kl_after)
         if self.cfg.from_checkpoints:
             how = f"loaded the latent trained on its {len(train)} idioms"
         else:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vtrans.backbone.loading import Backbone
 from vtrans.config import EvalConfig
-from vtrans.data import load_split
+from vtrans.data import DEFAULT_TEMPLATE, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import distributed, registry
 from vtrans.estimators.registry import chosen, family_of, why_not
@@ -43,6 +43,7 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
+    template: str | None = None,
 ) -> dict:
     """Run the comparison and write the contract's files into ``out_dir``; returns results.json's content.
 
@@ -50,13 +51,15 @@ def evaluate(
         config: the data, estimator and report settings.
         out_dir: where the files go.
         ckpt: a trained latent: a checkpoint, or a folder written by ``save_pretrained``; without
-            it only the estimators that need no latent run.
+            it only the estimators that need no latent run. It is read once.
         model: the base model by name (``vtrans.backbone.loading.Backbone``'s ``name``; default ``smollm2``),
             when no ``ckpt`` names it and no ``backbone`` is given.
         device: ``cpu``, ``cuda`` or ``cuda:N``; default: where the ``backbone`` given is, else ``cpu``.
         progress: progress bars on stderr.
         backbone: the base model, loaded (``Backbone.from_model`` wraps a model in memory): nothing
             is loaded by name; a ``ckpt`` must have been trained on it (fingerprints equal).
+        template: ``ckpt``: the template the checkpoint records (the built-in one if it records
+            none, or without a checkpoint); a template: that one; None: ``config.template``.
 
     Raises:
         ConfigError: both ``model`` and ``backbone`` given, too few items, settings that differ
@@ -67,64 +70,23 @@ def evaluate(
 
     if backbone is not None and model is not None:
         raise ConfigError(f"give the base model by name (model={model!r}) or loaded (backbone=), not both")
-    if device is None:
-        device = "cpu" if backbone is None else str(backbone.device)
-    else:
-        device = distributed.rank_device(device, distributed.current())
-
-    out = Path(out_dir)
-    config = replace(config, estimators=chosen(config.estimators))
-    split = split_settings(config, checkpoint.split_settings(ckpt) if ckpt is not None else None)
-    items = load_split(config.data, config.split, **split)
-    trained = checkpoint.trained_idiom_hashes(ckpt) if ckpt is not None else None
-    checked = len(items)
-    items, seen = leave_out_seen(items, trained, config.keep_seen, config.data)
-    if config.max_items:
-        items = items[: config.max_items]
-    if len(items) < 2:
-        raise ConfigError(f"{config.data} ({config.split}) has {len(items)} item(s): need at least 2 to evaluate")
-    too_few = _announce(config, ckpt, checked, seen, len(items))
-    with phase("loading the model", "loaded {model}") as said:
-        if ckpt is not None:
-            module = checkpoint.load(ckpt, device=device, backbone=backbone)
-            backbone = module.backbone
-        else:
-            module, backbone = None, (backbone or Backbone(model or "smollm2")).to(device)
-        model_name = backbone.label  # "... (random weights)" where they are
-        said["model"] = model_name if ckpt is None else f"{model_name} and the latent of {Path(ckpt).name}"
-    dropped: dict[str, str] = {}  # estimators asked for but not run, and why
-    for name in config.estimators:
-        why = why_not(name, module, config.aggregate)
-        if why is not None:
-            dropped[name] = why
-    names = [n for n in config.estimators if n not in dropped]
+    contents = checkpoint.read(ckpt) if ckpt is not None else None
+    config = _settings(config, contents, template)
+    items, split, trained, seen, checked, too_few = _items(config, ckpt, contents)
+    module, backbone = _load(ckpt, contents, model, backbone, _device(device, backbone))
+    names, dropped = _runnable(config.estimators, module, config.aggregate)
     runner = Runner(backbone, module, config, progress)
     labelled = complete_items(runner, items, config.template)
     _warn_if_wide(labelled[2], warned=too_few)
     # every row of scores.jsonl carries the families' per-item fields (the lens's trajectory)
     scored = score_items(runner, items, registry.with_fields(names), config.template, labelled=labelled)
-    fits = {}  # which items each fitted family was fitted on
-    for name in registry.fitted(names):
-        family, start = family_of(name), time.perf_counter()
-        try:
-            trained_with = None if ckpt is None else checkpoint.read(ckpt).get("datamodule_hyper_parameters", {})
-            train_items, source = fit_items(items, trained_with, trained)
-            fits[f"{family.name}_fit"] = {"source": source, "n": len(train_items)}
-            if not train_items:
-                raise Unfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
-            log.info(f"fitting {name} on {len(train_items)} items of {source}: completing them first")
-            with phase(f"fitting {name}", f"fitted {name}"):
-                scored.scores[name] = fit_scores(runner, family, train_items, scored, config.template)
-        except Unfittable as err:
-            names.remove(name)
-            dropped[name] = f"cannot be fitted: {err}"
-        scored.seconds[f"{family.name}_fit"] = time.perf_counter() - start
+    trained_with = None if contents is None else contents.get("datamodule_hyper_parameters", {})
+    fits = _fit(runner, scored, names, dropped, items, config.template, trained_with, trained)
     rows = _rows(scored, names)
-    cost = costs(scored.seconds, names)
     extra = {
         "config": asdict(config),
         "ckpt": ckpt,
-        "latent": None if module is None else dict(module.hparams),
+        "latent": None if module is None else dict(module.settings),
         "seconds": scored.seconds,
         "dropped": dropped,
         "split": split,
@@ -132,18 +94,103 @@ def evaluate(
         "seen_of": checked,
         "seen_left_out": None if seen is None else (0 if config.keep_seen else seen),
         "keep_seen": config.keep_seen,
+        **fits,
     }
-    extra.update(fits)
     results = report.build_results(
-        model_name, rows, cost, n_boot=config.n_boot, seed=config.seed, extra=extra, random_weights=backbone.random_weights
+        backbone.label,
+        rows,
+        costs(scored.seconds, names),
+        n_boot=config.n_boot,
+        seed=config.seed,
+        extra=extra,
+        random_weights=backbone.random_weights,
     )
     if runner.shard.rank == 0:  # under a process group every rank holds the results; one writes them
-        out.mkdir(parents=True, exist_ok=True)
-        report.write_scores_jsonl(out / "scores.jsonl", rows)
-        report.write_results_json(out / "results.json", results)
-        plots = report.plot_all(out, rows, results)
-        report.write_report_md(out / "report.md", results, plots)
+        _write(Path(out_dir), rows, results)
     return results
+
+
+def _settings(config: EvalConfig, contents: dict | None, template: str | None) -> EvalConfig:
+    """The run's settings: the estimators' names expanded, the template resolved (see :func:`evaluate`)."""
+    from vtrans.latent.checkpoint import template_in
+
+    if template == "ckpt":
+        template = (template_in(contents) if contents is not None else None) or DEFAULT_TEMPLATE
+    return replace(config, estimators=chosen(config.estimators), template=template or config.template)
+
+
+def _device(device: str | None, backbone: Backbone | None) -> str:
+    if device is None:
+        return "cpu" if backbone is None else str(backbone.device)
+    return distributed.rank_device(device, distributed.current())
+
+
+def _items(config: EvalConfig, ckpt: str | None, contents: dict | None):
+    """The items to evaluate, said on stderr before any work: ``(items, split, trained, seen,
+    checked, too_few)``, the seen ones (those the latent trained on) left out unless kept."""
+    from vtrans.latent import checkpoint
+
+    split = split_settings(config, checkpoint.split_settings(contents) if contents is not None else None)
+    items = load_split(config.data, config.split, **split)
+    trained = checkpoint.trained_idiom_hashes(contents) if contents is not None else None
+    checked = len(items)
+    items, seen = leave_out_seen(items, trained, config.keep_seen, config.data)
+    if config.max_items:
+        items = items[: config.max_items]
+    if len(items) < 2:
+        raise ConfigError(f"{config.data} ({config.split}) has {len(items)} item(s): need at least 2 to evaluate")
+    too_few = _announce(config, ckpt, checked, seen, len(items))
+    return items, split, trained, seen, checked, too_few
+
+
+def _load(ckpt: str | None, contents: dict | None, model: str | None, backbone: Backbone | None, device: str):
+    """``(module, backbone)``: the checkpoint's latent and its base model, or no latent and the model named."""
+    from vtrans.latent import checkpoint
+
+    with phase("loading the model", "loaded {model}") as said:
+        if ckpt is not None:
+            module = checkpoint.load(ckpt, device=device, backbone=backbone, ckpt=contents)
+            backbone = module.backbone
+        else:
+            module, backbone = None, (backbone or Backbone(model or "smollm2")).to(device)
+        said["model"] = backbone.label if ckpt is None else f"{backbone.label} and the latent of {Path(ckpt).name}"
+    return module, backbone
+
+
+def _runnable(names: list[str], module, aggregate: str) -> tuple[list[str], dict[str, str]]:
+    """The estimators that run with this latent, and why each other one asked for does not."""
+    dropped = {name: why for name in names if (why := why_not(name, module, aggregate)) is not None}
+    return [n for n in names if n not in dropped], dropped
+
+
+def _fit(runner, scored: Scored, names: list[str], dropped: dict, items, template: str, trained_with, trained) -> dict:
+    """Each fitted family's scores, into ``scored`` (one that cannot be fitted leaves ``names`` for
+    ``dropped``, saying why); returns which items each was fitted on."""
+    fits = {}
+    for name in registry.fitted(names):
+        family, start = family_of(name), time.perf_counter()
+        try:
+            train_items, source = fit_items(items, trained_with, trained)
+            fits[f"{family.name}_fit"] = {"source": source, "n": len(train_items)}
+            if not train_items:
+                raise Unfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")
+            log.info(f"fitting {name} on {len(train_items)} items of {source}: completing them first")
+            with phase(f"fitting {name}", f"fitted {name}"):
+                scored.scores[name] = fit_scores(runner, family, train_items, scored, template)
+        except Unfittable as err:
+            names.remove(name)
+            dropped[name] = f"cannot be fitted: {err}"
+        scored.seconds[f"{family.name}_fit"] = time.perf_counter() - start
+    return fits
+
+
+def _write(out: Path, rows: list[dict], results: dict) -> None:
+    """results.json, scores.jsonl, report.md and the plots, into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_scores_jsonl(out / "scores.jsonl", rows)
+    report.write_results_json(out / "results.json", results)
+    plots = report.plot_all(out, rows, results)
+    report.write_report_md(out / "report.md", results, plots)
 
 
 def _rows(scored: Scored, names: list[str]) -> list[dict]:

@@ -205,7 +205,7 @@ class FoldLatents:
         stats = {k.removeprefix("train/"): float(v) for k, v in logged.items() if k.startswith("train/")}
         for folder in ("units", "checkpoints") if self.cfg.save_checkpoints else ("units",):
             built.trainer.save_checkpoint(self.out / folder / name, weights_only=True)
-        return built.module.eval(), stats
+        return built.module.model.eval(), stats
 
     def _load(self, name: str, train: list[IdiomItem]):
         """The latent ``name`` from ``from_checkpoints``, refused unless it trained on ``train`` exactly."""
@@ -215,7 +215,8 @@ class FoldLatents:
                 f"{path} not found: --from_checkpoints needs {name} "
                 "(an earlier run's OUT/units, or its OUT/checkpoints with --save_checkpoints)"
             )
-        recorded = checkpoint.trained_idiom_hashes(path)
+        contents = checkpoint.read(path)
+        recorded = checkpoint.trained_idiom_hashes(contents)
         wanted = {idiom_hash(it.idiom) for it in train}
         if recorded != wanted:
             have = "no record of its idioms" if recorded is None else f"{len(recorded)} recorded idioms, {len(recorded ^ wanted)} differ"
@@ -223,4 +224,4 @@ class FoldLatents:
                 f"{path} was not trained on this fold's {len(wanted)} training idioms ({have}): "
                 "use the same --data, --folds, --fold_seed, --extra_train and --self_targets as the run that wrote it"
             )
-        return checkpoint.load(path, self.device, backbone=self.backbone)  # to score with: no training, no frozen cache
+        return checkpoint.load(path, self.device, backbone=self.backbone, ckpt=contents)  # to score with: no training, no frozen cache

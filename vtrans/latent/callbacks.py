@@ -122,12 +122,14 @@ class Summary(ModelSummary):
 
 def summary_table(module: nn.Module, max_depth: int = 1) -> str:
     """Name, type, parameters, trainable parameters and mode of each submodule down to ``max_depth``
-    (-1: all), then the totals."""
+    (-1: all), then the totals. A submodule with both trainable and frozen parameters (the latent
+    model, which holds the frozen backbone and the latent) is shown with its children at its own
+    depth, so that each level says what trains and what is frozen."""
 
     def count(m: nn.Module, trainable: bool = False) -> str:
         return get_human_readable_count(sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable))
 
-    shown = [(name, m) for name, m in module.named_modules() if name and (max_depth < 0 or name.count(".") < max_depth)]
+    shown = list(_rows(module, max_depth))
     cells = [("", "Name", "Type", "Params", "Trainable", "Mode")]
     for i, (name, m) in enumerate(shown):
         cells.append((str(i), name, type(m).__name__, count(m), count(m, trainable=True), "train" if m.training else "eval"))
@@ -145,3 +147,14 @@ def summary_table(module: nn.Module, max_depth: int = 1) -> str:
         (str(modes.count(False)), "Modules in eval mode"),
     ]
     return "\n".join([lines[0], rule, *lines[1:], rule, *(f"{value:<10}{what}" for value, what in totals)])
+
+
+def _rows(module: nn.Module, max_depth: int, prefix: str = "", depth: int = 0):
+    """``(name, submodule)`` in the order of ``named_modules``, down to ``max_depth``; a mixed one
+    (trainable and frozen parameters) does not count as a level."""
+    for name, child in module.named_children():
+        if max_depth >= 0 and depth >= max_depth:
+            return
+        yield f"{prefix}{name}", child
+        mixed = len({p.requires_grad for p in child.parameters()}) == 2
+        yield from _rows(child, max_depth, f"{prefix}{name}.", depth if mixed else depth + 1)

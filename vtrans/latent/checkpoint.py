@@ -1,7 +1,7 @@
 """Checkpoints: reading them back safely, and loading the latent they hold.
 
 What a checkpoint holds is the latent only, with a record of its backbone
-(``LatentModel.state_dict`` and ``LatentLM.on_save_checkpoint``): never a copy of the base
+(``LatentModel.state_dict``, which ``LatentLM`` writes as its own, and ``LatentLM.on_save_checkpoint``): never a copy of the base
 model. Writing it during training is ``vtrans.latent.checkpoint_io``'s job (Lightning's plugin).
 
 Reading: a checkpoint must be the zip archive that ``torch.save`` writes (the legacy
@@ -34,17 +34,12 @@ import torch
 from vtrans.backbone.loading import SPEC_KEYS, Backbone
 from vtrans.errors import CheckpointError
 from vtrans.latent.model import LatentModel
-from vtrans.latent.saved import read_pretrained
+from vtrans.latent.saved import first_line, read_pretrained
 
 # --------------------------------------------------------------------------- reading
 
 
 _UNSAFE = re.compile(r"Unsupported (?:global: GLOBAL \S+|operand \S+|class \S+)|Trying to load unsupported type \S+")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read(path: str | Path) -> dict:
@@ -79,7 +74,7 @@ def read(path: str | Path) -> dict:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()  # CRC of every member: torch.load does not check them
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint (damaged zip archive): {_first_line(err)}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (damaged zip archive): {first_line(err)}") from None
     if damaged is not None:
         raise CheckpointError(f"{path} is damaged: {damaged} fails its CRC check (a partial copy or a bad disk?)")
     try:
@@ -93,10 +88,10 @@ def read(path: str | Path) -> dict:
             raise CheckpointError(
                 f"{path} was refused: loading it would build {what}, which can run code; nothing from it was run"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (damaged): {_first_line(err)}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (damaged): {first_line(err)}") from None
     except Exception as err:  # torch raises many kinds on a damaged archive (RuntimeError, KeyError, EOFError, ...)
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or damaged): {type(err).__name__}: {_first_line(err)}"
+            f"{path} is not a readable checkpoint (truncated or damaged): {type(err).__name__}: {first_line(err)}"
         ) from None
     if not isinstance(ckpt, dict) or "vtrans" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a vtrans checkpoint (no 'vtrans' record): train one with train.py fit")
@@ -137,7 +132,7 @@ def load(
     ckpt: dict | None = None,
 ) -> LatentModel:
     """The checkpoint's latent, on ``device``, in eval mode: a ``LatentModel`` to score with,
-    or with ``training`` the ``LatentLM`` that trains it.
+    or with ``training`` the ``LatentLM`` that goes on training it (holding that ``LatentModel``).
 
     Args:
         path: a checkpoint written by ``train.py fit``, or a folder written by
@@ -147,7 +142,7 @@ def load(
             was a model in memory must be given). Either way its fingerprint must equal the
             checkpoint's.
         training: build the LightningModule (``vtrans.latent.module.LatentLM``), which checks the
-            training settings too; without it those are kept in ``hparams`` unread.
+            training settings too; without it those are kept in ``settings`` unread.
         ckpt: the file's contents, where :func:`read` has read them already.
 
     Raises:
@@ -157,13 +152,13 @@ def load(
     """
     ckpt = read(path) if ckpt is None else ckpt
     record = ckpt["vtrans"]
+    model = LatentModel.from_saved(str(path), record["backbone"], record["fingerprint"], hyper_parameters(ckpt), ckpt["state_dict"], backbone)
+    model.template = template_in(ckpt)
     if training:
-        from vtrans.latent.module import LatentLM as cls
-    else:
-        cls = LatentModel
-    module = cls.from_saved(str(path), record["backbone"], record["fingerprint"], hyper_parameters(ckpt), ckpt["state_dict"], backbone)
-    module.template = template_in(ckpt)
-    return module.to(device).eval()
+        from vtrans.latent.module import LatentLM
+
+        return LatentLM.from_model(model).to(device).eval()
+    return model.to(device).eval()
 
 
 def hyper_parameters(ckpt: dict) -> dict:
@@ -182,31 +177,27 @@ def template_in(ckpt: dict) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def template_of(path: str | Path) -> str | None:
-    """The prompt template the latent was trained with, if the checkpoint records one."""
-    return template_in(read(path))
-
-
 SPLIT_KEYS = ("seed", "val_fraction", "test_fraction")
 
 
-def trained_idiom_hashes(path: str | Path) -> set[str] | None:
-    """The idioms the checkpoint's latent was trained on, as ``vtrans.data.idiom_hash`` values.
+def trained_idiom_hashes(ckpt: dict) -> set[str] | None:
+    """The idioms the latent of a checkpoint's contents (:func:`read`) was trained on, as
+    ``vtrans.data.idiom_hash`` values.
 
     Returns:
         The set of hashes; None for a checkpoint written before they were recorded.
     """
     from vtrans.latent.datamodule import IdiomDataModule
 
-    state = read(path).get(IdiomDataModule.__qualname__)
+    state = ckpt.get(IdiomDataModule.__qualname__)
     hashes = state.get("train_idiom_hashes") if isinstance(state, dict) else None
     if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
         return None
     return set(hashes)
 
 
-def split_settings(path: str | Path) -> dict:
-    """The data settings the latent was trained with: ``data`` and the split's ``seed``,
-    ``val_fraction`` and ``test_fraction``, those the checkpoint records (none for an older one)."""
-    hparams = read(path).get("datamodule_hyper_parameters", {})
+def split_settings(ckpt: dict) -> dict:
+    """The data settings the latent of a checkpoint's contents (:func:`read`) was trained with:
+    ``data`` and the split's ``seed``, ``val_fraction`` and ``test_fraction``, those it records."""
+    hparams = ckpt.get("datamodule_hyper_parameters", {})
     return {k: hparams[k] for k in ("data", *SPLIT_KEYS) if k in hparams}

@@ -119,23 +119,25 @@ class Loss:
     beta: float
 
 
-def batch_loss(module, h: torch.Tensor, enc, prefix) -> Loss:
-    """The loss of one batch of a ``LatentLM``: the stream after block k ``h`` (B, T, C), its
-    encoding ``enc`` and the upper blocks' prefix, shared by every particle."""
+def batch_loss(
+    model, h: torch.Tensor, enc, prefix, loss_fn: Callable[[ELBOInputs], torch.Tensor], beta: float, free_bits: float
+) -> Loss:
+    """The loss of one batch of a ``LatentModel``: the stream after block k ``h`` (B, T, C), its
+    encoding ``enc`` and the upper blocks' prefix, shared by every particle; ``loss_fn`` from
+    :func:`make_loss`, ``beta`` the KL's weight at this step, ``free_bits`` in nats per dimension."""
     n_items = enc.targets.shape[0]
-    if module.latent.prior == "deterministic":  # the twin: maximum likelihood with z at the prior network's mean
-        q_loc = module.latent.mean(module.states(h, enc)[0])
-        loss = completion_nll(module.decode(h, q_loc, enc, prefix), enc.targets, enc.target_mask).mean()
+    if model.latent.prior == "deterministic":  # the twin: maximum likelihood with z at the prior network's mean
+        q_loc = model.latent.mean(model.states(h, enc)[0])
+        loss = completion_nll(model.decode(h, q_loc, enc, prefix), enc.targets, enc.target_mask).mean()
         kl_dim, beta = torch.zeros_like(q_loc), 0.0
         nll = loss.detach()
     else:
-        q_loc, q_scale, p_loc, p_scale = module.distributions(h, enc)
-        beta = module.current_beta()
+        q_loc, q_scale, p_loc, p_scale = model.distributions(h, enc)
         inputs = ELBOInputs(
-            q_loc, q_scale, p_loc, p_scale, lambda z: module.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
+            q_loc, q_scale, p_loc, p_scale, lambda z: model.decode(h, z, enc, prefix), enc.targets, enc.target_mask, beta
         )
-        neg_elbo_beta = module.loss_fn(inputs) / n_items  # NLL + β·KL, per item
+        neg_elbo_beta = loss_fn(inputs) / n_items  # NLL + β·KL, per item
         kl_dim = kl_normal(q_loc, q_scale, p_loc, p_scale)  # (B, d_z)
-        loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, module.hparams.free_bits)
+        loss = neg_elbo_beta + beta * free_bits_penalty(kl_dim, free_bits)
         nll = (neg_elbo_beta - beta * kl_dim.sum(-1).mean()).detach()
     return Loss(loss, nll, q_loc, kl_dim, beta)

@@ -72,7 +72,7 @@ def fit(module, prompts: list[str], prior_precision: float = 1.0) -> LaplacePost
     h = scored_states(module, prompts)
     phi = features(module, h).double()  # (n, h+1)
     _, scale = module.latent.prior_params(h)  # (n, d_z)
-    beta = float(module.hparams.get("beta", 1.0))
+    beta = float(module.settings.get("beta", 1.0))
     weights = beta / scale.double().pow(2)  # (n, d_z)
     hessian = torch.einsum("nd,ni,nj->dij", weights, phi, phi)  # (d_z, h+1, h+1)
     hessian = hessian + prior_precision * torch.eye(phi.shape[1], dtype=torch.float64)

@@ -1,47 +1,36 @@
 """The latent model: a frozen causal LM with a Gaussian latent z between block k and block k+1.
 
-What scoring reads, and nothing of training: the forward pieces (the stream after block k, the
-upper blocks' prefix, the logits given z), the latent's distributions, and checkpoints that hold
-the latent's weights only. Plain torch (no Lightning, torchmetrics or Pyro), so a checkpoint
-loads for scoring without importing them (``vtrans.latent.checkpoint.load``). The backbone comes in
-through the constructor and never trains. ``vtrans.latent.module.LatentLM`` extends this class with
-the ELBO and its training loop.
-
-What it saves and how it is rebuilt (checkpoints, ``save_pretrained`` folders) is
-``vtrans.latent.saved``'s: :class:`LatentModel` has it as a base.
+:class:`LatentModel` is the whole of a trained latent: its forward pieces (the stream after
+block k, the upper blocks' prefix, the logits given z), the latent's distributions, its settings,
+and what it saves and how it is rebuilt (training checkpoints, ``save_pretrained`` folders; the
+formats are ``vtrans.latent.saved``'s). Plain torch (no Lightning, torchmetrics or Pyro), so a
+checkpoint loads for scoring without importing them. The backbone comes in through the
+constructor and never trains; :class:`vtrans.latent.module.LatentLM`, the LightningModule that
+trains a latent, holds one.
 """
 
 from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Self
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from vtrans.backbone import architectures, tokens
-from vtrans.backbone.frozen import FrozenPrefix, upper_prefix, upper_suffix
+from vtrans.backbone import tokens
+from vtrans.backbone.frozen import FrozenPrefix, lower, upper_prefix, upper_suffix
 from vtrans.backbone.loading import Backbone
 from vtrans.backbone.tokens import Encoded
 from vtrans.config import check_all
+from vtrans.errors import CheckpointError, UserError
+from vtrans.latent import saved
 from vtrans.latent.gaussian import PRIORS, GaussianLatent, Prior
-from vtrans.latent.saved import Pretrained
 
 
-class Settings(dict):
-    """The settings a latent was built with; a dict whose keys also read as attributes
-    (``hparams.d_z``), like the ``hparams`` of a LightningModule."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name: str, value) -> None:
-        self[name] = value
-
-
-class LatentModel(Pretrained, nn.Module):
-    """A causal LM with a Gaussian latent z between block k and block k+1: its forward pieces.
+class LatentModel(nn.Module):
+    """A causal LM with a Gaussian latent z between block k and block k+1.
 
     Args:
         backbone: the frozen causal LM (``vtrans.backbone.loading.Backbone``).
@@ -54,6 +43,11 @@ class LatentModel(Pretrained, nn.Module):
         hidden: width of the encoder MLPs.
         gradient_checkpointing: recompute the upper blocks' activations in the backward pass
             instead of keeping them (less memory for long targets or large batches, more time).
+
+    Attributes:
+        settings: the arguments it was built with (``layer`` resolved), plus, for a latent loaded
+            from what training saved, the training settings recorded with it (kept, unread).
+        template: the prompt template it was trained with, where what it was loaded from says.
     """
 
     def __init__(
@@ -79,22 +73,23 @@ class LatentModel(Pretrained, nn.Module):
         self.backbone = backbone
         self.latent = GaussianLatent(backbone.d_model, d_z, prior, hidden)
         self.gradient_checkpointing = gradient_checkpointing
-        self._settings = Settings(
+        self.settings: dict[str, Any] = dict(
             layer=layer, d_z=d_z, prior=prior, hidden=hidden, gradient_checkpointing=gradient_checkpointing
         )
+        self.template: str | None = None
         self._fingerprint: str | None = None
-        self.laplace = None  # a vtrans.latent.laplace.LaplacePosterior, fitted after training (never in a checkpoint)
-        self.template: str | None = None  # the prompt template it was trained with, where what it was loaded from says
-
-    @property
-    def hparams(self) -> Settings:
-        """The settings it was built with; a latent loaded to score also holds those it was trained with."""
-        return self._settings
 
     @property
     def device(self) -> torch.device:
         """Where the latent's weights are (and so where ``encode`` puts its tensors)."""
         return self.latent.proj.weight.device
+
+    @property
+    def fingerprint(self) -> str:
+        """The backbone's fingerprint (``Backbone.fingerprint``), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = self.backbone.fingerprint()
+        return self._fingerprint
 
     # ------------------------------------------------------------------ inputs
 
@@ -110,15 +105,9 @@ class LatentModel(Pretrained, nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
 
-    @torch.no_grad()
     def lower(self, enc: Encoded) -> torch.Tensor:
         """The raw residual stream after block k, (B, T, C); no autograd below the latent."""
-        with architectures.blocks_until(self.backbone.model, self.layer) as body:
-            out = body(
-                **enc.inputs,
-                use_cache=False,
-            )
-        return out.last_hidden_state
+        return lower(self.backbone.model, self.layer, enc)
 
     @torch.no_grad()
     def prefix(self, h: torch.Tensor, enc: Encoded) -> FrozenPrefix:
@@ -162,3 +151,117 @@ class LatentModel(Pretrained, nn.Module):
         """(q_loc, q_scale, p_loc, p_scale), each (B, d_z)."""
         h_scored, h_last = self.states(h, enc)
         return (*self.latent.posterior(h_scored, h_last), *self.latent.prior_params(h_scored))
+
+    # ------------------------------------------------------------------ weights: the latent's only
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The latent's weights, never the backbone's (also where this model is a submodule)."""
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if k.startswith(f"{prefix}backbone.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        extra = [k for k in state_dict if k.startswith("backbone.")]
+        if extra:
+            raise ValueError(f"checkpoint carries backbone weights ({extra[0]}, ...): it is not a vtrans checkpoint")
+        missing = [k for k in self.state_dict() if k not in state_dict]
+        if strict and missing:
+            raise KeyError(f"checkpoint lacks {missing}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # ------------------------------------------------------------------ rebuilt from what was saved
+
+    @classmethod
+    def from_settings(cls, backbone: Backbone, settings: dict) -> Self:
+        """A latent built around ``backbone`` with recorded settings; the training ones it does
+        not take are kept in its ``settings``, for the record.
+
+        Raises:
+            TypeError: a setting that neither this class nor training knows.
+            ConfigError: a setting out of range.
+        """
+        own = set(inspect.signature(cls).parameters) - {"backbone"}
+        unknown = sorted(set(settings) - own - set(saved.TRAINING_KEYS))
+        if unknown:
+            raise TypeError(f"unknown setting(s) {', '.join(map(str, unknown))}")
+        model = cls(backbone, **{k: v for k, v in settings.items() if k in own})
+        model.settings.update(settings)
+        return model
+
+    @classmethod
+    def from_saved(
+        cls, what: str, spec: dict, fingerprint: str, settings: dict, state: dict, backbone: Backbone | None = None
+    ) -> Self:
+        """A saved latent rebuilt and tied to its base model: the one way both formats load.
+
+        Args:
+            what: the file or folder it came from, for messages.
+            spec: the backbone's spec as saved (``Backbone.spec``).
+            fingerprint: the backbone's fingerprint as saved.
+            settings: the latent's settings.
+            state: its weights (``state_dict``: the latent's only).
+            backbone: the base model to use; default: load the one ``spec`` names (a model that
+                was in memory cannot be: it must be given). Either way its fingerprint must be
+                ``fingerprint``.
+
+        Raises:
+            CheckpointError: a model in memory not given; a backbone of another fingerprint (both
+                named); settings or weights that do not build this version's latent.
+        """
+        backbone = saved.backbone_of(what, spec, fingerprint, backbone)
+        try:
+            model = cls.from_settings(backbone, settings)
+        except (TypeError, ValueError, UserError) as err:
+            raise CheckpointError(f"{what} holds latent settings this version cannot build: {err}") from None
+        model._fingerprint = fingerprint
+        try:
+            model.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{what} does not fit this latent: {saved.first_line(err)}") from None
+        return model
+
+    def save_pretrained(self, directory: str | Path, template: str | None = None) -> Path:
+        """Write the latent into ``directory`` (made if needed), the way the Hugging Face
+        ecosystem expects: ``model.safetensors`` (its weights, never the backbone's) and
+        ``config.json`` (its settings, the backbone's spec and fingerprint, the template, the
+        format). :meth:`from_pretrained` loads it back.
+
+        Args:
+            directory: the folder; files of the same names in it are replaced (each one whole).
+            template: the prompt template it was trained with (default: the one it was loaded with, if any).
+
+        Returns:
+            The folder.
+
+        Raises:
+            ValueError: weights that hold NaN or infinite values (nothing is written).
+        """
+        config = {
+            "settings": {k: v for k, v in self.settings.items() if not str(k).startswith("_")},
+            "backbone": self.backbone.spec,
+            "fingerprint": self.fingerprint,
+            "template": self.template if template is None else template,
+        }
+        return saved.write_pretrained(directory, self.state_dict(), config)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, backbone: Backbone | None = None, device: str | torch.device | None = None
+    ) -> Self:
+        """The latent :meth:`save_pretrained` wrote into ``directory``, in eval mode.
+
+        Args:
+            directory: the folder.
+            backbone: the base model (e.g. ``Backbone.from_model(model, tokenizer)``); default: load
+                the one the folder names. Either way its fingerprint must be the folder's.
+            device: where to put the latent (and the backbone); default: where the backbone is.
+
+        Raises:
+            CheckpointError: a folder without these files or with damaged ones, settings this
+                version does not know, or another base model (both named).
+        """
+        config, state = saved.read_pretrained(directory)
+        model = cls.from_saved(str(directory), config["backbone"], config["fingerprint"], config["settings"], state, backbone)
+        model.template = config["template"]
+        return model.to(model.backbone.device if device is None else device).eval()

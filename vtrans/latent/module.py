@@ -1,15 +1,16 @@
-"""The LightningModule: the latent model (``vtrans.latent.model``) trained by an ELBO.
+"""The LightningModule that trains a latent (``vtrans.latent.model.LatentModel``) by an ELBO.
 
-The backbone comes in through the constructor and never trains; only the latent's
-parameters reach the optimizer and the checkpoint. The checkpoint records which backbone it
-belongs to (its spec and a fingerprint of its config and weights). What scoring reads (the
-forward pieces, the latent's distributions, the weights a checkpoint holds) is
-:class:`vtrans.latent.model.LatentModel`'s; this module adds the training steps and the optimizer;
-the loss of a batch is ``vtrans.latent.elbo``'s and what training logs ``vtrans.latent.stats``'.
+:class:`LatentLM` holds the latent model it trains (``self.model``) and adds what training needs:
+the loss (``vtrans.latent.elbo``), the metrics it logs, the optimizer over the latent's
+parameters, and the record of the backbone a checkpoint belongs to. The backbone comes in through
+the constructor and never trains; the checkpoint's ``state_dict`` is the latent model's own (the
+latent's weights, with the keys ``LatentModel.state_dict`` gives them), so a checkpoint is read to
+score with no Lightning.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 
@@ -21,23 +22,16 @@ from torchmetrics import MeanMetric
 from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
 from vtrans.config import check_all
-from vtrans.latent.elbo import Estimator, batch_loss, make_loss
+from vtrans.latent.elbo import Estimator, Loss, batch_loss, make_loss
 from vtrans.latent.gaussian import Prior
 from vtrans.latent.model import LatentModel
-from vtrans.latent.stats import LatentStats, TrainingMetrics
+from vtrans.latent.stats import LatentStats
+
+STAGES = ("train", "val", "test")
 
 
-class LatentLM(LatentModel, TrainingMetrics):
-    """A causal LM with a Gaussian latent z between block k and block k+1, trained by an ELBO.
-
-    The forward pieces and the weights a checkpoint holds are :class:`vtrans.latent.model.LatentModel`'s;
-    this class adds the loss, the metrics and the optimizer.
-    """
-
-    # Lightning keeps these itself: the settings of every argument (save_hyperparameters) and the
-    # device the trainer moved the module to
-    hparams = L.LightningModule.hparams
-    device = L.LightningModule.device
+class LatentLM(L.LightningModule):
+    """Trains a :class:`vtrans.latent.model.LatentModel` (``self.model``) by an ELBO."""
 
     def __init__(
         self,
@@ -56,8 +50,7 @@ class LatentLM(LatentModel, TrainingMetrics):
         cache_frozen: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
-        # the arguments LatentModel takes are documented again here: LightningCLI (train.py --help)
-        # reads each argument's help from this docstring
+        # LightningCLI (train.py --help) reads each argument's help from this docstring
         """Build the latent around a frozen backbone.
 
         Args:
@@ -83,9 +76,7 @@ class LatentLM(LatentModel, TrainingMetrics):
             gradient_checkpointing: recompute the upper blocks' activations in the backward pass
                 instead of keeping them (less memory for long targets or large batches, more time).
         """
-        super().__init__(backbone, layer, d_z, prior, hidden, gradient_checkpointing)
-        self.save_hyperparameters(ignore=["backbone"])
-        self.hparams.layer = self.layer
+        super().__init__()
         check_all(
             [
                 (beta > 0, f"beta must be > 0, got {beta} (use a small value to weaken the KL term)"),
@@ -97,29 +88,65 @@ class LatentLM(LatentModel, TrainingMetrics):
                 (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
             ]
         )
+        self.model = LatentModel(backbone, layer, d_z, prior, hidden, gradient_checkpointing)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.hparams.layer = self.model.layer
+        self.model.settings.update({k: v for k, v in self.hparams.items() if k not in self.model.settings})
         self.loss_fn = make_loss(elbo, num_particles)
-        self.stats = torch.nn.ModuleDict({f"{s}_latent": LatentStats(d_z) for s in ("train", "val", "test")})
-        self.means = torch.nn.ModuleDict(
-            {f"{s}_{m}": MeanMetric() for s in ("train", "val", "test") for m in ("nll", "kl", "elbo")}
-        )
+        self.stats = torch.nn.ModuleDict({f"{s}_latent": LatentStats(d_z) for s in STAGES})
+        self.means = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in STAGES for m in ("nll", "kl", "elbo")})
         self.frozen_cache = FrozenCache()
+        self._quiet: warnings.catch_warnings | None = None
+
+    @classmethod
+    def from_model(cls, model: LatentModel) -> LatentLM:
+        """The LightningModule that goes on training ``model``, with the training settings it records."""
+        own = set(inspect.signature(cls).parameters) - {"backbone"}
+        module = cls(model.backbone, **{k: v for k, v in model.settings.items() if k in own})
+        module.model = model
+        return module
+
+    # ------------------------------------------------------------------ the checkpoint: the latent model's weights
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        return self.model.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        model = self.model
+        checkpoint["vtrans"] = {"backbone": model.backbone.spec, "fingerprint": model.fingerprint, "format": 1}
 
     # ------------------------------------------------------------------ training
 
     def on_fit_start(self) -> None:
-        """Tell Lightning that the backbone's modules are in eval mode on purpose.
+        """Tell Lightning that the backbone's modules are in eval mode on purpose, until training starts.
 
         The frozen backbone computes the same function in every step, so its dropout stays off
-        (``Backbone.train`` keeps it in eval mode). Lightning warns about every module in eval
-        mode at the start of training, for parts that should train and were left in eval mode
-        (a Hugging Face model loads in it); it has no switch for parts that should not. So its
-        warning is silenced for exactly the backbone's modules: any other module in eval mode
-        changes the count, and the warning stands.
+        (``Backbone.train`` keeps it in eval mode). Lightning warns, between this hook and
+        ``on_train_start``, about every module in eval mode, for parts that should train and were
+        left in eval mode; it has no switch for parts that should not. So its warning is silenced
+        for exactly the backbone's modules (any other module in eval mode changes the count, and
+        the warning stands), and the filter goes again when training starts.
         """
         in_eval = [name for name, module in self.named_modules() if not module.training]
-        if in_eval and all(name == "backbone" or name.startswith("backbone.") for name in in_eval):
+        if in_eval and all(name == "model.backbone" or name.startswith("model.backbone.") for name in in_eval):
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
             expected = f"Found {len(in_eval)} module(s) in eval mode at the start of training"
             warnings.filterwarnings("ignore", message=re.escape(expected), category=PossibleUserWarning)
+
+    def on_train_start(self) -> None:
+        self._restore_warnings()
+
+    def teardown(self, stage: str) -> None:
+        self._restore_warnings()  # a fit stopped before training started
+
+    def _restore_warnings(self) -> None:
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
 
     def current_beta(self) -> float:
         beta, warmup = self.hparams.beta, self.hparams.kl_warmup_steps
@@ -128,14 +155,15 @@ class LatentLM(LatentModel, TrainingMetrics):
         return beta * min(1.0, (self.global_step + 1) / warmup)
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
-        targets = self.target_ids(batch["target"])
+        model = self.model
+        targets = model.target_ids(batch["target"])
         if self.hparams.cache_frozen:
-            enc, h, prefix = self.frozen_cache.batch(self, batch["prompt"], targets)
+            enc, h, prefix = self.frozen_cache.batch(model.backbone, model.layer, batch["prompt"], targets)
         else:
-            enc = self.encode(batch["prompt"], targets)
-            h = self.lower(enc)  # (B, T, C)
-            prefix = self.prefix(h, enc)  # shared by every particle
-        step = batch_loss(self, h, enc, prefix)
+            enc = model.encode(batch["prompt"], targets)
+            h = model.lower(enc)  # (B, T, C)
+            prefix = model.prefix(h, enc)  # shared by every particle
+        step = batch_loss(model, h, enc, prefix, self.loss_fn, self.current_beta(), self.hparams.free_bits)
         if not torch.isfinite(step.loss):
             raise FloatingPointError(
                 f"non-finite loss ({step.loss.item()}) at {stage} step {self.global_step}: "
@@ -152,11 +180,43 @@ class LatentLM(LatentModel, TrainingMetrics):
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")
+
     def configure_optimizers(self):
-        params = [p for p in self.latent.parameters() if p.requires_grad]
+        params = [p for p in self.model.latent.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ what training logs
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["vtrans"] = {"backbone": self.backbone.spec, "fingerprint": self.fingerprint, "format": 1}
+    def _log_step(self, stage: str, step: Loss, n_items: int) -> None:
+        """One step's loss and the ELBO's parts (means over the epoch, weighted by items), and the
+        batch's share of the epoch's latent statistics (``vtrans.latent.stats``)."""
+        kl = step.kl_dim.sum(-1)  # (B,)
+        self.stats[f"{stage}_latent"].update(step.q_loc, step.kl_dim)
+        for name, value in (("nll", step.nll), ("kl", kl.mean()), ("elbo", -(step.nll + kl.mean()))):
+            metric = self.means[f"{stage}_{name}"]
+            metric.update(value.detach(), weight=n_items)
+            shown = name == "kl" and stage != "train"  # the KL per item, in the progress bar after validation
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=shown, batch_size=n_items)
+        self.log(
+            f"{stage}/loss", step.loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n_items, sync_dist=True
+        )
+        if stage == "train":
+            self.log("train/beta", step.beta, on_step=True, on_epoch=False)
+
+    def _log_stats(self, stage: str) -> None:
+        stats = self.stats[f"{stage}_latent"]
+        if stats.count == 0:
+            return
+        values = stats.compute()
+        values.pop("kl_dim")  # a vector; its sum over dimensions is the KL per item, {stage}/kl
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
+        stats.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_stats("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stats("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stats("test")

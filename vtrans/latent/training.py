@@ -25,6 +25,7 @@ import copy
 import inspect
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,40 @@ from vtrans.errors import ConfigError, TrainingStopped, UserError
 from vtrans.latent.callbacks import NonFiniteGuard, ResumableRNG, Summary
 from vtrans.latent.datamodule import IdiomDataModule
 from vtrans.latent.module import LatentLM
+
+FLAT_LAYOUT = {
+    "vtrans.loading.Backbone": "vtrans.backbone.loading.Backbone",
+    "vtrans.module.LatentLM": "vtrans.latent.module.LatentLM",
+    "vtrans.datamodule.IdiomDataModule": "vtrans.latent.datamodule.IdiomDataModule",
+    "vtrans.checkpoint_io.AtomicCheckpointIO": "vtrans.latent.checkpoint_io.AtomicCheckpointIO",
+    "vtrans.checkpoint.AtomicCheckpointIO": "vtrans.latent.checkpoint_io.AtomicCheckpointIO",
+    "vtrans.callbacks.NonFiniteGuard": "vtrans.latent.callbacks.NonFiniteGuard",
+    "vtrans.callbacks.ResumableRNG": "vtrans.latent.callbacks.ResumableRNG",
+    "vtrans.callbacks.Summary": "vtrans.latent.callbacks.Summary",
+}
+"""The class paths that training configs named before the package was laid out by layer, and
+each class's path now: a config that names one is refused with the replacement to make."""
+
+
+def refuse_flat_layout(text: str, where: str) -> None:
+    """Refuse a config (its text) that names a class by a path of the flat layout, saying what to write instead.
+
+    Raises:
+        ConfigError: naming each old path found and its replacement.
+    """
+    found = [old for old in FLAT_LAYOUT if re.search(rf"(?<![\w.]){re.escape(old)}(?!\w)", text)]
+    if found:
+        fixes = "; ".join(f"{old} -> {FLAT_LAYOUT[old]}" for old in found)
+        raise ConfigError(f"{where} names classes by paths this version no longer has: replace {fixes}")
+
+
+def _config_files(args: list[str]) -> Iterator[str]:
+    """The files a command line gives with ``--config`` (or ``-c``), in either spelling."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            yield args[i + 1]
+        elif arg.startswith("--config="):
+            yield arg.split("=", 1)[1]
 
 
 def trainer_defaults(guard: NonFiniteGuard | None = None) -> dict[str, Any]:
@@ -89,6 +124,15 @@ class TrainingCLI(LightningCLI):
         except MisconfigurationException as err:  # a trainer setting Lightning cannot use (devices, max_epochs, ...)
             lines = str(err).strip().splitlines()
             raise ConfigError(f"trainer: {lines[0] if lines else type(err).__name__}") from None
+
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, dict):
+            refuse_flat_layout(yaml.safe_dump(args), "the training config")
+        else:
+            for name in _config_files(list(sys.argv[1:] if args is None else args)):
+                if Path(name).is_file():
+                    refuse_flat_layout(Path(name).read_text(encoding="utf-8"), name)
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         if self.given_backbone is not None:
@@ -255,13 +299,16 @@ def read_yaml(path: str | Path) -> dict:
     """A training YAML's content.
 
     Raises:
-        ConfigError: a missing file, or one that is not a YAML mapping.
+        ConfigError: a missing file, one that is not a YAML mapping, or one that names a class by
+            a path of the flat layout (:data:`FLAT_LAYOUT`).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training config not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    refuse_flat_layout(text, str(path))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):

@@ -84,10 +84,18 @@ class Scorer:
             settings: fields of :class:`vtrans.config.EstimatorConfig` that override ``config``'s
                 (``Scorer(module, batch_size=8, samples=16)``).
         """
+        config = estimator_config(config, settings)
+        names = check_estimators(None if estimators is None else list(estimators), prior_of(module), config.aggregate)
+        self._setup(module, names, template, config, long_prompts, quiet)
+
+    def _setup(
+        self, module, names: list[str], template: str | None, config: EstimatorConfig, long_prompts: LongPrompts = "truncate",
+        quiet: bool = False,
+    ) -> None:
+        """The scorer of ``names``, checked already (:func:`vtrans.scoring.request.check_estimators`)."""
         from vtrans.estimators.runner import Runner
 
-        self.config = estimator_config(config, settings)
-        names = check_estimators(None if estimators is None else list(estimators), prior_of(module), self.config.aggregate)
+        self.config = config
         self.prompts = PromptPolicy(module.backbone, template, long_prompts, quiet, self.config.max_new_tokens)
         self.module, self.names, self.template = module, names, template
         self.batch_size, self.long_prompts, self.quiet = self.config.batch_size, long_prompts, quiet
@@ -130,8 +138,10 @@ class Scorer:
                 checkpoint of another base model, or of a model in memory not given.
             vtrans.errors.ConfigError: an estimator or setting the checkpoint cannot score with.
         """
-        module, estimators, template, config = load_request(path, device, estimators, template, backbone, options)
-        return cls(module, estimators, template, config=config, **options)
+        module, names, template, config = load_request(path, device, estimators, template, backbone, options)
+        scorer = cls.__new__(cls)  # the names were checked against the checkpoint, before it loaded
+        scorer._setup(module, names, template, config, **options)
+        return scorer
 
     @classmethod
     def from_pretrained(
