@@ -124,7 +124,7 @@ def single_pass_and_latent_mi() -> list[str]:
         for family in registry.FAMILIES
         if family.read is not None and not family.extra_passes
         for name in family.names
-        if not family.needs_of(name) & {"ensemble", "laplace", "refit"}
+        if family.posterior is None and "ensemble" not in family.needs_of(name)
     ]
     return single + list(latent.SAMPLES.names)
 

@@ -12,7 +12,7 @@ from vtrans.backbone.tokens import encode
 from vtrans.config import EstimatorConfig
 from vtrans.estimators import attention, baselines, lens, registry
 from vtrans.estimators import latent as latent_estimators
-from vtrans.estimators.base import Family, run_forward
+from vtrans.estimators.base import Family, Fitted, Posterior, run_forward
 from vtrans.estimators.runner import Runner
 from vtrans.latent.model import LatentModel
 
@@ -192,8 +192,9 @@ def test_a_fitted_family_is_planned_through_its_features(latent, monkeypatch):
     fields runs in every run that asks for them."""
     family = Family(
         "fitted_kl", {"kl_fitted": "latent_kl, fitted"}, None, reads_forward=False,
-        fitted="held-out labelled items", fit=lambda features, errors: lambda other: other["latent_kl"],
-        features=("latent_kl", "lens_ce_by_layer"),
+        fitted=Fitted(
+            "held-out labelled items", lambda features, errors: lambda other: other["latent_kl"], ("latent_kl", "lens_ce_by_layer")
+        ),
     )
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, family))
     assert registry.fitted(["msp", "kl_fitted", "probe", "unknown"]) == ["kl_fitted", "probe"]
@@ -209,9 +210,11 @@ def test_a_family_either_reads_or_is_fitted():
     def fit(features, errors):
         return lambda other: other["msp"]
 
-    with pytest.raises(ValueError, match="either a read, or a fit"):
-        Family("both", {"x": "x"}, lambda forward, context: {}, fitted="items", fit=fit)
-    with pytest.raises(ValueError, match="either a read, or a fit"):
-        Family("unsaid", {"x": "x"}, None, fit=fit)
+    with pytest.raises(ValueError, match="either a read, or how it is fitted"):
+        Family("both", {"x": "x"}, lambda forward, context: {}, fitted=Fitted("items", fit, ()))
+    with pytest.raises(ValueError, match="either a read, or how it is fitted"):
+        Family("neither", {"x": "x"}, None)
     with pytest.raises(ValueError, match="one name"):
-        Family("two", {"x": "x", "y": "y"}, None, fitted="items", fit=fit)
+        Family("two", {"x": "x", "y": "y"}, None, fitted=Fitted("items", fit, ()))
+    with pytest.raises(ValueError, match="needs one"):
+        Family("loose", {"x": "x"}, lambda forward, context: {}, posterior=Posterior("p", "p", lambda latent, data: None))

@@ -24,7 +24,7 @@ from vtrans.backbone.loading import Backbone
 from vtrans.cli import main
 from vtrans.data import DEFAULT_TEMPLATE, load_idioms, normalize_word, render_prompt
 from vtrans.data.items import idiom_key
-from vtrans.estimators import probe
+from vtrans.estimators import probe, registry
 from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents
 from vtrans.latent.datamodule import IdiomDataModule
@@ -199,7 +199,7 @@ def test_the_probe_is_cross_fitted(monkeypatch):
 def test_any_fitted_family_is_cross_fitted_on_its_features():
     """A fitted family's fit sees its own features of the other folds only; a fold whose outside
     is all of one class gets NaN."""
-    from vtrans.estimators.base import Family
+    from vtrans.estimators.base import Family, Fitted
 
     seen: list[tuple[list[str], list[float]]] = []
 
@@ -209,7 +209,7 @@ def test_any_fitted_family_is_cross_fitted_on_its_features():
             raise ValueError("one class")
         return lambda other: other["msp"] + 1
 
-    family = Family("plus", {"msp_plus": "msp + 1"}, None, fitted="items", fit=fit, features=("msp",))
+    family = Family("plus", {"msp_plus": "msp + 1"}, None, fitted=Fitted("items", fit, ("msp",)))
     scores = {"msp": torch.arange(6, dtype=torch.float32), "entropy": torch.zeros(6)}
     folds, correct = [0, 1, 2, 0, 1, 2], [True, False, True, True, True, True]
     out = cross_fitted(family, scores, correct, folds, 3)
@@ -523,3 +523,39 @@ def test_without_refit_spread_the_refit_estimators_are_dropped_saying_why_and_th
     for name in ("refit_prior_var", "refit_var"):
         assert "--refit_spread" in results["dropped"][name]
     assert "--refit_spread" in (out / "report.md").read_text()
+
+
+def test_a_family_with_a_posterior_of_its_own_runs_in_crossval_with_no_edit_to_it(mixed_file, tmp_path, capsys, monkeypatch):
+    """A family registered at run time, reading a posterior it declares: the run fits that posterior
+    once per fold's latent, on the fold's training prompts, hands it to the family on the run's
+    context, charges its fit to the family and logs what the posterior describes of itself."""
+    from vtrans.estimators.base import Family, Posterior
+
+    fitted_on: list[int] = []
+
+    def fit(latent, data):
+        fitted_on.append(len(data.train_prompts))
+        assert not data.held_prompts  # not held_out: no idioms set aside for it
+        return float(len(data.train_prompts))
+
+    posterior = Posterior("count", "a count of the training prompts", fit, describe=lambda n: {"count_of_prompts": n})
+    family = Family(
+        "shifted",
+        {"msp_shifted": "msp plus the count of the latent's training prompts"},
+        lambda forward, context: {"msp_shifted": 1 - forward.first_slot(forward.logits).softmax(-1).max(-1).values
+                                  + context.posteriors["count"]},
+        needs=frozenset({"latent"}),
+        posterior=posterior,
+    )
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, family))
+    out = tmp_path / "cv"
+    run_cli(["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "1",
+             "--samples", "4", "--n_boot", "100", "--estimators", "msp,msp_shifted", "--out", out], capsys)
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    assert fitted_on == [e["n_train"] for e in results["fold_training"]] and len(fitted_on) == 2
+    assert [e["count_of_prompts"] for e in results["fold_training"]] == fitted_on
+    n_train = {e["fold"]: e["n_train"] for e in results["fold_training"]}
+    for r in rows:  # msp is 1 − p(ŷ) of the same forward: the shift is the fold's count, nothing else
+        assert r["scores"]["msp_shifted"] == pytest.approx(r["scores"]["msp"] + n_train[r["fold"]], abs=1e-5)
+    assert results["seconds"]["shifted_fit"] > 0

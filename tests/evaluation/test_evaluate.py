@@ -548,7 +548,7 @@ def test_a_new_fitted_family_is_one_entry(idiom_files, tmp_path, monkeypatch):
     it: its features are computed on held-out items, it is fitted there, scores the evaluated items,
     is costed, written and described in the report."""
     from vtrans.estimators import registry
-    from vtrans.estimators.base import Family
+    from vtrans.estimators.base import Family, Fitted, Shown
     from vtrans.evaluation.evaluate import evaluate
 
     fits: list[tuple[list[str], int]] = []
@@ -562,8 +562,8 @@ def test_a_new_fitted_family_is_one_entry(idiom_files, tmp_path, monkeypatch):
 
     family = Family(
         "signed", {"signed_margin": "the margin, signed on labelled items"}, None,
-        reads_forward=False, default_score=False, fitted="held-out labelled items", fit=fit,
-        features=("margin", "lens_ce_by_layer"),
+        reads_forward=False, fitted=Fitted("held-out labelled items", fit, ("margin", "lens_ce_by_layer")),
+        shown=Shown(default_score=False),
     )
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, family))
     data = f"txt:{idiom_files['mixed']}"

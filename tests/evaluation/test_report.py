@@ -328,18 +328,18 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     """A family added to the registry is named in the report's bullets as it declares: among the
     references, the single-pass estimators, and with its fit."""
     from vtrans.estimators import registry
-    from vtrans.estimators.base import Family
+    from vtrans.estimators.base import Family, Fitted, Shown
 
     before = " ".join(prose._what_the_numbers_are().split())
     assert "of `msp`, `entropy`, `margin` and the sampled-word agreement" in before
     assert "the probe is the shared forward plus its fit" in before
     # a fitted family whose features take passes of their own is charged those
     assert "the probe with the latent's prediction is what its features cost plus its fit" in before
-    cheap = Family("cheap", {"top2": "p(top-2)"}, lambda forward, context: {}, reference=True)
+    cheap = Family("cheap", {"top2": "p(top-2)"}, lambda forward, context: {}, shown=Shown(reference=True))
     fitted = Family(
-        "signed", {"signed_margin": "the margin, signed"}, None, fitted="items",
-        fit=lambda features, errors: lambda other: other["margin"], features=("margin",),
-        prose={"cost": "the signed margin"},
+        "signed", {"signed_margin": "the margin, signed"}, None,
+        fitted=Fitted("items", lambda features, errors: lambda other: other["margin"], ("margin",)),
+        shown=Shown(prose={"cost": "the signed margin"}),
     )
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, cheap, fitted))
     after = " ".join(prose._what_the_numbers_are().split())

@@ -167,7 +167,7 @@ def test_estimator_choice(module, tiny_gpt2) -> None:
     assert set(Scorer(standard, quiet=True).names) == set(DEFAULT) - {"latent_kl"}
     with pytest.raises(ConfigError, match="conditional"):
         Scorer(standard, estimators=["latent_kl"])
-    assert set(DEFAULT) == {n for f in FAMILIES if f.default_score for n in f.names}
+    assert set(DEFAULT) == {n for f in FAMILIES if f.shown.default_score for n in f.names}
 
 
 def test_from_checkpoint_options(tiny_ckpt) -> None:

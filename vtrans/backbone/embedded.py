@@ -81,7 +81,7 @@ def _assembled_gemma3(package, folder: Path) -> Iterator[Path]:
 
 
 def _smollm2_folder(attn: str) -> Path:
-    """SmolLM2's cache: the GGUF dequantised once (about 30 s); later loads read it in seconds."""
+    """SmolLM2's cache: the GGUF dequantised once; later loads read the dequantised weights."""
     gguf = smollm2_gguf()
     return _dequantised(
         "smollm2", cache_dir() / "smollm2-135m-instruct", SMOLLM2_CACHE_MB, attn, lambda tmp: contextlib.nullcontext(gguf)
@@ -89,7 +89,7 @@ def _smollm2_folder(attn: str) -> Path:
 
 
 def _gemma3_folder(attn: str) -> Path:
-    """Gemma 3 270M's cache: the GGUF assembled and dequantised once (about a minute), then removed."""
+    """Gemma 3 270M's cache: the GGUF assembled and dequantised once, then removed."""
     package = gemma3_package()
     return _dequantised(
         "gemma3-270m", cache_dir() / "gemma3-270m", GEMMA3_CACHE_MB, attn, lambda tmp: _assembled_gemma3(package, tmp)

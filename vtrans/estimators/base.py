@@ -1,12 +1,18 @@
 """What every estimator family declares, and the shared forward it reads.
 
-A *family* is a few estimator names computed together. It declares what it needs (see
-``NEEDS``) and a ``read(forward, context)`` that turns the batch's :class:`Forward` into
-``{name: (B,) tensor}``; a *fitted* family has no ``read`` but a ``fit`` on other families'
-scores of labelled items (:data:`Fit`). The runner (``vtrans.estimators.runner``) makes one forward of the base model per
-batch that yields everything the asked-for families need, then calls each family's ``read``:
-single-pass families only read it; families with ``extra_passes`` add passes of their own,
-starting from the forward's states rather than from the tokens.
+A *family* is a few estimator names computed together, in three parts: what it **reads**
+(``read(forward, context)`` turns the batch's :class:`Forward` into ``{name: (B,) tensor}``),
+or for a *fitted* family what it is **fitted** on (:class:`Fitted`: a fit on other families'
+scores of labelled items); the **posterior** fitted on the latent after its training that its
+``read`` uses, if any (:class:`Posterior`: a run fits it, the family reads it off
+``Context.posteriors``); and how it is **shown** (:class:`Shown`: ``vtrans score``'s defaults,
+the reference baseline, the report's words). What it needs are keys of :data:`NEEDS`, each
+checking itself against the run's :class:`Setting`.
+
+The runner (``vtrans.estimators.runner``) makes one forward of the base model per batch that
+yields everything the asked-for families need, then calls each family's ``read``: single-pass
+families only read it; families with ``extra_passes`` add passes of their own, starting from the
+forward's states rather than from the tokens.
 """
 
 from __future__ import annotations
@@ -21,18 +27,57 @@ from vtrans.backbone.attention import full_cache
 from vtrans.backbone.tokens import Encoded, shift_positions, slot_positions
 from vtrans.config import EstimatorConfig
 
-# What a family may need from the shared forward or the run:
-NEEDS = {
-    "hidden_states": "every layer's residual stream (the lens, the latent's layer-k state)",
-    "attentions": "the attention weights (eager attention)",
-    "cache": "every block's keys and values (extra passes start from them)",
-    "whole_word": "the whole completion word after the prompt, not only its first token",
-    "latent": "a trained latent (--ckpt)",
-    "conditional_prior": "a latent trained with prior: conditional",
-    "variational": "a variational latent (prior: standard or conditional, not the deterministic twin)",
-    "ensemble": "an ensemble of latents (crossval --ensemble M, M >= 2)",
-    "laplace": "a Laplace posterior fitted on the latent's training prompts (crossval fits one per fold)",
-    "refit": "the prior's spread refit on idioms the latent never trained on (crossval --refit_spread)",
+
+@dataclass(frozen=True)
+class Setting:
+    """What a run has, against which a family's needs are checked.
+
+    Attributes:
+        prior: the trained latent's prior (``standard``, ``conditional``, ``deterministic``);
+            None without a latent.
+        aggregate: how a word's tokens are aggregated (``first``, ``mean``, ``max``).
+        members: the latents of the ensemble there is (0 or 1: none).
+        posteriors: the names of the posteriors fitted on the latent that there are.
+    """
+
+    prior: str | None = None
+    aggregate: str = "first"
+    members: int = 0
+    posteriors: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing a family may need: ``what`` it is, and for one that a run may lack, ``unmet``
+    (true when the :class:`Setting` lacks it) with the reason a name is then left out."""
+
+    what: str
+    unmet: Callable[[Setting], bool] | None = None
+    why: str = ""
+
+
+# What a family may need from the shared forward or the run, checked in this order:
+NEEDS: dict[str, Need] = {
+    "hidden_states": Need("every layer's residual stream (the lens, the latent's layer-k state)"),
+    "attentions": Need("the attention weights (eager attention)"),
+    "cache": Need("every block's keys and values (extra passes start from them)"),
+    "whole_word": Need("the whole completion word after the prompt, not only its first token"),
+    "latent": Need("a trained latent (--ckpt)", lambda s: s.prior is None, "needs a trained latent (--ckpt)"),
+    "variational": Need(
+        "a variational latent (prior: standard or conditional, not the deterministic twin)",
+        lambda s: s.prior == "deterministic",
+        "needs a variational latent: the deterministic twin has no spread",
+    ),
+    "conditional_prior": Need(
+        "a latent trained with prior: conditional",
+        lambda s: s.prior != "conditional",
+        "needs a latent trained with prior: conditional",
+    ),
+    "ensemble": Need(
+        "an ensemble of latents (crossval --ensemble M, M >= 2)",
+        lambda s: s.members < 2,
+        "needs an ensemble of latents (crossval --ensemble M, M >= 2)",
+    ),
 }
 
 
@@ -81,9 +126,8 @@ class Context:
         indices: (B,) each item's index in the whole run: the seed of its own random draws, so that
             its scores do not depend on the batch it falls in.
         members: an ensemble's latents, ``module`` first (empty without an ensemble).
-        posteriors: what was fitted on ``module`` after its training, by name: ``laplace`` (a
-            ``vtrans.latent.laplace.LaplacePosterior``), ``refit`` (a ``vtrans.latent.refit.RefitScale``);
-            a checkpoint holds neither (``vtrans crossval`` fits them per fold).
+        posteriors: the posteriors fitted on ``module`` after its training, by their
+            :attr:`Posterior.name` (a checkpoint holds none: ``vtrans crossval`` fits them per fold).
     """
 
     model: Any
@@ -107,29 +151,91 @@ wrong. Raises ``ValueError`` when the items leave nothing to fit (all of one cla
 
 
 @dataclass(frozen=True)
+class Fitted:
+    """How a fitted family is fitted.
+
+    Attributes:
+        on: what it is fitted on, in words.
+        fit: fits the family's one name (:data:`Fit`).
+        features: what ``fit`` reads: other families' names or ``fields``, in order; a run that
+            asks for the family computes them (those that apply there).
+    """
+
+    on: str
+    fit: Fit
+    features: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PosteriorData:
+    """What a posterior fitted on a trained latent may be fitted on (rendered prompts).
+
+    Attributes:
+        train_prompts: the prompts of the idioms the latent trained on.
+        held_prompts, held_targets: idioms set aside from its training and from the scored ones
+            (empty unless a posterior that is ``held_out`` was asked for).
+    """
+
+    train_prompts: list[str]
+    held_prompts: list[str] = field(default_factory=list)
+    held_targets: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class Posterior:
+    """A posterior fitted on the trained latent after its training, read by the families that name
+    it; a checkpoint holds none, a run fits it (``vtrans crossval`` once per fold's latent).
+
+    Attributes:
+        name: its key in ``Context.posteriors``.
+        what: what it is, in words (the reason a name that needs it is left out: "needs ``what``").
+        fit: ``fit(latent, data)``: the posterior of a trained ``LatentModel`` from :class:`PosteriorData`.
+        held_out: fitted on idioms set aside from the latent's training: a run holds some out for it.
+        describe: what a run's log records of the fitted posterior (``{key: number}``).
+    """
+
+    name: str
+    what: str
+    fit: Callable[[Any, PosteriorData], Any]
+    held_out: bool = False
+    describe: Callable[[Any], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Shown:
+    """How a family's names are presented.
+
+    Attributes:
+        default_score: in ``vtrans score``'s default estimators.
+        reference: its names may serve as the reference baseline that every other estimator is
+            paired against (cheap ones: the best of them is the bar to clear).
+        prose: how the report's bullets name the family's estimators, by bullet (``cost``,
+            ``reference``); a bullet not given names them in backticks.
+    """
+
+    default_score: bool = True
+    reference: bool = False
+    prose: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Family:
-    """An estimator family: its names, what it needs and how it reads the shared forward.
+    """An estimator family: its names, what it needs, and how it reads the shared forward or is fitted.
 
     Attributes:
         name: the family's name (the key of its seconds in a report).
         help: one line per estimator name, oriented so that higher = more uncertain.
         read: the scores of a batch from its :class:`Forward`; None for a fitted family.
-        needs: keys of ``NEEDS`` that every name of the family needs.
+        needs: keys of :data:`NEEDS` that every name of the family needs.
         name_needs: further needs of single names.
         extra_passes: adds passes of the model beyond the shared forward (timed on its own).
         reads_forward: reads the shared forward (charged its cost).
         first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
-        default_score: in ``vtrans score``'s default estimators.
-        reference: its names may serve as the reference baseline that every other estimator is
-            paired against (cheap ones: the best of them is the bar to clear).
         fields: per-item values its ``read`` returns besides its scores (a (B, k) tensor each),
             written into every row of scores.jsonl; a run computes them whatever it asks for.
-        fitted: what a fitted family is fitted on, in words; None for one that only reads.
-        fit: fits the family's one name (:data:`Fit`); with ``fitted``.
-        features: what ``fit`` reads: other families' names or ``fields``, in order; a run
-            that asks for the family computes them (those that apply there).
-        prose: how the report's bullets name the family's estimators, by bullet (``cost``,
-            ``reference``); a bullet not given names them in backticks.
+        fitted: how a fitted family is fitted; None for one that reads.
+        posterior: the posterior fitted on the latent that its ``read`` uses; None for none.
+        shown: how its names are presented.
     """
 
     name: str
@@ -140,33 +246,46 @@ class Family:
     extra_passes: bool = False
     reads_forward: bool = True
     first_token_only: bool = False
-    default_score: bool = True
-    reference: bool = False
     fields: tuple[str, ...] = ()
-    fitted: str | None = None
-    fit: Fit | None = None
-    features: tuple[str, ...] = ()
-    prose: dict[str, str] = field(default_factory=dict)
+    fitted: Fitted | None = None
+    posterior: Posterior | None = None
+    shown: Shown = Shown()
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.help)
 
     def words(self, bullet: str) -> str:
-        """The family's estimators in the report's ``bullet``: its ``prose`` there, or its names in backticks."""
-        return self.prose.get(bullet) or ", ".join(f"`{n}`" for n in self.names)
+        """The family's estimators in the report's ``bullet``: its prose there, or its names in backticks."""
+        return self.shown.prose.get(bullet) or ", ".join(f"`{n}`" for n in self.names)
 
     def needs_of(self, name: str) -> frozenset[str]:
         return self.needs | self.name_needs.get(name, frozenset())
+
+    def why_not(self, name: str, setting: Setting, posterior: bool = True) -> str | None:
+        """Why ``name`` cannot run in ``setting``, or None when it can: the first unmet need in
+        :data:`NEEDS`' order, then the posterior (unless ``posterior`` is false: what a run checks
+        before it fits one), then the aggregate."""
+        needs = self.needs_of(name)
+        for key, need in NEEDS.items():
+            if key in needs and need.unmet is not None and need.unmet(setting):
+                return need.why
+        if posterior and self.posterior is not None and self.posterior.name not in setting.posteriors:
+            return f"needs {self.posterior.what}"
+        if self.first_token_only and setting.aggregate != "first":
+            return "reads the first completion token only: run it with --aggregate first"
+        return None
 
     def __post_init__(self) -> None:
         unknown = set(self.needs).union(*self.name_needs.values()) - set(NEEDS)
         if unknown:
             raise ValueError(f"family {self.name}: unknown needs {sorted(unknown)}")
-        if (self.fit is None) != (self.fitted is None) or (self.fit is None) == (self.read is None):
-            raise ValueError(f"family {self.name}: either a read, or a fit with what it is fitted on")
-        if self.fit is not None and len(self.help) != 1:
+        if (self.fitted is None) == (self.read is None):
+            raise ValueError(f"family {self.name}: either a read, or how it is fitted")
+        if self.fitted is not None and len(self.help) != 1:
             raise ValueError(f"family {self.name}: a fitted family has one name, got {list(self.help)}")
+        if self.posterior is not None and "latent" not in self.needs:
+            raise ValueError(f"family {self.name}: a posterior is fitted on a latent: it needs one")
 
 
 @torch.no_grad()

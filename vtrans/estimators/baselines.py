@@ -6,7 +6,7 @@ import torch
 
 from vtrans.backbone.tokens import Encoded, aggregate
 from vtrans.config import EstimatorConfig
-from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
+from vtrans.estimators.base import Context, Family, Forward, Shown, context_for, run_forward
 from vtrans.estimators.common import entropy
 
 
@@ -42,5 +42,5 @@ FAMILY = Family(
     "baselines",
     {"msp": "1 − p(ŷ), the model's own doubt about its answer", "entropy": "entropy of the next-token distribution"},
     read,
-    reference=True,
+    shown=Shown(reference=True),
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from vtrans.estimators.adapter import logits_at_mean
-from vtrans.estimators.base import Context, Family, Forward
+from vtrans.estimators.base import Context, Family, Forward, Shown
 from vtrans.estimators.common import predictive_stats
 
 
@@ -49,5 +49,5 @@ FAMILY = Family(
     needs=frozenset({"latent", "ensemble", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
-    default_score=False,
+    shown=Shown(default_score=False),
 )

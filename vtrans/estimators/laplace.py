@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from vtrans.estimators.base import Context, Family, Forward
+from vtrans.estimators.base import Context, Family, Forward, Posterior, Shown
 from vtrans.estimators.common import predictive_stats
 from vtrans.estimators.latent import item_noise, layer_state, sample_chunks
+from vtrans.latent import laplace
 from vtrans.latent.laplace import features
 
 NOISE_STREAM = 0x1A91  # these draws' seeds differ from the z draws' of the same item
+
+POSTERIOR = Posterior(
+    "laplace",
+    "a Laplace posterior fitted on the latent's training prompts (vtrans crossval fits one per fold)",
+    lambda latent, data: laplace.fit(latent, data.train_prompts),
+)
 
 
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
@@ -50,8 +57,9 @@ FAMILY = Family(
         "laplace_mi": "mutual information between the next token and the prior network's output weights",
     },
     read,
-    needs=frozenset({"latent", "laplace", "hidden_states", "cache"}),
+    needs=frozenset({"latent", "conditional_prior", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
-    default_score=False,
+    posterior=POSTERIOR,
+    shown=Shown(default_score=False),
 )

@@ -21,7 +21,7 @@ from vtrans.backbone import architectures, attention
 from vtrans.backbone.frozen import FrozenPrefix
 from vtrans.backbone.tokens import Encoded
 from vtrans.config import EstimatorConfig, ZDraws
-from vtrans.estimators.base import Context, Family, Forward, context_for, item_seed, run_forward
+from vtrans.estimators.base import Context, Family, Forward, Shown, context_for, item_seed, run_forward
 from vtrans.estimators.common import predictive_stats
 from vtrans.latent.gaussian import kl_normal
 
@@ -222,5 +222,5 @@ SAMPLES = Family(
     needs=frozenset({"latent", "variational", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
-    prose={"cost": "`latent_mi` and `latent_nll` (the z samples of the scored position)"},
+    shown=Shown(prose={"cost": "`latent_mi` and `latent_nll` (the z samples of the scored position)"}),
 )

@@ -17,7 +17,7 @@ import torch
 from vtrans.backbone import architectures
 from vtrans.backbone.tokens import Encoded, aggregate, slot_positions
 from vtrans.config import EstimatorConfig
-from vtrans.estimators.base import Context, Family, Forward, context_for, run_forward
+from vtrans.estimators.base import Context, Family, Forward, Shown, context_for, run_forward
 from vtrans.estimators.common import linear_at, log_partition
 
 
@@ -123,5 +123,5 @@ FAMILY = Family(
     read,
     needs=frozenset({"hidden_states"}),
     fields=("lens_ce_by_layer", "lens_ce_gold_by_layer"),
-    prose={"cost": "the lens"},
+    shown=Shown(prose={"cost": "the lens"}),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vtrans.backbone.tokens import aggregate
-from vtrans.estimators.base import Context, Family, Forward
+from vtrans.estimators.base import Context, Family, Forward, Shown
 
 
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
@@ -13,4 +13,4 @@ def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     return {"margin": aggregate(1 - (top[..., 0] - top[..., 1]), forward.enc, context.config.aggregate)}
 
 
-FAMILY = Family("margin", {"margin": "1 − (p(top-1) − p(top-2)): a close runner-up"}, read, reference=True)
+FAMILY = Family("margin", {"margin": "1 − (p(top-1) − p(top-2)): a close runner-up"}, read, shown=Shown(reference=True))

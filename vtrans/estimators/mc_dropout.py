@@ -20,7 +20,16 @@ from vtrans.backbone import architectures as backbones
 from vtrans.backbone.tokens import Encoded
 from vtrans.config import EstimatorConfig
 from vtrans.errors import ConfigError
-from vtrans.estimators.base import Context, Family, Forward, context_for, device_rng, item_seed, run_forward
+from vtrans.estimators.base import (
+    Context,
+    Family,
+    Forward,
+    Shown,
+    context_for,
+    device_rng,
+    item_seed,
+    run_forward,
+)
 from vtrans.estimators.common import predictive_stats
 
 
@@ -154,6 +163,5 @@ FAMILY = Family(
     needs=frozenset({"hidden_states"}),
     extra_passes=True,
     first_token_only=True,
-    default_score=False,
-    prose={"cost": "MC dropout"},
+    shown=Shown(default_score=False, prose={"cost": "MC dropout"}),
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtrans.estimators.base import Family, Predict
+from vtrans.estimators.base import Family, Fitted, Predict, Shown
 
 FEATURES = ("lens_ce_by_layer", "entropy", "msp", "attention_entropy", "posterior_var", "latent_kl")
 
@@ -107,9 +107,6 @@ FAMILY = Family(
     {"probe": "logistic regression on the single-pass features, fitted on held-out labelled items"},
     None,
     reads_forward=False,
-    default_score=False,
-    fitted="labelled items held out from the scored ones",
-    fit=fit_on,
-    features=FEATURES,
-    prose={"cost": "the probe"},
+    fitted=Fitted("labelled items held out from the scored ones", fit_on, FEATURES),
+    shown=Shown(default_score=False, prose={"cost": "the probe"}),
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from vtrans.estimators import probe
-from vtrans.estimators.base import Family, Predict
+from vtrans.estimators.base import Family, Fitted, Predict, Shown
 
 FEATURES = (*probe.FEATURES, "adapter_nll")
 
@@ -37,9 +37,6 @@ FAMILY = Family(
     None,
     needs=frozenset({"latent"}),
     reads_forward=False,
-    default_score=False,
-    fitted="labelled items held out from the scored ones",
-    fit=fit_on,
-    features=FEATURES,
-    prose={"cost": "the probe with the latent's prediction"},
+    fitted=Fitted("labelled items held out from the scored ones", fit_on, FEATURES),
+    shown=Shown(default_score=False, prose={"cost": "the probe with the latent's prediction"}),
 )

@@ -1,9 +1,9 @@
 """Every estimator family, in report order: the one list the runner, the runs, the report and the CLI read.
 
 Adding an estimator is one new file in this package that defines a ``Family`` (its names with
-one line of help each, what it needs, and how it reads the shared forward, or for a fitted one
-what it is fitted on, its ``fit`` and the features it reads; see ``vtrans.estimators.base``) and
-one entry in ``FAMILIES`` below. The names are a contract: other tools read them.
+one line of help each, what it needs, how it reads the shared forward or is fitted, any posterior
+it reads and how it is shown; see ``vtrans.estimators.base``) and one entry in ``FAMILIES`` below;
+the runs, the report and the CLI need no edit. The names are a contract: other tools read them.
 
 The functions below read ``FAMILIES`` when called (a family added at run time takes part); the
 constants are the families as imported.
@@ -31,7 +31,7 @@ from vtrans.estimators import (
     sampling,
     spread,
 )
-from vtrans.estimators.base import NEEDS, Family
+from vtrans.estimators.base import NEEDS, Family, Posterior, Setting
 
 FAMILIES: tuple[Family, ...] = (
     baselines.FAMILY,
@@ -54,8 +54,8 @@ BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
 NEEDS_LATENT = frozenset(n for f in FAMILIES for n in f.names if "latent" in f.needs_of(n))
 FIRST_TOKEN_ONLY = frozenset(n for f in FAMILIES if f.first_token_only for n in f.names)
-SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.default_score for n in f.names)
-SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES if f.fit is None for n in f.names)
+SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.shown.default_score for n in f.names)
+SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES if f.fitted is None for n in f.names)
 """What ``vtrans score`` can run: every name that is not fitted on labelled items."""
 
 
@@ -82,8 +82,8 @@ def family_of(name: str) -> Family:
 
 
 def fitted(names: Sequence[str]) -> list[str]:
-    """The fitted ones of ``names`` (their family has a ``fit``), in order; unknown names are not."""
-    fit = {n for f in FAMILIES if f.fit is not None for n in f.names}
+    """The fitted ones of ``names`` (their family is ``fitted``), in order; unknown names are not."""
+    fit = {n for f in FAMILIES if f.fitted is not None for n in f.names}
     return [n for n in names if n in fit]
 
 
@@ -114,13 +114,13 @@ def computed(names: Sequence[str]) -> list[str]:
     estimators that give its features; once each, fitted ones left out."""
     wanted = list(names)
     for name in fitted(names):
-        wanted += [writer_of(key) for key in family_of(name).features]
-    return [n for n in dict.fromkeys(wanted) if family_of(n).fit is None]
+        wanted += [writer_of(key) for key in family_of(name).fitted.features]
+    return [n for n in dict.fromkeys(wanted) if family_of(n).fitted is None]
 
 
 def references() -> tuple[str, ...]:
     """The names that may serve as the reference baseline, in report order."""
-    return tuple(n for f in FAMILIES if f.reference for n in f.names)
+    return tuple(n for f in FAMILIES if f.shown.reference for n in f.names)
 
 
 def reference_of(aurocs: Mapping[str, float], among: Sequence[str] | None = None) -> str:
@@ -133,39 +133,42 @@ def reference_of(aurocs: Mapping[str, float], among: Sequence[str] | None = None
     return max(present, key=lambda n: np.nan_to_num(aurocs[n], nan=-1.0))
 
 
-def why_not(
-    name: str, module=None, aggregate: str = "first", members: int = 0, posteriors: Collection[str] = ()
-) -> str | None:
-    """Why ``name`` cannot run with this latent and aggregate, or None when it can.
+def setting(module=None, aggregate: str = "first", members: int = 0, posteriors: Collection[str] = ()) -> Setting:
+    """The :class:`Setting` of a run.
 
     Args:
         module: the trained latent (a ``LatentModel``), or only its prior's name (``standard``,
             ``conditional``, ``deterministic``: what a checkpoint records, so that a request is
             checked before anything loads); None without a checkpoint.
         members: the latents of the ensemble there is (0 or 1: none).
-        posteriors: the names of the posteriors fitted on the latent after its training that
-            there are (``laplace``, ``refit``: ``Context.posteriors``).
+        posteriors: the names of the posteriors fitted on the latent that there are (``Context.posteriors``).
     """
-    family = family_of(name)
-    needs = family.needs_of(name)
     prior = module if module is None or isinstance(module, str) else module.latent.prior
-    if "latent" in needs and prior is None:
-        return "needs a trained latent (--ckpt)"
-    if "variational" in needs and prior == "deterministic":
-        return "needs a variational latent: the deterministic twin has no spread"
-    if "conditional_prior" in needs and prior != "conditional":
-        return "needs a latent trained with prior: conditional"
-    if "laplace" in needs and prior != "conditional":
-        return "needs a latent trained with prior: conditional (its prior network is what the Laplace posterior is over)"
-    if "laplace" in needs and "laplace" not in posteriors:  # a checkpoint never holds one
-        return "needs a Laplace posterior fitted on the latent's training prompts (vtrans crossval fits one per fold)"
-    if "refit" in needs and "refit" not in posteriors:  # a checkpoint never holds one
-        return "needs the prior's spread refit on idioms the latent never trained on (crossval --refit_spread)"
-    if "ensemble" in needs and members < 2:
-        return "needs an ensemble of latents (crossval --ensemble M, M >= 2)"
-    if family.first_token_only and aggregate != "first":
-        return "reads the first completion token only: run it with --aggregate first"
-    return None
+    return Setting(prior, aggregate, members, frozenset(posteriors))
+
+
+def why_not(
+    name: str, module=None, aggregate: str = "first", members: int = 0, posteriors: Collection[str] = ()
+) -> str | None:
+    """Why ``name`` cannot run with this latent, aggregate, ensemble and posteriors (see
+    :func:`setting`), or None when it can."""
+    return family_of(name).why_not(name, setting(module, aggregate, members, posteriors))
+
+
+def posteriors_for(names: Sequence[str], setting: Setting) -> list[Posterior]:
+    """The posteriors to fit for ``names`` in ``setting``: each one read by a name that could run
+    once it is there, once each."""
+    found = []
+    for name in names:
+        family = family_of(name)
+        if family.posterior is not None and family.why_not(name, setting, posterior=False) is None:
+            found.append(family.posterior)
+    return list(dict.fromkeys(found))
+
+
+def users_of(posterior: Posterior) -> list[Family]:
+    """The families that read ``posterior``, in report order."""
+    return [f for f in FAMILIES if f.posterior is posterior]
 
 
 def table() -> str:
@@ -174,8 +177,9 @@ def table() -> str:
     rows = [("name", "family", "needs", "score", "what it measures (higher = more uncertain)")]
     for family in FAMILIES:
         for name in family.names:
-            needs = sorted(family.needs_of(name) & {"latent", "variational", "conditional_prior", "ensemble", "laplace", "refit"})
-            needs += ["labels"] if family.fit else []
+            needs = [key for key in NEEDS if key in family.needs_of(name) and NEEDS[key].unmet is not None]
+            needs += [family.posterior.name] if family.posterior else []
+            needs += ["labels"] if family.fitted else []
             passes = ["extra passes"] if family.extra_passes else []
             default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")
             rows.append((name, family.name, ", ".join(needs + passes) or "-", default, family.help[name]))
@@ -196,8 +200,11 @@ __all__ = [
     "family_of",
     "fields",
     "fitted",
+    "posteriors_for",
     "reference_of",
     "references",
+    "setting",
+    "users_of",
     "why_not",
     "with_fields",
     "writer_of",

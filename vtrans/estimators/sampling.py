@@ -20,7 +20,7 @@ import torch
 
 from vtrans.backbone.generate import Completion, complete
 from vtrans.data import first_word
-from vtrans.estimators.base import Family, item_seed
+from vtrans.estimators.base import Family, Shown, item_seed
 
 
 def sample_seed(seed: int) -> int:
@@ -125,10 +125,12 @@ FAMILY = Family(
     read,
     extra_passes=True,
     reads_forward=False,
-    default_score=False,
-    reference=True,
-    prose={
-        "cost": "the sampled completions",
-        "reference": "the sampled-word agreement (`sample_disagreement`, `sample_word_entropy`)",
-    },
+    shown=Shown(
+        default_score=False,
+        reference=True,
+        prose={
+            "cost": "the sampled completions",
+            "reference": "the sampled-word agreement (`sample_disagreement`, `sample_word_entropy`)",
+        },
+    ),
 )

@@ -13,10 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from vtrans.estimators.base import Context, Family, Forward
+from vtrans.estimators.base import Context, Family, Forward, Posterior, Shown
 from vtrans.estimators.common import predictive_stats
 from vtrans.estimators.latent import item_noise, layer_state, sample_chunks
+from vtrans.latent import refit
 from vtrans.latent.laplace import features
+
+REFIT = Posterior(
+    "refit",
+    "the prior's spread refit on idioms the latent never trained on (crossval --refit_spread)",
+    lambda latent, data: refit.fit(latent, data.held_prompts, data.held_targets),
+    held_out=True,
+    describe=lambda fitted: {
+        "refit_items": fitted.n_items, "refit_kl_before": fitted.kl_before, "refit_kl_after": fitted.kl_after
+    },
+)
 
 
 def _prior(forward: Forward, context: Context):
@@ -46,8 +57,9 @@ PRIOR = Family(
     "prior_spread",
     {"refit_prior_var": "mean variance of the prior p(z|prompt) refit on held-out idioms: its expected miss"},
     read_prior,
-    needs=frozenset({"latent", "variational", "conditional_prior", "refit", "hidden_states"}),
-    default_score=False,
+    needs=frozenset({"latent", "variational", "conditional_prior", "hidden_states"}),
+    posterior=REFIT,
+    shown=Shown(default_score=False),
 )
 SAMPLES = Family(
     "refit_samples",
@@ -57,8 +69,9 @@ SAMPLES = Family(
         "refit_nll": "−log E_z p(ŷ) over S samples of z from the refit prior",
     },
     read_samples,
-    needs=frozenset({"latent", "variational", "conditional_prior", "refit", "hidden_states", "cache"}),
+    needs=frozenset({"latent", "variational", "conditional_prior", "hidden_states", "cache"}),
     extra_passes=True,
     first_token_only=True,
-    default_score=False,
+    posterior=REFIT,
+    shown=Shown(default_score=False),
 )

@@ -48,14 +48,14 @@ from vtrans.config import CrossvalConfig, EvalConfig
 from vtrans.data import IdiomItem, render_prompt
 from vtrans.errors import UserError
 from vtrans.estimators import registry
-from vtrans.estimators.base import Family
-from vtrans.estimators.registry import NAMES, NEEDS_LATENT, chosen, family_of
+from vtrans.estimators.base import Family, PosteriorData
+from vtrans.estimators.registry import NAMES, chosen, family_of
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation.crossval_results import Labels, assemble, write
 from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import FoldLatents, FoldPlan, assign_folds
 from vtrans.evaluation.units import Units
-from vtrans.latent import laplace, refit
+from vtrans.latent import refit
 from vtrans.latent.training import read_training_config
 from vtrans.log import log
 
@@ -66,15 +66,20 @@ def config_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _needs_refit(name: str) -> bool:
-    """Read off the prior's spread refit on held-out idioms: only a run with ``refit_spread`` has one."""
-    return "refit" in family_of(name).needs_of(name)
+def _held_out_posterior(name: str) -> bool:
+    """Reads a posterior fitted on idioms held out from the latent's training: only a run with
+    ``refit_spread`` holds some out."""
+    posterior = family_of(name).posterior
+    return posterior is not None and posterior.held_out
+
+
+def _needs_latent(name: str) -> bool:
+    return "latent" in family_of(name).needs_of(name)
 
 
 def _seed_free(name: str) -> bool:
     """Read off the shared forward alone, with no latent: the same for every seed, so run once."""
-    family = family_of(name)
-    return not family.extra_passes and name not in NEEDS_LATENT
+    return not family_of(name).extra_passes and not _needs_latent(name)
 
 
 class CrossFit:
@@ -113,9 +118,9 @@ class CrossFit:
         for name in registry.fitted(names) if cfg.folds == 1 else ():
             names.remove(name)
             dropped[name] = "with one fold no scored item has out-of-fold latent features to fit it on"
-        for name in [nm for nm in names if _needs_refit(nm)] if not cfg.refit_spread else ():
+        for name in [nm for nm in names if _held_out_posterior(nm)] if not cfg.refit_spread else ():
             names.remove(name)
-            dropped[name] = "needs the prior's spread refit on idioms the latent never trained on (--refit_spread)"
+            dropped[name] = f"needs {family_of(name).posterior.what}"
         runnable = Runner(self.backbone, None, self.eval, self.progress).runnable(names)  # no latent's names: no module
         extra = f", +{len(plan.extra)} extra training idioms" if plan.extra else ""
         log.info(f"cross-fitting {len(plan.items)} idioms of {plan.data} in {cfg.folds} fold(s) x {len(cfg.seeds)} seed(s){extra}")
@@ -136,7 +141,7 @@ class CrossFit:
         prior = self.latents.spec.model.get("prior", "conditional")
         for nm in self.eval.estimators:
             if nm not in names and nm not in dropped:
-                why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if nm in NEEDS_LATENT else None
+                why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if _needs_latent(nm) else None
                 dropped[nm] = why or "not computed on this model"
         fields = {key: fixed[key] for key in registry.fields() if key in fixed}
         results, rows = assemble(self, names, by_seed, labels, fields, seconds)
@@ -148,7 +153,7 @@ class CrossFit:
         """Every item's scores under one training seed (its units, read back or computed), the
         seconds they took (the shared forward left out: the base unit's), and a log entry per fold."""
         stochastic = [nm for nm in runnable if not _seed_free(nm)]
-        latent_names = [nm for nm in registry.computed(names) if nm in NEEDS_LATENT]  # a fitted one's features too
+        latent_names = [nm for nm in registry.computed(names) if _needs_latent(nm)]  # a fitted one's features too
         sto = units.record(f"seed{seed}", lambda: self.work.stochastic(seed, stochastic, labels))
         scores, seconds, fold_log = {**fixed, **_unpack(sto["scores"])}, dict(sto["seconds"]), []
         for fold in range(self.cfg.folds) if latent_names else ():
@@ -219,6 +224,17 @@ class UnitWork:
         inner = assign_folds([self.plan.items[i] for i in outside], refit.HELD_OUT, seed=1_000_003 * (fold + 1) + self.cfg.fold_seed)
         return [i for i, part in zip(outside, inner, strict=True) if part == 0]
 
+    def _posterior_data(self, fold: int, train: list[IdiomItem], held_out: bool) -> PosteriorData:
+        """What a posterior of fold f's latent is fitted on: its training prompts, and with
+        ``held_out`` the idioms its training left out (:meth:`_held_out`)."""
+        template = self.eval.template
+        held = [self.plan.items[i] for i in self._held_out(fold)] if held_out else []
+        return PosteriorData(
+            [render_prompt(template, it.prefix) for it in train],
+            [render_prompt(template, it.prefix) for it in held],
+            [it.target for it in held],
+        )
+
     def fold(self, seed: int, fold: int, train: list[IdiomItem], names: list[str], labels: Labels) -> dict:
         """The unit ``seed{s}-fold{f}``: the latent trained without fold f, and its scores of fold f."""
         plan = self.plan
@@ -228,26 +244,23 @@ class UnitWork:
         if self.cfg.ensemble > 1 and any("ensemble" in family_of(nm).needs for nm in names):
             members += [self.latents.latent(seed, fold, train, m)[0] for m in range(1, self.cfg.ensemble)]
         trained = time.perf_counter() - start
-        idx, seconds, posteriors = plan.inside(fold), {}, {}
-        if any("laplace" in family_of(nm).needs for nm in names) and module.latent.prior == "conditional":
+        idx, seconds = plan.inside(fold), {}
+        setting = registry.setting(module, self.eval.aggregate, len(members))
+        posteriors, described = {}, {}
+        for posterior in registry.posteriors_for(names, setting):
             t0 = time.perf_counter()
-            posteriors["laplace"] = laplace.fit(module, [render_prompt(self.eval.template, it.prefix) for it in train])
-            seconds["laplace_fit"] = time.perf_counter() - t0
-        if any(_needs_refit(nm) for nm in names) and module.latent.prior == "conditional":
-            t0 = time.perf_counter()
-            held = [plan.items[i] for i in self._held_out(fold)]
-            prompts = [render_prompt(self.eval.template, it.prefix) for it in held]
-            posteriors["refit"] = refit.fit(module, prompts, [it.target for it in held])
-            seconds["prior_spread_fit"] = seconds["refit_samples_fit"] = time.perf_counter() - t0  # both families' fit
+            fitted = posterior.fit(module, self._posterior_data(fold, train, posterior.held_out))
+            posteriors[posterior.name] = fitted
+            for family in registry.users_of(posterior):  # each family that reads it is charged its fit
+                seconds[f"{family.name}_fit"] = time.perf_counter() - t0
+            described.update(posterior.describe(fitted) if posterior.describe else {})
         runner = Runner(self.backbone, module, replace(self.eval, seed=seed), False, members=members, posteriors=posteriors)
         prompts, completions = [labels.prompts[i] for i in idx], [labels.completions[i] for i in idx]
         scores = runner.scores(prompts, completions, names, seconds=seconds, indices=idx)
         entry = {"seed": seed, "fold": fold, "n_train": len(train), "n_scored": len(idx), "train_seconds": trained,
                  "latents": len(members)}
         entry.update({k: stats[k] for k in ("kl", "nll", "active_units") if k in stats})
-        if "refit" in posteriors:
-            fitted = posteriors["refit"]
-            entry.update(refit_items=fitted.n_items, refit_kl_before=fitted.kl_before, refit_kl_after=fitted.kl_after)
+        entry.update(described)
         if self.cfg.from_checkpoints:
             how = f"loaded the latent trained on its {len(train)} idioms"
         else:

@@ -29,7 +29,7 @@ class Unfittable(ValueError):
 
 def features_of(family: Family, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys of ``scores`` that a fitted family reads (its ``features`` that were computed)."""
-    return {key: scores[key] for key in family.features if key in scores}
+    return {key: scores[key] for key in family.fitted.features if key in scores}
 
 
 def fit_features(runner: Runner, family: Family, prompts: list[str], completions: list[Completion]) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def fit_scores(runner: Runner, family: Family, train_items: list[IdiomItem], eva
         )
     errors = torch.tensor([not c for c in correct], dtype=torch.float32)
     try:
-        predict = family.fit(fit_features(runner, family, prompts, completions), errors)
+        predict = family.fitted.fit(fit_features(runner, family, prompts, completions), errors)
     except ValueError as err:
         raise Unfittable(str(err)) from None
     return predict(features_of(family, evaluated.scores))
@@ -125,7 +125,7 @@ def cross_fitted(
     for fold in range(k):
         inside = assigned == fold
         try:
-            predict = family.fit({key: value[~inside] for key, value in features.items()}, errors[~inside])
+            predict = family.fitted.fit({key: value[~inside] for key, value in features.items()}, errors[~inside])
         except ValueError:  # all of one class outside this fold: nothing fitted for it
             continue
         result[inside] = predict({key: value[inside] for key, value in features.items()})

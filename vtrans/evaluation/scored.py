@@ -92,10 +92,10 @@ def costs(seconds: dict[str, float], names: list[str]) -> dict[str, dict[str, fl
     result = {}
     for name in names:
         family = family_of(name)
-        if family.fit is None:  # a family fitted after training (the Laplace posterior) is charged its fit too
+        if family.fitted is None:  # a family that reads a posterior fitted after training is charged its fit too
             total = _seconds_of([family], seconds) + seconds.get(f"{family.name}_fit", 0.0)
         else:
-            sources = list({id(f): f for f in (family_of(registry.writer_of(k)) for k in family.features)}.values())
+            sources = list({id(f): f for f in (family_of(registry.writer_of(k)) for k in family.fitted.features)}.values())
             total = _seconds_of(sources, seconds) + seconds.get(f"{family.name}_fit", float("nan"))
         result[name] = {"seconds": total, "cost_forward_equiv": total / forward}
     return result

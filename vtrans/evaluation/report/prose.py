@@ -1,7 +1,7 @@
 """report.md in words: of a comparative run and of a cross-fitted one, and what their numbers are.
 
 A run on random weights says so in place of its accuracy (:func:`random_weights_sentence`); each
-estimator is named as its family's ``prose`` says (``vtrans.estimators.registry.FAMILIES``).
+estimator is named as its family's ``shown.prose`` says (``vtrans.estimators.registry.FAMILIES``).
 """
 
 from __future__ import annotations
@@ -112,14 +112,14 @@ def _bullet(text: str) -> str:
 
 
 def _what_the_numbers_are() -> str:
-    """What the numbers are, each estimator named as its family's ``prose`` says (``registry.FAMILIES``)."""
+    """What the numbers are, each estimator named as its family's ``shown.prose`` says (``registry.FAMILIES``)."""
     families = registry.FAMILIES
-    references = [f.words("reference") for f in families if f.reference]
-    single = [f.words("cost") for f in families if f.reads_forward and not f.extra_passes and f.fit is None]
+    references = [f.words("reference") for f in families if f.shown.reference]
+    single = [f.words("cost") for f in families if f.reads_forward and not f.extra_passes and f.fitted is None]
     passes = [f.words("cost") for f in families if f.extra_passes]
     fitted = ""
-    for family in (f for f in families if f.fit is not None):
-        passes_of_its_own = any(registry.family_of(registry.writer_of(key)).extra_passes for key in family.features)
+    for family in (f for f in families if f.fitted is not None):
+        passes_of_its_own = any(registry.family_of(registry.writer_of(key)).extra_passes for key in family.fitted.features)
         what = "what its features cost" if passes_of_its_own else "the shared forward"
         fitted += f"; {family.words('cost')} is {what} plus its fit"
     bullets = [
