@@ -52,7 +52,6 @@ FAMILIES: tuple[Family, ...] = (
 )
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
-NEEDS_LATENT = frozenset(n for f in FAMILIES for n in f.names if "latent" in f.needs_of(n))
 FIRST_TOKEN_ONLY = frozenset(n for f in FAMILIES if f.first_token_only for n in f.names)
 SCORE_DEFAULTS: tuple[str, ...] = tuple(n for f in FAMILIES if f.shown.default_score for n in f.names)
 SCORABLE: tuple[str, ...] = tuple(n for f in FAMILIES if f.fitted is None for n in f.names)
@@ -79,6 +78,11 @@ def family_of(name: str) -> Family:
         if name in family.names:
             return family
     raise KeyError(name)
+
+
+def needs_latent(name: str) -> bool:
+    """Whether ``name`` reads a trained latent."""
+    return "latent" in family_of(name).needs_of(name)
 
 
 def fitted(names: Sequence[str]) -> list[str]:
@@ -193,7 +197,7 @@ __all__ = [
     "FIRST_TOKEN_ONLY",
     "NAMES",
     "NEEDS",
-    "NEEDS_LATENT",
+    "needs_latent",
     "SCORABLE",
     "chosen",
     "computed",

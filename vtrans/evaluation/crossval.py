@@ -73,13 +73,9 @@ def _held_out_posterior(name: str) -> bool:
     return posterior is not None and posterior.held_out
 
 
-def _needs_latent(name: str) -> bool:
-    return "latent" in family_of(name).needs_of(name)
-
-
 def _seed_free(name: str) -> bool:
     """Read off the shared forward alone, with no latent: the same for every seed, so run once."""
-    return not family_of(name).extra_passes and not _needs_latent(name)
+    return not family_of(name).extra_passes and not registry.needs_latent(name)
 
 
 class CrossFit:
@@ -141,7 +137,7 @@ class CrossFit:
         prior = self.latents.spec.model.get("prior", "conditional")
         for nm in self.eval.estimators:
             if nm not in names and nm not in dropped:
-                why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if _needs_latent(nm) else None
+                why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if registry.needs_latent(nm) else None
                 dropped[nm] = why or "not computed on this model"
         fields = {key: fixed[key] for key in registry.fields() if key in fixed}
         results, rows = assemble(self, names, by_seed, labels, fields, seconds)
@@ -153,7 +149,7 @@ class CrossFit:
         """Every item's scores under one training seed (its units, read back or computed), the
         seconds they took (the shared forward left out: the base unit's), and a log entry per fold."""
         stochastic = [nm for nm in runnable if not _seed_free(nm)]
-        latent_names = [nm for nm in registry.computed(names) if _needs_latent(nm)]  # a fitted one's features too
+        latent_names = [nm for nm in registry.computed(names) if registry.needs_latent(nm)]  # a fitted one's features too
         sto = units.record(f"seed{seed}", lambda: self.work.stochastic(seed, stochastic, labels))
         scores, seconds, fold_log = {**fixed, **_unpack(sto["scores"])}, dict(sto["seconds"]), []
         for fold in range(self.cfg.folds) if latent_names else ():
@@ -250,9 +246,8 @@ class UnitWork:
         for posterior in registry.posteriors_for(names, setting):
             t0 = time.perf_counter()
             fitted = posterior.fit(module, self._posterior_data(fold, train, posterior.held_out))
-            posteriors[posterior.name] = fitted
-            for family in registry.users_of(posterior):  # each family that reads it is charged its fit
-                seconds[f"{family.name}_fit"] = time.perf_counter() - t0
+            posteriors[posterior.name], took = fitted, time.perf_counter() - t0
+            seconds.update({f"{family.name}_fit": took for family in registry.users_of(posterior)})  # each reader is charged it
             described.update(posterior.describe(fitted) if posterior.describe else {})
         runner = Runner(self.backbone, module, replace(self.eval, seed=seed), False, members=members, posteriors=posteriors)
         prompts, completions = [labels.prompts[i] for i in idx], [labels.completions[i] for i in idx]
