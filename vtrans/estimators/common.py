@@ -135,10 +135,74 @@ def _predictive_stats(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.
     log_mean = mean.clamp_min(torch.finfo(torch.float64).tiny).log()  # (B, V): log p̄
     logp_y = logp.gather(-1, y.view(-1, 1, 1).expand(-1, samples, 1)).squeeze(-1)  # (B, S)
     kl = (probs * (logp - log_mean.unsqueeze(1))).sum(-1)  # (B, S): KL(p_s ‖ p̄) ≥ 0
+    return _summaries(logp_y, -(mean * log_mean).sum(-1), kl)
+
+
+def _summaries(logp_y: torch.Tensor, entropy: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics of :func:`predictive_stats` from (B, S) log p_s(ŷ), (B,) H(p̄) and (B, S) KL(p_s ‖ p̄), float64."""
     return {
         "var": logp_y.exp().var(1, unbiased=False).float(),
         "log_var": logp_y.var(1, unbiased=False).float(),
-        "entropy": (-(mean * log_mean).sum(-1)).float(),
+        "entropy": entropy.float(),
         "mi": kl.mean(1).clamp_min(0.0).float(),
-        "nll": (math.log(samples) - torch.logsumexp(logp_y, dim=1)).float(),
+        "nll": (math.log(logp_y.shape[1]) - torch.logsumexp(logp_y, dim=1)).float(),
     }
+
+
+def head_predictive_stats(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    cap: float | None = None,
+    logits_per_block: int = 1 << 20,
+) -> dict[str, torch.Tensor]:
+    """:func:`predictive_stats` of the logits softcap(W·h + b) of a linear head, vocabulary block by block.
+
+    The same statistics, in float64 from the same float32 logits, without a (B, S, V) float64
+    tensor or its temporaries: on a CPU those, written to memory and read back pass after pass,
+    cost as much as the head's product itself. Each block of about ``logits_per_block`` logits
+    (4 MiB in float32) is worked on while it is in cache. Pass 1 computes a block's logits,
+    keeps them (float32, the size of the logits the model would return) and folds the block
+    into a running max and Σ exp(l − max) per sample; pass 2 reads each block again with
+    log Z_s known: log p_s, p_s (one exponential per logit in each pass), p̄, log p̄, and the
+    sums of H(p̄) and KL(p_s ‖ p̄) (see :func:`_predictive_stats`).
+
+    Args:
+        h: (B, S, C) inputs of the head, one per sample.
+        weight: (V, C) and ``bias`` (V,) the head; logits are computed in its dtype, as the model does.
+        y: (B,) the generated token ŷ.
+        cap: the logits are soft-capped, cap · tanh(logit / cap) (Gemma 2's head); None: not.
+        logits_per_block: the size of a block in logits, which sets its width from the rows.
+    """
+    batch, samples, _ = h.shape
+    x, vocab = h.flatten(0, 1), weight.shape[0]  # (B·S, C)
+    width = min(4096, max(512, logits_per_block // max(x.shape[0], 1) // 512 * 512), vocab)
+    y_rows = y.repeat_interleave(samples)  # (B·S,): each sample's ŷ
+    blocks, top, total = [], None, None
+    for a in range(0, vocab, width):
+        block = softcap(F.linear(x, weight[a : a + width], None if bias is None else bias[a : a + width]), cap).float()
+        blocks.append(block)  # (B·S, width)
+        block_top = block.amax(-1).double()  # (B·S,)
+        block_total = block.double().sub_(block_top.unsqueeze(1)).exp_().sum(-1)  # Σ exp(l − block max)
+        if top is None:
+            top, total = block_top, block_total
+        else:
+            new_top = torch.maximum(top, block_top)
+            total = total * (top - new_top).exp() + block_total * (block_top - new_top).exp()
+            top = new_top
+    log_z = top + total.log()  # (B·S,): log Σ_v exp(l_v)
+    tiny = torch.finfo(torch.float64).tiny
+    logit_y = torch.empty_like(log_z)
+    entropy = log_z.new_zeros(batch)
+    kl = log_z.new_zeros(batch, samples)
+    for a, block in zip(range(0, vocab, width), blocks, strict=True):
+        here = (y_rows >= a) & (y_rows < a + block.shape[1])
+        logit_y[here] = block[here, y_rows[here] - a].double()
+        logp = block.double().sub_(log_z.unsqueeze(1)).view(batch, samples, -1)  # (B, S, width): log p_s
+        probs = logp.exp()  # p_s
+        mean = probs.mean(1)  # (B, width): p̄
+        log_mean = mean.clamp_min(tiny).log()  # log p̄
+        entropy -= (mean * log_mean).sum(-1)
+        kl += logp.sub_(log_mean.unsqueeze(1)).mul_(probs).sum(-1)  # Σ p_s (log p_s − log p̄) over the block
+    return _summaries((logit_y - log_z).view(batch, samples), entropy, kl)

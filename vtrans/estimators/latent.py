@@ -22,7 +22,7 @@ from vtrans.backbone.frozen import FrozenPrefix
 from vtrans.backbone.tokens import Encoded
 from vtrans.config import EstimatorConfig, ZDraws
 from vtrans.estimators.base import Context, Family, Forward, Shown, context_for, item_seed, run_forward
-from vtrans.estimators.common import predictive_stats
+from vtrans.estimators.common import head_predictive_stats
 from vtrans.latent.gaussian import kl_normal
 
 
@@ -62,8 +62,12 @@ def read_samples(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     loc, scale = inference_distribution(module, h, enc)
     eps = item_noise(context.indices, cfg.samples, loc.shape[1], cfg.seed, cfg.z_draws).to(loc)
     z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, d_z)
-    y = forward.y
-    parts = [predictive_stats(logits, y[part]) for part, logits in sample_chunks(module, h, enc, forward.cache, z)]
+    model, y = module.backbone.model, forward.y
+    unembed, cap = architectures.unembedding(model), architectures.logit_softcap(model)
+    parts = [
+        head_predictive_stats(state, unembed.weight, getattr(unembed, "bias", None), y[part], cap)
+        for part, state in sample_states(module, h, enc, forward.cache, z)
+    ]
     return {"latent_mi": torch.cat([p["mi"] for p in parts]), "latent_nll": torch.cat([p["nll"] for p in parts])}
 
 
@@ -124,7 +128,22 @@ def sample_chunks(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Next-token logits at the scored position for each sample of z, item chunk by item chunk:
     ``(items, (n, S, V))`` pairs of at most ``rows_per_chunk`` rows (but one item's S samples at
-    least), so memory stays bounded whatever the batch and the vocabulary.
+    least), so memory stays bounded whatever the batch and the vocabulary. The head applied to
+    :func:`sample_states`, soft-capped as the model's logits are.
+    """
+    model = module.backbone.model
+    unembed, cap = architectures.unembedding(model), architectures.logit_softcap(model)
+    for part, state in sample_states(module, h, enc, cache, z, rows_per_chunk):
+        yield part, architectures.softcap(unembed(state), cap).float()
+
+
+@torch.no_grad()
+def sample_states(
+    module, h: torch.Tensor, enc: Encoded, cache, z: torch.Tensor, rows_per_chunk: int | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The last hidden state (after the final norm) at the scored position for each sample of z,
+    item chunk by item chunk: ``(items, (n, S, C))`` pairs, chunked as :func:`sample_chunks` is.
+    The head is left to the caller, which may apply it a vocabulary block at a time.
 
     Only the scored position runs again, once per sample, through the blocks above the latent.
     Everything before it does not depend on z: its keys and values are the shared forward's
@@ -166,14 +185,14 @@ def sample_chunks(
         mask = attention.attention_mask(model, allowed, queries, keys, stream.dtype)  # (n, 1, S, T + S) each
         prefix = FrozenPrefix({i: (k[part], v[part]) for i, (k, v) in kv.items()}, width)
         with architectures.blocks_from(model, module.layer) as upper:
-            logits = upper(
+            state = architectures.trunk(upper)(
                 inputs_embeds=stream,
                 attention_mask=mask,
                 position_ids=queries,
                 cache=prefix,
                 use_cache=False,
-            ).logits  # (n, S, V)
-        yield part, logits.float()
+            ).last_hidden_state  # (n, S, C)
+        yield part, state
 
 
 def scores(
