@@ -34,11 +34,16 @@ PATHS = ("single_pass", "latent_mi_S32", "mc_dropout_T16")
 CHILD = r"""
 import json, statistics, sys, time
 import torch
-from vtrans.backbone.loading import Backbone
 from vtrans.config import EstimatorConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_split, render_prompt
-from vtrans.estimators.runner import Runner
-from vtrans.latent.model import LatentModel
+try:
+    from vtrans.backbone.loading import Backbone
+    from vtrans.estimators.runner import Runner
+    from vtrans.latent.model import LatentModel
+except ModuleNotFoundError:  # a revision of the flat layout (before vtrans.backbone, vtrans.latent)
+    from vtrans.loading import Backbone
+    from vtrans.model import LatentModel
+    from vtrans.runner import Runner
 
 model_name, batch, rounds, paths = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
 torch.manual_seed(0)
