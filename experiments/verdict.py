@@ -31,6 +31,7 @@ from vtrans.evaluation import metrics
 
 KIND = {
     "msp": "baseline", "entropy": "baseline", "sample_disagreement": "baseline", "sample_word_entropy": "baseline",
+    "cocoa": "baseline",
     "latent_nll": "mean", "adapter_nll": "mean", "ensemble_nll": "mean", "laplace_nll": "mean",
     "posterior_var": "spread", "latent_kl": "spread", "latent_mi": "spread", "ensemble_var": "spread",
     "ensemble_mi": "spread", "laplace_loc_var": "spread", "laplace_var": "spread", "laplace_mi": "spread",

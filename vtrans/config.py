@@ -37,8 +37,8 @@ class EstimatorConfig:
         sample: sample completions instead of greedy decoding.
         temperature: sampling temperature of the completions.
         seed: seed of sampled completions, dropout masks and z noise (the global random state is untouched).
-        agreement_samples: completions K sampled per prompt for ``sample_disagreement`` and
-            ``sample_word_entropy``.
+        agreement_samples: completions K sampled per prompt for ``sample_disagreement``,
+            ``sample_word_entropy`` and ``cocoa``.
         agreement_temperature: sampling temperature of those K completions.
     """
 

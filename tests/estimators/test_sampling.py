@@ -11,15 +11,17 @@ import torch
 from torch.testing import assert_close
 
 from vtrans.backbone.loading import Backbone
+from vtrans.backbone.tokens import Encoded
 from vtrans.cli import main
 from vtrans.config import EvalConfig
 from vtrans.data import DEFAULT_TEMPLATE, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import sampling
+from vtrans.estimators.base import Forward
 from vtrans.estimators.runner import Runner
 from vtrans.evaluation.scored import score_items
 
-NAMES = ["sample_disagreement", "sample_word_entropy"]
+NAMES = ["sample_disagreement", "sample_word_entropy", "cocoa"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,48 @@ def test_no_word_is_a_word_of_its_own():
     got = sampling.word_scores(["", "cake"], [["", "...", "cake"], ["pie", "tart", "bun"]])
     assert_close(got["sample_disagreement"], torch.tensor([1 / 3, 1.0]))
     assert_close(got["sample_word_entropy"], torch.tensor([-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)), math.log(3)]))
+
+
+def test_cocoa_is_the_answers_improbability_times_the_disagreement():
+    """By hand: u(ŷ) · (1 − share of samples that agree); 0 where every sample agrees, and it rises
+    with either factor while the other stays fixed."""
+    nll = torch.tensor([0.1, 2.0, 2.0, 5.0])
+    disagreement = torch.tensor([0.5, 0.5, 0.0, 0.25])
+    assert_close(sampling.cocoa(nll, disagreement), torch.tensor([0.05, 1.0, 0.0, 1.25]))
+    more_doubt = sampling.cocoa(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5]))
+    more_disagreement = sampling.cocoa(torch.tensor([1.0, 1.0]), torch.tensor([0.25, 0.75]))
+    assert more_doubt[1] > more_doubt[0] and more_disagreement[1] > more_disagreement[0]
+
+
+def test_answer_nll_is_minus_log_p_of_the_completion_tokens():
+    """By hand, in float64: item 0 has one real slot (the right-aligned second), item 1 two; "first"
+    reads each item's first real slot, "mean" averages its real slots."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [2.0, 0.0, -1.0]], [[1.0, 3.0, 0.0], [0.0, 0.5, 0.5]]])
+    targets = torch.tensor([[0, 0], [1, 2]])
+    mask = torch.tensor([[False, True], [True, True]])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    enc = Encoded(ids, torch.ones_like(ids), ids, torch.tensor([2, 2]), targets, mask)
+    logp = torch.log_softmax(logits.double(), -1)
+    first = torch.stack([-logp[0, 1, 0], -logp[1, 0, 1]])
+    mean = torch.stack([-logp[0, 1, 0], -(logp[1, 0, 1] + logp[1, 1, 2]) / 2])
+    forward = Forward(enc, logits)
+    assert_close(sampling.answer_nll(forward, "first").double(), first)
+    assert_close(sampling.answer_nll(forward, "mean").double(), mean)
+
+
+def test_cocoa_reads_the_forward_as_msp_does(gpt2):
+    """In the harness, ``cocoa`` / ``sample_disagreement`` = −log p(ŷ) where the samples disagree,
+    with p(ŷ) = 1 − ``msp`` item by item (one forward, one set of samples), and ``cocoa`` is exactly
+    0 where they all agree. ``msp`` is the other tokens' mass, a float32 logsumexp over V = 50,257
+    terms near 1: its error is below log2(V) · 6e-8 ≈ 1e-6 on any CPU and thread count, so the two
+    p agree within atol 2e-6 (p itself is near 1/V ≈ 2e-5 on this random tiny model)."""
+    items = load_split("builtin", "test")[:8]
+    config = EvalConfig(agreement_samples=4, agreement_temperature=0.05, batch_size=8)
+    run = score_items(Runner(gpt2, config=config, progress=False), items, ["msp", *NAMES], DEFAULT_TEMPLATE)
+    msp, dis, got = (run.scores[n].double() for n in ("msp", "sample_disagreement", "cocoa"))
+    assert bool((got[dis == 0] == 0).all()) and bool((got[dis > 0] > 0).all())
+    assert bool((dis > 0).any())
+    assert_close(torch.exp(-got[dis > 0] / dis[dis > 0]), 1 - msp[dis > 0], rtol=0.0, atol=2e-6)
 
 
 def test_settings_are_checked():
@@ -86,7 +130,7 @@ def test_family_leaves_greedy_completions_and_other_scores_unchanged(gpt2):
 
 
 @pytest.mark.slow
-def test_evaluate_writes_both_names(tmp_path, capsys):
+def test_evaluate_writes_every_name_of_the_family(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["evaluate", "--model", "tiny-gpt2", "--data", "builtin", "--max_items", "8", "--n_boot", "100",
             "--estimators", "msp," + ",".join(NAMES), "--agreement_samples", "4", "--agreement_temperature", "0.05", "--quiet", "--out", str(out)]

@@ -248,12 +248,13 @@ def test_each_estimator_is_charged_what_it_needs_alone():
     from vtrans.evaluation.scored import costs
 
     seconds = {"forward": 2.0, "shared": 3.0, "latent_mi": 8.0, "sampling": 5.0, "probe_fit": 4.0}
-    names = ["msp", "lens_ce", "posterior_var", "latent_kl", "latent_mi", "sample_disagreement", "probe"]
+    names = ["msp", "lens_ce", "posterior_var", "latent_kl", "latent_mi", "sample_disagreement", "cocoa", "probe"]
     got = costs(seconds, names)
     for name in ("msp", "lens_ce", "posterior_var", "latent_kl"):  # the shared forward, with every read off it
         assert got[name]["cost_forward_equiv"] == 1.5
     assert got["latent_mi"]["seconds"] == 3.0 + 8.0  # the forward its samples start from, and the samples
     assert got["sample_disagreement"]["seconds"] == 5.0  # reads the completions, not the forward
+    assert got["cocoa"]["seconds"] == 3.0 + 5.0  # of the same family, it reads the forward too
     assert got["probe"]["seconds"] == 3.0 + 4.0  # its features' forward and its fit
 
 

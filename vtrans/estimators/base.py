@@ -17,7 +17,7 @@ forward's states rather than from the tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +229,8 @@ class Family:
         needs: keys of :data:`NEEDS` that every name of the family needs.
         name_needs: further needs of single names.
         extra_passes: adds passes of the model beyond the shared forward (timed on its own).
-        reads_forward: reads the shared forward (charged its cost).
+        reads_forward: reads the shared forward (charged its cost): every name of the family, or
+            only the names given (the others run, and are charged, without it).
         first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
         fields: per-item values its ``read`` returns besides its scores (a (B, k) tensor each),
             written into every row of scores.jsonl; a run computes them whatever it asks for.
@@ -244,7 +245,7 @@ class Family:
     needs: frozenset[str] = frozenset()
     name_needs: dict[str, frozenset[str]] = field(default_factory=dict)
     extra_passes: bool = False
-    reads_forward: bool = True
+    reads_forward: bool | frozenset[str] = True
     first_token_only: bool = False
     fields: tuple[str, ...] = ()
     fitted: Fitted | None = None
@@ -258,6 +259,12 @@ class Family:
     def words(self, bullet: str) -> str:
         """The family's estimators in the report's ``bullet``: its prose there, or its names in backticks."""
         return self.shown.prose.get(bullet) or ", ".join(f"`{n}`" for n in self.names)
+
+    def reads_forward_of(self, names: Collection[str]) -> bool:
+        """Whether any of ``names`` (of this family) reads the shared forward."""
+        if isinstance(self.reads_forward, bool):
+            return self.reads_forward
+        return any(n in self.reads_forward for n in names)
 
     def needs_of(self, name: str) -> frozenset[str]:
         return self.needs | self.name_needs.get(name, frozenset())

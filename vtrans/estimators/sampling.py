@@ -5,9 +5,15 @@ compared with the greedy completion *as words* (:func:`vtrans.data.first_word`, 
 ``Completion.word``), so "Cake." and "cake" agree:
 
 - ``sample_disagreement`` = 1 − (share of the K sampled words equal to the greedy word);
-- ``sample_word_entropy`` = entropy in nats of the distribution of the K sampled words.
+- ``sample_word_entropy`` = entropy in nats of the distribution of the K sampled words;
+- ``cocoa`` = −log p(ŷ) × ``sample_disagreement``: CoCoA (Vashurin et al., arXiv 2502.04964), the
+  model's confidence in its answer times its consistency with the samples, in the form its paper
+  calls CoCoA_MSP, U = u(y*) · (1/K) Σ_k (1 − s(y*, y_k)), with u(y*) = −log p(y*) read off the
+  shared forward (over the completion's tokens as ``--aggregate`` says: the first one by default,
+  as ``msp``) and the similarity s of two one-word answers 1 when they are the same word, 0 when
+  not. It is 0 whenever every sample agrees with the greedy word.
 
-Both are higher when the model is less sure. A completion with no word counts as the word ``""``.
+All are higher when the model is less sure. A completion with no word counts as the word ``""``.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vtrans.backbone.generate import Completion, complete
+from vtrans.backbone.tokens import aggregate
 from vtrans.data import first_word
-from vtrans.estimators.base import Family, Shown, item_seed
+from vtrans.estimators.base import Context, Family, Forward, Shown, item_seed
 
 
 def sample_seed(seed: int) -> int:
@@ -100,10 +107,23 @@ def scores(
     return word_scores([c.word for c in greedy], words)
 
 
-def read(forward, context) -> dict[str, torch.Tensor]:
-    """K samples per prompt of the batch, from a seed of the batch's first item (apart from the completions' seed)."""
+def cocoa(nll: torch.Tensor, disagreement: torch.Tensor) -> torch.Tensor:
+    """CoCoA_MSP of each item: its −log p(ŷ) (n,) times its ``sample_disagreement`` (n,)."""
+    return nll.float() * disagreement.float()
+
+
+def answer_nll(forward: Forward, how: str = "first") -> torch.Tensor:
+    """−log p(ŷ) of each item's completion tokens from the shared forward, (B,), reduced by ``how``."""
+    logp = torch.log_softmax(forward.logits.float(), -1)  # (B, N, V)
+    nll = -logp.gather(-1, forward.enc.targets.unsqueeze(-1).to(logp.device)).squeeze(-1)  # (B, N)
+    return aggregate(nll, forward.enc, how).cpu()
+
+
+def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
+    """K samples per prompt of the batch, from a seed of the batch's first item (apart from the
+    completions' seed); ``cocoa`` reads ŷ's probability off the shared forward, there only when it runs."""
     cfg = context.config
-    return scores(
+    result = scores(
         context.model,
         context.tokenizer,
         context.prompts,
@@ -114,6 +134,9 @@ def read(forward, context) -> dict[str, torch.Tensor]:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=len(context.prompts),
     )
+    if forward is not None:  # a run of the agreement alone has no forward, and no cocoa
+        result["cocoa"] = cocoa(answer_nll(forward, cfg.aggregate), result["sample_disagreement"])
+    return result
 
 
 FAMILY = Family(
@@ -121,16 +144,17 @@ FAMILY = Family(
     {
         "sample_disagreement": "share of K sampled completion words that differ from the greedy one",
         "sample_word_entropy": "entropy of the K sampled completion words",
+        "cocoa": "−log p(ŷ) × sample_disagreement: the answer's improbability times its disagreement with the samples (CoCoA)",
     },
     read,
     extra_passes=True,
-    reads_forward=False,
+    reads_forward=frozenset({"cocoa"}),
     shown=Shown(
         default_score=False,
         reference=True,
         prose={
             "cost": "the sampled completions",
-            "reference": "the sampled-word agreement (`sample_disagreement`, `sample_word_entropy`)",
+            "reference": "the sampled-word agreement (`sample_disagreement`, `sample_word_entropy`, `cocoa`)",
         },
     ),
 )

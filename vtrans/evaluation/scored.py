@@ -72,9 +72,9 @@ def score_items(
     return Scored(items, prompts, completions, correct, tensors, seconds)
 
 
-def _seconds_of(families: list[Family], seconds: dict[str, float]) -> float:
-    """The shared forward once if any of ``families`` reads it, plus the passes each adds."""
-    total = seconds.get("shared", float("nan")) if any(f.reads_forward for f in families) else 0.0
+def _seconds_of(families: list[Family], seconds: dict[str, float], names: list[str]) -> float:
+    """The shared forward once if any of ``names`` (of ``families``) reads it, plus the passes each family adds."""
+    total = seconds.get("shared", float("nan")) if any(f.reads_forward_of(names) for f in families) else 0.0
     for family in families:
         if family.extra_passes:
             total += seconds.get(family.name, float("nan"))
@@ -93,9 +93,10 @@ def costs(seconds: dict[str, float], names: list[str]) -> dict[str, dict[str, fl
     for name in names:
         family = family_of(name)
         if family.fitted is None:  # a family that reads a posterior fitted after training is charged its fit too
-            total = _seconds_of([family], seconds) + seconds.get(f"{family.name}_fit", 0.0)
+            total = _seconds_of([family], seconds, [name]) + seconds.get(f"{family.name}_fit", 0.0)
         else:
-            sources = list({id(f): f for f in (family_of(registry.writer_of(k)) for k in family.fitted.features)}.values())
-            total = _seconds_of(sources, seconds) + seconds.get(f"{family.name}_fit", float("nan"))
+            writers = [registry.writer_of(k) for k in family.fitted.features]
+            sources = list({id(f): f for f in map(family_of, writers)}.values())
+            total = _seconds_of(sources, seconds, writers) + seconds.get(f"{family.name}_fit", float("nan"))
         result[name] = {"seconds": total, "cost_forward_equiv": total / forward}
     return result
