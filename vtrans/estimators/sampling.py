@@ -114,8 +114,8 @@ def cocoa(nll: torch.Tensor, disagreement: torch.Tensor) -> torch.Tensor:
 
 def answer_nll(forward: Forward, how: str = "first") -> torch.Tensor:
     """−log p(ŷ) of each item's completion tokens from the shared forward, (B,), reduced by ``how``."""
-    logp = torch.log_softmax(forward.logits.float(), -1)  # (B, N, V)
-    nll = -logp.gather(-1, forward.enc.targets.unsqueeze(-1).to(logp.device)).squeeze(-1)  # (B, N)
+    logits = forward.logits.float()  # (B, N, V)
+    nll = logits.logsumexp(-1) - logits.gather(-1, forward.enc.targets.unsqueeze(-1)).squeeze(-1)  # (B, N), as the lens reads its last layer
     return aggregate(nll, forward.enc, how).cpu()
 
 
