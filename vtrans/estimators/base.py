@@ -157,13 +157,16 @@ class Fitted:
     Attributes:
         on: what it is fitted on, in words.
         fit: fits the family's one name (:data:`Fit`).
-        features: what ``fit`` reads: other families' names or ``fields``, in order; a run that
-            asks for the family computes them (those that apply there).
+        features: what ``fit`` reads: other families' names, ``fields`` or ``features``, in
+            order; a run that asks for the family computes them (those that apply there).
+        targets: what ``fit`` reads of its training items only (never of the scored ones): a
+            run computes them for the items it is fitted on.
     """
 
     on: str
     fit: Fit
     features: tuple[str, ...]
+    targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,9 @@ class Family:
         first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
         fields: per-item values its ``read`` returns besides its scores (a (B, k) tensor each),
             written into every row of scores.jsonl; a run computes them whatever it asks for.
+        features: per-item values its ``read`` returns for fitted families only (a (B, ...) tensor
+            each: a residual state), kept only when a run asks for them by key and never written
+            into scores.jsonl or a cross-fitted run's units.
         fitted: how a fitted family is fitted; None for one that reads.
         posterior: the posterior fitted on the latent that its ``read`` uses; None for none.
         shown: how its names are presented.
@@ -248,6 +254,7 @@ class Family:
     reads_forward: bool | frozenset[str] = True
     first_token_only: bool = False
     fields: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
     fitted: Fitted | None = None
     posterior: Posterior | None = None
     shown: Shown = Shown()

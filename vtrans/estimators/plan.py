@@ -46,8 +46,8 @@ class Plan:
     @classmethod
     def of(cls, names: Sequence[str], aggregate: str) -> Plan:
         """The plan of runnable ``names`` (:func:`runnable`) under the ``aggregate`` of the run."""
-        families = [f for f in registry.FAMILIES if any(n in f.names for n in names)]
-        needs = set().union(*(f.needs_of(n) for f in families for n in f.names if n in names))
+        families = [f for f in registry.FAMILIES if any(n in f.names or n in f.features for n in names)]
+        needs = set().union(*(f.needs_of(n) for f in families for n in (*f.names, *f.features) if n in names))
         forward_needed = any(f.reads_forward_of(names) for f in families)
         return cls(
             families,

@@ -59,8 +59,14 @@ class LogisticProbe:
         return torch.sigmoid(z @ self.weight + self.bias)
 
 
-def fit(x: torch.Tensor, errors: torch.Tensor, names: list[str], l2: float = 1.0, steps: int = 200) -> LogisticProbe:
+def fit(
+    x: torch.Tensor, errors: torch.Tensor, names: list[str], l2: float = 1.0, steps: int = 200, standardise: bool = True
+) -> LogisticProbe:
     """Fit on training items only. x: (n, F); errors: (n,) 0/1.
+
+    Minimises the mean log-loss plus ``l2``·‖w‖²/n (the bias unpenalised): scikit-learn's
+    ``LogisticRegression(C=1 / (2·l2))``. ``standardise``: on the training items' mean and
+    deviation (else the raw features).
 
     Raises:
         ValueError: when the training items are all of one class (nothing to learn).
@@ -69,7 +75,10 @@ def fit(x: torch.Tensor, errors: torch.Tensor, names: list[str], l2: float = 1.0
     if y.min() == y.max():
         raise ValueError("the probe's training items are all of one class: it cannot be fitted")
     x = torch.nan_to_num(x.float())
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    if standardise:
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    else:
+        mean, std = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     z = (x - mean) / std
     weight = torch.zeros(z.shape[1], requires_grad=True)
     bias = torch.zeros((), requires_grad=True)

@@ -29,7 +29,10 @@ from vtrans.estimators import (
     probe,
     probe_latent,
     sampling,
+    se_probe,
     spread,
+    state_probe,
+    states,
 )
 from vtrans.estimators.base import NEEDS, Family, Posterior, Setting
 
@@ -47,8 +50,12 @@ FAMILIES: tuple[Family, ...] = (
     spread.PRIOR,
     spread.SAMPLES,
     sampling.FAMILY,
+    states.FAMILY,
     probe.FAMILY,
     probe_latent.FAMILY,
+    state_probe.FAMILY,
+    state_probe.WITH_LATENT,
+    se_probe.FAMILY,
 )
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
@@ -74,8 +81,9 @@ def chosen(names: list[str] | None) -> list[str]:
 
 
 def family_of(name: str) -> Family:
+    """The family of an estimator name or of a feature key (``Family.features``)."""
     for family in FAMILIES:
-        if name in family.names:
+        if name in family.names or name in family.features:
             return family
     raise KeyError(name)
 
@@ -96,10 +104,16 @@ def fields() -> tuple[str, ...]:
     return tuple(key for f in FAMILIES for key in f.fields)
 
 
+def features() -> tuple[str, ...]:
+    """Every per-item feature a family returns for fitted families only (``Family.features``)."""
+    return tuple(key for f in FAMILIES for key in f.features)
+
+
 def writer_of(key: str) -> str:
-    """The estimator whose run yields ``key``: the name itself, or for a field its family's first name."""
+    """The estimator whose run yields ``key``: the name itself (a feature's key too: a run keeps it
+    only when asked for it), or for a field its family's first name."""
     for family in FAMILIES:
-        if key in family.names:
+        if key in family.names or key in family.features:
             return key
         if key in family.fields:
             return family.names[0]
@@ -113,12 +127,14 @@ def with_fields(names: Sequence[str]) -> list[str]:
     return [*names, *writers]
 
 
-def computed(names: Sequence[str]) -> list[str]:
+def computed(names: Sequence[str], fitting: bool = False) -> list[str]:
     """What the runner computes for ``names``: each one that reads, and for a fitted one the
-    estimators that give its features; once each, fitted ones left out."""
+    estimators that give its features (with ``fitting``, of items it is fitted on: its targets
+    too); once each, fitted ones left out."""
     wanted = list(names)
     for name in fitted(names):
-        wanted += [writer_of(key) for key in family_of(name).fitted.features]
+        fit = family_of(name).fitted
+        wanted += [writer_of(key) for key in (*fit.features, *(fit.targets if fitting else ()))]
     return [n for n in dict.fromkeys(wanted) if family_of(n).fitted is None]
 
 
@@ -202,6 +218,7 @@ __all__ = [
     "chosen",
     "computed",
     "family_of",
+    "features",
     "fields",
     "fitted",
     "posteriors_for",

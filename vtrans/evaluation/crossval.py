@@ -117,7 +117,8 @@ class CrossFit:
         for name in [nm for nm in names if _held_out_posterior(nm)] if not cfg.refit_spread else ():
             names.remove(name)
             dropped[name] = f"needs {family_of(name).posterior.what}"
-        runnable = Runner(self.backbone, None, self.eval, self.progress).runnable(names)  # no latent's names: no module
+        targets = [t for nm in registry.fitted(names) for t in family_of(nm).fitted.targets]  # every item is fitted on
+        runnable = Runner(self.backbone, None, self.eval, self.progress).runnable(list(dict.fromkeys(names + targets)))
         extra = f", +{len(plan.extra)} extra training idioms" if plan.extra else ""
         log.info(f"cross-fitting {len(plan.items)} idioms of {plan.data} in {cfg.folds} fold(s) x {len(cfg.seeds)} seed(s){extra}")
         if units.finished():
@@ -148,7 +149,7 @@ class CrossFit:
     def _seed(self, units: Units, seed: int, names: list[str], runnable: list[str], labels: Labels, fixed: dict):
         """Every item's scores under one training seed (its units, read back or computed), the
         seconds they took (the shared forward left out: the base unit's), and a log entry per fold."""
-        stochastic = [nm for nm in runnable if not _seed_free(nm)]
+        stochastic = [nm for nm in runnable if not _seed_free(nm) and nm not in registry.features()]
         latent_names = [nm for nm in registry.computed(names) if registry.needs_latent(nm)]  # a fitted one's features too
         sto = units.record(f"seed{seed}", lambda: self.work.stochastic(seed, stochastic, labels))
         scores, seconds, fold_log = {**fixed, **_unpack(sto["scores"])}, dict(sto["seconds"]), []
@@ -179,6 +180,16 @@ class UnitWork:
     def __init__(self, cfg: CrossvalConfig, plan: FoldPlan, eval: EvalConfig, latents: FoldLatents, progress: bool) -> None:
         self.cfg, self.plan, self.eval, self.latents, self.progress = cfg, plan, eval, latents, progress
         self.backbone = latents.backbone
+        self._features: dict[str, torch.Tensor] = {}
+
+    def features(self, family: Family, labels: Labels) -> dict[str, torch.Tensor]:
+        """The seed-free features a fitted family reads (``Family.features``: residual states), of
+        every item, computed once by this process when a fit needs them and never recorded."""
+        wanted = [key for key in family.fitted.features if key in registry.features() and key not in self._features]
+        if wanted:
+            runner = Runner(self.backbone, None, self.eval, self.progress)
+            self._features.update(runner.scores(labels.prompts, labels.completions, wanted))
+        return {key: self._features[key] for key in family.fitted.features if key in self._features}
 
     def base(self, runnable: list[str]) -> dict:
         """The unit ``base``: prompts, the base model's completions and labels, the seed-free scores
@@ -186,7 +197,8 @@ class UnitWork:
         base = Runner(self.backbone, None, self.eval, self.progress)
         prompts, completions, correct = base.label(self.plan.items, self.eval.template)
         seconds = {"forward": base.plain_forward_seconds(prompts, completions)}
-        fixed_names = registry.with_fields([nm for nm in runnable if _seed_free(nm)])  # every row carries the fields
+        # every row carries the fields; the features are computed where a fit reads them, never recorded
+        fixed_names = registry.with_fields([nm for nm in runnable if _seed_free(nm) and nm not in registry.features()])
         gold = [it.target for it in self.plan.items]
         fixed = base.scores(prompts, completions, fixed_names, gold=gold, seconds=seconds)
         completions = [asdict(c) for c in completions]
@@ -267,6 +279,7 @@ class UnitWork:
 
     def fit(self, family: Family, scores: dict[str, torch.Tensor], labels: Labels) -> dict:
         """The unit ``seed{s}-{family}``: a fitted family's cross-fitted scores and the seconds its fits took."""
+        scores = {**scores, **self.features(family, labels)}
         start = time.perf_counter()
         fitted = cross_fitted(family, scores, labels.correct, self.plan.folds, self.cfg.folds)
         return {"scores": fitted.tolist(), "seconds": time.perf_counter() - start}

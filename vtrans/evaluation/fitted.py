@@ -27,14 +27,17 @@ class Unfittable(ValueError):
     """A fitted estimator has nothing to learn from: no training items, or all of one class."""
 
 
-def features_of(family: Family, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys of ``scores`` that a fitted family reads (its ``features`` that were computed)."""
-    return {key: scores[key] for key in family.fitted.features if key in scores}
+def features_of(family: Family, scores: dict[str, torch.Tensor], targets: bool = False) -> dict[str, torch.Tensor]:
+    """The keys of ``scores`` that a fitted family reads (its ``features`` that were computed and,
+    with ``targets``, its targets: what it reads of the items it is fitted on)."""
+    keys = (*family.fitted.features, *(family.fitted.targets if targets else ()))
+    return {key: scores[key] for key in keys if key in scores}
 
 
 def fit_features(runner: Runner, family: Family, prompts: list[str], completions: list[Completion]) -> dict[str, torch.Tensor]:
-    """A fitted family's features of items: one shared forward per batch (nothing here is timed)."""
-    return features_of(family, runner.scores(prompts, completions, [family.names[0]]))
+    """A fitted family's features and targets of the items it is fitted on (nothing here is timed)."""
+    names = [family.names[0], *family.fitted.targets]
+    return features_of(family, runner.scores(prompts, completions, names), targets=True)
 
 
 def fit_scores(runner: Runner, family: Family, train_items: list[IdiomItem], evaluated: Scored, template: str) -> torch.Tensor:
@@ -118,7 +121,8 @@ def cross_fitted(
 ) -> torch.Tensor:
     """A fitted family's scores: fold f's fit is on the other folds' items (their own out-of-fold
     features), NaN for a fold whose outside is all of one class."""
-    features = features_of(family, scores)
+    features = features_of(family, scores, targets=True)
+    scored = family.fitted.features
     errors = torch.tensor([not c for c in correct], dtype=torch.float32)
     assigned = torch.tensor(folds)
     result = torch.full((len(correct),), float("nan"))
@@ -128,5 +132,5 @@ def cross_fitted(
             predict = family.fitted.fit({key: value[~inside] for key, value in features.items()}, errors[~inside])
         except ValueError:  # all of one class outside this fold: nothing fitted for it
             continue
-        result[inside] = predict({key: value[inside] for key, value in features.items()})
+        result[inside] = predict({key: value[inside] for key, value in features.items() if key in scored})
     return result
