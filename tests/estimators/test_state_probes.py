@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression, Ridge  # a dev dependency: the reference fits
+from sklearn.metrics import roc_auc_score
 
 from vtrans.backbone.loading import Backbone
 from vtrans.backbone.tokens import encode, slot_positions
@@ -14,8 +16,14 @@ from vtrans.estimators.plan import Plan
 from vtrans.evaluation import metrics
 from vtrans.evaluation.fitted import cross_fitted
 
-sklearn = pytest.importorskip("sklearn", reason="scikit-learn (a dev dependency) gives the reference fits")
-from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
+
+def test_the_inner_folds_auroc_is_the_mann_whitney_one_with_ties_counted_half():
+    """Scores on a grid of 5 values, so that ties between classes are common; the AUROC is a ratio
+    of integer counts (exact in double precision), so the tolerance only absorbs the last bit."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (300,), generator=gen).float()
+    errors = (torch.rand(300, generator=gen) < 0.3).float()
+    assert state_probe.auroc(scores, errors) == pytest.approx(roc_auc_score(errors, scores), abs=1e-12)
 
 
 def _states(n: int = 200, c: int = 12, seed: int = 0, depth: int = 2) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

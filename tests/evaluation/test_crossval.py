@@ -560,3 +560,48 @@ def test_a_family_with_a_posterior_of_its_own_runs_in_crossval_with_no_edit_to_i
     for r in rows:  # msp is 1 − p(ŷ) of the same forward: the shift is the fold's count, nothing else
         assert r["scores"]["msp_shifted"] == pytest.approx(r["scores"]["msp"] + n_train[r["fold"]], abs=1e-5)
     assert results["seconds"]["shifted_fit"] > 0
+
+
+@pytest.mark.slow
+def test_the_state_probes_are_cross_fitted_on_states_that_are_never_written(mixed_file, tmp_path, capsys, monkeypatch):
+    """``state_probe`` and ``state_probe_latent`` are fitted on the other folds' rows; ``se_probe``
+    on their sampled words' entropy; the residual states live in memory only."""
+    from vtrans.estimators import se_probe
+
+    probe_rows: list[int] = []
+    real_fit = probe.fit
+
+    def fit_recording(x, errors, names, *args, **kwargs):
+        probe_rows.append(x.shape[0])
+        return real_fit(x, errors, names, *args, **kwargs)
+
+    ridge_rows: list[int] = []
+    real_choose = se_probe.choose
+
+    def choose_recording(states, target):
+        ridge_rows.append(states.shape[0])
+        return real_choose(states, target)
+
+    monkeypatch.setattr(probe, "fit", fit_recording)
+    monkeypatch.setattr(se_probe, "choose", choose_recording)
+    out = tmp_path / "cv-states"
+    names = ["msp", "state_probe", "state_probe_latent", "se_probe"]
+    run_cli(
+        ["--train_config", TINY, "--data", f"txt:{mixed_file}", "--folds", "2", "--seeds", "0", "--epochs", "1",
+         "--samples", "4", "--n_boot", "100", "--estimators", ",".join(names), "--out", out],
+        capsys,
+    )
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    outside = sorted(sum(r["fold"] != f for r in rows) for f in range(2))
+    # each fold's se_probe chooses its setting on the other fold's rows only
+    assert sorted(ridge_rows) == outside
+    # the final fit of each state probe is on the other fold's rows (the inner folds fit on fewer)
+    assert max(probe_rows) == max(outside) and all(n <= max(outside) for n in probe_rows)
+    for name in names:
+        assert results["estimators"][name]["n"] == 30
+        assert all(math.isfinite(r["scores"][name]) for r in rows)
+    assert "se_probe" not in results["dropped"] and "state_probe" not in results["dropped"]
+    written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl"))
+    assert "residual_states" not in written
+    assert all("sample_word_entropy" not in r["scores"] for r in rows)  # a target, not a score asked for

@@ -161,12 +161,14 @@ class Fitted:
             order; a run that asks for the family computes them (those that apply there).
         targets: what ``fit`` reads of its training items only (never of the scored ones): a
             run computes them for the items it is fitted on.
+        labels: whether ``fit`` reads the items' correctness (``se_probe`` does not).
     """
 
     on: str
     fit: Fit
     features: tuple[str, ...]
     targets: tuple[str, ...] = ()
+    labels: bool = True
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ def table() -> str:
         for name in family.names:
             needs = [key for key in NEEDS if key in family.needs_of(name) and NEEDS[key].unmet is not None]
             needs += [family.posterior.name] if family.posterior else []
-            needs += ["labels"] if family.fitted else []
+            needs += [("labels" if family.fitted.labels else "unlabelled prompts")] if family.fitted else []
             passes = ["extra passes"] if family.extra_passes else []
             default = "default" if name in SCORE_DEFAULTS else ("yes" if name in SCORABLE else "no")
             rows.append((name, family.name, ", ".join(needs + passes) or "-", default, family.help[name]))

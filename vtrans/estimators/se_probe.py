@@ -78,6 +78,6 @@ FAMILY = Family(
     {"se_probe": "ridge map from the residual state to the sampled words' entropy, fitted with no labels"},
     None,
     reads_forward=False,
-    fitted=Fitted("prompts held out from the scored ones (no labels)", fit_on, ("residual_states",), ("sample_word_entropy",)),
+    fitted=Fitted("prompts held out from the scored ones (no labels)", fit_on, ("residual_states",), ("sample_word_entropy",), labels=False),
     shown=Shown(default_score=False, prose={"cost": "the semantic-entropy probe"}),
 )

@@ -14,7 +14,6 @@ import itertools
 import math
 
 import torch
-from torchmetrics.functional.classification import binary_auroc
 
 from vtrans.estimators import probe
 from vtrans.estimators.base import Family, Fitted, Predict, Shown
@@ -29,6 +28,15 @@ def columns(features: dict[str, torch.Tensor], depth: int, extra: tuple[str, ...
     return torch.cat([x, *(features[key].float().view(-1, 1) for key in extra)], 1)
 
 
+def auroc(scores: torch.Tensor, errors: torch.Tensor) -> float:
+    """P(an error scores above a correct item), ties counted half: the Mann-Whitney AUROC
+    (this module is imported by ``vtrans score``, which must not load the evaluation's metrics)."""
+    wrong, right = scores[errors.bool()], scores[~errors.bool()]
+    above = (wrong[:, None] > right[None]).double().mean()
+    tied = (wrong[:, None] == right[None]).double().mean()
+    return float(above + 0.5 * tied)
+
+
 def inner_auroc(x: torch.Tensor, errors: torch.Tensor, l2: float, standardise: bool) -> float:
     """The mean AUROC of the fit over inner folds (rows i mod INNER); NaN where no fold has both classes."""
     rows = torch.arange(len(errors)) % INNER
@@ -39,7 +47,7 @@ def inner_auroc(x: torch.Tensor, errors: torch.Tensor, l2: float, standardise: b
         if train.min() == train.max() or test.min() == test.max():
             continue
         fitted = probe.fit(x[~inside], train, [], l2=l2, standardise=standardise)
-        found.append(float(binary_auroc(fitted.predict(x[inside]), test.long())))
+        found.append(auroc(fitted.predict(x[inside]), test))
     return sum(found) / len(found) if found else math.nan
 
 

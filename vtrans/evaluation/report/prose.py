@@ -115,7 +115,7 @@ def _what_the_numbers_are() -> str:
     """What the numbers are, each estimator named as its family's ``shown.prose`` says (``registry.FAMILIES``)."""
     families = registry.FAMILIES
     references = [f.words("reference") for f in families if f.shown.reference]
-    single = [f.words("cost") for f in families if f.reads_forward and not f.extra_passes and f.fitted is None]
+    single = [f.words("cost") for f in families if f.names and f.reads_forward and not f.extra_passes and f.fitted is None]
     passes = [f.words("cost") for f in families if f.extra_passes]
     fitted = ""
     for family in (f for f in families if f.fitted is not None):
