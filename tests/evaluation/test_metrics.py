@@ -307,3 +307,17 @@ def test_spread_is_numpys_mean_and_sample_sd_over_the_finite_values() -> None:
     one = metrics.spread([0.7])
     assert one["mean"] == 0.7 and math.isnan(one["sd"])  # one seed: no spread to speak of
     assert all(math.isnan(v) for v in metrics.spread([float("nan")]).values())
+
+
+def test_resampled_values_are_the_metric_on_the_resamples_that_pair_two_estimators():
+    """Row r of two estimators' resampled AUROCs is on the same items: their difference is the
+    paired bootstrap's. The counts are exact in float64; ``metrics.auroc`` on one resample runs
+    torchmetrics in float32, whose rounding (a few 1e-8 at 120 items) 1e-6 covers."""
+    rng = np.random.default_rng(5)
+    errors = rng.random(120) < 0.4
+    a, b = rng.random(120) + errors, rng.integers(0, 4, 120).astype(float)
+    va, vb = metrics.resampled_values(metrics.auroc, a, errors, 50, seed=3), metrics.resampled_values(metrics.auroc, b, errors, 50, seed=3)
+    idx = np.random.default_rng(3).integers(0, 120, size=(50, 120))
+    np.testing.assert_allclose(va, [metrics.auroc(a[i], errors[i]) for i in idx], atol=1e-6)
+    lo, hi = np.percentile(va - vb, [2.5, 97.5])
+    assert metrics.paired_bootstrap(metrics.auroc, a, b, errors, n_boot=50, seed=3)["ci"] == pytest.approx([lo, hi], abs=1e-12)

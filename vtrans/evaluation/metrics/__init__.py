@@ -35,7 +35,13 @@ the resample matrix, no sort per resample); the tests check that they agree
 with torchmetrics and with scikit-learn.
 """
 
-from vtrans.evaluation.metrics.bootstrap import bootstrap_ci, paired_bootstrap, spread, summarize
+from vtrans.evaluation.metrics.bootstrap import (
+    bootstrap_ci,
+    paired_bootstrap,
+    resampled_values,
+    spread,
+    summarize,
+)
 from vtrans.evaluation.metrics.ranking import (
     METRICS,
     auprc,
@@ -54,6 +60,7 @@ __all__ = [
     "aurc",
     "bootstrap_ci",
     "paired_bootstrap",
+    "resampled_values",
     "prr",
     "risk_coverage_curve",
     "roc_curve",

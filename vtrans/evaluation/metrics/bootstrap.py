@@ -70,6 +70,14 @@ def _resampled_values(metric: Metric, s: np.ndarray, e: np.ndarray, n_boot: int,
     return np.concatenate(values)
 
 
+def resampled_values(metric: Metric, scores: ArrayLike, errors: ArrayLike, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """The metric on each of ``n_boot`` resamples of the items (NaN kept). The same ``seed`` and
+    number of items draw the same resamples, so that two estimators' values pair row by row (a
+    difference of means over seeds, say)."""
+    s, e = _as_arrays(scores, errors)
+    return _resampled_values(metric, s, e, n_boot, seed)
+
+
 def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
     """Percentile interval of the finite values, (NaN, NaN) if there are none."""
     values = values[~np.isnan(values)]
