@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a vtrans crossval output folder (scores.jsonl, results.json, units/)")
     parser.add_argument("--out", type=Path, help="write results.json and table.md here")
-    parser.add_argument("--n_boot", type=int, default=2000)
+    parser.add_argument("--n_boot", type=int, default=10_000)
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
     rows = [json.loads(line) for line in (args.run / "scores.jsonl").read_text().splitlines()]
@@ -96,17 +96,19 @@ def main() -> None:
     fit_s = time.perf_counter() - started
 
     names = [*RECORDED, *(f.name for f in FITTED)]
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, len(rows), len(rows)) for _ in range(args.n_boot)]
 
-    def mean_auroc(name: str, ix: np.ndarray | slice = slice(None)) -> float:
-        return float(np.mean([metrics.auroc(c[ix], errors[ix]) for c in cols[name]]))
+    def mean_auroc(name: str) -> float:
+        return float(np.mean([metrics.auroc(c, errors) for c in cols[name]]))
 
-    boot = {name: np.array([mean_auroc(name, ix) for ix in draws]) for name in names}
+    # the same resamples (generator seed 0) for every column: each row pairs every estimator
+    boot = {
+        name: np.mean([metrics.resampled_values(metrics.auroc, c, errors, args.n_boot, seed=0) for c in cols[name]], axis=0)
+        for name in names
+    }
     m = len(COMPARISONS)
     estimators = {
         name: {"auroc": mean_auroc(name), "by_seed": [metrics.auroc(c, errors) for c in cols[name]],
-               "ci": [float(v) for v in np.percentile(boot[name], [2.5, 97.5])]}
+               "ci": [float(v) for v in np.nanpercentile(boot[name], [2.5, 97.5])]}
         for name in names
     }
     deltas = []
@@ -114,8 +116,8 @@ def main() -> None:
         d = boot[name] - boot[against]
         deltas.append({
             "estimator": name, "against": against, "delta": mean_auroc(name) - mean_auroc(against),
-            "ci": [float(v) for v in np.percentile(d, [2.5, 97.5])],
-            "corrected_ci": [float(v) for v in np.percentile(d, [100 * 0.025 / m, 100 * (1 - 0.025 / m)])],
+            "ci": [float(v) for v in np.nanpercentile(d, [2.5, 97.5])],
+            "corrected_ci": [float(v) for v in np.nanpercentile(d, [100 * 0.025 / m, 100 * (1 - 0.025 / m)])],
         })
     out = {
         "run": str(args.run), "n": len(rows), "n_wrong": int(errors.sum()), "seeds": results["protocol"]["seeds"],
