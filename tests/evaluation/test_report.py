@@ -70,8 +70,10 @@ def test_build_results_schema(results: dict[str, Any]) -> None:
         "reference",
         "estimators",
         "paired_vs_reference",
+        "correction",
         "latent_accuracy",
     }
+    assert results["correction"] == {"method": "bonferroni", "comparisons": 2}
     assert results["model"] == "tiny-gpt2"
     assert results["n"] == N_ITEMS and type(results["n"]) is int
     assert results["accuracy"] == pytest.approx(0.5) and type(results["accuracy"]) is float
@@ -95,9 +97,11 @@ def test_build_results_schema(results: dict[str, Any]) -> None:
         assert all(type(x) is float for x in entry["auroc_ci"])
     assert set(results["paired_vs_reference"]) == {"msp", "entropy"}
     for entry in results["paired_vs_reference"].values():
-        assert list(entry) == ["delta_auroc", "ci", "p_value"]
+        assert list(entry) == ["delta_auroc", "ci", "corrected_ci", "p_value"]
         assert type(entry["delta_auroc"]) is float and type(entry["p_value"]) is float
         assert len(entry["ci"]) == 2
+        # the corrected interval (level 1 - 0.05/2, same resamples) holds the raw one
+        assert entry["corrected_ci"][0] <= entry["ci"][0] <= entry["ci"][1] <= entry["corrected_ci"][1]
 
 
 def test_build_results_values(results: dict[str, Any]) -> None:

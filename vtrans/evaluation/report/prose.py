@@ -42,9 +42,10 @@ random. **AURC** is the mean error rate of the kept items as items are
 rejected, most uncertain first; lower is better (a random score gets the error
 rate). **Cost** is in forward-pass equivalents of the base model. **Δ AUROC**
 is the estimator's AUROC minus the reference's on the same items, with a
-paired-bootstrap interval and two-sided p-value; an interval that excludes 0
-is a difference beyond resampling noise (not corrected for the number of
-estimators compared).
+paired-bootstrap interval and two-sided p-value; the **corrected CI** is the
+same interval at level 1 − 0.05/m, Bonferroni-corrected over the m estimators
+compared with the reference. A difference is beyond resampling noise, with
+every comparison of the table counted, when its corrected interval excludes 0.
 """
 
 

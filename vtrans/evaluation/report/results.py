@@ -134,14 +134,16 @@ def _estimator_entry(
 
 
 def _paired_entry(
-    scores: np.ndarray, reference: np.ndarray, errors: np.ndarray, n_boot: int, seed: int
+    scores: np.ndarray, reference: np.ndarray, errors: np.ndarray, n_boot: int, seed: int, compared: int
 ) -> dict[str, Any]:
-    """Paired-bootstrap AUROC difference (estimator - reference) on items both scored."""
+    """Paired-bootstrap AUROC difference (estimator - reference) on items both scored, with its
+    raw 95% interval and the interval Bonferroni-corrected over the ``compared`` comparisons
+    (level 1 - 0.05/compared, on the same resamples)."""
     keep = ~np.isnan(scores) & ~np.isnan(reference)
-    paired = metrics.paired_bootstrap(
-        metrics.auroc, scores[keep], reference[keep], errors[keep], n_boot=n_boot, seed=seed
-    )
-    return {"delta_auroc": paired["delta"], "ci": paired["ci"], "p_value": paired["p_value"]}
+    both = (metrics.auroc, scores[keep], reference[keep], errors[keep])
+    paired = metrics.paired_bootstrap(*both, n_boot=n_boot, seed=seed)
+    corrected = metrics.paired_bootstrap(*both, n_boot=n_boot, seed=seed, alpha=0.05 / max(compared, 1))
+    return {"delta_auroc": paired["delta"], "ci": paired["ci"], "corrected_ci": corrected["ci"], "p_value": paired["p_value"]}
 
 
 def build_results(
@@ -174,8 +176,10 @@ def build_results(
     Returns:
         ``{"model", "n", "accuracy", "reference", "estimators": {NAME: {"auroc",
         "auroc_ci", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds",
-        "n"}}, "paired_vs_reference": {NAME: {"delta_auroc", "ci", "p_value"}},
-        **extra}``. Items with a NaN score are dropped for that estimator only
+        "n"}}, "paired_vs_reference": {NAME: {"delta_auroc", "ci", "corrected_ci", "p_value"}},
+        "correction": {"method": "bonferroni", "comparisons": m}, **extra}``, where
+        ``corrected_ci`` is Bonferroni-corrected over the m estimators compared with the
+        reference. Items with a NaN score are dropped for that estimator only
         (its ``n`` says how many remain). ``paired_vs_reference`` leaves out the
         reference itself and is empty when no item has a reference score.
     """
@@ -188,9 +192,10 @@ def build_results(
     if not isinstance(reference, str):
         reference = registry.reference_of({name: entry["auroc"] for name, entry in estimators.items()}, reference)
     paired = {}
+    compared = len(scores) - 1
     if reference in scores:
         paired = {
-            name: _paired_entry(column, scores[reference], errors, n_boot, seed)
+            name: _paired_entry(column, scores[reference], errors, n_boot, seed, compared)
             for name, column in scores.items()
             if name != reference
         }
@@ -201,6 +206,7 @@ def build_results(
         "reference": reference,
         "estimators": estimators,
         "paired_vs_reference": paired,
+        "correction": {"method": "bonferroni", "comparisons": compared},
     }
     if random_weights:
         results.update(random_weights=True, accuracy_is_a_result=False)

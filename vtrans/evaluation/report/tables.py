@@ -36,6 +36,7 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table, as strings."""
     reference = results.get("reference", "lens_ce")
     with_seeds = any("seeds" in m for m in results["estimators"].values())
+    correction = results.get("correction")  # absent from results written before it was recorded
     header = [
         "estimator",
         "n",
@@ -47,19 +48,23 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "cost (fwd-equiv)",
         "seconds",
         f"Δ AUROC vs {reference} [95% CI]",
+        *([f"corrected CI (Bonferroni, {correction['comparisons']})"] if correction else []),
     ]
     body = []
     for name in _by_auroc(results):
         m = results["estimators"][name]
         lo, hi = m.get("auroc_ci") or (None, None)
         paired = results.get("paired_vs_reference", {}).get(name)
-        delta = "—"
+        delta = corrected = "—"
         if paired is not None:
             d_lo, d_hi = paired["ci"]
             delta = (
                 f"{_fmt(paired['delta_auroc'], sign=True)} [{_fmt(d_lo, sign=True)}, {_fmt(d_hi, sign=True)}]"
                 f" p{_fmt_p(paired['p_value'])}"
             )
+            if "corrected_ci" in paired:
+                c_lo, c_hi = paired["corrected_ci"]
+                corrected = f"[{_fmt(c_lo, sign=True)}, {_fmt(c_hi, sign=True)}]"
             if "seeds" in paired and len(paired["seeds"]["delta"]) > 1:
                 delta += f"; seeds {_fmt(paired['seeds']['mean'], sign=True)} ± {_fmt(paired['seeds']['sd'])}"
         seeds = m.get("seeds")
@@ -80,6 +85,7 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(m.get("cost_forward_equiv")),
                 _fmt(m.get("seconds")),
                 delta,
+                *([corrected] if correction else []),
             ]
         )
     return header, body
