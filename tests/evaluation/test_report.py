@@ -86,11 +86,13 @@ def test_build_results_schema(results: dict[str, Any]) -> None:
             "auprc",
             "prr",
             "aurc",
+            "ece",
+            "brier",
             "cost_forward_equiv",
             "seconds",
             "n",
         ]
-        for key in ("auroc", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds"):
+        for key in ("auroc", "auprc", "prr", "aurc", "ece", "brier", "cost_forward_equiv", "seconds"):
             assert type(entry[key]) is float
         assert type(entry["n"]) is int
         assert isinstance(entry["auroc_ci"], list) and len(entry["auroc_ci"]) == 2
@@ -169,8 +171,8 @@ def test_report_md_has_the_table_and_every_estimator(tmp_path: Path, results: di
     text = path.read_text()
     assert "tiny-gpt2" in text
     assert (
-        "| estimator | n | AUROC [95% CI] | AUPRC | PRR | AURC | cost (fwd-equiv) | seconds "
-        "| Δ AUROC vs lens_ce [95% CI] |" in text
+        "| estimator | n | AUROC [95% CI] | AUPRC | PRR | AURC | ECE | Brier | cost (fwd-equiv) | seconds "
+        "| Δ AUROC vs lens_ce [95% CI] | corrected CI (Bonferroni, 2) |" in text
     )
     for name in NAMES:
         assert f"| {name} |" in text
@@ -200,7 +202,7 @@ def test_plot_all_writes_four_pngs(
     tmp_path: Path, rows: list[dict[str, Any]], results: dict[str, Any]
 ) -> None:
     written = report.plot_all(tmp_path / "plots", rows, results)
-    assert written == ["roc.png", "lens_by_layer.png", "histograms.png", "risk_coverage.png"]
+    assert written == ["roc.png", "lens_by_layer.png", "histograms.png", "risk_coverage.png", "reliability.png"]
     for name in written:
         _assert_png(tmp_path / "plots" / name)
 
@@ -214,7 +216,7 @@ def test_plot_all_skips_the_lens_plot_without_lens_data(
         else:
             row["lens_ce_by_layer"] = None if i % 4 else []
     written = report.plot_all(tmp_path, rows, results)
-    assert written == ["roc.png", "histograms.png", "risk_coverage.png"]
+    assert written == ["roc.png", "histograms.png", "risk_coverage.png", "reliability.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
 
 

@@ -40,7 +40,12 @@ prediction-rejection ratio) is the share of the oracle's gain over random
 rejection that the score achieves: 1 perfect, 0 random, negative worse than
 random. **AURC** is the mean error rate of the kept items as items are
 rejected, most uncertain first; lower is better (a random score gets the error
-rate). **Cost** is in forward-pass equivalents of the base model. **Δ AUROC**
+rate). **ECE** and **Brier** judge the score as a probability of error once it
+is calibrated: Platt scaling fitted on the other folds of the items (a
+cross-fitted run's own folds, else 5 folds by idiom), applied to each fold;
+ECE is the item-weighted gap between mean probability and error rate over 10
+bins of the probability, Brier the mean squared error of the probability; both
+lower is better (`reliability.png` draws the bins). **Cost** is in forward-pass equivalents of the base model. **Δ AUROC**
 is the estimator's AUROC minus the reference's on the same items, with a
 paired-bootstrap interval and two-sided p-value; the **corrected CI** is the
 same interval at level 1 − 0.05/m, Bonferroni-corrected over the m estimators

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from vtrans.estimators import registry
 from vtrans.evaluation import metrics
+from vtrans.evaluation.metrics import calibration
 
 
 def _jsonable(obj: Any) -> Any:
@@ -121,12 +123,28 @@ def _float(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+CALIBRATION_FOLDS = 5
+
+
+def calibration_folds(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The folds of the cross-fitted calibration: a cross-fitted run's own folds, else
+    :data:`CALIBRATION_FOLDS` folds by a hash of the idiom (stable across runs and machines)."""
+    folds = [row.get("fold") for row in rows]
+    if None not in folds and len(set(folds)) > 1:
+        return np.array(folds)
+    return np.array([zlib.crc32(str(row.get("idiom", row.get("prompt", ""))).encode()) % CALIBRATION_FOLDS for row in rows])
+
+
 def _estimator_entry(
-    scores: np.ndarray, errors: np.ndarray, cost: dict[str, float], n_boot: int, seed: int
+    scores: np.ndarray, errors: np.ndarray, cost: dict[str, float], n_boot: int, seed: int, folds: np.ndarray
 ) -> dict[str, Any]:
-    """Metrics, cost and item count of one estimator, NaN-scored items dropped."""
+    """Metrics, cost and item count of one estimator, NaN-scored items dropped; ``ece`` and
+    ``brier`` are of its cross-fitted Platt probabilities (``metrics.calibration``)."""
+    folds = folds[~np.isnan(scores)]
     scores, errors = metrics.scored(scores, errors)
     entry = metrics.summarize(scores, errors, n_boot=n_boot, seed=seed)
+    p_wrong = calibration.cross_fitted(scores, errors, folds)
+    entry["ece"], entry["brier"] = calibration.ece(p_wrong, errors), calibration.brier(p_wrong, errors)
     entry["cost_forward_equiv"] = _float(cost.get("cost_forward_equiv"))
     entry["seconds"] = _float(cost.get("seconds"))
     entry["n"] = int(scores.size)
@@ -175,8 +193,8 @@ def build_results(
 
     Returns:
         ``{"model", "n", "accuracy", "reference", "estimators": {NAME: {"auroc",
-        "auroc_ci", "auprc", "prr", "aurc", "cost_forward_equiv", "seconds",
-        "n"}}, "paired_vs_reference": {NAME: {"delta_auroc", "ci", "corrected_ci", "p_value"}},
+        "auroc_ci", "auprc", "prr", "aurc", "ece", "brier", "cost_forward_equiv",
+        "seconds", "n"}}, "paired_vs_reference": {NAME: {"delta_auroc", "ci", "corrected_ci", "p_value"}},
         "correction": {"method": "bonferroni", "comparisons": m}, **extra}``, where
         ``corrected_ci`` is Bonferroni-corrected over the m estimators compared with the
         reference. Items with a NaN score are dropped for that estimator only
@@ -185,8 +203,9 @@ def build_results(
     """
     errors = _errors(rows)
     scores = {name: _score_column(rows, name) for name in _estimator_names(rows)}
+    folds = calibration_folds(rows)
     estimators = {
-        name: _estimator_entry(column, errors, costs.get(name, {}), n_boot, seed)
+        name: _estimator_entry(column, errors, costs.get(name, {}), n_boot, seed, folds)
         for name, column in scores.items()
     }
     if not isinstance(reference, str):
