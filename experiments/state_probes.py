@@ -56,7 +56,7 @@ def seed_columns(rows: list[dict], name: str) -> list[np.ndarray]:
 
 def residual_states(run: Path, results: dict, batch_size: int) -> tuple[torch.Tensor, list[str]]:
     """(n, depths, C): the states of the run's items, and their prompts, in ``units/base.json``'s order."""
-    base = json.loads((run / "units" / "base.json").read_text())
+    base = json.loads((run / "units" / "base.json").read_text())["record"]
     backbone = Backbone(**results["protocol"]["backbone"])
     completions = [Completion(**{**c, "word_ids": tuple(c["word_ids"])}) for c in base["completions"]]
     runner = Runner(backbone, None, EstimatorConfig(batch_size=batch_size), progress=True)
