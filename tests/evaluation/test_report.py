@@ -352,3 +352,23 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     assert "of `msp`, `entropy`, `margin`, the sampled-word agreement" in after and "and `top2`, the one" in after
     assert "`posterior_var`, `latent_kl`, `refit_prior_var`, `top2`) share one forward" in after
     assert "plus its fit; the signed margin is the shared forward plus its fit." in after
+
+
+def test_every_row_gets_a_cross_fitted_p_wrong_from_the_recommended_estimator(rows: list[dict[str, Any]]) -> None:
+    """Higher adapter_nll, higher p_wrong within a fold (one Platt fit is monotone); a row's
+    probability does not move when its own label flips; a run without adapter_nll gets None."""
+    rng = np.random.default_rng(1)
+    for row in rows:
+        row["scores"]["adapter_nll"] = float(rng.normal() + 2.0 * (not row["correct"]))
+    out = report.with_p_wrong(rows)
+    assert all(0 < r["p_wrong"] < 1 for r in out) and "p_wrong" not in rows[0]  # the rows given are left as they were
+    folds = report.results.calibration_folds(rows)
+    inside = [r for r, f in zip(out, folds, strict=True) if f == folds[0]]
+    ordered = sorted(inside, key=lambda r: r["scores"]["adapter_nll"])
+    assert [r["p_wrong"] for r in ordered] == sorted(r["p_wrong"] for r in ordered)
+    flipped = [dict(r) for r in rows]
+    flipped[0]["correct"] = not flipped[0]["correct"]
+    assert report.with_p_wrong(flipped)[0]["p_wrong"] == out[0]["p_wrong"]
+    for row in rows:
+        del row["scores"]["adapter_nll"]
+    assert all(r["p_wrong"] is None for r in report.with_p_wrong(rows))

@@ -106,7 +106,7 @@ def assemble(fit: Run, names, by_seed, labels: Labels, fields: dict[str, torch.T
 def write(out: Path, results: dict, rows: list[dict], markdown: str | Path | None) -> None:
     """scores.jsonl, results.json, the plots and report.md (also at ``markdown``, its images linked relative to it)."""
     out.mkdir(parents=True, exist_ok=True)
-    report.write_scores_jsonl(out / "scores.jsonl", rows)
+    report.write_scores_jsonl(out / "scores.jsonl", report.with_p_wrong(rows))
     report.write_results_json(out / "results.json", results)
     plots = report.plot_all(out, rows, results)
     plots += report.plot_seed_forest(out, results)

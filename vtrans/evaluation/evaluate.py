@@ -187,7 +187,7 @@ def _fit(runner, scored: Scored, names: list[str], dropped: dict, items, templat
 def _write(out: Path, rows: list[dict], results: dict) -> None:
     """results.json, scores.jsonl, report.md and the plots, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    report.write_scores_jsonl(out / "scores.jsonl", rows)
+    report.write_scores_jsonl(out / "scores.jsonl", report.with_p_wrong(rows))
     report.write_results_json(out / "results.json", results)
     plots = report.plot_all(out, rows, results)
     report.write_report_md(out / "report.md", results, plots)

@@ -17,7 +17,13 @@ saved and goes out of scope.
 
 from vtrans.evaluation.report.plots import plot_all, plot_seed_forest
 from vtrans.evaluation.report.prose import random_weights_sentence, write_crossval_md, write_report_md
-from vtrans.evaluation.report.results import build_results, item_row, write_results_json, write_scores_jsonl
+from vtrans.evaluation.report.results import (
+    build_results,
+    item_row,
+    with_p_wrong,
+    write_results_json,
+    write_scores_jsonl,
+)
 from vtrans.evaluation.report.tables import format_table
 
 __all__ = [
@@ -30,5 +36,6 @@ __all__ = [
     "write_crossval_md",
     "write_report_md",
     "write_results_json",
+    "with_p_wrong",
     "write_scores_jsonl",
 ]

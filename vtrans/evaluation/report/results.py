@@ -135,6 +135,22 @@ def calibration_folds(rows: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([zlib.crc32(str(row.get("idiom", row.get("prompt", ""))).encode()) % CALIBRATION_FOLDS for row in rows])
 
 
+RECOMMENDED = "adapter_nll"
+
+
+def with_p_wrong(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, each with ``p_wrong``: the probability that its completion is wrong, from the
+    recommended estimator (:data:`RECOMMENDED`, the one the confirmatory run supports) by Platt
+    scaling cross-fitted over :func:`calibration_folds`, so that no row's probability read its
+    own label. None where the run did not score it, or its fold could not be fitted."""
+    column = _score_column(rows, RECOMMENDED)
+    p = np.full(len(rows), np.nan)
+    keep = ~np.isnan(column)
+    if keep.any():
+        p[keep] = calibration.cross_fitted(column[keep], _errors(rows)[keep], calibration_folds(rows)[keep])
+    return [{**row, "p_wrong": None if np.isnan(v) else float(v)} for row, v in zip(rows, p, strict=True)]
+
+
 def _estimator_entry(
     scores: np.ndarray, errors: np.ndarray, cost: dict[str, float], n_boot: int, seed: int, folds: np.ndarray
 ) -> dict[str, Any]:
