@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from state_probes import FITTED, residual_states, seed_columns
+from state_probes import cross_fit_all, residual_states, seed_columns
 
 from vtrans.data import load_idioms
 from vtrans.data.items import idiom_key
 from vtrans.estimators.registry import reference_of
 from vtrans.evaluation import metrics
-from vtrans.evaluation.fitted import cross_fitted
 from vtrans.evaluation.folds import assign_folds
 
 CHEAP = ("msp", "entropy", "margin", "sample_disagreement", "sample_word_entropy")
@@ -85,15 +84,7 @@ def main() -> None:
     states, prompts = residual_states(args.folder / "latent", results, args.batch_size)
     states = states[[{p: i for i, p in enumerate(prompts)}[r["prompt"]] for r in rows]]
     correct = [r["correct"] for r in rows]
-    for family in FITTED:
-        cols[family.name] = []
-        for s in range(len(cols["msp"])):
-            if family.name == "state_probe" and s:  # reads the seed-free states only: one fit serves every seed
-                cols[family.name].append(cols[family.name][0])
-                continue
-            features = {"residual_states": states, **{n: torch.tensor(cols[n][s], dtype=torch.float32) for n in RECORDED}}
-            cols[family.name].append(cross_fitted(family, features, correct, folds, FOLDS).numpy().astype(float))
-        print(f"{family.name}: cross-fitted ({time.perf_counter() - started:.0f} s)", flush=True)
+    cols.update(cross_fit_all(states, cols, RECORDED, correct, folds, FOLDS))
     fit_seconds = time.perf_counter() - started
 
     def mean_auroc(name: str) -> float:

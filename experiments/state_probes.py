@@ -63,6 +63,27 @@ def residual_states(run: Path, results: dict, batch_size: int) -> tuple[torch.Te
     return runner.scores(base["prompts"], completions, ["residual_states"])["residual_states"], base["prompts"]
 
 
+def cross_fit_all(
+    states: torch.Tensor, cols: dict[str, list[np.ndarray]], recorded: tuple[str, ...], correct: list[bool],
+    folds: list[int], k: int,
+) -> dict[str, list[np.ndarray]]:
+    """Each of :data:`FITTED`'s scores, one column per seed, cross-fitted over ``folds`` (``k`` of
+    them) with that seed's ``recorded`` columns; a family that reads none of them is fitted once."""
+    out: dict[str, list[np.ndarray]] = {}
+    started = time.perf_counter()
+    for family in FITTED:
+        by_seed = any(key in recorded for key in (*family.fitted.features, *family.fitted.targets))
+        out[family.name] = []
+        for s in range(len(cols["msp"])):
+            if not by_seed and s:  # reads the seed-free states only: the same fit for every seed
+                out[family.name].append(out[family.name][0])
+                continue
+            features = {"residual_states": states, **{n: torch.tensor(cols[n][s], dtype=torch.float32) for n in recorded}}
+            out[family.name].append(cross_fitted(family, features, correct, folds, k).numpy().astype(float))
+            print(f"{family.name}, seed {s}: fitted ({time.perf_counter() - started:.0f} s)", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a vtrans crossval output folder (scores.jsonl, results.json, units/)")
@@ -83,16 +104,7 @@ def main() -> None:
     errors = np.array([not c for c in correct], dtype=float)
     cols = {name: seed_columns(rows, name) for name in RECORDED}
     started = time.perf_counter()
-    for family in FITTED:
-        cols[family.name] = []
-        by_seed = any(key in RECORDED for key in (*family.fitted.features, *family.fitted.targets))
-        for s in range(len(cols["msp"])):
-            if not by_seed and s:  # reads the seed-free states only: the same fit for every seed
-                cols[family.name].append(cols[family.name][0])
-                continue
-            features = {"residual_states": states, **{n: torch.tensor(cols[n][s], dtype=torch.float32) for n in RECORDED}}
-            cols[family.name].append(cross_fitted(family, features, correct, folds, k).numpy().astype(float))
-            print(f"{family.name}, seed {s}: fitted ({time.perf_counter() - started:.0f} s)", flush=True)
+    cols.update(cross_fit_all(states, cols, RECORDED, correct, folds, k))
     fit_s = time.perf_counter() - started
 
     names = [*RECORDED, *(f.name for f in FITTED)]
