@@ -195,6 +195,7 @@ def test_the_folder_holds_safetensors_and_json_only_and_no_backbone_weight(saved
         "backbone": {"name": "my-gpt2", "dtype": "float32", "attn_implementation": "sdpa", "source": "memory"},  # as loaded
         "fingerprint": in_memory.fingerprint(),
         "template": DEFAULT_TEMPLATE,
+        "calibration_missing": trained.calibration_missing,  # trained by a Trainer of its own, with no Calibrate
     }
     assert config["settings"]["d_z"] == 4 and config["settings"]["lr"] == 0.05  # the training settings too
 

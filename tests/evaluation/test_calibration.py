@@ -8,6 +8,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from vtrans.evaluation.metrics import calibration
+from vtrans.latent.calibration import RIDGE
 
 
 def _data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -22,7 +23,7 @@ def test_platt_is_scikit_learns_logistic_regression_on_the_standardised_score():
     method converges to 1e-10 in the parameters, so 1e-6 on probabilities holds on any machine."""
     s, y = _data()
     z = ((s - s.mean()) / s.std()).reshape(-1, 1)
-    reference = LogisticRegression(C=1 / (calibration.RIDGE * len(y)), tol=1e-12, max_iter=1000).fit(z, y)
+    reference = LogisticRegression(C=1 / (RIDGE * len(y)), tol=1e-12, max_iter=1000).fit(z, y)
     np.testing.assert_allclose(calibration.platt(s, y)(s), reference.predict_proba(z)[:, 1], atol=1e-6)
 
 

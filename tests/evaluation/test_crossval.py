@@ -454,7 +454,9 @@ def test_the_shared_prompt_and_scored_column_paths_score_every_item_as_the_full_
     The draws are the same (the same seeded streams over the same shapes), so the only differences
     are float32 reorderings between batch shapes and CPUs, ~1e-6 on scores of size ~1 (and on the
     one epoch of tiny training): 1e-4 absolute holds with margin; the sampled words compare
-    exactly through their shares of K. The AUROCs agree to the third decimal."""
+    exactly through their shares of K. The AUROCs agree but for pairs (wrong, correct) whose
+    reference scores lie within that tolerance of each other: such a near-tie may order either
+    way, and each moves the AUROC by 1/(wrong × correct)."""
     reference = json.loads((TESTS / "fixtures" / "crossval_reference.json").read_text())
     names = list(reference["rows"][0]["scores"])
     out = tmp_path / "cv"
@@ -470,7 +472,14 @@ def test_the_shared_prompt_and_scored_column_paths_score_every_item_as_the_full_
                 assert seed_now[name] == pytest.approx(seed_then[name], abs=1e-4), (now["idiom"], name)
     results = json.loads((out / "results.json").read_text())
     for name, aurocs in reference["auroc"].items():
-        assert results["estimators"][name]["seeds"]["auroc"] == pytest.approx(aurocs, abs=1e-3), name
+        for seed, auroc in enumerate(aurocs):
+            column = [(r["scores_by_seed"][str(seed)] if str(seed) in r.get("scores_by_seed", {}) else r["scores"])[name]
+                      for r in reference["rows"]]
+            wrong = [s for s, r in zip(column, reference["rows"], strict=True) if not r["correct"]]
+            right = [s for s, r in zip(column, reference["rows"], strict=True) if r["correct"]]
+            near = sum(abs(w - c) <= 2e-4 for w in wrong for c in right)
+            slack = near / (len(wrong) * len(right)) + 1e-3
+            assert results["estimators"][name]["seeds"]["auroc"][seed] == pytest.approx(auroc, abs=slack), (name, seed, near)
 
 
 @pytest.mark.slow

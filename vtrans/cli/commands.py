@@ -143,8 +143,9 @@ def score_command(
 ) -> None:
     """Score prompts with a trained checkpoint: one JSON line per prompt.
 
-    One JSON line per prompt on stdout: {prompt, template, completion, completion_word, scores};
-    a prompt that cannot be scored gives {prompt, error} and the others are scored. A prompt is
+    One JSON line per prompt on stdout: {prompt, template, completion, completion_word, scores,
+    p_wrong}, ``p_wrong`` the probability that the completion is wrong, from the calibration the
+    checkpoint carries (left out, with a warning, where it carries none); a prompt that cannot be scored gives {prompt, error} and the others are scored. A prompt is
     an idiom's beginning ("spill the"): the checkpoint's template makes it the prompt the latent
     was trained on (``--template none`` scores prompts verbatim). Prompts longer than the
     model's context are truncated from the left with a warning (``--long_prompts refuse`` makes

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vtrans.backbone.loading import Backbone
 from vtrans.config import EvalConfig
-from vtrans.data import DEFAULT_TEMPLATE, load_split
+from vtrans.data import DEFAULT_TEMPLATE, idiom_hash, load_split
 from vtrans.errors import ConfigError
 from vtrans.estimators import distributed, registry
 from vtrans.estimators.registry import chosen, family_of, why_not
@@ -32,6 +32,7 @@ from vtrans.evaluation import report
 from vtrans.evaluation.fitted import Unfittable, fit_items, fit_scores
 from vtrans.evaluation.items import _announce, _warn_if_wide, leave_out_seen, split_settings
 from vtrans.evaluation.scored import Scored, complete_items, costs, score_items
+from vtrans.latent.calibration import Calibration
 from vtrans.log import log, phase
 
 
@@ -82,7 +83,8 @@ def evaluate(
     scored = score_items(runner, items, registry.with_fields(names), config.template, labelled=labelled)
     trained_with = None if contents is None else contents.get("datamodule_hyper_parameters", {})
     fits = _fit(runner, scored, names, dropped, items, config.template, trained_with, trained)
-    rows = _rows(scored, names)
+    calibration = _own_calibration(module, items)
+    rows = report.with_p_wrong(_rows(scored, names), calibration)
     extra = {
         "config": asdict(config),
         "ckpt": ckpt,
@@ -94,6 +96,7 @@ def evaluate(
         "seen_of": checked,
         "seen_left_out": None if seen is None else (0 if config.keep_seen else seen),
         "keep_seen": config.keep_seen,
+        "p_wrong": report.p_wrong_record(rows, calibration),
         **fits,
     }
     results = report.build_results(
@@ -157,6 +160,22 @@ def _load(ckpt: str | None, contents: dict | None, model: str | None, backbone: 
     return module, backbone
 
 
+def _own_calibration(module, items) -> Calibration | None:
+    """The calibration the latent carries, to give the rows' ``p_wrong``: None without one, or
+    where it was fitted on some of these items (their ``p_wrong`` is then cross-fitted, as without a latent)."""
+    calibration = None if module is None else module.calibration
+    if calibration is None:
+        return None
+    overlap = len({idiom_hash(it.idiom) for it in items} & set(calibration.idioms))
+    if overlap:
+        log.warning(
+            f"the latent's calibration was fitted on {overlap} of these idioms: p_wrong is cross-fitted over "
+            "these items instead (evaluate another split to test the latent's own)"
+        )
+        return None
+    return calibration
+
+
 def _runnable(names: list[str], module, aggregate: str) -> tuple[list[str], dict[str, str]]:
     """The estimators that run with this latent, and why each other one asked for does not."""
     dropped = {name: why for name in names if (why := why_not(name, module, aggregate)) is not None}
@@ -185,9 +204,9 @@ def _fit(runner, scored: Scored, names: list[str], dropped: dict, items, templat
 
 
 def _write(out: Path, rows: list[dict], results: dict) -> None:
-    """results.json, scores.jsonl, report.md and the plots, into ``out``."""
+    """results.json, scores.jsonl (its rows with ``p_wrong`` already), report.md and the plots, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    report.write_scores_jsonl(out / "scores.jsonl", report.with_p_wrong(rows))
+    report.write_scores_jsonl(out / "scores.jsonl", rows)
     report.write_results_json(out / "results.json", results)
     plots = report.plot_all(out, rows, results)
     report.write_report_md(out / "report.md", results, plots)

@@ -2,7 +2,8 @@
 
 What a checkpoint holds is the latent only, with a record of its backbone
 (``LatentModel.state_dict``, which ``LatentLM`` writes as its own, and ``LatentLM.on_save_checkpoint``): never a copy of the base
-model. Writing it during training is ``vtrans.latent.checkpoint_io``'s job (Lightning's plugin).
+model, and ``p_wrong``'s calibration fitted on the validation split (``vtrans.latent.calibrate``), or
+why it has none. Writing it during training is ``vtrans.latent.checkpoint_io``'s job (Lightning's plugin).
 
 Reading: a checkpoint must be the zip archive that ``torch.save`` writes (the legacy
 pickle-stream format, where ``weights_only`` has had holes, is refused unread), every member
@@ -34,7 +35,7 @@ import torch
 from vtrans.backbone.loading import SPEC_KEYS, Backbone
 from vtrans.errors import CheckpointError
 from vtrans.latent.model import LatentModel
-from vtrans.latent.saved import first_line, read_pretrained
+from vtrans.latent.saved import CALIBRATION, MISSING, calibration_of, first_line, read_pretrained
 
 # --------------------------------------------------------------------------- reading
 
@@ -121,6 +122,7 @@ def read_folder(path: str | Path) -> dict:
     }
     if config["template"] is not None:
         contents["datamodule_hyper_parameters"] = {"template": config["template"]}
+    contents.update({k: config[k] for k in (CALIBRATION, MISSING) if k in config})
     return contents
 
 
@@ -154,6 +156,7 @@ def load(
     record = ckpt["vtrans"]
     model = LatentModel.from_saved(str(path), record["backbone"], record["fingerprint"], hyper_parameters(ckpt), ckpt["state_dict"], backbone)
     model.template = template_in(ckpt)
+    model.calibration, model.calibration_missing = calibration_of(ckpt, str(path))
     if training:
         from vtrans.latent.module import LatentLM
 

@@ -26,6 +26,7 @@ from vtrans.backbone.tokens import Encoded
 from vtrans.config import check_all
 from vtrans.errors import CheckpointError, UserError
 from vtrans.latent import saved
+from vtrans.latent.calibration import Calibration
 from vtrans.latent.gaussian import PRIORS, GaussianLatent, Prior
 
 
@@ -48,6 +49,9 @@ class LatentModel(nn.Module):
         settings: the arguments it was built with (``layer`` resolved), plus, for a latent loaded
             from what training saved, the training settings recorded with it (kept, unread).
         template: the prompt template it was trained with, where what it was loaded from says.
+        calibration: the map from its recommended score to ``p_wrong``
+            (``vtrans.latent.calibration.Calibration``) fitted on its validation split, where what
+            it was loaded from holds one; else None, and ``calibration_missing`` says why.
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class LatentModel(nn.Module):
             layer=layer, d_z=d_z, prior=prior, hidden=hidden, gradient_checkpointing=gradient_checkpointing
         )
         self.template: str | None = None
+        self.calibration: Calibration | None = None
+        self.calibration_missing = "it was built in this process with none (train.py fit fits one on the validation split)"
         self._fingerprint: str | None = None
 
     @property
@@ -141,6 +147,17 @@ class LatentModel(nn.Module):
         else:
             logits = run(suffix)
         return tokens.slot_positions(logits, enc)  # (B, N, V)
+
+    @torch.no_grad()
+    def nll_at_mean(self, prompts: list[str], tokens_next: list[int]) -> torch.Tensor:
+        """(B,) −log p(y | prompt, z = the mean of z's inference distribution) of each prompt's
+        next token y (``tokens_next``): ``adapter_nll``, from these prompts alone (the estimator
+        reads the same from a run's shared forward)."""
+        enc = self.encode(prompts, [[t] for t in tokens_next])
+        h = self.lower(enc)
+        logits = self.decode(h, self.latent.mean(self.states(h, enc)[0]), enc)[:, 0].float()  # (B, V)
+        y = torch.tensor(tokens_next, device=logits.device)
+        return torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1)
 
     def states(self, h: torch.Tensor, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-k states at the scored position and at the last token, (B, C) each."""
@@ -224,8 +241,8 @@ class LatentModel(nn.Module):
     def save_pretrained(self, directory: str | Path, template: str | None = None) -> Path:
         """Write the latent into ``directory`` (made if needed), the way the Hugging Face
         ecosystem expects: ``model.safetensors`` (its weights, never the backbone's) and
-        ``config.json`` (its settings, the backbone's spec and fingerprint, the template, the
-        format). :meth:`from_pretrained` loads it back.
+        ``config.json`` (its settings, the backbone's spec and fingerprint, the template, its
+        calibration or why it has none, the format). :meth:`from_pretrained` loads it back.
 
         Args:
             directory: the folder; files of the same names in it are replaced (each one whole).
@@ -242,6 +259,7 @@ class LatentModel(nn.Module):
             "backbone": self.backbone.spec,
             "fingerprint": self.fingerprint,
             "template": self.template if template is None else template,
+            **saved.calibration_record(self.calibration, self.calibration_missing),
         }
         return saved.write_pretrained(directory, self.state_dict(), config)
 
@@ -264,4 +282,5 @@ class LatentModel(nn.Module):
         config, state = saved.read_pretrained(directory)
         model = cls.from_saved(str(directory), config["backbone"], config["fingerprint"], config["settings"], state, backbone)
         model.template = config["template"]
+        model.calibration, model.calibration_missing = saved.calibration_of(config, str(directory))
         return model.to(model.backbone.device if device is None else device).eval()

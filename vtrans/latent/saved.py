@@ -18,11 +18,14 @@ import torch
 
 from vtrans.backbone.loading import MEMORY, SPEC_KEYS, Backbone
 from vtrans.errors import CheckpointError
+from vtrans.latent.calibration import Calibration
 
 TRAINING_KEYS = ("beta", "kl_warmup_steps", "free_bits", "elbo", "num_particles", "lr", "weight_decay", "cache_frozen")
 """The latent settings that only training reads: ``LatentLM``'s arguments beyond ``LatentModel``'s
 (named here so that scoring rebuilds a latent without importing Lightning). A latent loaded to
 score keeps them in ``settings``, unread."""
+CALIBRATION, MISSING = "calibration", "calibration_missing"  # where both formats keep p_wrong's map, or why there is none
+NEVER_CALIBRATED = "it was saved without a calibration (by a run without the Calibrate callback, or before vtrans fitted one)"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the files of a folder written by save_pretrained
 FORMAT, FORMAT_VERSION = "vtrans-latent", 1
 
@@ -49,6 +52,27 @@ def backbone_of(what: str, spec: dict, fingerprint: str, backbone: Backbone | No
             f"not on {backbone.name!r} (fingerprint {actual}): score it with the base model it was trained on"
         )
     return backbone
+
+
+def calibration_record(calibration: Calibration | None, missing: str | None) -> dict:
+    """What a saved latent records of its calibration: the map, or why it has none."""
+    return {CALIBRATION: calibration.to_dict()} if calibration is not None else {MISSING: missing or NEVER_CALIBRATED}
+
+
+def calibration_of(contents: dict, what: str) -> tuple[Calibration | None, str | None]:
+    """The calibration a checkpoint's or folder's contents hold, or None and why there is none.
+
+    Raises:
+        CheckpointError: a calibration record that is not one ``Calibration.to_dict`` wrote.
+    """
+    record = contents.get(CALIBRATION)
+    if record is None:
+        missing = contents.get(MISSING)
+        return None, missing if isinstance(missing, str) else NEVER_CALIBRATED
+    try:
+        return Calibration.from_dict(record), None
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{what} holds a damaged calibration: {err}") from None
 
 
 def write_pretrained(directory: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:

@@ -42,6 +42,7 @@ from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
 from vtrans.data import IdiomItem
 from vtrans.errors import ConfigError, TrainingStopped, UserError
+from vtrans.latent.calibrate import Calibrate
 from vtrans.latent.callbacks import NonFiniteGuard, ResumableRNG, Summary
 from vtrans.latent.datamodule import IdiomDataModule
 from vtrans.latent.module import LatentLM
@@ -83,11 +84,11 @@ def _config_files(args: list[str]) -> Iterator[str]:
 
 def trainer_defaults(guard: NonFiniteGuard | None = None) -> dict[str, Any]:
     """The Trainer settings every training run gets: the atomic checkpoint writer, the saved
-    random states and the non-finite guard (``guard``, where the caller wants to ask it where it
-    stopped)."""
+    random states, the non-finite guard (``guard``, where the caller wants to ask it where it
+    stopped) and ``p_wrong``'s calibration on the validation split."""
     return {
         "plugins": [{"class_path": "vtrans.latent.checkpoint_io.AtomicCheckpointIO"}],
-        "callbacks": [ResumableRNG(), guard or NonFiniteGuard()],
+        "callbacks": [ResumableRNG(), guard or NonFiniteGuard(), Calibrate()],
     }
 
 

@@ -2,9 +2,11 @@
 
 **Records.** One per input, in input order:
 ``{"prompt": str, "template": str | None, "completion": str, "completion_word": str,
-"scores": {NAME: float | None}}`` (``None`` where a score is not finite; ``template`` the one
+"scores": {NAME: float | None}, "p_wrong": float}`` (``None`` where a score is not finite; ``template`` the one
 applied, ``None`` for a prompt scored verbatim; ``completion_word`` the first word of the
-completion, normalised as ``vtrans evaluate`` writes it), with ``"truncated": N`` added when N
+completion, normalised as ``vtrans evaluate`` writes it; ``p_wrong`` the probability that the
+completion is wrong, from the calibration the latent carries (``vtrans.latent.calibration``), and
+left out, with a warning at load, for a latent that carries none), with ``"truncated": N`` added when N
 tokens were cut from the prompt's left, and ``"random_weights": true`` in every record when the base
 model's weights are random (``random:NAME``). An input that cannot be scored gives
 ``{"prompt": ..., "error": "..."}`` (plus ``"line": N`` when it came from a file) and the other
@@ -18,6 +20,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import IO, TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from vtrans.scoring.inputs import Line
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from vtrans.backbone.generate import Completion
 
 
-def _number(value: torch.Tensor) -> float | None:
+def _number(value: torch.Tensor | float) -> float | None:
     x = float(value)
     return x if x == x and abs(x) != float("inf") else None
 
@@ -41,9 +44,11 @@ def scored_records(
     names: list[str],
     template: str | None,
     random_weights: bool,
+    p_wrong: np.ndarray | None = None,
 ) -> list[dict]:
     """A batch's records: those of the ``ready`` prompts (index in the batch, text) filled in
-    from their completions and scores, beside the error records already there."""
+    from their completions and scores (and ``p_wrong``, one per ready prompt, where the latent
+    carries a calibration), beside the error records already there."""
     for j, (i, _) in enumerate(ready):
         record = {
             "prompt": lines[i].prompt,
@@ -52,6 +57,8 @@ def scored_records(
             "completion_word": completions[j].word,
             "scores": {n: _number(scores[n][j]) for n in names if n in scores},
         }
+        if p_wrong is not None:
+            record["p_wrong"] = _number(p_wrong[j])
         if i in truncated:
             record["truncated"] = truncated[i]
         records[i] = _with_fields(record, lines[i].fields)

@@ -103,6 +103,13 @@ class Scorer:
         self.shard = distributed.current()  # the scorer deals out whole batches; each runs in one process
         self.runner = Runner(module.backbone, module, self.config, progress=False, shard=Shard())
         self.tokenizer = module.backbone.tokenizer
+        self.calibration = getattr(module, "calibration", None)
+        self._run = list(names)  # what the runner computes: the names asked for, and the score p_wrong reads
+        if self.calibration is not None and self.calibration.estimator not in self._run:
+            self._run.append(self.calibration.estimator)
+        if self.calibration is None and not quiet:
+            why = getattr(module, "calibration_missing", None) or "none was given"
+            log.log.warning(f"this latent carries no calibration, so the records have no p_wrong: {why}")
 
     @classmethod
     def from_checkpoint(
@@ -206,6 +213,11 @@ class Scorer:
         self, lines: list[Line], records: list[dict | None], ready: list[tuple[int, str]], truncated: dict[int, int], start: int
     ) -> list[dict]:
         """Score the ready prompts of a batch (``start``: how many were scored before them) and fill in their records."""
-        completions, scores = self.runner.score_prompts([t for _, t in ready], self.names, start) if ready else ([], {})
+        completions, scores = self.runner.score_prompts([t for _, t in ready], self._run, start) if ready else ([], {})
         random_weights = self.module.backbone.random_weights
-        return scored_records(lines, records, ready, truncated, completions, scores, self.names, self.template, random_weights)
+        p_wrong = None
+        if self.calibration is not None and ready:
+            p_wrong = self.calibration(scores[self.calibration.estimator].double().numpy())
+        return scored_records(
+            lines, records, ready, truncated, completions, scores, self.names, self.template, random_weights, p_wrong
+        )

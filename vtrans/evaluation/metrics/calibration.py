@@ -1,9 +1,8 @@
 """A score made a probability of error, and how good that probability is: ECE and the Brier score.
 
 A score ranks items; a user acts on a probability. :func:`platt` fits p(error | s) =
-σ(a·z + b) on the standardised score z by maximum likelihood (Newton's method on the two
-parameters, a tiny ridge on ``a`` so that a score that separates the classes perfectly still
-gives a finite fit). :func:`cross_fitted` fits it on all folds but one and applies it to that
+σ(a·z + b) on the standardised score z, as ``vtrans.latent.calibration`` fits the map a latent
+carries. :func:`cross_fitted` fits it on all folds but one and applies it to that
 one, so that no item's probability was fitted on its own label: the ECE and Brier score of a
 results.json are of those probabilities. Conventions as in ``vtrans.evaluation.metrics``: higher
 scores are more uncertain, 1 is an error, ``inf`` ranks last.
@@ -15,50 +14,20 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vtrans.latent.calibration import fit_platt
+from vtrans.latent.calibration import predict as apply_map
+
 BINS = 10
-RIDGE = 1e-3
 
 
-def _finite(s: np.ndarray) -> np.ndarray:
-    """±inf moved just past the finite extremes (their order kept), so that a fit can read them."""
-    finite = s[np.isfinite(s)]
-    if finite.size == 0:
-        return np.zeros_like(s)
-    lo, hi = finite.min(), finite.max()
-    span = max(hi - lo, 1.0)
-    return np.clip(np.nan_to_num(s, posinf=hi + span, neginf=lo - span), lo - span, hi + span)
-
-
-def platt(scores: np.ndarray, errors: np.ndarray, steps: int = 50) -> Callable[[np.ndarray], np.ndarray]:
-    """Platt scaling fitted on these items: ``predict(scores) -> p(error)``.
+def platt(scores: np.ndarray, errors: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Platt scaling fitted on these items (``vtrans.latent.calibration.fit_platt``): ``predict(scores) -> p(error)``.
 
     Raises:
         ValueError: the items are all of one class (no probability to fit but a constant).
     """
-    s, y = _finite(np.asarray(scores, dtype=np.float64)), np.asarray(errors, dtype=np.float64)
-    if y.min() == y.max():
-        raise ValueError("Platt scaling needs both correct and wrong items")
-    mean, sd = s.mean(), max(s.std(), 1e-12)
-    z = (s - mean) / sd
-    x = np.stack([z, np.ones_like(z)], 1)  # (n, 2)
-    w = np.array([0.0, np.log(y.mean() / (1 - y.mean()))])
-    penalty = np.diag([RIDGE * len(y), 0.0])
-    for _ in range(steps):
-        p = 1 / (1 + np.exp(-(x @ w)))
-        grad = x.T @ (p - y) + penalty @ w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + penalty + 1e-12 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-
-    def predict(other: np.ndarray) -> np.ndarray:
-        o = np.asarray(other, dtype=np.float64)
-        finite = np.isfinite(o)
-        o = np.where(finite, o, np.where(o > 0, s.max(), s.min()))  # inf: as the most extreme fitted score
-        return 1 / (1 + np.exp(-(((o - mean) / sd) * w[0] + w[1])))
-
-    return predict
+    params = fit_platt(scores, errors)
+    return lambda other: apply_map("platt", params, other)
 
 
 def cross_fitted(scores: np.ndarray, errors: np.ndarray, folds: np.ndarray) -> np.ndarray:

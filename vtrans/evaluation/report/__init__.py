@@ -20,6 +20,7 @@ from vtrans.evaluation.report.prose import random_weights_sentence, write_crossv
 from vtrans.evaluation.report.results import (
     build_results,
     item_row,
+    p_wrong_record,
     with_p_wrong,
     write_results_json,
     write_scores_jsonl,
@@ -29,6 +30,7 @@ from vtrans.evaluation.report.tables import format_table
 __all__ = [
     "build_results",
     "item_row",
+    "p_wrong_record",
     "format_table",
     "plot_all",
     "plot_seed_forest",

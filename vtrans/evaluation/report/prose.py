@@ -101,11 +101,23 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
                 f"The {name} was fitted on {fit['n']} items of {fit['source']}: none of them is evaluated here, "
                 "and the learned features are out-of-sample on them as on the evaluated items."
             )
+    if results.get("p_wrong"):
+        parts.append(_p_wrong_sentence(results["p_wrong"]))
     parts.append(_what_the_numbers_are())
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{_PLOT_TITLES.get(p, p)}]({p})" for p in plots))
     Path(path).write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+
+
+def _p_wrong_sentence(record: dict[str, Any]) -> str:
+    """What scores.jsonl's ``p_wrong`` is, and how well calibrated it is on these items."""
+    held = ", none of them among these" if record.get("calibration") else ""
+    return (
+        f"Each row of scores.jsonl has `p_wrong`, the probability that its completion is wrong: {record['from']}{held}. "
+        f"On the {record['n']} items here its ECE is {_fmt(_float(record['ece']))} and its Brier score "
+        f"{_fmt(_float(record['brier']))}."
+    )
 
 
 def _and(parts: list[str]) -> str:

@@ -18,7 +18,8 @@ import numpy as np
 
 from vtrans.estimators import registry
 from vtrans.evaluation import metrics
-from vtrans.evaluation.metrics import calibration
+from vtrans.evaluation.metrics import calibration as calibration_metrics
+from vtrans.latent.calibration import RECOMMENDED, Calibration
 
 
 def _jsonable(obj: Any) -> Any:
@@ -135,20 +136,38 @@ def calibration_folds(rows: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([zlib.crc32(str(row.get("idiom", row.get("prompt", ""))).encode()) % CALIBRATION_FOLDS for row in rows])
 
 
-RECOMMENDED = "adapter_nll"
-
-
-def with_p_wrong(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_p_wrong(rows: Sequence[dict[str, Any]], calibration: Calibration | None = None) -> list[dict[str, Any]]:
     """The rows, each with ``p_wrong``: the probability that its completion is wrong, from the
-    recommended estimator (:data:`RECOMMENDED`, the one the confirmatory run supports) by Platt
-    scaling cross-fitted over :func:`calibration_folds`, so that no row's probability read its
-    own label. None where the run did not score it, or its fold could not be fitted."""
-    column = _score_column(rows, RECOMMENDED)
+    recommended estimator (``vtrans.latent.calibration.RECOMMENDED``, the one the confirmatory
+    run supports). With ``calibration`` (the one the evaluated latent carries, fitted on its
+    validation split) it is that map's; else Platt scaling cross-fitted over
+    :func:`calibration_folds`, so that no row's probability read its own label. None where the
+    run did not score it, or its fold could not be fitted."""
+    column = _score_column(rows, RECOMMENDED if calibration is None else calibration.estimator)
     p = np.full(len(rows), np.nan)
     keep = ~np.isnan(column)
     if keep.any():
-        p[keep] = calibration.cross_fitted(column[keep], _errors(rows)[keep], calibration_folds(rows)[keep])
+        if calibration is not None:
+            p[keep] = calibration(column[keep])
+        else:
+            p[keep] = calibration_metrics.cross_fitted(column[keep], _errors(rows)[keep], calibration_folds(rows)[keep])
     return [{**row, "p_wrong": None if np.isnan(v) else float(v)} for row, v in zip(rows, p, strict=True)]
+
+
+def p_wrong_record(rows: Sequence[dict[str, Any]], calibration: Calibration | None = None) -> dict[str, Any]:
+    """What results.json says of the rows' ``p_wrong`` (:func:`with_p_wrong`): where it came from,
+    on how many items, and its ECE and Brier score on them: for a latent's own calibration, a
+    test on items it was not fitted on."""
+    p = np.array([np.nan if row.get("p_wrong") is None else row["p_wrong"] for row in rows], dtype=np.float64)
+    errors = _errors(rows)
+    source = calibration.describe() if calibration is not None else f"Platt scaling of {RECOMMENDED} cross-fitted over the items' folds"
+    return {
+        "from": source,
+        "calibration": None if calibration is None else calibration.to_dict(),
+        "n": int((~np.isnan(p)).sum()),
+        "ece": calibration_metrics.ece(p, errors),
+        "brier": calibration_metrics.brier(p, errors),
+    }
 
 
 def _estimator_entry(
@@ -159,8 +178,8 @@ def _estimator_entry(
     folds = folds[~np.isnan(scores)]
     scores, errors = metrics.scored(scores, errors)
     entry = metrics.summarize(scores, errors, n_boot=n_boot, seed=seed)
-    p_wrong = calibration.cross_fitted(scores, errors, folds)
-    entry["ece"], entry["brier"] = calibration.ece(p_wrong, errors), calibration.brier(p_wrong, errors)
+    p_wrong = calibration_metrics.cross_fitted(scores, errors, folds)
+    entry["ece"], entry["brier"] = calibration_metrics.ece(p_wrong, errors), calibration_metrics.brier(p_wrong, errors)
     entry["cost_forward_equiv"] = _float(cost.get("cost_forward_equiv"))
     entry["seconds"] = _float(cost.get("seconds"))
     entry["n"] = int(scores.size)
