@@ -81,25 +81,34 @@ def find(runs: list[Run], name: str) -> Run | None:
     return next((r for r in runs if name in r.names), None)
 
 
-def paired(run: Run, name: str, other: Run, against: str, n_boot: int) -> dict | None:
-    """Δ AUROC of ``name`` minus ``against`` on the first seed (paired bootstrap) and over the seeds both have."""
+def paired(run: Run, name: str, other: Run, against: str, n_boot: int, compared: int = 1) -> dict | None:
+    """Δ AUROC of ``name`` minus ``against`` on the first seed (paired bootstrap, with the interval
+    Bonferroni-corrected over ``compared`` comparisons beside the raw one) and over the seeds both have."""
     if other is None or (run is other and name == against):
         return None
     seeds = [s for s in run.seeds if s in other.seeds]
     if not seeds:
         return None
     s0 = seeds[0]
-    first = metrics.paired_bootstrap(metrics.auroc, run.scores[s0][name], other.scores[s0][against], run.errors, n_boot=n_boot)
+    both = (metrics.auroc, run.scores[s0][name], other.scores[s0][against], run.errors)
+    first = metrics.paired_bootstrap(*both, n_boot=n_boot)
+    corrected = metrics.paired_bootstrap(*both, n_boot=n_boot, alpha=0.05 / max(compared, 1))["ci"]
     per_seed = [metrics.auroc(run.scores[s][name], run.errors) - metrics.auroc(other.scores[s][against], run.errors) for s in seeds]
-    return {**first, "seeds": per_seed, **{f"seeds_{k}": v for k, v in metrics.spread(per_seed).items()}}
+    return {**first, "corrected_ci": corrected, "seeds": per_seed, **{f"seeds_{k}": v for k, v in metrics.spread(per_seed).items()}}
 
 
 def fmt_delta(d: dict | None) -> str:
     if d is None:
         return "—"
     lo, hi = d["ci"]
+    corrected = f" ({d['corrected_ci'][0]:+.3f}, {d['corrected_ci'][1]:+.3f})" if "corrected_ci" in d else ""
     over = f"; {d['seeds_mean']:+.3f} ± {d['seeds_sd']:.3f} ({len(d['seeds'])})" if len(d["seeds"]) > 1 else ""
-    return f"{d['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]{over}"
+    return f"{d['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]{corrected}{over}"
+
+
+def table_names(runs: list[Run]) -> list[str]:
+    """The estimators a table shows, each from the first run that has it."""
+    return list(dict.fromkeys(name for run in runs for name in run.names))
 
 
 def table(runs: list[Run], n_boot: int) -> tuple[list[str], list[dict]]:
@@ -107,9 +116,11 @@ def table(runs: list[Run], n_boot: int) -> tuple[list[str], list[dict]]:
     latent = find(runs, "latent_nll")
     lines = [
         "| estimator | kind | run | seeds | AUROC, first seed [95% CI] | over seeds, mean ± sd | "
-        "Δ vs `msp` [95% CI]; over seeds | Δ vs `latent_nll` [95% CI]; over seeds | cost (fwd) |",
+        "Δ vs `msp` [95% CI] (corrected); over seeds | Δ vs `latent_nll` [95% CI] (corrected); over seeds | cost (fwd) |",
         "|:---|:---|:---|---:|---:|---:|---:|---:|---:|",
     ]
+    shown = table_names(runs)
+    compared = max(len(shown) - 1, 1)  # each reference against every other estimator of the table
     records, seen = [], set()
     for run in runs:
         for name in run.names:
@@ -124,8 +135,8 @@ def table(runs: list[Run], n_boot: int) -> tuple[list[str], list[dict]]:
             record = {
                 "estimator": name, "run": str(run.folder), "kind": KIND.get(name.split(" (")[0], "other"), "seeds": run.seeds,
                 "auroc": aurocs[0], "auroc_ci": ci["ci"] if isinstance(ci, dict) else list(ci), "aurocs": aurocs,
-                "vs_msp": paired(run, name, reference, "msp", n_boot),
-                "vs_latent_nll": paired(run, name, latent, "latent_nll", n_boot),
+                "vs_msp": paired(run, name, reference, "msp", n_boot, compared),
+                "vs_latent_nll": paired(run, name, latent, "latent_nll", n_boot, compared),
                 "cost_forward_equiv": run.cost(name),
             }
             records.append(record)
@@ -176,12 +187,12 @@ def figure(runs: list[Run], path: Path) -> None:
 
 
 def finding(record: dict) -> str:
-    """Where an estimator stands against ``msp`` on its model: ahead or behind (the paired interval
-    excludes 0), or not told apart."""
+    """Where an estimator stands against ``msp`` on its model: ahead or behind (the paired interval,
+    corrected for the table's comparisons, excludes 0), or not told apart."""
     d = record.get("vs_msp")
     if d is None:
         return "reference"
-    lo, hi = d["ci"]
+    lo, hi = d.get("corrected_ci", d["ci"])
     return "ahead" if lo > 0 else "behind" if hi < 0 else "not separated"
 
 
@@ -193,7 +204,8 @@ def across(first: str, records: list[dict], models: list[tuple[str, list[dict], 
     heads = [first, *(name for name, _, _ in models)]
     lines = [
         "| estimator | kind | " + " | ".join(
-            f"{h}: AUROC, mean ± sd over seeds | {h}: Δ vs `msp` [95% CI] | {h}: Δ vs `latent_nll` [95% CI]" for h in heads)
+            f"{h}: AUROC, mean ± sd over seeds | {h}: Δ vs `msp` [95% CI] (corrected) | {h}: Δ vs `latent_nll` [95% CI] (corrected)"
+            for h in heads)
         + " | replicates? |",
         "|:---|:---|" + "---:|---:|---:|" * len(heads) + ":---|",
     ]
@@ -209,6 +221,7 @@ def across(first: str, records: list[dict], models: list[tuple[str, list[dict], 
             sd = f" ± {spread['sd']:.3f} ({len(rec['aurocs'])})" if len(rec["aurocs"]) > 1 else " (1)"
             deltas = [
                 "—" if d is None else f"{d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                + (f" ({d['corrected_ci'][0]:+.3f}, {d['corrected_ci'][1]:+.3f})" if "corrected_ci" in d else "")
                 for d in (rec.get("vs_msp"), rec.get("vs_latent_nll"))
             ]
             cells += [f"{spread['mean']:.3f}{sd}", *deltas]
@@ -266,8 +279,8 @@ def page(
             f"The same protocol on another model family: the same {n} idioms, each model's own greedy completions "
             "(so its own labels: nothing is paired across models). Each Δ is paired within its model, against that "
             "model's own `msp` and its own variational latent's `latent_nll`. *Replicates?* compares where each "
-            "estimator stands against `msp` on its own model: ahead or behind (the paired 95% interval excludes 0) "
-            "or not separated.",
+            "estimator stands against `msp` on its own model: ahead or behind (the paired interval, Bonferroni-corrected "
+            "for its table's comparisons, in parentheses, excludes 0) or not separated.",
             "",
             *side,
             "",
@@ -304,7 +317,9 @@ def page(
         "",
         "Each estimator is read from the first run below that has it. The interval is a percentile bootstrap over "
         "items on the first seed; Δ is paired on the same items and seed (paired bootstrap), then the mean ± sd of "
-        "the per-seed Δ over the seeds both runs have. *Kind*: `baseline` needs no latent; `mean` is a latent's "
+        "the per-seed Δ over the seeds both runs have. The interval in parentheses is the same Δ's, Bonferroni-corrected "
+        f"for the {max(len(records) - 1, 1)} comparisons of this table against each reference (level 1 − 0.05/"
+        f"{max(len(records) - 1, 1)}, on the same resamples). *Kind*: `baseline` needs no latent; `mean` is a latent's "
         "prediction of ŷ; `spread` is a latent's uncertainty about z or about its own weights; `fitted` is fitted "
         "on other folds' labels. Cost is in plain forwards of the base model over the same items, from each run's "
         "own timing; training a latent is not in it (an ensemble of M trains M). Runs that shared the CPU with "
