@@ -56,6 +56,10 @@ def test_pairs_runs_item_by_item_and_writes_the_table_and_figure(tmp_path):
     # the twin's score equals the latent's seed by seed: Δ exactly 0 on every seed
     assert records["adapter_nll"]["vs_latent_nll"]["seeds"] == [0.0, 0.0]
     assert records["latent_nll"]["vs_msp"]["delta"] > 0.1  # less noise than msp: clearly ahead
+    for name in ("latent_nll", "posterior_var", "adapter_nll"):  # corrected over the table's 3 comparisons: wider
+        d = records[name]["vs_msp"]
+        assert d["corrected_ci"][0] <= d["ci"][0] <= d["ci"][1] <= d["corrected_ci"][1], name
+    assert "Bonferroni-corrected for the 3 comparisons" in page.read_text()
     assert records["posterior_var"]["kind"] == "spread" and records["latent_nll"]["kind"] == "mean"
     assert (tmp_path / "out" / "mean_vs_spread.png").stat().st_size > 10_000
     assert "| `adapter_nll` | mean | twin | 2 |" in (tmp_path / "out" / "verdict.md").read_text()
