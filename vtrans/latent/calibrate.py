@@ -17,6 +17,8 @@ restored after each fit.
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ class Calibrate(L.Callback):
             self.fitted = "the run had no validation split of idioms to fit it on"
             return
         modes = {name: m.training for name, m in pl_module.named_modules()}
+        start = time.perf_counter()
         pl_module.eval()
         try:
             with torch.no_grad():
@@ -56,7 +59,7 @@ class Calibrate(L.Callback):
             for name, m in pl_module.named_modules():
                 m.train(modes.get(name, m.training))
         if isinstance(self.fitted, Calibration):
-            log.log.info(f"calibration at step {self.step}: {self.fitted.describe()}")
+            log.log.info(f"calibration at step {self.step}: {self.fitted.describe()} ({time.perf_counter() - start:.1f} s)")
 
     def _fit(self, model, items: list, template: str) -> Calibration | str:
         if self._labelled is None:
