@@ -255,6 +255,8 @@ def page(
     figure_path: str,
     transfer: tuple[list[Run], list[str], list[dict]] | None,
     models: list[tuple[str, list[dict], list[Run]]] = (),
+    regenerate: str = "make verdict",
+    confirm_link: str = "confirm/report.md",
 ) -> str:
     """The results page: the protocol, the table (highest mean AUROC first), the figure, the
     other models side by side, the transfer check, the runs."""
@@ -313,7 +315,7 @@ def page(
         "setting comes from the training YAMLs and the estimators' defaults, fixed before these runs. Two "
         "estimators were not: `latent_nll` and `adapter_nll` were added after looking at these same items' "
         "cross-fitted scores (docs/ideas/README.md), so their figures here are exploratory; the preregistered "
-        "run on WordNet expressions no one here wrote ([confirm/report.md](confirm/report.md)) is their test.",
+        f"run on WordNet expressions no one here wrote ([confirm/report.md]({confirm_link})) is their test.",
         "",
         "Each estimator is read from the first run below that has it. The interval is a percentile bootstrap over "
         "items on the first seed; Δ is paired on the same items and seed (paired bootstrap), then the mean ± sd of "
@@ -338,7 +340,7 @@ def page(
         "",
         *(f"- {describe(r)}" for r in runs),
         "",
-        "Regenerate with `make verdict` (each run resumes from its units; `python experiments/verdict.py` pairs them).",
+        f"Regenerate with `{regenerate}` (each run resumes from its units; `python experiments/verdict.py` pairs them).",
     ]
     return "\n".join(out) + "\n"
 
@@ -374,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--markdown", default=None, help="also write the results page here (e.g. docs/results.md)")
     parser.add_argument("--transfer", action="append", default=[], help="a run of the transfer check (repeat): its own table")
+    parser.add_argument("--regenerate", default="make verdict", help="the command the page names to rebuild it")
     parser.add_argument(
         "--model", action="append", default=[],
         help="NAME=FOLDER: another model's cross-fitted run, set beside the first model's estimators; "
@@ -409,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         md = Path(args.markdown)
         figure_path = os.path.relpath(out / "mean_vs_spread.png", md.parent)
-        md.write_text(page(runs, lines, records, figure_path, transfer, models), encoding="utf-8")
+        confirm_link = os.path.relpath(Path(__file__).resolve().parents[1] / "docs" / "confirm" / "report.md", md.resolve().parent)
+        md.write_text(page(runs, lines, records, figure_path, transfer, models, args.regenerate, confirm_link), encoding="utf-8")
     print("\n".join(head + lines))
 
 
