@@ -38,7 +38,7 @@ KIND = {
     "refit_prior_var": "spread", "refit_var": "spread", "refit_mi": "spread", "refit_nll": "mean",
     "lens_ce": "baseline", "lens_area": "baseline", "attention_entropy": "baseline", "mc_dropout_var": "baseline",
     "mc_dropout_entropy": "baseline", "mc_dropout_mi": "baseline", "margin": "baseline", "probe": "fitted",
-    "probe_latent": "fitted",
+    "probe_latent": "fitted", "state_probe": "fitted", "state_probe_latent": "fitted", "se_probe": "fitted",
 }
 FIGURE = ("latent_nll", "adapter_nll (twin)", "ensemble_nll", "posterior_var", "latent_mi", "laplace_var",
           "ensemble_var", "ensemble_mi")
@@ -239,7 +239,11 @@ def describe(run: Run) -> str:
     ensemble = protocol.get("ensemble")
     what = f"`{protocol.get('training_config', '?')}` (prior {latent.get('prior', 'conditional')})"
     members = f", {ensemble} latents per seed and fold" if ensemble and ensemble > 1 else ""
-    return f"`{run.folder}`: {what}, seeds {', '.join(run.seeds)}{members}; estimators {', '.join(f'`{n}`' for n in run.names)}"
+    stamps = run.results.get("computed_with") or []
+    where = "; ran at " + ", ".join(f"{s.get('threads')} thread(s), torch {s.get('torch')}" for s in stamps) if stamps else (
+        "; where it ran was not recorded")
+    return (f"`{run.folder}`: {what}, seeds {', '.join(run.seeds)}{members}{where}; "
+            f"estimators {', '.join(f'`{n}`' for n in run.names)}")
 
 
 def ranked(lines: list[str], records: list[dict]) -> list[str]:
