@@ -6,6 +6,9 @@
 # make verdict   does the variational part earn its place? the latent, its deterministic twin, an
 #                ensemble of latents and the prior's spread refit on held-out idioms, cross-fitted on the same items, paired with the headline run's
 #                baselines: every estimator in one table (docs/results.md)
+# make headline  the headline pairs (the latent and its twin, adapter_nll, probe_latent, state_probe) on 5 seeds,
+#                the two runs under the same conditions (docs/seeds5/results.md)
+# make confirm   the preregistered confirmatory run on WordNet expressions (docs/confirm/report.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
