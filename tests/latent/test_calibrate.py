@@ -35,11 +35,11 @@ def _half_right(backbone, items: list[IdiomItem]) -> list[IdiomItem]:
     return out
 
 
-def _fit(backbone, val: list[IdiomItem], folder, callbacks=()) -> None:
+def _fit(backbone, val: list[IdiomItem], folder, callbacks=(), **trainer) -> None:
     train = load_split("builtin", "train")[:16]
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=folder, callbacks=[*callbacks, ModelCheckpoint(dirpath=folder, save_last=True)],
+        default_root_dir=folder, callbacks=[*callbacks, ModelCheckpoint(dirpath=folder, save_last=True)], **trainer,
     )
     L.seed_everything(0, verbose=False)
     trainer.fit(LatentLM(backbone, d_z=4, hidden=16), IdiomDataModule.from_items(train, val, batch_size=8))
@@ -163,3 +163,11 @@ def test_every_training_run_gets_the_callback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = train_main(["--config", str(Path(__file__).parents[2] / "configs" / "tiny.yaml"), "--trainer.logger", "false"], run=False)
     assert sum(isinstance(cb, Calibrate) for cb in cli.trainer.callbacks) == 1
+
+
+def test_a_run_that_validates_on_fewer_batches_calibrates_on_those(tiny_gpt2, tmp_path):
+    val = _half_right(tiny_gpt2, load_split("builtin", "val")[:40])
+    _fit(tiny_gpt2, val, tmp_path, [Calibrate()], limit_val_batches=3)  # 3 batches of 8
+    ckpt = checkpoint.read(tmp_path / "last.ckpt")
+    record = ckpt.get("calibration") or {}
+    assert record.get("n") == 24 or "24 items" in ckpt.get("calibration_missing", ""), ckpt.get("calibration_missing")

@@ -12,11 +12,12 @@ small or of one class, says why under ``"calibration_missing"``.
 
 The completions are the base model's, so they and their labels are made once, at the first
 validation; each later one reruns only the latent's pass. The modules' train/eval modes are
-restored after each fit.
+restored after each fit. Under ``limit_val_batches`` it calibrates on the batches validated.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -29,6 +30,19 @@ from vtrans.config import EstimatorConfig
 from vtrans.data import idiom_hash, render_prompt
 from vtrans.latent.calibration import RECOMMENDED, Calibration, fit
 from vtrans.latent.saved import CALIBRATION, MISSING
+
+
+def _validated(trainer: L.Trainer, items: list | None) -> list | None:
+    """The validation items the validation loop reads: all of them, or the first batches that
+    ``limit_val_batches`` keeps (a quick run calibrates on what it validates on)."""
+    if not items:
+        return items
+    batches = trainer.num_val_batches
+    count = batches[0] if isinstance(batches, list) and batches else batches
+    batch_size = getattr(getattr(trainer.datamodule, "hparams", None), "batch_size", None)
+    if isinstance(count, int | float) and math.isfinite(count) and batch_size:
+        return items[: int(count) * int(batch_size)]
+    return items
 
 
 class Calibrate(L.Callback):
@@ -45,7 +59,7 @@ class Calibrate(L.Callback):
             return
         self.step = trainer.global_step
         datamodule = trainer.datamodule
-        items = getattr(datamodule, "items", {}).get("val") if datamodule is not None else None
+        items = _validated(trainer, getattr(datamodule, "items", {}).get("val") if datamodule is not None else None)
         if not items:
             self.fitted = "the run had no validation split of idioms to fit it on"
             return
