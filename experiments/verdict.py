@@ -91,10 +91,9 @@ def paired(run: Run, name: str, other: Run, against: str, n_boot: int, compared:
         return None
     s0 = seeds[0]
     both = (metrics.auroc, run.scores[s0][name], other.scores[s0][against], run.errors)
-    first = metrics.paired_bootstrap(*both, n_boot=n_boot)
-    corrected = metrics.paired_bootstrap(*both, n_boot=n_boot, alpha=0.05 / max(compared, 1))["ci"]
+    first = metrics.paired_bootstrap(*both, n_boot=n_boot, comparisons=compared)
     per_seed = [metrics.auroc(run.scores[s][name], run.errors) - metrics.auroc(other.scores[s][against], run.errors) for s in seeds]
-    return {**first, "corrected_ci": corrected, "seeds": per_seed, **{f"seeds_{k}": v for k, v in metrics.spread(per_seed).items()}}
+    return {**first, "seeds": per_seed, **{f"seeds_{k}": v for k, v in metrics.spread(per_seed).items()}}
 
 
 def fmt_delta(d: dict | None) -> str:

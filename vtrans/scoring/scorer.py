@@ -103,13 +103,12 @@ class Scorer:
         self.shard = distributed.current()  # the scorer deals out whole batches; each runs in one process
         self.runner = Runner(module.backbone, module, self.config, progress=False, shard=Shard())
         self.tokenizer = module.backbone.tokenizer
-        self.calibration = getattr(module, "calibration", None)
+        self.calibration = module.calibration
         self._run = list(names)  # what the runner computes: the names asked for, and the score p_wrong reads
         if self.calibration is not None and self.calibration.estimator not in self._run:
             self._run.append(self.calibration.estimator)
         if self.calibration is None and not quiet:
-            why = getattr(module, "calibration_missing", None) or "none was given"
-            log.log.warning(f"this latent carries no calibration, so the records have no p_wrong: {why}")
+            log.log.warning(f"this latent carries no calibration, so the records have no p_wrong: {module.calibration_missing}")
 
     @classmethod
     def from_checkpoint(

@@ -125,6 +125,7 @@ def paired_bootstrap(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    comparisons: int | None = None,
 ) -> dict[str, Any]:
     """Paired bootstrap of the difference ``metric(a) - metric(b)`` on the same items.
 
@@ -139,9 +140,11 @@ def paired_bootstrap(
         n_boot: number of resamples.
         seed: seed of the numpy Generator that draws the resamples.
         alpha: 1 - confidence level of the interval.
+        comparisons: with m comparisons, add ``"corrected_ci"``: the Bonferroni-corrected interval
+            (level 1 - alpha/m) from the same resampled deltas.
 
     Returns:
-        ``{"delta": float, "ci": [lo, hi], "p_value": float}``. The p-value is
+        ``{"delta": float, "ci": [lo, hi], "p_value": float}`` (and ``"corrected_ci"``). The p-value is
         twice the fraction of resampled deltas that do not share the sign of
         ``delta`` (zero counts as opposite), capped at 1; it is 1 when
         ``delta`` is 0 and NaN when ``delta`` is undefined.
@@ -159,7 +162,10 @@ def paired_bootstrap(
     else:
         opposite = np.mean(boot <= 0) if delta > 0 else np.mean(boot >= 0)
         p_value = float(min(1.0, 2 * opposite))
-    return {"delta": float(delta), "ci": [lo, hi], "p_value": p_value}
+    out = {"delta": float(delta), "ci": [lo, hi], "p_value": p_value}
+    if comparisons is not None:
+        out["corrected_ci"] = list(_percentile_ci(boot, alpha / max(comparisons, 1)))
+    return out
 
 
 def spread(values: ArrayLike) -> dict[str, float]:

@@ -194,9 +194,8 @@ def _paired_entry(
     (level 1 - 0.05/compared, on the same resamples)."""
     keep = ~np.isnan(scores) & ~np.isnan(reference)
     both = (metrics.auroc, scores[keep], reference[keep], errors[keep])
-    paired = metrics.paired_bootstrap(*both, n_boot=n_boot, seed=seed)
-    corrected = metrics.paired_bootstrap(*both, n_boot=n_boot, seed=seed, alpha=0.05 / max(compared, 1))
-    return {"delta_auroc": paired["delta"], "ci": paired["ci"], "corrected_ci": corrected["ci"], "p_value": paired["p_value"]}
+    paired = metrics.paired_bootstrap(*both, n_boot=n_boot, seed=seed, comparisons=compared)
+    return {"delta_auroc": paired["delta"], "ci": paired["ci"], "corrected_ci": paired["corrected_ci"], "p_value": paired["p_value"]}
 
 
 def build_results(
