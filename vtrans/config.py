@@ -32,8 +32,11 @@ class EstimatorConfig:
             quasi-Monte Carlo).
         aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``; the
             estimators that read the first token only are not run with ``mean`` or ``max``.
+        answer_words: K, the words of each answer: an item's target is its idiom's last K words,
+            the completion's answer its first K (generation runs until they are complete), and
+            the item is correct when they are equal; the estimators read every answer token.
         batch_size: prompts per forward.
-        max_new_tokens: generation budget for the completion word.
+        max_new_tokens: generation budget per answer word (K words get K times as many tokens).
         sample: sample completions instead of greedy decoding.
         temperature: sampling temperature of the completions.
         seed: seed of sampled completions, dropout masks and z noise (the global random state is untouched).
@@ -48,6 +51,7 @@ class EstimatorConfig:
     samples: int = 32
     z_draws: ZDraws = "random"
     aggregate: Aggregate = "first"
+    answer_words: int = 1
     batch_size: int = 32
     max_new_tokens: int = 6
     sample: bool = False
@@ -71,6 +75,7 @@ class EstimatorConfig:
                     self.aggregate in ("first", "mean", "max"),
                     f"aggregate must be first, mean or max, got {self.aggregate!r}",
                 ),
+                (self.answer_words >= 1, f"answer_words must be >= 1, got {self.answer_words}"),
                 (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
                 (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
                 (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),

@@ -21,7 +21,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from vtrans.backbone import sample_tree
 from vtrans.backbone.architectures import non_text_ids
 from vtrans.backbone.attention import full_cache
-from vtrans.data import first_word, word_is_final
+from vtrans.data import first_words, words_final
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,10 @@ class Completion:
 
     Attributes:
         text: the generated text (special tokens dropped).
-        word: the completion word: the first word of ``text``, normalised ('' if none).
+        word: the answer: the first word of ``text`` (its first K words with answers of K words,
+            joined by one space), normalised ('' if none).
         first_token: ŷ, the first generated token id (what the scored position predicts).
-        word_ids: the generated tokens up to the end of the completion word (at least ŷ).
+        word_ids: the generated tokens up to the end of the answer (at least ŷ).
     """
 
     text: str
@@ -96,12 +97,13 @@ class Generation:
         self.sequences = torch.cat([self.sequences, self.sequences[:, -1:]], 1)  # one more position fed
 
 
-def word_token_count(tokenizer, ids: list[int], word: str) -> int:
-    """The fewest leading tokens of ``ids`` whose text contains the whole first word."""
+def word_token_count(tokenizer, ids: list[int], word: str, answer_words: int = 1) -> int:
+    """The fewest leading tokens of ``ids`` whose text contains the whole answer ``word`` (its first
+    ``answer_words`` words)."""
     if not word:
         return 1
     for n in range(1, len(ids) + 1):
-        if first_word(tokenizer.decode(ids[:n], skip_special_tokens=True)) == word:
+        if first_words(tokenizer.decode(ids[:n], skip_special_tokens=True), answer_words) == word:
             return n
     return len(ids)
 
@@ -121,6 +123,7 @@ def generate_batch(
     copies: int = 1,
     words_only: bool = False,
     tree: bool = True,
+    answer_words: int = 1,
 ) -> tuple[list[Completion], Generation]:
     """One batch of greedy (or sampled, from the global random state) completions, left-padded.
 
@@ -141,6 +144,8 @@ def generate_batch(
             soon after the word. The draws up to there are the ones a full-length call makes.
         tree: sampled copies run each distinct prefix once (:mod:`vtrans.backbone.sample_tree`);
             False runs ``generate``'s own loop over every row (the same draws; for comparison).
+        answer_words: K, the words of the answer: ``Completion.word`` is the first K, and
+            ``words_only`` stops a row once its K-th word is final.
 
     Returns:
         the completions and the :class:`Generation` they came from.
@@ -150,7 +155,7 @@ def generate_batch(
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
     suppressed = non_text_ids(model, tokenizer)
     shared = copies > 1 and not (logits or hidden_states or attentions or cache) and enc["input_ids"].shape[1] > 1
-    stop = _WordFinal(tokenizer, enc["input_ids"].shape[1]) if words_only else None
+    stop = _WordFinal(tokenizer, enc["input_ids"].shape[1], answer_words) if words_only else None
     kv = _prompt_cache(model, enc) if shared else full_cache()
     if tree and shared and do_sample and sample_tree.applies(model):  # generate's draws, each distinct prefix run once
         width = enc["input_ids"].shape[1]
@@ -167,7 +172,7 @@ def generate_batch(
             finished=None if stop is None else stop.words_final,
         )
         generation = Generation(enc["attention_mask"].repeat_interleave(copies, 0), sequences)
-        return [_completion(tokenizer, row) for row in sequences[:, width:].tolist()], generation
+        return [_completion(tokenizer, row, answer_words) for row in sequences[:, width:].tolist()], generation
     if shared:
         kv.batch_repeat_interleave(copies)  # each prompt's keys and values, shared by its copies
     if copies > 1:
@@ -197,14 +202,14 @@ def generate_batch(
         _attention_rows(*out.attentions) if attentions else None,
         out.cache if cache or hidden_states or attentions else None,
     )
-    return [_completion(tokenizer, row) for row in out.sequences[:, width:].tolist()], generation
+    return [_completion(tokenizer, row, answer_words) for row in out.sequences[:, width:].tolist()], generation
 
 
 class _WordFinal(StoppingCriteria):
-    """Done for a row whose completion word is final (:func:`vtrans.data.word_is_final`)."""
+    """Done for a row whose answer of K words is final (:func:`vtrans.data.words_final`)."""
 
-    def __init__(self, tokenizer, width: int) -> None:
-        self.tokenizer, self.width = tokenizer, width
+    def __init__(self, tokenizer, width: int, answer_words: int = 1) -> None:
+        self.tokenizer, self.width, self.answer_words = tokenizer, width, answer_words
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return self.words_final(input_ids[:, self.width :])
@@ -212,7 +217,8 @@ class _WordFinal(StoppingCriteria):
     def words_final(self, generated: torch.Tensor) -> torch.BoolTensor:
         """Of rows of generated tokens, (n, j): whose completion word is final."""
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return torch.tensor([word_is_final(t) for t in texts], dtype=torch.bool, device=generated.device)
+        final = [words_final(t, self.answer_words) for t in texts]
+        return torch.tensor(final, dtype=torch.bool, device=generated.device)
 
 
 def _prompt_cache(model, enc) -> DynamicCache:
@@ -236,11 +242,11 @@ def _attention_rows(first: tuple[torch.Tensor, ...], *steps: tuple[torch.Tensor,
     )
 
 
-def _completion(tokenizer, row: list[int]) -> Completion:
+def _completion(tokenizer, row: list[int], answer_words: int = 1) -> Completion:
     ids = _strip_after_eos(row, tokenizer)
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    word = first_word(text)
-    n = word_token_count(tokenizer, ids, word) if ids else 0
+    word = first_words(text, answer_words)
+    n = word_token_count(tokenizer, ids, word, answer_words) if ids else 0
     return Completion(text, word, row[0], tuple(ids[: max(n, 1)]) if ids else (row[0],))
 
 
@@ -258,14 +264,16 @@ def complete(
     copies: int = 1,
     words_only: bool = False,
     tree: bool = True,
+    answer_words: int = 1,
 ) -> list[Completion]:
     """Greedy (or sampled) completions, batched with left padding.
 
-    ``max_new_tokens`` bounds how long a word may be: a word still going after that many tokens
-    is cut there. Sampled completions draw from a generator seeded ``seed``; the global random
+    ``max_new_tokens`` bounds how long a word may be: an answer of K words gets K times as many
+    tokens, and one still going after that is cut there. Sampled completions draw from a generator seeded ``seed``; the global random
     state is left as it was. With ``copies`` c, each prompt is completed c times (c consecutive
     completions), as ``prompts`` repeated c times each would be with ``batch_size · c`` rows a
-    batch, each prompt's tokens run once; ``words_only`` and ``tree``: see :func:`generate_batch`.
+    batch, each prompt's tokens run once; ``words_only``, ``tree`` and ``answer_words``: see
+    :func:`generate_batch`.
     """
     device = next(model.parameters()).device
     out: list[Completion] = []
@@ -274,8 +282,8 @@ def complete(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             out += generate_batch(
-                model, tokenizer, chunk, max_new_tokens, do_sample, temperature, copies=copies, words_only=words_only,
-                tree=tree,
+                model, tokenizer, chunk, max_new_tokens * answer_words, do_sample, temperature, copies=copies,
+                words_only=words_only, tree=tree, answer_words=answer_words,
             )[0]
             if progress is not None:
                 progress(len(chunk))
@@ -287,6 +295,6 @@ def _strip_after_eos(ids: list[int], tokenizer) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def is_correct(completion: Completion, target: str) -> bool:
-    """The item is correct iff the completion word equals the target word, normalised the same way."""
-    return bool(completion.word) and completion.word == first_word(target)
+def is_correct(completion: Completion, target: str, answer_words: int = 1) -> bool:
+    """The item is correct iff the completion's first K words equal the target's, normalised the same way."""
+    return bool(completion.word) and completion.word == first_words(target, answer_words)

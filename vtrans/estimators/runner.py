@@ -74,6 +74,7 @@ class Completer:
                     temperature=cfg.temperature,
                     seed=item_seed(cfg.seed, start + part.start),
                     batch_size=cfg.batch_size,
+                    answer_words=cfg.answer_words,
                 )
                 bar.update(len(done[b]) * self.shard.world)
         return [c for part in self.shard.merge(done) for c in part]
@@ -82,7 +83,8 @@ class Completer:
         """Prompts, the base model's completions and whether each is correct."""
         prompts = [render_prompt(template, it.prefix) for it in items]
         completions = self.complete(prompts)
-        correct = [is_correct(c, it.target) for c, it in zip(completions, items, strict=True)]
+        k = self.config.answer_words
+        correct = [is_correct(c, it.target, k) for c, it in zip(completions, items, strict=True)]
         return prompts, completions, correct
 
 
@@ -197,10 +199,11 @@ class Runner(Completer):
                         self.model,
                         self.tokenizer,
                         prompts[part],
-                        cfg.max_new_tokens,
+                        cfg.max_new_tokens * cfg.answer_words,
                         cfg.sample,
                         cfg.temperature,
                         logits=plan.forward_needed,
+                        answer_words=cfg.answer_words,
                         **plan.kept,
                     )
                 forward = None

@@ -2,7 +2,8 @@
 
 K completions are sampled per prompt (temperature ``temperature``, a seed of their own) and
 compared with the greedy completion *as words* (:func:`vtrans.data.first_word`, as
-``Completion.word``), so "Cake." and "cake" agree:
+``Completion.word``), so "Cake." and "cake" agree; with answers of K words (``answer_words``) the
+K-word answers are compared whole, so "blue moon" and "Blue moon." agree and "blue sky" does not:
 
 - ``sample_disagreement`` = 1 − (share of the K sampled words equal to the greedy word);
 - ``sample_word_entropy`` = entropy in nats of the distribution of the K sampled words;
@@ -26,7 +27,7 @@ import torch
 
 from vtrans.backbone.generate import Completion, complete
 from vtrans.backbone.tokens import aggregate
-from vtrans.data import first_word
+from vtrans.data import first_words
 from vtrans.estimators.base import Context, Family, Forward, Shown, item_seed
 
 
@@ -35,7 +36,9 @@ def sample_seed(seed: int) -> int:
     return (seed * 1_000_003 + 7_919) % 2**31
 
 
-def word_scores(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+def word_scores(
+    greedy: Sequence[str], samples: Sequence[Sequence[str]], answer_words: int = 1
+) -> dict[str, torch.Tensor]:
     """Agreement of sampled words with the greedy word, per prompt.
 
     Args:
@@ -47,10 +50,10 @@ def word_scores(greedy: Sequence[str], samples: Sequence[Sequence[str]]) -> dict
     """
     disagreement, entropy = [], []
     for g, texts in zip(greedy, samples, strict=True):
-        words = [first_word(t) for t in texts]
+        words = [first_words(t, answer_words) for t in texts]
         counts = Counter(words)
         k = len(words)
-        disagreement.append(1 - counts[first_word(g)] / k)
+        disagreement.append(1 - counts[first_words(g, answer_words)] / k)
         entropy.append(sum(c / k * math.log(k / c) for c in counts.values()))
     return {
         "sample_disagreement": torch.tensor(disagreement, dtype=torch.float32),
@@ -69,6 +72,7 @@ def scores(
     max_new_tokens: int = 6,
     batch_size: int = 32,
     progress: Callable[[int], object] | None = None,
+    answer_words: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Sample K completions per prompt and score them against the greedy ones (:func:`word_scores`).
 
@@ -89,6 +93,7 @@ def scores(
         max_new_tokens: generation budget of a completion word.
         batch_size: prompts per ``generate`` call.
         progress: called with the number of prompts done after each batch.
+        answer_words: K: whole answers of K words are compared (:func:`vtrans.data.first_words`).
     """
     sampled = complete(
         model,
@@ -102,9 +107,10 @@ def scores(
         progress=progress,
         copies=k,
         words_only=True,
+        answer_words=answer_words,
     )
     words = [[c.word for c in sampled[i * k : (i + 1) * k]] for i in range(len(prompts))]
-    return word_scores([c.word for c in greedy], words)
+    return word_scores([c.word for c in greedy], words, answer_words)
 
 
 def cocoa(nll: torch.Tensor, disagreement: torch.Tensor) -> torch.Tensor:
@@ -133,6 +139,7 @@ def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
         seed=sample_seed(item_seed(cfg.seed, context.indices[0])),
         max_new_tokens=cfg.max_new_tokens,
         batch_size=len(context.prompts),
+        answer_words=cfg.answer_words,
     )
     if forward is not None:  # a run of the agreement alone has no forward, and no cocoa
         result["cocoa"] = cocoa(answer_nll(forward, cfg.aggregate), result["sample_disagreement"])

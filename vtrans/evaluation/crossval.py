@@ -46,7 +46,7 @@ import torch
 from vtrans.backbone.generate import Completion
 from vtrans.config import CrossvalConfig, EvalConfig
 from vtrans.data import IdiomItem, render_prompt
-from vtrans.errors import UserError
+from vtrans.errors import ConfigError, UserError
 from vtrans.estimators import registry
 from vtrans.estimators.base import Family, PosteriorData
 from vtrans.estimators.registry import NAMES, chosen, family_of
@@ -86,7 +86,17 @@ class CrossFit:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         spec = read_training_config(cfg.config)
         data = cfg.data or spec.data.get("data", "builtin")
-        self.plan = FoldPlan.load(data, cfg.folds, cfg.fold_seed, cfg.eval.max_items, cfg.extra_train)
+        yaml_words = spec.data.get("answer_words", cfg.eval.answer_words)
+        if yaml_words != cfg.eval.answer_words:
+            raise ConfigError(
+                f"{cfg.config} trains on answers of {yaml_words} words (data.answer_words) but the run scores answers of "
+                f"{cfg.eval.answer_words}: give --answer_words {yaml_words}, or a config that trains on {cfg.eval.answer_words}"
+            )
+        self.plan = FoldPlan.load(
+            data, cfg.folds, cfg.fold_seed, cfg.eval.max_items, cfg.extra_train, cfg.eval.answer_words
+        )
+        if self.plan.n_short:
+            log.info(f"left out {self.plan.n_short} idioms too short for answers of {cfg.eval.answer_words} words")
         template = cfg.template or spec.data.get("template") or cfg.eval.template
         self.eval = EvalConfig(**{**asdict(cfg.eval), "template": template, "estimators": chosen(cfg.eval.estimators)})
         self.latents = FoldLatents(cfg, spec, template, self.out, device)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vtrans.backbone.loading import Backbone
 from vtrans.config import EvalConfig
-from vtrans.data import DEFAULT_TEMPLATE, idiom_hash, load_split
+from vtrans.data import DEFAULT_TEMPLATE, idiom_hash, load_split, with_answer_words
 from vtrans.errors import ConfigError
 from vtrans.estimators import distributed, registry
 from vtrans.estimators.registry import chosen, family_of, why_not
@@ -134,7 +134,9 @@ def _items(config: EvalConfig, ckpt: str | None, contents: dict | None):
     from vtrans.latent import checkpoint
 
     split = split_settings(config, checkpoint.split_settings(contents) if contents is not None else None)
-    items = load_split(config.data, config.split, **split)
+    items, short = with_answer_words(load_split(config.data, config.split, **split), config.answer_words)
+    if short:
+        log.info(f"left out {short} idioms too short for answers of {config.answer_words} words")
     trained = checkpoint.trained_idiom_hashes(contents) if contents is not None else None
     checked = len(items)
     items, seen = leave_out_seen(items, trained, config.keep_seen, config.data)
@@ -189,7 +191,7 @@ def _fit(runner, scored: Scored, names: list[str], dropped: dict, items, templat
     for name in registry.fitted(names):
         family, start = family_of(name), time.perf_counter()
         try:
-            train_items, source = fit_items(items, trained_with, trained)
+            train_items, source = fit_items(items, trained_with, trained, runner.config.answer_words)
             fits[f"{family.name}_fit"] = {"source": source, "n": len(train_items)}
             if not train_items:
                 raise Unfittable(f"no item of {source} is left to fit it on once the evaluated ones are out")

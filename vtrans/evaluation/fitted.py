@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vtrans.backbone.generate import Completion
-from vtrans.data import DataError, IdiomItem, idiom_hash, load_split
+from vtrans.data import DataError, IdiomItem, idiom_hash, load_split, with_answer_words
 from vtrans.data.items import idiom_key
 from vtrans.estimators.base import Family
 from vtrans.estimators.runner import Runner
@@ -66,7 +66,10 @@ def fit_scores(runner: Runner, family: Family, train_items: list[IdiomItem], eva
 
 
 def fit_items(
-    evaluated: list[IdiomItem], trained_with: dict | None = None, trained: set[str] | None = None
+    evaluated: list[IdiomItem],
+    trained_with: dict | None = None,
+    trained: set[str] | None = None,
+    answer_words: int = 1,
 ) -> tuple[list[IdiomItem], str]:
     """The items a fitted estimator is fitted on, and where they come from.
 
@@ -113,7 +116,7 @@ def fit_items(
         for it in candidates
         if idiom_key(it.idiom) not in evaluated_keys | excluded and idiom_hash(it.idiom) not in trained
     ]
-    return items, source
+    return with_answer_words(items, answer_words)[0], source
 
 
 def cross_fitted(

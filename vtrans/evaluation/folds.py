@@ -22,7 +22,7 @@ import torch
 from vtrans.backbone.frozen import FrozenCache
 from vtrans.backbone.loading import Backbone
 from vtrans.config import CrossvalConfig
-from vtrans.data import IdiomItem, idiom_hash, idiom_key, load_idioms, parse_spec
+from vtrans.data import IdiomItem, idiom_hash, idiom_key, load_idioms, parse_spec, with_answer_words
 from vtrans.errors import ConfigError, TrainingStopped
 from vtrans.latent import checkpoint, training
 from vtrans.latent.training import TrainingSpec
@@ -74,6 +74,9 @@ class FoldPlan:
         k: the number of folds.
         extra: the extra training idioms that remain (see :func:`extra_training_items`).
         n_extra_dropped: how many extra idioms were left out as scored idioms or variants of one.
+        answer_words: K, the words of each item's answer.
+        n_short: how many idioms were left out as too short for answers of K words (scored and
+            extra ones together).
     """
 
     data: str
@@ -82,12 +85,23 @@ class FoldPlan:
     k: int
     extra: list[IdiomItem]
     n_extra_dropped: int
+    answer_words: int = 1
+    n_short: int = 0
 
     @classmethod
     def load(
-        cls, data: str, k: int, fold_seed: int = 0, max_items: int | None = None, extra_train: str | None = None
+        cls,
+        data: str,
+        k: int,
+        fold_seed: int = 0,
+        max_items: int | None = None,
+        extra_train: str | None = None,
+        answer_words: int = 1,
     ) -> FoldPlan:
         """Read the idioms (the first ``max_items``) and the extra ones, and deal the folds.
+
+        The folds are dealt over the idioms as read, before those too short for answers of
+        ``answer_words`` words are left out: an idiom is in the same fold at every K.
 
         Raises:
             ConfigError: one split of the built-in set (cross-fitting scores every idiom of a
@@ -105,7 +119,15 @@ class FoldPlan:
             offered = load_idioms(extra_train)
             extra = extra_training_items(offered, items)
             dropped = len(offered) - len(extra)
-        return cls(data, items, folds, k, extra, dropped)
+        if answer_words == 1:
+            return cls(data, items, folds, k, extra, dropped)
+        fold_of = {idiom_key(it.idiom): f for it, f in zip(items, folds, strict=True)}
+        kept, short = with_answer_words(items, answer_words)
+        extra, short_extra = with_answer_words(extra, answer_words)
+        if len(kept) < 2 * k:
+            raise ConfigError(f"{data} has {len(kept)} idioms long enough for answers of {answer_words} words: too few for {k} folds")
+        folds = [fold_of[idiom_key(it.idiom)] for it in kept]
+        return cls(data, kept, folds, k, extra, dropped, answer_words, short + short_extra)
 
     def inside(self, fold: int) -> list[int]:
         """The indices of the items of ``fold``: what its latent scores."""
@@ -167,6 +189,7 @@ class FoldLatents:
             "seed_everything": seed,
             "data.seed": seed,
             "data.template": self.template,
+            "data.answer_words": self.cfg.eval.answer_words,
             "trainer.max_epochs": self.cfg.epochs or self.spec.max_epochs,
             "trainer.default_root_dir": str(self.out),
             **training.HEADLESS,

@@ -68,21 +68,26 @@ class Calibrate(L.Callback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                self.fitted = self._fit(pl_module.model, items, datamodule.hparams.template)
+                self.fitted = self._fit(pl_module.model, items, datamodule.hparams.template, getattr(datamodule, "answer_words", 1))
         finally:
             for name, m in pl_module.named_modules():
                 m.train(modes.get(name, m.training))
         if isinstance(self.fitted, Calibration):
             log.log.info(f"calibration at step {self.step}: {self.fitted.describe()} ({time.perf_counter() - start:.1f} s)")
 
-    def _fit(self, model, items: list, template: str) -> Calibration | str:
+    def _fit(self, model, items: list, template: str, answer_words: int = 1) -> Calibration | str:
         if self._labelled is None:
             prompts = [render_prompt(template, it.prefix) for it in items]
             config = EstimatorConfig()
             completions = complete(
-                model.backbone.model, model.tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=self.batch_size
+                model.backbone.model,
+                model.tokenizer,
+                prompts,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=self.batch_size,
+                answer_words=answer_words,
             )
-            wrong = np.array([not is_correct(c, it.target) for c, it in zip(completions, items, strict=True)])
+            wrong = np.array([not is_correct(c, it.target, answer_words) for c, it in zip(completions, items, strict=True)])
             self._labelled = (prompts, [c.first_token for c in completions], wrong)
         prompts, first, wrong = self._labelled
         scores = torch.cat(

@@ -23,9 +23,11 @@ from vtrans.data import (
     parse_spec,
     render_prompt,
     validate_template,
+    with_answer_words,
 )
 from vtrans.data.splits import check_fractions
 from vtrans.errors import ConfigError
+from vtrans.log import log
 
 BATCH_KEYS = ("idiom", "prefix", "target", "prompt")
 
@@ -98,6 +100,7 @@ def check_settings(
     num_workers: int,
     max_items: int | None,
     length_bucketed: bool,
+    answer_words: int = 1,
 ) -> None:
     """Check the DataModule's settings when they are given, before any data is read.
 
@@ -119,6 +122,10 @@ def check_settings(
             f"max_items must be a whole number >= 1, or null to keep every item, got {max_items!r}",
         ),
         (isinstance(length_bucketed, bool), f"length_bucketed must be true or false, got {length_bucketed!r}"),
+        (
+            _whole(answer_words) and answer_words >= 1,
+            f"answer_words must be a whole number >= 1 (the words of each answer), got {answer_words!r}",
+        ),
     ]
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -152,6 +159,7 @@ class IdiomDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_items: int | None = None,
         length_bucketed: bool = False,
+        answer_words: int = 1,
     ) -> None:
         """Check the settings (see :func:`check_settings`); data is read in ``setup``.
 
@@ -170,9 +178,14 @@ class IdiomDataModule(L.LightningDataModule):
             max_items: Keep only the first N items of each split (quick runs); None keeps all.
             length_bucketed: Group training items of similar prompt length into batches
                 (less padding); the batches are still shuffled by (seed, epoch).
+            answer_words: K, the words of each answer: an item's target is its idiom's last K
+                words (the ELBO's likelihood covers all their tokens); an idiom too short to keep
+                a prompt of two words is left out, and counted in the log.
         """
         super().__init__()
-        check_settings(data, template, batch_size, seed, val_fraction, test_fraction, num_workers, max_items, length_bucketed)
+        check_settings(
+            data, template, batch_size, seed, val_fraction, test_fraction, num_workers, max_items, length_bucketed, answer_words
+        )
         self.save_hyperparameters()
         self.items: dict[str, list[IdiomItem]] = {}
         self.trained_before: set[str] = set()  # hashes from the checkpoint a run resumes from
@@ -186,12 +199,16 @@ class IdiomDataModule(L.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
         length_bucketed: bool = False,
+        answer_words: int = 1,
     ) -> IdiomDataModule:
         """A DataModule over items chosen by the caller (cross-fitting: one fold's training idioms).
 
-        ``seed`` drives the training shuffle only: nothing is split here.
+        ``seed`` drives the training shuffle only: nothing is split here; ``answer_words`` is
+        recorded only (the items' targets are already the answers).
         """
-        module = cls(template=template, batch_size=batch_size, seed=seed, length_bucketed=length_bucketed)
+        module = cls(
+            template=template, batch_size=batch_size, seed=seed, length_bucketed=length_bucketed, answer_words=answer_words
+        )
         module.items = {"train": list(train), "val": list(val or []), "test": []}
         module._given = True
         return module
@@ -201,7 +218,15 @@ class IdiomDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         items = load_split(hp.data, split, hp.seed, hp.val_fraction, hp.test_fraction)
+        items, short = with_answer_words(items, self.answer_words)
+        if short:
+            log.info(f"{split}: left out {short} idioms too short for answers of {self.answer_words} words")
         self.items[split] = items[: hp.max_items] if hp.max_items is not None else items
+
+    @property
+    def answer_words(self) -> int:
+        """K, the words of each answer (1 for a checkpoint written before answers had more)."""
+        return self.hparams.get("answer_words", 1)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits a stage needs: fit (train, val), validate, test, predict (test)."""

@@ -188,7 +188,7 @@ def build(
         overrides: settings that replace the config's, by dotted key: ``{"trainer.max_epochs": 2,
             "seed_everything": 1, "trainer.logger": False}``.
         items: train on these idioms (:meth:`IdiomDataModule.from_items`, with the config's
-            template, batch size, seed and bucketing) instead of the config's data spec; no
+            template, batch size, seed, bucketing and ``answer_words``) instead of the config's data spec; no
             validation split then.
         backbone: the backbone the config names, already loaded (not loaded again).
         frozen: the frozen backbone's per-item states to share with other latents of the same
@@ -212,7 +212,12 @@ def build(
     if items is not None:
         hp = datamodule.hparams
         datamodule = IdiomDataModule.from_items(
-            items, template=hp.template, batch_size=hp.batch_size, seed=hp.seed, length_bucketed=hp.length_bucketed
+            items,
+            template=hp.template,
+            batch_size=hp.batch_size,
+            seed=hp.seed,
+            length_bucketed=hp.length_bucketed,
+            answer_words=hp.answer_words,
         )
         datamodule.hparams.num_workers = hp.num_workers
     if frozen is not None and module.hparams.cache_frozen:
