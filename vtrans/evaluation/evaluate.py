@@ -119,6 +119,12 @@ def _settings(config: EvalConfig, contents: dict | None, template: str | None) -
 
     if template == "ckpt":
         template = (template_in(contents) if contents is not None else None) or DEFAULT_TEMPLATE
+    trained_words = (contents or {}).get("datamodule_hyper_parameters", {}).get("answer_words", 1)
+    if contents is not None and trained_words != config.answer_words:
+        log.warning(
+            f"the latent was trained on answers of {trained_words} word(s); these are answers of {config.answer_words} "
+            f"(--answer_words {trained_words} evaluates it as it was trained)"
+        )
     return replace(config, estimators=chosen(config.estimators), template=template or config.template)
 
 
