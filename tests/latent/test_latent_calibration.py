@@ -74,3 +74,15 @@ def test_the_record_round_trips_through_json_and_a_damaged_one_is_refused():
         calibration.Calibration.from_dict({**fitted.to_dict(), "method": "beta"})
     with pytest.raises(ValueError, match="not a calibration record"):
         calibration.Calibration.from_dict({"estimator": "adapter_nll"})
+
+
+def test_the_record_says_the_answers_length_it_was_fitted_on():
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=100)
+    y = (s + rng.normal(size=100) > 0).astype(float)
+    two = calibration.fit(s, y, answer_words=2)
+    assert two.answer_words == 2
+    assert calibration.Calibration.from_dict(json.loads(json.dumps(two.to_dict()))).answer_words == 2
+    # a record saved before answers had a length is of one-word answers
+    old = {k: v for k, v in calibration.fit(s, y).to_dict().items() if k != "answer_words"}
+    assert calibration.Calibration.from_dict(old).answer_words == 1

@@ -83,7 +83,7 @@ def evaluate(
     scored = score_items(runner, items, registry.with_fields(names), config.template, labelled=labelled)
     trained_with = None if contents is None else contents.get("datamodule_hyper_parameters", {})
     fits = _fit(runner, scored, names, dropped, items, config.template, trained_with, trained)
-    calibration = _own_calibration(module, items)
+    calibration = _own_calibration(module, items, config.answer_words)
     rows = report.with_p_wrong(_rows(scored, names), calibration)
     extra = {
         "config": asdict(config),
@@ -168,11 +168,18 @@ def _load(ckpt: str | None, contents: dict | None, model: str | None, backbone: 
     return module, backbone
 
 
-def _own_calibration(module, items) -> Calibration | None:
-    """The calibration the latent carries, to give the rows' ``p_wrong``: None without one, or
-    where it was fitted on some of these items (their ``p_wrong`` is then cross-fitted, as without a latent)."""
+def _own_calibration(module, items, answer_words: int = 1) -> Calibration | None:
+    """The calibration the latent carries, to give the rows' ``p_wrong``: None without one, where
+    it was fitted on answers of another length, or on some of these items (their ``p_wrong`` is
+    then cross-fitted, as without a latent)."""
     calibration = None if module is None else module.calibration
     if calibration is None:
+        return None
+    if calibration.answer_words != answer_words:
+        log.warning(
+            f"the latent's calibration is of answers of {calibration.answer_words} word(s), these are of {answer_words}: "
+            "p_wrong is cross-fitted over these items instead"
+        )
         return None
     overlap = len({idiom_hash(it.idiom) for it in items} & set(calibration.idioms))
     if overlap:

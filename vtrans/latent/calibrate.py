@@ -96,7 +96,7 @@ class Calibrate(L.Callback):
         )
         hashes = [idiom_hash(it.idiom) for it in items]
         where = f"validation split ({len(items)} idioms)"
-        return fit(scores.double().numpy(), wrong.astype(np.float64), RECOMMENDED, where, self.step, hashes)
+        return fit(scores.double().numpy(), wrong.astype(np.float64), RECOMMENDED, where, self.step, hashes, answer_words)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.step != trainer.global_step or self.fitted is None:

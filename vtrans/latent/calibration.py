@@ -134,6 +134,7 @@ class Calibration:
     fitted_on: str = "validation split"
     step: int = -1  # the training step of the latent it was fitted on
     idioms: list[str] = field(default_factory=list)  # what it was fitted on, as vtrans.data.idiom_hash values
+    answer_words: int = 1  # K of the answers it was fitted on: p(wrong) of an answer of K words
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """p(wrong) of each score of :attr:`estimator`."""
@@ -169,6 +170,7 @@ def fit(
     fitted_on: str = "validation split",
     step: int = -1,
     idioms: list[str] | None = None,
+    answer_words: int = 1,
 ) -> Calibration | str:
     """The calibration of ``estimator``'s scores on these items (``errors``: 1 where wrong;
     ``idioms``: their hashes, recorded), the method chosen by :func:`cv_brier`; or why none is
@@ -182,4 +184,5 @@ def fit(
         )
     brier = cv_brier(s, y)
     method = min(METHODS, key=lambda m: (brier[m], METHODS.index(m)))
-    return Calibration(estimator, method, _fit(method, s, y), len(y), wrong, brier, fitted_on, step, sorted(idioms or []))
+    params = _fit(method, s, y)
+    return Calibration(estimator, method, params, len(y), wrong, brier, fitted_on, step, sorted(idioms or []), answer_words)

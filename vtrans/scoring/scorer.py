@@ -96,7 +96,9 @@ class Scorer:
         from vtrans.estimators.runner import Runner
 
         self.config = config
-        self.prompts = PromptPolicy(module.backbone, template, long_prompts, quiet, self.config.max_new_tokens)
+        self.prompts = PromptPolicy(
+            module.backbone, template, long_prompts, quiet, self.config.max_new_tokens * self.config.answer_words
+        )
         self.module, self.names, self.template = module, names, template
         self.batch_size, self.long_prompts, self.quiet = self.config.batch_size, long_prompts, quiet
         self.context, self.max_prompt_tokens = self.prompts.context, self.prompts.max_prompt_tokens
@@ -104,10 +106,18 @@ class Scorer:
         self.runner = Runner(module.backbone, module, self.config, progress=False, shard=Shard())
         self.tokenizer = module.backbone.tokenizer
         self.calibration = module.calibration
+        fitted_words = getattr(self.calibration, "answer_words", 1)
+        if self.calibration is not None and fitted_words != config.answer_words:
+            if not quiet:
+                log.log.warning(
+                    f"the latent's calibration is of answers of {fitted_words} word(s), these are of {config.answer_words}: "
+                    f"the records have no p_wrong (--answer_words {fitted_words} gives it)"
+                )
+            self.calibration = None
         self._run = list(names)  # what the runner computes: the names asked for, and the score p_wrong reads
         if self.calibration is not None and self.calibration.estimator not in self._run:
             self._run.append(self.calibration.estimator)
-        if self.calibration is None and not quiet:
+        if module.calibration is None and not quiet:
             log.log.warning(f"this latent carries no calibration, so the records have no p_wrong: {module.calibration_missing}")
 
     @classmethod
