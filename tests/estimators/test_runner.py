@@ -179,7 +179,10 @@ def test_sampled_completions_are_the_same_when_generate_keeps_its_states(latent)
 def test_the_reference_is_chosen_in_the_registry():
     """The best AUROC among the families declared references, in registry order on a tie; an
     undefined AUROC counts lowest; none when no reference ran."""
-    assert registry.references() == ("msp", "entropy", "margin", "sample_disagreement", "sample_word_entropy", "cocoa")
+    assert registry.references() == (
+        "msp", "entropy", "margin", "sequence_nll", "perplexity", "max_token_nll", "sequence_doubt",
+        "mean_token_entropy", "rauq", "sample_disagreement", "sample_word_entropy", "cocoa",
+    )
     assert registry.reference_of({"msp": 0.6, "entropy": 0.7, "latent_mi": 0.9}) == "entropy"
     assert registry.reference_of({"margin": 0.7, "entropy": 0.7}) == "entropy"
     assert registry.reference_of({"msp": float("nan"), "margin": 0.2}) == "margin"

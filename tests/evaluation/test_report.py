@@ -337,7 +337,9 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     from vtrans.estimators.base import Family, Fitted, Shown
 
     before = " ".join(prose._what_the_numbers_are().split())
-    assert "of `msp`, `entropy`, `margin` and the sampled-word agreement" in before
+    sequence = "the sequence-level scores (`sequence_nll`, `perplexity`, `max_token_nll`, `sequence_doubt`, "
+    sequence += "`mean_token_entropy`, `rauq`)"
+    assert f"of `msp`, `entropy`, `margin`, {sequence} and the sampled-word agreement" in before
     assert "the probe is the shared forward plus its fit" in before
     # a fitted family whose features take passes of their own is charged those
     assert "the probe with the latent's prediction is what its features cost plus its fit" in before
@@ -349,7 +351,8 @@ def test_the_prose_names_what_the_registry_declares(monkeypatch) -> None:
     )
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, cheap, fitted))
     after = " ".join(prose._what_the_numbers_are().split())
-    assert "of `msp`, `entropy`, `margin`, the sampled-word agreement" in after and "and `top2`, the one" in after
+    assert f"of `msp`, `entropy`, `margin`, {sequence}, the sampled-word agreement" in after
+    assert "and `top2`, the one" in after
     assert "`posterior_var`, `latent_kl`, `refit_prior_var`, `top2`) share one forward" in after
     assert "plus its fit; the signed margin is the shared forward plus its fit." in after
 

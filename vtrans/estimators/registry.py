@@ -30,6 +30,7 @@ from vtrans.estimators import (
     probe_latent,
     sampling,
     se_probe,
+    sequence,
     spread,
     state_probe,
     states,
@@ -39,6 +40,7 @@ from vtrans.estimators.base import NEEDS, Family, Posterior, Setting
 FAMILIES: tuple[Family, ...] = (
     baselines.FAMILY,
     margin.FAMILY,
+    sequence.FAMILY,
     attention.FAMILY,
     lens.FAMILY,
     mc_dropout.FAMILY,
