@@ -232,6 +232,15 @@ def test_scoring_straight_from_generate_equals_complete_then_scores(name):
     completions, got = runner.score_prompts(prompts, NAMES)
     assert len({len(c.word_ids) for c in completions}) >= 2
     expected = runner.scores(prompts, completions, NAMES)
-    assert set(got) == set(expected) == set(NAMES)
+    assert set(got) == set(expected) == {*NAMES, *sequence.FAMILY.tokens}
     for key in NAMES:
         assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in sequence.FAMILY.tokens:
+        assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+    # per answer token, from index 0: as many values as the answer has tokens, NaN after; they sum to the whole
+    lengths = torch.tensor([len(c.word_ids) for c in completions])
+    assert got["token_nll"].shape == (len(prompts), 3)
+    assert torch.equal((~got["token_nll"].isnan()).sum(1), lengths)
+    assert_close(got["token_nll"].nan_to_num().sum(1), got["sequence_nll"], rtol=1e-5, atol=1e-5)
+    assert_close(got["token_entropy"].nanmean(1), got["mean_token_entropy"], rtol=1e-5, atol=1e-5)
+    assert registry.per_item("token_nll", got["token_nll"][0]) == got["token_nll"][0, : lengths[0]].tolist()

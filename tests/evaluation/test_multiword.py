@@ -77,7 +77,7 @@ def test_generation_stops_once_the_kth_word_is_final_with_the_answer_of_a_full_l
 def test_evaluate_at_two_words_labels_whole_answers(two_word_file, gpt2, tmp_path, capsys):
     path, lines = two_word_file
     out = tmp_path / "run"
-    names = ["msp", "entropy", "sample_disagreement"]
+    names = ["msp", "entropy", "sample_disagreement", "sequence_nll", "perplexity"]
     main(["evaluate", "--model", "tiny-gpt2", "--data", f"txt:{path}", "--split", "all", "--answer_words", str(K),
           "--n_boot", "100", "--agreement_samples", "4", "--estimators", ",".join(names), "--out", str(out), "--quiet"])
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
@@ -87,6 +87,10 @@ def test_evaluate_at_two_words_labels_whole_answers(two_word_file, gpt2, tmp_pat
         assert row["target"] == " ".join(row["idiom"].split()[-K:])
         assert row["correct"] is lines[row["idiom"]]  # labelled by hand: the model's own two words or not
         assert row["completion_word"] == first_words(row["completion"], K)
+        # the answer's tokens and a value per token: they add up to the whole answer's score
+        assert len(row["answer_tokens"]) == len(row["token_nll"]) == len(row["token_entropy"]) >= 1
+        assert first_words("".join(row["answer_tokens"]), K) == row["completion_word"]
+        assert sum(row["token_nll"]) == pytest.approx(row["scores"]["sequence_nll"], rel=1e-5, abs=1e-5)
     assert sum(r["correct"] for r in rows) == 12
     # the sampled answers are compared whole: a prompt whose greedy answer is its own idiom's
     # still disagrees with samples whose second word differs

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vtrans.cli import main
-from vtrans.data import first_word
+from vtrans.data import first_word, first_words
 from vtrans.errors import ConfigError, UserError
 from vtrans.estimators.registry import FAMILIES
 from vtrans.latent import checkpoint
@@ -36,6 +36,7 @@ from vtrans.scoring.inputs import (
     parse_txt_line,
 )
 from vtrans.scoring.records import _number, dumps
+from vtrans.scoring.request import ANSWER_DEFAULTS
 from vtrans.scoring.scorer import Scorer
 
 PROMPT = "Complete the idiom: the early bird catches the"
@@ -429,3 +430,19 @@ def test_every_record_of_a_model_with_random_weights_says_so():
         records = list(scorer.score(["spill the", "   ", "once in a blue"]))
         assert "error" in records[1] and "scores" in records[0]
         assert all(r.get("random_weights", False) is marked for r in records), records
+
+
+def test_answers_of_two_words_give_the_whole_answer_and_a_score_per_token(module) -> None:
+    scorer = Scorer(module, batch_size=4, samples=4, quiet=True, answer_words=2)
+    [record] = list(scorer.score([PROMPT]))
+    assert record["completion_word"] == first_words(record["completion"], 2)
+    assert list(record["scores"]) == DEFAULT + list(ANSWER_DEFAULTS)  # the whole answer's scores join the defaults
+    tokens = record["tokens"]
+    assert set(tokens) == {"answer", "token_nll", "token_entropy"}
+    assert len(tokens["answer"]) == len(tokens["token_nll"]) == len(tokens["token_entropy"]) >= 1
+    assert first_words("".join(tokens["answer"]), 2) == record["completion_word"]
+    assert sum(tokens["token_nll"]) == pytest.approx(record["scores"]["sequence_nll"], rel=1e-5, abs=1e-5)
+    assert tokens["token_entropy"][0] == pytest.approx(record["scores"]["entropy"], rel=1e-5, abs=1e-5)  # ŷ's distribution
+    # one-word answers keep today's records: no per-token part
+    [one] = list(Scorer(module, batch_size=4, samples=4, quiet=True).score([PROMPT]))
+    assert "tokens" not in one and list(one["scores"]) == DEFAULT

@@ -239,6 +239,10 @@ class Family:
         first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
         fields: per-item values its ``read`` returns besides its scores (a (B, k) tensor each),
             written into every row of scores.jsonl; a run computes them whatever it asks for.
+        tokens: per-token values its ``read`` returns when it runs (a (B, W) tensor each: the
+            answer's tokens from index 0, NaN past its end; W = ``max_new_tokens`` ×
+            ``answer_words``, the most an answer holds), written into the rows of scores.jsonl
+            and ``vtrans score``'s records as lists, one value per answer token.
         features: per-item values its ``read`` returns for fitted families only (a (B, ...) tensor
             each: a residual state), kept only when a run asks for them by key and never written
             into scores.jsonl or a cross-fitted run's units.
@@ -256,6 +260,7 @@ class Family:
     reads_forward: bool | frozenset[str] = True
     first_token_only: bool = False
     fields: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
     features: tuple[str, ...] = ()
     fitted: Fitted | None = None
     posterior: Posterior | None = None

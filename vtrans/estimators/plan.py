@@ -51,7 +51,7 @@ class Plan:
         forward_needed = any(f.reads_forward_of(names) for f in families)
         return cls(
             families,
-            set(names) | set(registry.fields()),
+            set(names) | set(registry.fields()) | {key for f in families for key in f.tokens},
             needs,
             "whole_word" in needs or aggregate != "first",
             forward_needed,

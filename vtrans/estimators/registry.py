@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from vtrans.errors import ConfigError
 from vtrans.estimators import (
@@ -106,6 +107,19 @@ def fitted(names: Sequence[str]) -> list[str]:
 def fields() -> tuple[str, ...]:
     """Every per-item field a family writes into the rows besides its scores, in report order."""
     return tuple(key for f in FAMILIES for key in f.fields)
+
+
+def tokens() -> tuple[str, ...]:
+    """Every per-token value a family writes into the rows when it runs (``Family.tokens``), in report order."""
+    return tuple(key for f in FAMILIES for key in f.tokens)
+
+
+def per_item(key: str, value: torch.Tensor) -> list:
+    """One item's field or per-token value as the rows write it: a per-token one cut to the answer's tokens."""
+    values = value.tolist()
+    if key in tokens():
+        values = [v for v in values if v == v]  # NaN pads past the answer's end
+    return values
 
 
 def features() -> tuple[str, ...]:
@@ -224,6 +238,8 @@ __all__ = [
     "family_of",
     "features",
     "fields",
+    "per_item",
+    "tokens",
     "fitted",
     "posteriors_for",
     "reference_of",

@@ -62,7 +62,7 @@ import math
 
 import torch
 
-from vtrans.backbone.tokens import Encoded, aggregate
+from vtrans.backbone.tokens import Encoded, aggregate, shift_positions
 from vtrans.estimators.base import Context, Family, Forward, Shown
 
 ALPHA = 0.2
@@ -143,8 +143,23 @@ def from_forward(forward: Forward) -> dict[str, torch.Tensor]:
     return {name: torch.where(empty, float("nan"), value) for name, value in out.items()}
 
 
+def per_token(values: torch.Tensor, enc: Encoded, width: int) -> torch.Tensor:
+    """(B, width) of per-slot values (B, N): each item's answer tokens from index 0, NaN past its end."""
+    n = enc.target_mask.sum(1).to(values.device)  # (B,)
+    out = shift_positions(values, enc.targets.shape[1] - n, width, 1)
+    return out.masked_fill(torch.arange(width, device=values.device).unsqueeze(0) >= n.unsqueeze(1), float("nan"))
+
+
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
-    return from_forward(forward)
+    """The family's scores, and per answer token its −log p (``token_nll``) and its next-token
+    distribution's entropy (``token_entropy``), written into the rows."""
+    out = from_forward(forward)
+    cfg, enc = context.config, forward.enc
+    logp = torch.log_softmax(forward.logits.float(), -1)
+    width = cfg.max_new_tokens * cfg.answer_words
+    out["token_nll"] = per_token(-token_log_probs(logp, enc.targets.to(logp.device)), enc, width)
+    out["token_entropy"] = per_token(-(logp.exp() * logp).sum(-1), enc, width)
+    return out
 
 
 FAMILY = Family(
@@ -160,6 +175,7 @@ FAMILY = Family(
     read,
     needs=frozenset({"whole_word"}),
     name_needs={"rauq": frozenset({"attentions"})},
+    tokens=("token_nll", "token_entropy"),
     shown=Shown(
         default_score=False,
         reference=True,

@@ -150,7 +150,7 @@ class CrossFit:
             if nm not in names and nm not in dropped:
                 why = registry.why_not(nm, prior, self.eval.aggregate, self.cfg.ensemble) if registry.needs_latent(nm) else None
                 dropped[nm] = why or "not computed on this model"
-        fields = {key: fixed[key] for key in registry.fields() if key in fixed}
+        fields = {key: fixed[key] for key in (*registry.fields(), *registry.tokens()) if key in fixed}
         results, rows = assemble(self, names, by_seed, labels, fields, seconds)
         results.update(dropped=dropped, fold_training=fold_log, seconds_total=units.seconds, computed_with=units.stamps)
         write(self.out, results, rows, markdown)

@@ -66,7 +66,7 @@ def assemble(fit: Run, names, by_seed, labels: Labels, fields: dict[str, torch.T
             labels.completions[i],
             labels.correct[i],
             {nm: float(per_seed[first][nm][i]) for nm in names},
-            {key: value[i].tolist() for key, value in fields.items()},
+            {key: registry.per_item(key, value[i]) for key, value in fields.items()},
             fold=plan.folds[i],
             scores_by_seed={str(s): {nm: float(per_seed[s][nm][i]) for nm in names} for s in cfg.seeds[1:]},
         )

@@ -84,7 +84,7 @@ def evaluate(
     trained_with = None if contents is None else contents.get("datamodule_hyper_parameters", {})
     fits = _fit(runner, scored, names, dropped, items, config.template, trained_with, trained)
     calibration = _own_calibration(module, items, config.answer_words)
-    rows = report.with_p_wrong(_rows(scored, names), calibration)
+    rows = report.with_p_wrong(_rows(scored, names, backbone.tokenizer), calibration)
     extra = {
         "config": asdict(config),
         "ckpt": ckpt,
@@ -227,8 +227,15 @@ def _write(out: Path, rows: list[dict], results: dict) -> None:
     report.write_report_md(out / "report.md", results, plots)
 
 
-def _rows(scored: Scored, names: list[str]) -> list[dict]:
-    fields = [key for key in registry.fields() if key in scored.scores]
+def _rows(scored: Scored, names: list[str], tokenizer=None) -> list[dict]:
+    """scores.jsonl's rows; where a family wrote per-token values, each row has the answer's tokens
+    (``answer_tokens``, as text) beside them."""
+    fields = [key for key in (*registry.fields(), *registry.tokens()) if key in scored.scores]
+    per_token = tokenizer is not None and any(key in registry.tokens() for key in fields)
+
+    def answer(comp) -> dict:
+        return {"answer_tokens": [tokenizer.decode([t]) for t in comp.word_ids]} if per_token else {}
+
     return [
         report.item_row(
             item,
@@ -236,7 +243,7 @@ def _rows(scored: Scored, names: list[str]) -> list[dict]:
             comp,
             ok,
             {n: float(scored.scores[n][i]) for n in names if n in scored.scores},
-            {key: scored.scores[key][i].tolist() for key in fields},
+            {**answer(comp), **{key: registry.per_item(key, scored.scores[key][i]) for key in fields}},
         )
         for i, (item, prompt, comp, ok) in enumerate(
             zip(scored.items, scored.prompts, scored.completions, scored.correct, strict=True)

@@ -6,7 +6,9 @@
 applied, ``None`` for a prompt scored verbatim; ``completion_word`` the first word of the
 completion, normalised as ``vtrans evaluate`` writes it; ``p_wrong`` the probability that the
 completion is wrong, from the calibration the latent carries (``vtrans.latent.calibration``), and
-left out, with a warning at load, for a latent that carries none), with ``"truncated": N`` added when N
+left out, with a warning at load, for a latent that carries none), with ``"tokens": {"answer": [str],
+KEY: [float]}`` added where a family that writes per-token values ran (the ``sequence`` family's
+``token_nll`` and ``token_entropy``, one value per token of the answer), ``"truncated": N`` added when N
 tokens were cut from the prompt's left, and ``"random_weights": true`` in every record when the base
 model's weights are random (``random:NAME``). An input that cannot be scored gives
 ``{"prompt": ..., "error": "..."}`` (plus ``"line": N`` when it came from a file) and the other
@@ -23,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 import torch
 
+from vtrans.estimators import registry
 from vtrans.scoring.inputs import Line
 
 if TYPE_CHECKING:
@@ -45,6 +48,7 @@ def scored_records(
     template: str | None,
     random_weights: bool,
     p_wrong: np.ndarray | None = None,
+    answer_tokens: Sequence[list[str]] | None = None,
 ) -> list[dict]:
     """A batch's records: those of the ``ready`` prompts (index in the batch, text) filled in
     from their completions and scores (and ``p_wrong``, one per ready prompt, where the latent
@@ -59,6 +63,10 @@ def scored_records(
         }
         if p_wrong is not None:
             record["p_wrong"] = _number(p_wrong[j])
+        per_token = [key for key in registry.tokens() if key in scores]
+        if per_token and answer_tokens is not None:
+            record["tokens"] = {"answer": answer_tokens[j]}
+            record["tokens"].update({key: [_number(v) for v in registry.per_item(key, scores[key][j])] for key in per_token})
         if i in truncated:
             record["truncated"] = truncated[i]
         records[i] = _with_fields(record, lines[i].fields)

@@ -30,13 +30,30 @@ def prior_of(module) -> str | None:
     return None if module is None else module.latent.prior
 
 
-def default_estimators(prior: str | None, aggregate: str = "first") -> list[str]:
+ANSWER_DEFAULTS = (
+    "sequence_nll",
+    "perplexity",
+    "max_token_nll",
+    "sequence_doubt",
+    "mean_token_entropy",
+    "adapter_answer_nll",
+    "latent_answer_nll",
+    "latent_answer_gap",
+)
+"""What answers of several words add to the defaults: the whole answer's scores (and with them its
+per-token ones); ``rauq`` is left to be asked for, as it switches the forward to eager attention."""
+
+
+def default_estimators(prior: str | None, aggregate: str = "first", answer_words: int = 1) -> list[str]:
     """Every single-pass and latent estimator that applies to a latent with this prior (no MC
-    dropout, no sampling, no fitted one)."""
-    return [n for n in SCORE_DEFAULTS if why_not(n, prior, aggregate) is None]
+    dropout, no sampling, no fitted one); with answers of several words, the whole answer's too."""
+    names = [*SCORE_DEFAULTS, *(ANSWER_DEFAULTS if answer_words > 1 else ())]
+    return [n for n in names if why_not(n, prior, aggregate) is None]
 
 
-def check_estimators(names: list[str] | None, prior: str | None, aggregate: str = "first") -> list[str]:
+def check_estimators(
+    names: list[str] | None, prior: str | None, aggregate: str = "first", answer_words: int = 1
+) -> list[str]:
     """The estimators to score with (the defaults for ``None``), each one ``score`` can run with a
     latent of this prior; checked before any model loads.
 
@@ -45,7 +62,7 @@ def check_estimators(names: list[str] | None, prior: str | None, aggregate: str 
             (``registry.fitted``), one the latent or the aggregate does not allow, or none at all.
     """
     if names is None:
-        names = default_estimators(prior, aggregate)
+        names = default_estimators(prior, aggregate, answer_words)
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         raise ConfigError(f"unknown estimator(s) {', '.join(unknown)}: score can run {', '.join(SCORABLE)}")
@@ -74,7 +91,8 @@ def check_request(
     """
     from vtrans.latent import checkpoint
 
-    names = check_estimators(None if estimators is None else list(estimators), checkpoint.prior_in(ckpt), config.aggregate)
+    asked = None if estimators is None else list(estimators)
+    names = check_estimators(asked, checkpoint.prior_in(ckpt), config.aggregate, config.answer_words)
     return names, resolve_template(template, checkpoint.template_in(ckpt))
 
 

@@ -85,7 +85,8 @@ class Scorer:
                 (``Scorer(module, batch_size=8, samples=16)``).
         """
         config = estimator_config(config, settings)
-        names = check_estimators(None if estimators is None else list(estimators), prior_of(module), config.aggregate)
+        asked = None if estimators is None else list(estimators)
+        names = check_estimators(asked, prior_of(module), config.aggregate, config.answer_words)
         self._setup(module, names, template, config, long_prompts, quiet)
 
     def _setup(
@@ -227,6 +228,9 @@ class Scorer:
         p_wrong = None
         if self.calibration is not None and ready:
             p_wrong = self.calibration(scores[self.calibration.estimator].double().numpy())
+        tokenizer = self.module.backbone.tokenizer
+        answers = [[tokenizer.decode([t]) for t in c.word_ids] for c in completions]
         return scored_records(
-            lines, records, ready, truncated, completions, scores, self.names, self.template, random_weights, p_wrong
+            lines, records, ready, truncated, completions, scores, self.names, self.template, random_weights, p_wrong,
+            answers,
         )
