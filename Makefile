@@ -9,12 +9,13 @@
 # make headline  the headline pairs (the latent and its twin, adapter_nll, probe_latent, state_probe) on 5 seeds,
 #                the two runs under the same conditions (docs/seeds5/results.md)
 # make confirm   the preregistered confirmatory run on WordNet expressions (docs/confirm/report.md)
+# make multitoken  answers of 1, 2 and 3 words, cross-fitted, side by side (docs/multitoken/results.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install main test bench crossval crossval-gemma verdict headline confirm clean
+.PHONY: install main test bench crossval crossval-gemma verdict headline confirm multitoken clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -124,6 +125,17 @@ confirm: $(STAMP)
 	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --data txt:docs/confirm/items.txt --extra_train builtin \
 		--folds 1 --seeds 0,1,2,3,4 --out docs/confirm/twin --estimators msp,entropy,adapter_nll
 	$(BIN)/python experiments/confirm.py docs/confirm
+
+# answers of K = 1, 2 and 3 words (the idiom's last K; issue of multi-word answers): the cross-fitted
+# comparison at each K with the whole answer's scores beside the first token's, and the page that sets
+# them side by side (docs/multitoken/results.md). MC dropout reads the first answer token only: not run.
+MULTITOKEN_ESTIMATORS := msp,entropy,sequence_nll,perplexity,max_token_nll,sequence_doubt,mean_token_entropy,rauq,lens_ce,posterior_var,latent_mi,latent_nll,adapter_nll,adapter_answer_nll,latent_answer_nll,latent_answer_gap,sample_disagreement,sample_word_entropy,cocoa
+multitoken: $(STAMP)
+	for k in 1 2 3; do \
+		$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --answer_words $$k \
+			--out docs/multitoken/k$$k --estimators $(MULTITOKEN_ESTIMATORS) || exit 1; \
+	done
+	$(BIN)/python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 docs/multitoken/k3 --markdown docs/multitoken/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py
