@@ -15,7 +15,7 @@ from typing import Literal
 from vtrans.data import DEFAULT_TEMPLATE, validate_template
 from vtrans.errors import ConfigError
 
-Aggregate = Literal["first", "mean", "max"]
+Aggregate = Literal["first", "mean", "max", "last"]
 ZDraws = Literal["random", "antithetic", "sobol"]
 
 
@@ -30,8 +30,9 @@ class EstimatorConfig:
         samples: samples of z for ``latent_mi`` and ``latent_nll``.
         z_draws: how the z noise is drawn: ``random``, ``antithetic`` or ``sobol`` (randomised
             quasi-Monte Carlo).
-        aggregate: token scores over the completion word: ``first``, ``mean`` or ``max``; the
-            estimators that read the first token only are not run with ``mean`` or ``max``.
+        aggregate: token scores over the answer's tokens: ``first``, ``mean``, ``max`` or ``last``
+            (the answer's last token); the estimators that read the first token only run with
+            ``first`` alone.
         answer_words: K, the words of each answer: an item's target is its idiom's last K words,
             the completion's answer its first K (generation runs until they are complete), and
             the item is correct when they are equal; the estimators read every answer token.
@@ -72,8 +73,8 @@ class EstimatorConfig:
                     f"z_draws must be random, antithetic or sobol, got {self.z_draws!r}",
                 ),
                 (
-                    self.aggregate in ("first", "mean", "max"),
-                    f"aggregate must be first, mean or max, got {self.aggregate!r}",
+                    self.aggregate in ("first", "mean", "max", "last"),
+                    f"aggregate must be first, mean, max or last, got {self.aggregate!r}",
                 ),
                 (self.answer_words >= 1, f"answer_words must be >= 1, got {self.answer_words}"),
                 (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

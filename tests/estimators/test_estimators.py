@@ -259,7 +259,7 @@ def test_msp_and_entropy_equal_a_plain_forward(models, name):
         assert_close(out["entropy"][i], entropy_by_hand(logits), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("how", ["first", "mean", "max"])
+@pytest.mark.parametrize("how", ["first", "mean", "max", "last"])
 def test_aggregation_over_a_two_token_completion(models, how):
     backbone = models["tiny-gpt2"]
     model, tok = backbone.model, backbone.tokenizer
@@ -272,7 +272,7 @@ def test_aggregation_over_a_two_token_completion(models, how):
     ent0 = torch.stack([entropy_by_hand(logits0[j]) for j in range(2)])
     logits1 = plain_logits(model, tok, PROMPTS[1])[-1]
     msp1, ent1 = 1 - torch.softmax(logits1, -1)[one[0]], entropy_by_hand(logits1)
-    reduce = {"first": lambda v: v[0], "mean": lambda v: v.mean(), "max": lambda v: v.max()}[how]
+    reduce = {"first": lambda v: v[0], "mean": lambda v: v.mean(), "max": lambda v: v.max(), "last": lambda v: v[-1]}[how]
     assert_close(out["msp"], torch.stack([reduce(msp0), msp1]), rtol=1e-4, atol=1e-5)
     assert_close(out["entropy"], torch.stack([reduce(ent0), ent1]), rtol=1e-4, atol=1e-4)
 
@@ -283,7 +283,9 @@ def test_aggregate_by_hand_and_rejects_unknown_reductions():
     assert_close(aggregate(values, enc, "first"), torch.tensor([1.0, 2.0]))
     assert_close(aggregate(values, enc, "mean"), torch.tensor([2.0, 2.0]))
     assert_close(aggregate(values, enc, "max"), torch.tensor([3.0, 2.0]))
-    with pytest.raises(ValueError, match="first, mean or max"):
+    assert_close(aggregate(values, enc, "last"), torch.tensor([3.0, 2.0]))  # the answer's last token
+    assert_close(aggregate(torch.tensor([[1.0, 5.0], [9.0, 2.0]]), enc, "last"), torch.tensor([5.0, 2.0]))
+    with pytest.raises(ValueError, match="first, mean, max or last"):
         aggregate(values, enc, "median")
 
 

@@ -114,12 +114,15 @@ def slot_positions(x: torch.Tensor, enc: Encoded) -> torch.Tensor:
 
 
 def aggregate(values: torch.Tensor, enc: Encoded, how: str = "first") -> torch.Tensor:
-    """Reduce per-slot values (B, N) to one per item (B,): the first token, or mean/max over the word."""
+    """Reduce per-slot values (B, N) to one per item (B,): the first token, mean/max over the
+    answer's tokens, or its last token (slot N − 1: the slots are right-aligned)."""
     if how == "first":
         return values.gather(1, enc.first_slot.unsqueeze(1)).squeeze(1)
+    if how == "last":
+        return values[:, -1]
     mask = enc.target_mask
     if how == "mean":
         return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
     if how == "max":
         return values.masked_fill(~mask, float("-inf")).amax(1)
-    raise ValueError(f"aggregate must be first, mean or max, got {how!r}")
+    raise ValueError(f"aggregate must be first, mean, max or last, got {how!r}")

@@ -236,7 +236,7 @@ class Family:
         extra_passes: adds passes of the model beyond the shared forward (timed on its own).
         reads_forward: reads the shared forward (charged its cost): every name of the family, or
             only the names given (the others run, and are charged, without it).
-        first_token_only: reads the scored position only: not run with ``aggregate`` mean or max.
+        first_token_only: reads the scored position only: run with ``aggregate`` first alone.
         fields: per-item values its ``read`` returns besides its scores (a (B, k) tensor each),
             written into every row of scores.jsonl; a run computes them whatever it asks for.
         tokens: per-token values its ``read`` returns when it runs (a (B, W) tensor each: the
