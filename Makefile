@@ -128,7 +128,8 @@ confirm: $(STAMP)
 
 # answers of K = 1, 2 and 3 words (the idiom's last K; issue of multi-word answers): the cross-fitted
 # comparison at each K with the whole answer's scores beside the first token's, and the page that sets
-# them side by side (docs/multitoken/results.md). MC dropout reads the first answer token only: not run.
+# them side by side (docs/multitoken/results.md). MC dropout (the first token's, and mc_dropout_answer_*
+# of the whole answer) is not in these runs: its 16 passes over every item are the costliest estimator.
 MULTITOKEN_ESTIMATORS := msp,entropy,sequence_nll,perplexity,max_token_nll,sequence_doubt,mean_token_entropy,rauq,lens_ce,posterior_var,latent_mi,latent_nll,adapter_nll,adapter_answer_nll,latent_answer_nll,latent_answer_gap,sample_disagreement,sample_word_entropy,cocoa
 multitoken: $(STAMP)
 	for k in 1 2 3; do \
