@@ -39,7 +39,8 @@ def check(result: dict, label: str) -> None:
     assert result["train"]["frozen_cache_items"] == result["train"]["items"]
     evaluated = result["evaluate"]
     assert evaluated["random_weights"] and evaluated["dropped"] == {} and evaluated["items"] == 8
-    assert {"msp", "entropy", "margin", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl",
+    assert {"msp", "entropy", "margin", "sequence_nll", "perplexity", "max_token_nll", "sequence_doubt",
+            "mean_token_entropy", "rauq", "attention_entropy", "lens_ce", "lens_area", "posterior_var", "latent_kl",
             "latent_mi", "latent_nll"} == set(evaluated["estimators"])
     assert "accuracy" not in json.dumps(result)  # never reported: the weights are random
     assert result["score"]["errors"] == 0 and result["score"]["every_record_says_random_weights"]
