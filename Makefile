@@ -136,7 +136,12 @@ multitoken: $(STAMP)
 		$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --answer_words $$k \
 			--out docs/multitoken/k$$k --estimators $(MULTITOKEN_ESTIMATORS) || exit 1; \
 	done
-	$(BIN)/python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 docs/multitoken/k3 --markdown docs/multitoken/results.md
+	for k in 2 3; do \
+		$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0 --answer_words $$k --aggregate last \
+			--out docs/multitoken/lens-last-k$$k --estimators msp,entropy,lens_ce,lens_area || exit 1; \
+	done
+	$(BIN)/python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 docs/multitoken/k3 \
+		--lens_last 2=docs/multitoken/lens-last-k2 --lens_last 3=docs/multitoken/lens-last-k3 --markdown docs/multitoken/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

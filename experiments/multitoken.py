@@ -12,6 +12,7 @@ interval a paired bootstrap over items (the same resamples for every estimator),
 Bonferroni-corrected interval over the estimators of that K's table beside it.
 
     python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 docs/multitoken/k3 \\
+        --lens_last 2=docs/multitoken/lens-last-k2 --lens_last 3=docs/multitoken/lens-last-k3 \\
         --markdown docs/multitoken/results.md
 """
 
@@ -141,6 +142,52 @@ def plot(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def by_layer(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the AUROC of the logit lens's −log p (``lens_ce_by_layer``) of a run's rows, and their errors."""
+    rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    errors = np.array([not r["correct"] for r in rows], dtype=float)
+    layers = np.array([r["lens_ce_by_layer"] for r in rows], dtype=float)  # (n, L+1)
+    return np.array([metrics.auroc(layers[:, i], errors) for i in range(layers.shape[1])]), errors
+
+
+def lens_section(runs: list[Run], last: dict[int, Path], path: Path) -> list[str]:
+    """The lens's by-layer AUROC at the answer's first token (the K run, ``--aggregate first``) and at
+    its last (a run with ``--aggregate last`` on the same idioms), with the figure."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lines = [
+        "## The logit lens on later tokens",
+        "",
+        "The lens's −log p(ŷ) layer by layer (`lens_ce_by_layer`), read at the answer's first token (the runs",
+        "above, `--aggregate first`) and at its last token (`--aggregate last`, one run of the base model on",
+        "the same idioms and labels: the lens has no seed). AUROC per layer for \"is the whole answer wrong?\":",
+        "",
+        "| K | token | AUROC at the output layer | best layer (AUROC) | mean over layers |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for run in runs:
+        if run.k not in last:
+            continue
+        first, errors = by_layer(run.folder)
+        final, errors_last = by_layer(last[run.k])
+        if not np.array_equal(errors, errors_last):
+            raise SystemExit(f"{last[run.k]} labels its items otherwise than {run.folder}: not the same items")
+        for token, curve in (("first", first), ("last", final)):
+            best = int(np.nanargmax(curve))
+            lines.append(
+                f"| {run.k} | {token} | {curve[-1]:.3f} | {best} ({curve[best]:.3f}) | {np.nanmean(curve[1:]):.3f} |"
+            )
+            ax.plot(range(len(curve)), curve, label=f"K = {run.k}, {token} token", linestyle="-" if token == "first" else "--")
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_xlabel("layer (0: embeddings)")
+    ax.set_ylabel("AUROC of the lens's −log p(ŷ)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [*lines, "", f"![The lens by layer]({path.name})", ""]
+
+
 def summary(runs: list[Run]) -> list[str]:
     lines = [
         "| | " + " | ".join(f"K = {r.k}" for r in runs) + " |",
@@ -164,7 +211,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="vtrans crossval output folders, one per K")
     parser.add_argument("--markdown", type=Path, required=True)
     parser.add_argument("--n_boot", type=int, default=2000)
+    parser.add_argument("--lens_last", action="append", default=[], metavar="K=DIR",
+                        help="a run of the lens with --aggregate last at answers of K words")
     args = parser.parse_args()
+    last = {int(k): Path(d) for k, d in (item.split("=", 1) for item in args.lens_last)}
     runs = sorted((Run(f, args.n_boot) for f in args.runs), key=lambda r: r.k)
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     figure = args.markdown.parent / "auroc_by_k.png"
@@ -189,6 +239,8 @@ def main() -> None:
     ]
     for run in runs:
         text += [*table(run), ""]
+    if last:
+        text += lens_section(runs, last, args.markdown.parent / "lens_by_layer_first_last.png")
     text += [
         f"Computed with {', '.join(where) or 'an unrecorded setting'}. Regenerate: `make multitoken` "
         "(the runs, then this page: `python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 "
