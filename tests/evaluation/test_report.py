@@ -375,3 +375,15 @@ def test_every_row_gets_a_cross_fitted_p_wrong_from_the_recommended_estimator(ro
     for row in rows:
         del row["scores"]["adapter_nll"]
     assert all(r["p_wrong"] is None for r in report.with_p_wrong(rows))
+
+
+def test_the_prose_names_the_families_of_the_run_only() -> None:
+    """A report says what its own run compared: the references and costs of the families that ran."""
+    text = " ".join(prose._what_the_numbers_are(["msp", "entropy", "sample_disagreement", "latent_nll"]).split())
+    assert "of `msp`, `entropy` and the sampled-word agreement" in text
+    assert "sequence_nll" not in text and "margin" not in text and "MC dropout" not in text
+    assert "The single-pass estimators (`msp`, `entropy`) share one forward" in text
+    assert "share one forward, and each is charged that whole forward with every read off it;" in text
+    assert "are charged it plus their own passes" in text and "`latent_nll`" in text  # the extra passes that ran
+    alone = " ".join(prose._what_the_numbers_are(["posterior_var"]).split())
+    assert "no cheap baseline ran" in alone and "Training the latents is not in the cost." in alone

@@ -7,6 +7,7 @@ estimator is named as its family's ``shown.prose`` says (``vtrans.estimators.reg
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def write_report_md(path: str | Path, results: dict[str, Any], plots: list[str])
             )
     if results.get("p_wrong"):
         parts.append(_p_wrong_sentence(results["p_wrong"]))
-    parts.append(_what_the_numbers_are())
+    parts.append(_what_the_numbers_are(list(results.get("estimators", {}))))
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{_PLOT_TITLES.get(p, p)}]({p})" for p in plots))
@@ -129,9 +130,10 @@ def _bullet(text: str) -> str:
     return textwrap.fill(text, width=96, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
 
 
-def _what_the_numbers_are() -> str:
-    """What the numbers are, each estimator named as its family's ``shown.prose`` says (``registry.FAMILIES``)."""
-    families = registry.FAMILIES
+def _what_the_numbers_are(names: Collection[str] | None = None) -> str:
+    """What the numbers are, each estimator named as its family's ``shown.prose`` says
+    (``registry.FAMILIES``): the families of the run's ``names`` only, where given."""
+    families = [f for f in registry.FAMILIES if names is None or any(n in names for n in f.names)]
     references = [f.words("reference") for f in families if f.shown.reference]
     single = [f.words("cost") for f in families if f.names and f.reads_forward and not f.extra_passes and f.fitted is None]
     passes = [f.words("cost") for f in families if f.extra_passes]
@@ -140,16 +142,24 @@ def _what_the_numbers_are() -> str:
         passes_of_its_own = any(registry.family_of(registry.writer_of(key)).extra_passes for key in family.fitted.features)
         what = "what its features cost" if passes_of_its_own else "the shared forward"
         fitted += f"; {family.words('cost')} is {what} plus its fit"
+    cost = "**Cost** is in plain forwards over the same items."
+    if single:
+        cost += (
+            f" The single-pass estimators ({', '.join(single)}) share one forward, and each is charged that whole "
+            "forward with every read off it"
+        )
+    if passes:
+        cost += f"{';' if single else ''} {_and(passes)} are charged it plus their own passes"
     bullets = [
         "**`lens_ce` at the last layer is −log p(ŷ)** and ranks items as `msp` (1 − p(ŷ)) does, up to float32 "
         "rounding of −log p near 0: under greedy decoding the paper's output cross-entropy is the max-probability "
         "baseline. The lens adds information only through the intermediate layers (`lens_area`, the by-layer curve).",
         f"**The reference** is the best cheap baseline: of {_and(references)}, the one with the highest AUROC "
         "(mean over seeds in a cross-fitted run). This choice looks at the scored items, which only raises the bar "
-        "for the others.",
-        f"**Cost** is in plain forwards over the same items. The single-pass estimators ({', '.join(single)}) share "
-        "one forward, and each is charged that whole forward with every read off it; "
-        f"{_and(passes)} are charged it plus their own passes{fitted}. Training the latents is not in the cost.",
+        "for the others."
+        if references
+        else "**The reference**: no cheap baseline ran, so nothing is paired against one.",
+        f"{cost}{fitted}. Training the latents is not in the cost.",
     ]
     return "## What the numbers are\n\n" + "\n".join(_bullet(b) for b in bullets)
 
@@ -218,7 +228,7 @@ def write_crossval_md(path: str | Path, results: dict[str, Any], plots: list[str
         stamps = results.get("computed_with") or []
         where = "; ".join(f"{s.get('threads')} thread(s), torch {s.get('torch')}" for s in stamps)
         parts.append(f"The whole run took {total / 60:.1f} min" + (f" ({where})." if where else "."))
-    parts.append(_what_the_numbers_are())
+    parts.append(_what_the_numbers_are(list(results.get("estimators", {}))))
     parts.append(_HOW_TO_READ.format(error_rate=_fmt(1 - accuracy)).rstrip())
     if plots:
         parts.append(
