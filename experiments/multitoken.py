@@ -244,7 +244,8 @@ def main() -> None:
     text += [
         f"Computed with {', '.join(where) or 'an unrecorded setting'}. Regenerate: `make multitoken` "
         "(the runs, then this page: `python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 "
-        "docs/multitoken/k3 --markdown docs/multitoken/results.md`).",
+        "docs/multitoken/k3 --lens_last 2=docs/multitoken/lens-last-k2 --lens_last 3=docs/multitoken/lens-last-k3 "
+        "--markdown docs/multitoken/results.md`).",
         "",
     ]
     args.markdown.write_text("\n".join(text), encoding="utf-8")
