@@ -89,3 +89,20 @@ def test_an_idiom_is_in_the_same_fold_at_every_k():
         assert all(fold_at_1[it.idiom] == f for it, f in zip(plan.items, plan.folds, strict=True))
         assert all(len(it.target.split()) == k and len(it.prefix.split()) >= 2 for it in plan.items)
     assert plans[2].digest() != plans[1].digest()  # other targets: another run's units
+
+
+def test_the_datamodule_trains_on_answers_of_k_words_and_records_k():
+    from vtrans.latent.datamodule import IdiomDataModule
+
+    dm = IdiomDataModule(answer_words=2)
+    dm.setup("fit")
+    one = IdiomDataModule()
+    one.setup("fit")
+    assert dm.hparams.answer_words == 2 == dm.answer_words
+    assert all(len(it.target.split()) == 2 for split in ("train", "val") for it in dm.items[split])
+    # the same split by idiom, less the idioms too short for two-word answers
+    assert {it.idiom for it in dm.items["train"]} < {it.idiom for it in one.items["train"]}
+    batch = next(iter(dm.train_dataloader()))
+    assert all(p.endswith(prefix) for p, prefix in zip(batch["prompt"], batch["prefix"], strict=True))
+    with pytest.raises(Exception, match="answer_words must be a whole number >= 1"):
+        IdiomDataModule(answer_words=0)
