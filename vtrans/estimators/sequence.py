@@ -119,14 +119,19 @@ def rauq(attentions: tuple[torch.Tensor, ...], log_p: torch.Tensor, enc: Encoded
     return per_layer.amax(1)
 
 
-def from_forward(forward: Forward) -> dict[str, torch.Tensor]:
-    """Every score of the family (B,) from the slot logits, ``rauq`` where the forward kept its
-    attention weights."""
+def slot_values(forward: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) each: every answer slot's log p(ŷ_t) (:func:`token_log_probs`) and the entropy of its
+    next-token distribution, from one ``log_softmax`` of the slot logits."""
+    logp = torch.log_softmax(forward.logits.float(), -1)  # (B, N, V)
+    return token_log_probs(logp, forward.enc.targets.to(logp.device)), -(logp.exp() * logp).sum(-1)
+
+
+def from_forward(forward: Forward, values: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every score of the family (B,) from the slot logits (or their :func:`slot_values`, where
+    computed already), ``rauq`` where the forward kept its attention weights."""
     enc = forward.enc
     mask = enc.target_mask.to(forward.logits.device)
-    logp = torch.log_softmax(forward.logits.float(), -1)  # (B, N, V)
-    log_p = token_log_probs(logp, enc.targets.to(logp.device))  # (B, N)
-    entropy = -(logp.exp() * logp).sum(-1)  # (B, N), as common.entropy
+    log_p, entropy = values if values is not None else slot_values(forward)
     nll = torch.where(mask, -log_p, 0.0)
     total = nll.sum(1)
     out = {
@@ -153,12 +158,11 @@ def per_token(values: torch.Tensor, enc: Encoded, width: int) -> torch.Tensor:
 def read(forward: Forward, context: Context) -> dict[str, torch.Tensor]:
     """The family's scores, and per answer token its −log p (``token_nll``) and its next-token
     distribution's entropy (``token_entropy``), written into the rows."""
-    out = from_forward(forward)
-    cfg, enc = context.config, forward.enc
-    logp = torch.log_softmax(forward.logits.float(), -1)
-    width = cfg.max_new_tokens * cfg.answer_words
-    out["token_nll"] = per_token(-token_log_probs(logp, enc.targets.to(logp.device)), enc, width)
-    out["token_entropy"] = per_token(-(logp.exp() * logp).sum(-1), enc, width)
+    log_p, entropy = values = slot_values(forward)
+    out = from_forward(forward, values)
+    width = context.config.max_new_tokens * context.config.answer_words
+    out["token_nll"] = per_token(-log_p, forward.enc, width)
+    out["token_entropy"] = per_token(entropy, forward.enc, width)
     return out
 
 
