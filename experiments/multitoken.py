@@ -54,7 +54,19 @@ READS = {
     "adapter_answer_nll": "latent, whole answer",
     "latent_answer_nll": "latent, whole answer",
     "latent_answer_gap": "latent, whole answer",
+    "probe": "first token's single-pass features, fitted",
+    "probe_latent": "the probe's features + `adapter_nll`, fitted",
+    "state_probe": "residual state where the answer starts, fitted",
+    "state_probe_latent": "that state + `adapter_nll`, fitted",
+    "se_probe": "that state, fitted to the sampled answers' entropy (no labels)",
+    "mc_dropout_answer_nll": "16 dropout masks, whole answer",
+    "mc_dropout_answer_gap": "16 dropout masks, whole answer",
+    "attention_entropy": "first token's attention",
+    "latent_kl": "latent, first token",
 }
+MARGIN = 0.02
+"""The equivalence margin of the twin comparison: the one ``docs/confirm/preregistration.md`` fixed for
+the same question (H2) before any score of these runs existed."""
 PLOTTED = ("msp", "sequence_nll", "perplexity", "rauq", "sample_disagreement", "adapter_nll", "adapter_answer_nll", "latent_answer_nll")
 
 
@@ -70,6 +82,7 @@ class Run:
         self.results = json.loads((folder / "results.json").read_text())
         rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
         self.k = self.results["config"]["answer_words"]
+        self.idioms = [r["idiom"] for r in rows]
         self.errors = np.array([not r["correct"] for r in rows], dtype=float)
         self.names = [n for n in self.results["estimators"] if all(n in s for s in seeds_of(rows[0]))]
         self.cols = {n: [np.array([seeds_of(r)[s][n] for r in rows], dtype=float) for s in range(len(seeds_of(rows[0])))]
@@ -94,11 +107,11 @@ class Run:
         return self.mean_auroc(name) - self.mean_auroc(self.reference), raw, corrected
 
 
-def table(run: Run) -> list[str]:
+def table(run: Run, title: str | None = None) -> list[str]:
     m = len(run.names) - 1
     n, wrong = len(run.errors), int(run.errors.sum())
     lines = [
-        f"## K = {run.k}",
+        title or f"## K = {run.k}",
         "",
         f"n = {n} idioms ({wrong} answers wrong; accuracy {1 - wrong / n:.3f}), {len(run.cols[run.names[0]])} seeds, "
         f"{run.results['protocol']['folds']} folds. Reference: **`{run.reference}`** (AUROC {run.mean_auroc(run.reference):.3f}). Δ is paired against it; "
@@ -188,6 +201,56 @@ def lens_section(runs: list[Run], last: dict[int, Path], path: Path) -> list[str
     return [*lines, "", f"![The lens by layer]({path.name})", ""]
 
 
+def same_items(run: Run, other: Run) -> None:
+    if run.idioms != other.idioms or not np.array_equal(run.errors, other.errors):
+        raise SystemExit(f"{other.folder} scores other items, or labels them otherwise, than {run.folder}")
+
+
+def fitted_section(main: Run, fitted: Run, twin: Run | None) -> list[str]:
+    """The fitted families at K (one run, latents trained on its answers) and the deterministic twin,
+    paired with the variational latent of that run item by item."""
+    same_items(main, fitted)
+    lines = table(fitted, f"## K = {fitted.k}: the fitted families and MC dropout")
+    lines[2] += (
+        " The probes are fitted on the other folds' items and labels of whole answers, exactly as at K = 1;"
+        " the state probes read the residual stream where the answer starts (the position that predicts"
+        " its first token), the probe the first token's single-pass features."
+    )
+    shared = [n for n in ("adapter_answer_nll", "adapter_nll") if n in main.names and n in fitted.names]
+    if shared:
+        gap = max(float(np.max(np.abs(a - b))) for n in shared for a, b in zip(main.cols[n], fitted.cols[n], strict=True))
+        lines += ["", f"Retrained under the same seeds, folds and threads, this run's latents give `{'`, `'.join(shared)}` "
+                  f"as the K = {main.k} run's do, item by item (largest difference {gap:.1e})."]
+    if twin is None:
+        return lines
+    same_items(fitted, twin)
+    pairs = [n for n in ("adapter_answer_nll", "adapter_nll") if n in twin.names and n in fitted.names]
+    lines += [
+        "",
+        f"### K = {fitted.k}: the deterministic twin",
+        "",
+        "The twin (`configs/smollm2-twin.yaml`: z the prior network's mean, no noise, no KL) trained on the same",
+        "answers, folds and seeds. Δ is twin − variational, paired over items (the same bootstrap draws);",
+        f"the corrected interval is Bonferroni over these {len(pairs)} comparisons. \"equivalent\" means the",
+        f"corrected interval lies inside ±{MARGIN} AUROC, the margin fixed in advance (`docs/confirm/preregistration.md`, H2).",
+        "",
+        "| score | variational | twin (per seed) | Δ twin − variational [95% CI] | corrected CI | verdict |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for name in pairs:
+        d = twin.boot[name] - fitted.boot[name]
+        a = 0.025 / len(pairs)
+        lo, hi = np.percentile(d, [2.5, 97.5])
+        clo, chi = np.percentile(d, [100 * a, 100 * (1 - a)])
+        verdict = "equivalent" if -MARGIN < clo and chi < MARGIN else ("twin ahead" if clo > 0 else "variational ahead" if chi < 0 else "not separated")
+        lines.append(
+            f"| `{name}` | {fitted.mean_auroc(name):.3f} | {twin.mean_auroc(name):.3f} "
+            f"({', '.join(f'{x:.3f}' for x in twin.per_seed(name))}) | {twin.mean_auroc(name) - fitted.mean_auroc(name):+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}] | [{clo:+.3f}, {chi:+.3f}] | {verdict} |"
+        )
+    return lines
+
+
 def summary(runs: list[Run]) -> list[str]:
     lines = [
         "| | " + " | ".join(f"K = {r.k}" for r in runs) + " |",
@@ -213,13 +276,15 @@ def main() -> None:
     parser.add_argument("--n_boot", type=int, default=2000)
     parser.add_argument("--lens_last", action="append", default=[], metavar="K=DIR",
                         help="a run of the lens with --aggregate last at answers of K words")
+    parser.add_argument("--fitted", type=Path, help="a run of the fitted families and MC dropout at one K of the runs")
+    parser.add_argument("--twin", type=Path, help="the deterministic twin's run at that K (with --fitted)")
+    parser.add_argument("--gemma", type=Path, help="Gemma 3's run at one K")
     args = parser.parse_args()
     last = {int(k): Path(d) for k, d in (item.split("=", 1) for item in args.lens_last)}
     runs = sorted((Run(f, args.n_boot) for f in args.runs), key=lambda r: r.k)
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     figure = args.markdown.parent / "auroc_by_k.png"
     plot(runs, figure)
-    where = sorted({json.dumps(c) for r in runs for c in r.results.get("computed_with") or []})
     protocol = runs[0].results["protocol"]
     text = [
         "# Answers of several words: K = " + ", ".join(str(r.k) for r in runs),
@@ -239,13 +304,30 @@ def main() -> None:
     ]
     for run in runs:
         text += [*table(run), ""]
+    every = list(runs)
+    if args.fitted:
+        fitted = Run(args.fitted, args.n_boot)
+        twin = Run(args.twin, args.n_boot) if args.twin else None
+        main_run = next((r for r in runs if r.k == fitted.k), None)
+        if main_run is None:
+            raise SystemExit(f"{args.fitted} answers in {fitted.k} words, which none of the runs does")
+        text += [*fitted_section(main_run, fitted, twin), ""]
+        every += [fitted] + ([twin] if twin else [])
+    if args.gemma:
+        gemma = Run(args.gemma, args.n_boot)
+        gemma_lines = table(gemma, f"## K = {gemma.k} on Gemma 3 270M")
+        gemma_lines[2] += f" Gemma 3 ran on {len(gemma.results['protocol']['seeds'])} seed(s), as the CPU allowed."
+        text += [*gemma_lines, ""]
+        every.append(gemma)
     if last:
         text += lens_section(runs, last, args.markdown.parent / "lens_by_layer_first_last.png")
+    where = sorted({json.dumps(c) for r in every for c in r.results.get("computed_with") or []})
+    unrecorded = [str(r.folder) for r in every if not r.results.get("computed_with")]
     text += [
-        f"Computed with {', '.join(where) or 'an unrecorded setting'}. Regenerate: `make multitoken` "
-        "(the runs, then this page: `python experiments/multitoken.py docs/multitoken/k1 docs/multitoken/k2 "
-        "docs/multitoken/k3 --lens_last 2=docs/multitoken/lens-last-k2 --lens_last 3=docs/multitoken/lens-last-k3 "
-        "--markdown docs/multitoken/results.md`).",
+        f"Computed with {', '.join(where) or 'an unrecorded setting'}"
+        + (f" (not recorded for {', '.join(unrecorded)})" if unrecorded else "")
+        + ". Regenerate: `make multitoken` (the runs, then this page)."
+        "",
         "",
     ]
     args.markdown.write_text("\n".join(text), encoding="utf-8")
