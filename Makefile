@@ -126,7 +126,7 @@ confirm: $(STAMP)
 		--folds 1 --seeds 0,1,2,3,4 --out docs/confirm/twin --estimators msp,entropy,adapter_nll
 	$(BIN)/python experiments/confirm.py docs/confirm
 
-# answers of K = 1, 2 and 3 words (the idiom's last K; issue of multi-word answers): the cross-fitted
+# answers of K = 1, 2 and 3 words (the idiom's last K): the cross-fitted
 # comparison at each K with the whole answer's scores beside the first token's, and the page that sets
 # them side by side (docs/multitoken/results.md). MC dropout is not in these
 # three runs (its 16 passes over every item are the costliest estimator): mc_dropout_answer_* runs at K = 2 below.

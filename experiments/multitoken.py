@@ -100,11 +100,20 @@ class Run:
         return [metrics.auroc(c, self.errors) for c in self.cols[name]]
 
     def delta(self, name: str, comparisons: int) -> tuple[float, tuple[float, float], tuple[float, float]]:
-        d = self.boot[name] - self.boot[self.reference]
-        a = 0.025 / comparisons
-        raw = tuple(np.percentile(d, [2.5, 97.5]))
-        corrected = tuple(np.percentile(d, [100 * a, 100 * (1 - a)]))
-        return self.mean_auroc(name) - self.mean_auroc(self.reference), raw, corrected
+        return paired(self, name, self, self.reference, comparisons)
+
+
+def paired(
+    run: Run, name: str, base: Run, base_name: str, comparisons: int
+) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """``run``'s ``name`` − ``base``'s ``base_name``: the difference of mean AUROCs, its 95% paired
+    bootstrap interval and that interval Bonferroni-corrected over ``comparisons`` (the runs score the
+    same items, so their draws, seeded alike, resample the same items)."""
+    d = run.boot[name] - base.boot[base_name]
+    a = 0.025 / comparisons
+    raw = tuple(np.percentile(d, [2.5, 97.5]))
+    corrected = tuple(np.percentile(d, [100 * a, 100 * (1 - a)]))
+    return run.mean_auroc(name) - base.mean_auroc(base_name), raw, corrected
 
 
 def table(run: Run, title: str | None = None) -> list[str]:
@@ -238,14 +247,11 @@ def fitted_section(main: Run, fitted: Run, twin: Run | None) -> list[str]:
         "|---|---:|---|---|---|---|",
     ]
     for name in pairs:
-        d = twin.boot[name] - fitted.boot[name]
-        a = 0.025 / len(pairs)
-        lo, hi = np.percentile(d, [2.5, 97.5])
-        clo, chi = np.percentile(d, [100 * a, 100 * (1 - a)])
+        d, (lo, hi), (clo, chi) = paired(twin, name, fitted, name, len(pairs))
         verdict = "equivalent" if -MARGIN < clo and chi < MARGIN else ("twin ahead" if clo > 0 else "variational ahead" if chi < 0 else "not separated")
         lines.append(
             f"| `{name}` | {fitted.mean_auroc(name):.3f} | {twin.mean_auroc(name):.3f} "
-            f"({', '.join(f'{x:.3f}' for x in twin.per_seed(name))}) | {twin.mean_auroc(name) - fitted.mean_auroc(name):+.3f} "
+            f"({', '.join(f'{x:.3f}' for x in twin.per_seed(name))}) | {d:+.3f} "
             f"[{lo:+.3f}, {hi:+.3f}] | [{clo:+.3f}, {chi:+.3f}] | {verdict} |"
         )
     return lines
@@ -326,8 +332,7 @@ def main() -> None:
     text += [
         f"Computed with {', '.join(where) or 'an unrecorded setting'}"
         + (f" (not recorded for {', '.join(unrecorded)})" if unrecorded else "")
-        + ". Regenerate: `make multitoken` (the runs, then this page)."
-        "",
+        + ". Regenerate: `make multitoken` (the runs, then this page).",
         "",
     ]
     args.markdown.write_text("\n".join(text), encoding="utf-8")
